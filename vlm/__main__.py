@@ -1,0 +1,3 @@
+from vlm.cli import main
+import sys
+sys.exit(main())

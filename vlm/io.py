@@ -1,0 +1,41 @@
+"""Small file helpers shared by every stage: atomic writes and slide ids.
+
+Every output of `vlm` is written to a temporary name in the destination folder and renamed into place
+only when complete, so an interrupted run never leaves a file that looks finished (resume relies on it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds.
+
+    The temporary file lives in the same folder so that the final `os.replace` is atomic on POSIX.
+    On any exception the temporary file is removed and the exception propagates.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def slide_id_from_path(path: str | os.PathLike[str]) -> str:
+    """The slide id is the file name without its extension (`TCGA-XX.svs` -> `TCGA-XX`)."""
+    name = Path(path).name
+    for multi in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(multi):
+            return name[: -len(multi)]
+    return Path(name).stem
