@@ -1,0 +1,201 @@
+"""Text tower: any Hugging Face BERT-family encoder, pooled by the CLS token of its last hidden state.
+
+Why CLS of the last hidden state and not BERT's `pooler_output`: the pooler is a tanh layer trained for
+next-sentence prediction; BiomedCLIP (the precedent for PubMedBERT in a CLIP model) pools the CLS hidden
+state and lets the projection head do the rest. The pooler is therefore dropped at load time, so its
+weights are neither trained nor saved.
+
+The tokenizer travels with the model (`TextEncoder.tokenizer`) and is saved beside the weights, so a model
+and its tokenizer cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEXT_ENCODER = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext"
+DEFAULT_MAX_LENGTH = 256
+
+
+class TextEncoder(nn.Module):
+    """A transformer encoder plus its tokenizer; `forward` returns the CLS vector of the last layer."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int = DEFAULT_MAX_LENGTH) -> None:
+        super().__init__()
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (CLS + SEP), got {max_length}")
+        model_max = getattr(model.config, "max_position_embeddings", None)
+        if model_max is not None and max_length > model_max:
+            raise ValueError(
+                f"max_length {max_length} exceeds the text model's {model_max} positions; "
+                f"use --max-length <= {model_max}"
+            )
+        _drop_pooler(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @property
+    def width(self) -> int:
+        """Dimension of the CLS vector (768 for PubMedBERT)."""
+        return int(self.model.config.hidden_size)
+
+    def tokenize(
+        self, texts: Sequence[str], device: torch.device | str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Tokenise with truncation to `max_length` and padding to the longest text of the batch."""
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        keep = ("input_ids", "attention_mask", "token_type_ids")
+        return {k: v.to(device) if device is not None else v for k, v in batch.items() if k in keep}
+
+    def count_truncated(self, texts: Sequence[str]) -> int:
+        """How many texts are longer than `max_length` tokens (special tokens included) and get cut."""
+        lengths = self.tokenizer(list(texts), truncation=False, add_special_tokens=True, return_length=True)[
+            "length"
+        ]
+        return sum(int(n) > self.max_length for n in lengths)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, T] token ids -> [B, width] CLS hidden state of the last layer."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return out.last_hidden_state[:, 0]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_disable()
+
+    def freeze(self, unfreeze_last: int = 0) -> None:
+        """Freeze the transformer, then unfreeze its last `unfreeze_last` layers (0 = fully frozen).
+
+        Embeddings and early layers stay frozen, which is the usual way to adapt a large pretrained text
+        model on a few thousand reports without forgetting its language.
+        """
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        if unfreeze_last <= 0:
+            return
+        layers = _encoder_layers(self.model)
+        if unfreeze_last > len(layers):
+            raise ValueError(
+                f"--unfreeze-text-last {unfreeze_last} exceeds the text model's {len(layers)} layers"
+            )
+        for layer in layers[-unfreeze_last:]:
+            for param in layer.parameters():
+                param.requires_grad_(True)
+
+
+def _drop_pooler(model: nn.Module) -> None:
+    """Remove BERT's tanh pooler (unused: we pool the CLS hidden state)."""
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+
+
+def _encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """Transformer blocks of a BERT-family model (BERT `encoder.layer`, DistilBERT `transformer.layer`)."""
+    for path in ("encoder.layer", "transformer.layer", "encoder.layers", "layers"):
+        module: Any = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ValueError(
+        f"cannot find the transformer layers of {type(model).__name__} to unfreeze; "
+        "use --freeze-text or no freezing"
+    )
+
+
+def load_text_encoder(
+    name_or_path: str | os.PathLike[str], max_length: int = DEFAULT_MAX_LENGTH
+) -> TextEncoder:
+    """Load pretrained weights and tokenizer by hub id or local folder (offline works for local folders)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    name = str(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModel.from_pretrained(name)
+    except OSError as error:
+        raise OSError(
+            f"cannot load text encoder {name!r} ({error}); pass a local folder with config.json, weights and "
+            "tokenizer files via --text-encoder, or allow Hugging Face Hub access"
+        ) from error
+    return TextEncoder(model, tokenizer, max_length=max_length)
+
+
+def text_encoder_from_config(
+    config: dict[str, Any], tokenizer_dir: str | os.PathLike[str], max_length: int = DEFAULT_MAX_LENGTH
+) -> TextEncoder:
+    """Build the architecture from a saved config dict with random weights (weights are loaded after)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    values = dict(config)
+    model_type = values.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("the saved text config has no 'model_type'; the model folder is damaged, re-save it")
+    hf_config = AutoConfig.for_model(model_type, **values)
+    model = AutoModel.from_config(hf_config)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return TextEncoder(model, tokenizer, max_length=max_length)
+
+
+_TINY_WORDS = (
+    "the a of and in with is are no not shows show showing slide tissue tumor tumour carcinoma "
+    "adenocarcinoma "
+    "squamous cell cells lung breast colon renal clear papillary invasive ductal lobular margin margins "
+    "negative positive grade high low well moderately poorly differentiated lymph node nodes metastasis "
+    "necrosis stroma mitoses report diagnosis specimen biopsy resection benign malignant histology class"
+).split()
+
+
+def build_tiny_text_encoder(
+    folder: str | os.PathLike[str],
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random BERT and a local WordPiece tokenizer to `folder`; return the folder.
+
+    For offline tests (here and in other modules' tests): `load_text_encoder(folder)` and
+    `vlm train --text-encoder folder` accept it like any hub model. The vocabulary holds special tokens,
+    some pathology words and single characters (plus `##` continuations), so any lowercase text tokenises.
+    """
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:-()/%")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_TINY_WORDS, *chars, *(f"##{c}" for c in chars)]
+    vocab_file = folder / "vocab.txt"
+    vocab_file.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    tokenizer = BertTokenizer(vocab_file=str(vocab_file), do_lower_case=True)
+    tokenizer.save_pretrained(str(folder))
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=hidden_size * 2,
+        max_position_embeddings=512,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        BertModel(config).save_pretrained(str(folder))
+    return folder

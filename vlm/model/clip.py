@@ -1,0 +1,385 @@
+"""The aligned slide–text model (CLIP-style): slide tower, text tower, projection heads, logit scale.
+
+Two slide towers are possible, chosen by `SlideTextConfig.slide_encoder`:
+- `None` (frozen, the fast path): the model holds no slide encoder and projects cached, unprojected slide
+  embeddings from `vlm embed-slides` (`encode_slide_embeddings`);
+- a GigaPath preset name: the slide encoder is part of the model and trained with it (`encode_slides`
+  takes tile features and coordinates).
+
+A saved model is a folder: `config.json` (this dataclass + the text model's Hugging Face config),
+`model.safetensors` (every weight, with the config's hash in its metadata) and the tokenizer files. It is
+written to a temporary folder and renamed into place, so a crash never leaves half a model behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlm import __version__
+from vlm.encoders.text import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_TEXT_ENCODER,
+    TextEncoder,
+    build_tiny_text_encoder,
+    load_text_encoder,
+    text_encoder_from_config,
+)
+from vlm.model.projection import ProjectionHead
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "vlm-slide-text"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SlideTextConfig:
+    """Architecture of a `SlideTextModel`; saved as `config.json` beside the weights."""
+
+    slide_embed_dim: int = 768  # unprojected slide embedding width (GigaPath: 768)
+    proj_dim: int = 512  # shared space
+    text_model: str = DEFAULT_TEXT_ENCODER  # where the text weights came from (provenance only)
+    text_config: dict[str, Any] = field(
+        default_factory=dict
+    )  # the text model's HF config, filled in at build
+    max_length: int = DEFAULT_MAX_LENGTH  # tokens per report; longer ones are truncated
+    slide_encoder: str | None = None  # GigaPath preset name, or None for cached (frozen) slide embeddings
+    slide_encoder_config: dict[str, Any] | None = None  # the slide encoder's resolved config
+    pool: str = "mean"  # slide encoder pooling (GigaPath authors recommend mean over CLS)
+    slide_proj: str = "linear"
+    text_proj: str = "mlp"
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100)
+    init_logit_bias: float | None = None  # set (SigLIP: -10) to learn a logit bias
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "vlm_version": __version__,
+            **dataclasses.asdict(self),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> SlideTextConfig:
+        """Parse a saved config, refusing other formats, newer versions and unknown keys."""
+        values = dict(values)
+        fmt = values.pop("format", None)
+        version = values.pop("format_version", None)
+        values.pop("vlm_version", None)
+        if fmt != FORMAT:
+            raise ValueError(
+                f"{source}: not a vlm slide-text model config (format={fmt!r}, expected {FORMAT!r})"
+            )
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"{source}: format_version {version!r} is newer than this vlm reads; upgrade vlm"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown config keys {unknown}; was it written by another tool or a newer vlm?"
+            )
+        return cls(**values)
+
+    def digest(self) -> str:
+        """A hash of the architecture, stored in the weights file so a mismatched pair is refused."""
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+class SlideTextModel(nn.Module):
+    """Slide tower + text tower + projection heads + learnable temperature.
+
+    `encode_*` methods return L2-normalised vectors in the shared space, ready for dot-product scores.
+    """
+
+    def __init__(
+        self, config: SlideTextConfig, text: TextEncoder, slide_encoder: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        if (slide_encoder is None) != (config.slide_encoder is None):
+            raise ValueError(
+                "config.slide_encoder and the slide_encoder module must be given together (or neither)"
+            )
+        if slide_encoder is not None:
+            embed_dim = int(slide_encoder.config.embed_dim)
+            if embed_dim != config.slide_embed_dim:
+                raise ValueError(
+                    f"slide encoder outputs {embed_dim}-d but config.slide_embed_dim is "
+                    f"{config.slide_embed_dim}"
+                )
+            config.slide_encoder_config = dataclasses.asdict(slide_encoder.config)
+        config.text_config = text.model.config.to_dict()
+        text.max_length = config.max_length
+        self.config = config
+        self.slide_encoder = slide_encoder
+        self.text = text
+        self.slide_proj = ProjectionHead(config.slide_embed_dim, config.proj_dim, config.slide_proj)
+        self.text_proj = ProjectionHead(text.width, config.proj_dim, config.text_proj)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        self.logit_bias = (
+            nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+            if config.init_logit_bias is not None
+            else None
+        )
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.text.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def scale(self) -> Tensor:
+        """exp(logit_scale), clamped at exp(max_logit_scale) = 100 so the softmax cannot collapse."""
+        return self.logit_scale.clamp(max=self.config.max_logit_scale).exp()
+
+    # --- slide side -------------------------------------------------------------------------------
+    def encode_slide_embeddings(self, embeddings: Tensor) -> Tensor:
+        """[B, slide_embed_dim] cached unprojected slide embeddings -> [B, proj_dim], L2-normalised."""
+        if embeddings.shape[-1] != self.config.slide_embed_dim:
+            raise ValueError(
+                f"slide embeddings are {embeddings.shape[-1]}-d but the model expects "
+                f"{self.config.slide_embed_dim}-d; "
+                "were they made with a different slide encoder?"
+            )
+        weight = next(self.slide_proj.parameters())
+        return _normalize(self.slide_proj(embeddings.to(weight.device, weight.dtype)))
+
+    def embed_slides(self, features: Tensor, coords: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Tile features [B, L, in_dim] + 0.5-mpp px coords [B, L, 2] -> [B, slide_embed_dim], unprojected."""
+        if self.slide_encoder is None:
+            raise ValueError(
+                "this model has no slide encoder (trained on cached slide embeddings); embed slides with "
+                "`vlm embed-slides` and use encode_slide_embeddings"
+            )
+        return self.slide_encoder(features, coords, padding_mask, pool=self.config.pool)
+
+    def encode_slides(self, features: Tensor, coords: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """The full slide tower: tiles -> slide encoder -> projection -> L2-normalised [B, proj_dim]."""
+        return _normalize(self.slide_proj(self.embed_slides(features, coords, padding_mask)))
+
+    # --- text side --------------------------------------------------------------------------------
+    def encode_tokens(self, tokens: dict[str, Tensor]) -> Tensor:
+        """Tokenised texts (from `self.text.tokenize`) -> [B, proj_dim], L2-normalised (with grad)."""
+        return _normalize(self.text_proj(self.text(**tokens)))
+
+    @torch.no_grad()
+    def encode_text(
+        self, texts: Sequence[str], batch_size: int = 64, device: torch.device | str | None = None
+    ) -> Tensor:
+        """Tokenise, encode, project and normalise texts in eval mode -> [N, proj_dim] on `device`.
+
+        `device` defaults to the model's device. Texts longer than `max_length` tokens are truncated and
+        their number logged, since a cut report may lose the diagnosis at its end.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode_text takes a list of texts, not a single string; wrap it in a list")
+        device = torch.device(device) if device is not None else self.device
+        truncated = self.text.count_truncated(texts) if len(texts) else 0
+        if truncated:
+            log.warning(
+                "%d of %d texts exceed %d tokens and were truncated",
+                truncated,
+                len(texts),
+                self.text.max_length,
+            )
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = [
+                self.encode_tokens(self.text.tokenize(texts[i : i + batch_size], device=self.device)).to(
+                    device
+                )
+                for i in range(0, len(texts), batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        return torch.cat(chunks) if chunks else torch.empty(0, self.config.proj_dim, device=device)
+
+    # --- persistence ------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
+        """Write config.json + model.safetensors + tokenizer files to `path` atomically; return `path`."""
+        from safetensors.torch import save_file
+
+        config = self.config.to_dict()
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with _atomic_dir(path) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_file(
+                state,
+                str(tmp / WEIGHTS_NAME),
+                metadata={"format": "pt", "vlm_config_sha256": self.config.digest()},
+            )
+            self.text.tokenizer.save_pretrained(str(tmp))
+        return Path(path)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], device: torch.device | str | None = None
+    ) -> SlideTextModel:
+        """Load a folder written by `save_pretrained` (no network); the model is returned in eval mode.
+
+        The weights file must match config.json: same architecture hash, same tensor names and shapes.
+        """
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+        for required in (config_file, weights_file):
+            if not required.is_file():
+                raise FileNotFoundError(
+                    f"{required}: missing; pass the `model/` folder written by `vlm train` as --model"
+                )
+        try:
+            values = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_file}: not valid JSON ({error})") from error
+        config = SlideTextConfig.from_dict(values, source=str(config_file))
+        with safe_open(str(weights_file), framework="pt") as handle:
+            saved_digest = (handle.metadata() or {}).get("vlm_config_sha256")
+        if saved_digest != config.digest():
+            raise ValueError(
+                f"{weights_file} was not saved with this {CONFIG_NAME} (architecture hash differs); the "
+                "folder mixes files of different models: re-save it with save_pretrained or restore the pair"
+            )
+        text = text_encoder_from_config(config.text_config, path, max_length=config.max_length)
+        slide_encoder = _build_slide_encoder(config) if config.slide_encoder is not None else None
+        model = cls(config, text, slide_encoder)
+        _load_state_strict(model, load_file(str(weights_file)), str(weights_file))
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+
+def _normalize(x: Tensor) -> Tensor:
+    """L2-normalise in fp32: norms stay full precision under autocast."""
+    return F.normalize(x.float(), dim=-1)
+
+
+def _load_state_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            f"{label}: {keys[:5]}{' …' if len(keys) > 5 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        )
+        raise ValueError(f"{source}: weights do not fit the configured architecture ({details})")
+    model.load_state_dict(state, strict=True)
+
+
+def _build_slide_encoder(
+    config: SlideTextConfig, checkpoint: str | os.PathLike[str] | None = None
+) -> nn.Module:
+    """Create the GigaPath slide encoder named in the config (random weights unless `checkpoint`)."""
+    from vlm.encoders.slide import create_slide_encoder
+
+    overrides = dict(config.slide_encoder_config or {})
+    return create_slide_encoder(config.slide_encoder, checkpoint=checkpoint, **overrides)
+
+
+@contextlib.contextmanager
+def _atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; swap it into place only if the block succeeds."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def create_model(
+    text_encoder: str | os.PathLike[str] = DEFAULT_TEXT_ENCODER,
+    slide_embed_dim: int | None = None,
+    slide_encoder: str | None = None,
+    slide_checkpoint: str | os.PathLike[str] | None = None,
+    proj_dim: int = 512,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    pool: str = "mean",
+    init_logit_bias: float | None = None,
+) -> SlideTextModel:
+    """A fresh model for training: pretrained text weights, and either cached slide embeddings of
+    `slide_embed_dim` (frozen path) or the GigaPath slide encoder preset `slide_encoder` (optionally
+    loaded from `slide_checkpoint`). Projection heads and logit scale start from scratch."""
+    text = load_text_encoder(text_encoder, max_length=max_length)
+    encoder = None
+    if slide_encoder is not None:
+        encoder = _build_slide_encoder(
+            SlideTextConfig(slide_encoder=slide_encoder), checkpoint=slide_checkpoint
+        )
+        slide_embed_dim = int(encoder.config.embed_dim)
+    elif slide_checkpoint is not None:
+        raise ValueError("a slide checkpoint needs a slide encoder; pass --slide-encoder (e.g. gigapath) too")
+    if slide_embed_dim is None:
+        raise ValueError(
+            "give slide_embed_dim (width of the cached slide embeddings) or a slide encoder preset"
+        )
+    config = SlideTextConfig(
+        slide_embed_dim=int(slide_embed_dim),
+        proj_dim=proj_dim,
+        text_model=str(text_encoder),
+        max_length=max_length,
+        slide_encoder=slide_encoder,
+        pool=pool,
+        init_logit_bias=init_logit_bias,
+    )
+    return SlideTextModel(config, text, encoder)
+
+
+def build_tiny_model(
+    folder: str | os.PathLike[str],
+    slide_embed_dim: int = 64,
+    proj_dim: int = 32,
+    slide_encoder: str | None = None,
+    seed: int = 0,
+) -> SlideTextModel:
+    """A tiny random model for offline tests: a 2-layer 32-wide BERT (written to `folder/text`) and cached
+    slide embeddings of `slide_embed_dim` (or the `slide_encoder` preset, e.g. "tiny").
+
+    Save it with `save_pretrained(...)` to get a `--model` folder for other commands' tests.
+    """
+    text_dir = build_tiny_text_encoder(Path(folder) / "text", seed=seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return create_model(
+            text_encoder=text_dir,
+            slide_embed_dim=None if slide_encoder else slide_embed_dim,
+            slide_encoder=slide_encoder,
+            proj_dim=proj_dim,
+            max_length=64,
+        )
