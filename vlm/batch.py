@@ -9,6 +9,8 @@ Every per-slide command (`vlm tile`, `vlm embed-tiles`, `vlm embed-slides`) shar
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import csv
 import logging
 import os
@@ -83,37 +85,57 @@ def run_batch(
     shard: Shard = Shard(),
     progress: bool = True,
     overwrite: bool = False,
+    workers: int = 1,
 ) -> BatchReport:
     """Run `process` on each of this shard's items whose output is missing; record failures.
 
     `process(item)` must write `output_of(item)` atomically. Any exception it raises marks that item
-    failed (message kept) without stopping the batch. Failures are written to
-    `out_dir/failures<shard suffix>.csv`; a clean run removes a stale failures file from earlier runs.
+    failed (message kept) without stopping the batch. With `workers > 1` items run in that many
+    processes (`process` must then be picklable: a module-level function or a partial of one).
+    Failures are written to `out_dir/failures<shard suffix>.csv`; a clean run removes a stale one.
     """
     report = BatchReport()
     mine = shard.select(items, key)
-    ids = [key(item) for item in mine]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    duplicates = sorted(i for i, n in collections.Counter(key(item) for item in mine).items() if n > 1)
     if duplicates:
         raise ValueError(f"several inputs share the slide id(s) {duplicates}; rename them so outputs don't collide")
-    for item in tqdm(mine, desc=desc, unit="slide", disable=not progress):
-        item_id = key(item)
+    pending = []
+    for item in mine:
         if output_of(item).exists() and not overwrite:
-            report.skipped.append(item_id)
-            continue
-        try:
-            process(item)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as error:  # one bad slide must not stop a batch of thousands
-            message = f"{type(error).__name__}: {error}"
-            log.error("%s failed: %s", item_id, message)
-            report.failed.append((item_id, message))
+            report.skipped.append(key(item))
         else:
-            report.done.append(item_id)
+            pending.append(item)
+    bar = tqdm(total=len(mine), initial=len(report.skipped), desc=desc, unit="slide", disable=not progress)
+    with bar:
+        if workers > 1 and len(pending) > 1:
+            with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = {pool.submit(process, item): key(item) for item in pending}
+                for future in concurrent.futures.as_completed(futures):
+                    _record(report, futures[future], future.exception())
+                    bar.update()
+        else:
+            for item in pending:
+                try:
+                    process(item)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as error:  # one bad slide must not stop a batch of thousands
+                    _record(report, key(item), error)
+                else:
+                    _record(report, key(item), None)
+                bar.update()
     _write_failures(out_dir / f"failures{shard.suffix}.csv", report.failed)
     log.info("%s: %s", desc, report.summary())
     return report
+
+
+def _record(report: BatchReport, item_id: str, error: BaseException | None) -> None:
+    if error is None:
+        report.done.append(item_id)
+        return
+    message = f"{type(error).__name__}: {error}"
+    log.error("%s failed: %s", item_id, message)
+    report.failed.append((item_id, message))
 
 
 def _write_failures(path: Path, failed: list[tuple[str, str]]) -> None:

@@ -1,0 +1,35 @@
+# `make install` creates .venv with vlm and a torch/torchvision pair known to import together;
+# override with e.g. `make install TORCH_SPEC="torch==2.9.1 torchvision==0.24.1"`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARCH := $(shell uname -m)
+ifeq ($(ARCH),aarch64)
+TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+endif
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC) -e ".[dev]"
+	$(BIN)/python -c "import torch, torchvision, timm, open_clip, openslide, faiss; print('vlm environment ok: torch', torch.__version__)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check vlm tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,72 @@
+"""Opening slides with real OpenSlide: metadata, mpp resolution and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vlm.wsi.inputs import collect_slides
+from vlm.wsi.slide import MissingMppError, SlideReadError, open_slide
+from vlm.wsi.synthetic import write_pyramidal_tiff
+
+from .conftest import tissue_image
+
+
+def test_real_aperio_slide_metadata(real_slide: Path) -> None:
+    with open_slide(real_slide) as slide:
+        info = slide.info()
+    assert info.dimensions == (2220, 2967)
+    assert info.vendor == "aperio"
+    assert info.mpp == pytest.approx(0.499)
+    assert info.mpp_source == "openslide"
+    assert info.objective_power == 20.0
+
+
+def test_generic_tiff_pyramid_levels_and_mpp(slide_025: Path) -> None:
+    with open_slide(slide_025) as slide:
+        info = slide.info()
+        assert slide.best_level_for_downsample(2.0) == 1
+        assert slide.best_level_for_downsample(1.9) == 0  # never a level coarser than asked
+    assert info.level_dimensions == ((4096, 3072), (2048, 1536), (1024, 768))
+    assert info.mpp == pytest.approx(0.25)
+
+
+def test_missing_mpp_is_an_error_unless_given(tmp_path: Path) -> None:
+    path = tmp_path / "no_mpp.tiff"
+    write_pyramidal_tiff(path, (512, 512), tissue_image(512, 512, (0, 0, 256, 256)), mpp=None, n_levels=1)
+    with pytest.raises(MissingMppError, match=r"no_mpp\.tiff.*--mpp"):
+        open_slide(path)
+    with open_slide(path, mpp=0.5) as slide:
+        assert slide.info().mpp_source == "user"
+
+
+def test_text_file_named_svs_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "report.svs"
+    path.write_text("this is a pathology report, not a slide\n")
+    with pytest.raises(SlideReadError, match=r"report\.svs.*not a slide"):
+        open_slide(path)
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SlideReadError, match="no such slide"):
+        open_slide(tmp_path / "absent.svs")
+
+
+def test_collect_slides_from_files_folders_and_lists(tmp_path: Path, real_slide: Path, slide_05: Path) -> None:
+    nested = tmp_path / "cohort" / "batch1"
+    nested.mkdir(parents=True)
+    (nested / "a.svs").write_bytes(b"x")
+    (nested / "notes.md").write_text("not a slide")
+    listing = tmp_path / "slides.txt"
+    listing.write_text(f"# my cohort\n{real_slide}\n\ncohort/batch1/a.svs\n")
+    found = collect_slides([slide_05, tmp_path / "cohort", listing])
+    assert found == [slide_05, nested / "a.svs", real_slide]
+
+
+def test_collect_slides_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no slide files"):
+        collect_slides([tmp_path / "empty"])
+    with pytest.raises(FileNotFoundError, match="no such slide"):
+        collect_slides([tmp_path / "nope.svs"])

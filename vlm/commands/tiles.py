@@ -1,0 +1,124 @@
+"""Subcommands `vlm info`, `vlm tile` and `vlm embed-tiles` (slides -> tile grids -> tile features)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict
+
+log = logging.getLogger(__name__)
+
+
+def _add_slide_inputs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("slides", nargs="+", metavar="SLIDES",
+                        help="slide files, folders (searched recursively) and/or .txt files listing paths")
+    parser.add_argument("--mpp", type=float, default=None,
+                        help="level-0 µm/px for slides that do not record it (overrides the file's value)")
+
+
+def _add_tiling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target-mpp", type=float, default=0.5, help="µm/px of the tiles (default 0.5)")
+    parser.add_argument("--tile-size", type=int, default=256, help="tile side in px at --target-mpp (default 256)")
+    parser.add_argument("--min-tissue", type=float, default=0.1,
+                        help="minimum tissue fraction for a tile to be kept (default 0.1)")
+
+
+def _add_batch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--shard", default=None,
+                        help="do part i of n of the slides (0-based 'i/n'); under torchrun RANK/WORLD_SIZE are used")
+    parser.add_argument("--overwrite", action="store_true", help="redo slides whose output already exists")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _finish(report, out: str) -> int:  # noqa: ANN001 - BatchReport, imported lazily
+    print(f"{report.summary()} -> {out}")
+    if report.failed:
+        print(f"failures listed in {out}/failures*.csv")
+        return 1
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from vlm.wsi.inputs import collect_slides
+    from vlm.wsi.slide import open_slide
+
+    status = 0
+    for path in collect_slides(args.slides):
+        try:
+            with open_slide(path, mpp=args.mpp) as slide:
+                print(json.dumps(asdict(slide.info())))
+        except ValueError as error:
+            log.error("%s", error)
+            status = 2
+    return status
+
+
+def _tile(args: argparse.Namespace) -> int:
+    from vlm.batch import Shard
+    from vlm.tiles import tile_slides
+    from vlm.wsi.inputs import collect_slides
+    from vlm.wsi.tiling import TilingParams
+
+    params = TilingParams(target_mpp=args.target_mpp, tile_size=args.tile_size, min_tissue=args.min_tissue)
+    report = tile_slides(
+        collect_slides(args.slides), args.out, params=params, mpp=args.mpp, workers=args.workers,
+        shard=Shard.parse(args.shard), progress=not args.no_progress, overwrite=args.overwrite,
+    )
+    return _finish(report, args.out)
+
+
+def _embed_tiles(args: argparse.Namespace) -> int:
+    from vlm.batch import Shard
+    from vlm.device import resolve_device
+    from vlm.encoders.tile import create_tile_encoder
+    from vlm.tile_embedding import embed_tiles
+    from vlm.wsi.inputs import collect_slides
+    from vlm.wsi.tiling import TilingParams
+
+    slides = collect_slides(args.slides)
+    params = TilingParams(target_mpp=args.target_mpp, tile_size=args.tile_size, min_tissue=args.min_tissue)
+    shard = Shard.parse(args.shard)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and shard.count > 1:
+        import os
+
+        import torch
+
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", shard.index % torch.cuda.device_count())))
+    encoder = create_tile_encoder(args.tile_encoder, checkpoint=args.checkpoint)
+    report = embed_tiles(
+        slides, args.out, encoder, device, precision=args.precision, batch_size=args.batch_size,
+        workers=args.workers, params=params, tiles_dir=args.tiles, mpp=args.mpp, dtype=args.dtype,
+        shard=shard, progress=not args.no_progress, overwrite=args.overwrite,
+    )
+    return _finish(report, args.out)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    info = subparsers.add_parser("info", help="print each slide's dimensions, levels, mpp and objective power")
+    _add_slide_inputs(info)
+    info.set_defaults(func=_info)
+
+    tile = subparsers.add_parser("tile", help="detect tissue and write tile grids + QC thumbnails")
+    _add_slide_inputs(tile)
+    _add_tiling_options(tile)
+    _add_batch_options(tile)
+    tile.add_argument("--workers", type=int, default=2, help="slides processed in parallel (default 2)")
+    tile.set_defaults(func=_tile)
+
+    embed = subparsers.add_parser("embed-tiles", help="embed the tiles of each slide into <slide_id>.h5")
+    _add_slide_inputs(embed)
+    _add_tiling_options(embed)
+    _add_batch_options(embed)
+    embed.add_argument("--tile-encoder", default="gigapath", help="'gigapath' or 'timm:<model_name>'")
+    embed.add_argument("--checkpoint", default=None, help="local tile-encoder weights (else the hub's)")
+    embed.add_argument("--tiles", default=None, help="folder of `vlm tile` outputs to take the grids from")
+    embed.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1' …")
+    embed.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                       help="autocast on CUDA ('auto' = bf16 where supported); CPU runs fp32")
+    embed.add_argument("--batch-size", type=int, default=128, help="tiles per forward pass (default 128)")
+    embed.add_argument("--workers", type=int, default=2, help="DataLoader processes reading tiles (default 2)")
+    embed.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored feature dtype")
+    embed.set_defaults(func=_embed_tiles)

@@ -1,0 +1,159 @@
+"""Open a whole-slide image with OpenSlide and establish its physical scale (µm per level-0 pixel).
+
+Every later stage works in physical units (tiles at 0.5 µm/px, GigaPath positions in 0.5-µm pixels), so
+a slide without a trustworthy mpp is refused here, with the fix (`--mpp`) in the message, rather than
+surfacing as a wrong scale or a `NoneType` error deep inside a later stage.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+
+# µm per unit of the TIFF ResolutionUnit tag, for slides where OpenSlide reports no openslide.mpp-x
+_TIFF_UNIT_UM = {"centimeter": 1e4, "inch": 25_400.0}
+
+
+class SlideReadError(ValueError):
+    """The file is missing, not a slide, or unreadable by OpenSlide."""
+
+
+class MissingMppError(ValueError):
+    """The slide records no µm/px, and none was given."""
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What a user needs to know about a slide before tiling it."""
+
+    path: str
+    vendor: str
+    dimensions: tuple[int, int]  # level-0 (width, height)
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float  # level-0 µm per pixel
+    mpp_source: str  # "openslide", "tiff-resolution" or "user"
+    objective_power: float | None
+
+
+def _mpp_from_properties(properties: openslide._PropertyMap | dict[str, str]) -> tuple[float, str] | None:
+    try:
+        mpp_x = float(properties[openslide.PROPERTY_NAME_MPP_X])
+        mpp_y = float(properties.get(openslide.PROPERTY_NAME_MPP_Y, mpp_x))
+        if mpp_x > 0 and mpp_y > 0:
+            return (mpp_x + mpp_y) / 2, "openslide"
+    except (KeyError, ValueError):
+        pass
+    unit = str(properties.get("tiff.ResolutionUnit", "")).lower()
+    try:
+        x_resolution = float(properties["tiff.XResolution"])
+    except (KeyError, ValueError):
+        return None
+    if unit in _TIFF_UNIT_UM and x_resolution > 1:
+        return _TIFF_UNIT_UM[unit] / x_resolution, "tiff-resolution"
+    return None
+
+
+class Slide:
+    """An open slide: OpenSlide handle + resolved mpp. Use as a context manager to close the file."""
+
+    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SlideReadError(f"{self.path}: no such slide file")
+        try:
+            self._slide = openslide.OpenSlide(str(self.path))
+        except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as error:
+            raise SlideReadError(
+                f"{self.path}: not a slide OpenSlide can read ({type(error).__name__}: {error})"
+            ) from error
+        if mpp is not None:
+            if not (math.isfinite(mpp) and mpp > 0):
+                raise ValueError(f"--mpp must be a positive number of µm per pixel, got {mpp}")
+            self.mpp, self.mpp_source = float(mpp), "user"
+        else:
+            found = _mpp_from_properties(self._slide.properties)
+            if found is None:
+                self._slide.close()
+                raise MissingMppError(
+                    f"{self.path}: the slide records no microns-per-pixel (no openslide.mpp-x, no TIFF "
+                    "resolution); pass it with --mpp (e.g. --mpp 0.25 for 40x, 0.5 for 20x scans)"
+                )
+            self.mpp, self.mpp_source = found
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self._slide.dimensions
+
+    @property
+    def level_count(self) -> int:
+        return self._slide.level_count
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._slide.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._slide.level_downsamples
+
+    def info(self) -> SlideInfo:
+        power = self._slide.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+        return SlideInfo(
+            path=str(self.path),
+            vendor=str(self._slide.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown")),
+            dimensions=self.dimensions,
+            level_dimensions=tuple(self.level_dimensions),
+            level_downsamples=tuple(self.level_downsamples),
+            mpp=self.mpp,
+            mpp_source=self.mpp_source,
+            objective_power=float(power) if power else None,
+        )
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The lowest-resolution level that is still at least as sharp as `downsample` (no upsampling).
+
+        A 1 % tolerance absorbs pyramids whose reported downsamples are 2.0004 rather than 2.
+        """
+        best = 0
+        for level, level_downsample in enumerate(self.level_downsamples):
+            if level_downsample <= downsample * 1.01:
+                best = level
+        return best
+
+    def read_region_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """Read an RGB region; transparent pixels (outside scanned areas) become white background."""
+        try:
+            rgba = self._slide.read_region(location, level, size)
+        except openslide.OpenSlideError as error:
+            raise SlideReadError(f"{self.path}: failed to read region {location} at level {level}: {error}") from error
+        alpha = rgba.getchannel("A")
+        if alpha.getextrema()[0] == 255:  # fully scanned region: the common, fast case
+            return rgba.convert("RGB")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=alpha)
+        return background
+
+    def read_level_rgb(self, level: int) -> np.ndarray:
+        """A whole pyramid level as an RGB array [H, W, 3] (callers pick a small level)."""
+        return np.asarray(self.read_region_rgb((0, 0), level, self.level_dimensions[level]))
+
+    def close(self) -> None:
+        self._slide.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
+    """Open `path` with OpenSlide; `mpp` overrides or supplies the level-0 µm/px."""
+    return Slide(path, mpp=mpp)
