@@ -63,9 +63,7 @@ def test_mismatched_config_is_refused(saved: tuple[SlideTextModel, Path], tmp_pa
 
 def test_weights_from_another_model_are_refused(saved: tuple[SlideTextModel, Path], tmp_path: Path) -> None:
     _, path = saved
-    other = build_tiny_model(tmp_path / "other", slide_embed_dim=48, proj_dim=32).save_pretrained(
-        tmp_path / "m2"
-    )
+    other = build_tiny_model(tmp_path / "other", slide_embed_dim=48, proj_dim=32).save_pretrained(tmp_path / "m2")
     mixed = shutil.copytree(path, tmp_path / "mixed")
     shutil.copy(other / "model.safetensors", mixed / "model.safetensors")
     with pytest.raises(ValueError, match="architecture hash differs"):

@@ -60,9 +60,7 @@ def test_real_minilm_weights_cls_pooling() -> None:
     texts = ["lung adenocarcinoma", "adenocarcinoma of the lung", "the weather is sunny today"]
     with torch.no_grad():
         ours = encoder(**encoder.tokenize(texts))
-        direct = (
-            AutoModel.from_pretrained(str(folder)).eval()(**encoder.tokenize(texts)).last_hidden_state[:, 0]
-        )
+        direct = AutoModel.from_pretrained(str(folder)).eval()(**encoder.tokenize(texts)).last_hidden_state[:, 0]
     torch.testing.assert_close(ours, direct)
     unit = torch.nn.functional.normalize(ours, dim=-1)
     assert unit[0] @ unit[1] > unit[0] @ unit[2]

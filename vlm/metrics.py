@@ -16,8 +16,7 @@ def recall_at_k(similarity: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int,
     """
     if similarity.ndim != 2 or similarity.shape[1] < similarity.shape[0]:
         raise ValueError(
-            f"similarity must be [N, M] with M >= N (row i pairs with column i), "
-            f"got {tuple(similarity.shape)}"
+            f"similarity must be [N, M] with M >= N (row i pairs with column i), got {tuple(similarity.shape)}"
         )
     n = similarity.shape[0]
     if n == 0:

@@ -11,6 +11,7 @@ and its tokenizer cannot drift apart.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -49,9 +50,7 @@ class TextEncoder(nn.Module):
         """Dimension of the CLS vector (768 for PubMedBERT)."""
         return int(self.model.config.hidden_size)
 
-    def tokenize(
-        self, texts: Sequence[str], device: torch.device | str | None = None
-    ) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: Sequence[str], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """Tokenise with truncation to `max_length` and padding to the longest text of the batch."""
         batch = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
@@ -61,14 +60,10 @@ class TextEncoder(nn.Module):
 
     def count_truncated(self, texts: Sequence[str]) -> int:
         """How many texts are longer than `max_length` tokens (special tokens included) and get cut."""
-        lengths = self.tokenizer(list(texts), truncation=False, add_special_tokens=True, return_length=True)[
-            "length"
-        ]
+        lengths = self.tokenizer(list(texts), truncation=False, add_special_tokens=True, return_length=True)["length"]
         return sum(int(n) > self.max_length for n in lengths)
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         """[B, T] token ids -> [B, width] CLS hidden state of the last layer."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out.last_hidden_state[:, 0]
@@ -91,9 +86,7 @@ class TextEncoder(nn.Module):
             return
         layers = _encoder_layers(self.model)
         if unfreeze_last > len(layers):
-            raise ValueError(
-                f"--unfreeze-text-last {unfreeze_last} exceeds the text model's {len(layers)} layers"
-            )
+            raise ValueError(f"--unfreeze-text-last {unfreeze_last} exceeds the text model's {len(layers)} layers")
         for layer in layers[-unfreeze_last:]:
             for param in layer.parameters():
                 param.requires_grad_(True)
@@ -116,14 +109,11 @@ def _encoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList):
             return module
     raise ValueError(
-        f"cannot find the transformer layers of {type(model).__name__} to unfreeze; "
-        "use --freeze-text or no freezing"
+        f"cannot find the transformer layers of {type(model).__name__} to unfreeze; use --freeze-text or no freezing"
     )
 
 
-def load_text_encoder(
-    name_or_path: str | os.PathLike[str], max_length: int = DEFAULT_MAX_LENGTH
-) -> TextEncoder:
+def load_text_encoder(name_or_path: str | os.PathLike[str], max_length: int = DEFAULT_MAX_LENGTH) -> TextEncoder:
     """Load pretrained weights and tokenizer by hub id or local folder (offline works for local folders)."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -177,15 +167,22 @@ def build_tiny_text_encoder(
     `vlm train --text-encoder folder` accept it like any hub model. The vocabulary holds special tokens,
     some pathology words and single characters (plus `##` continuations), so any lowercase text tokenises.
     """
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:-()/%")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_TINY_WORDS, *chars, *(f"##{c}" for c in chars)]
-    vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    tokenizer = BertTokenizer(vocab_file=str(vocab_file), do_lower_case=True)
+    vocab = list(dict.fromkeys(vocab))
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # Loading from the folder (not `BertTokenizer(vocab_file=...)`, whose argument transformers 5 renamed
+    # to `vocab` and silently ignores otherwise) works the same on transformers 4 and 5.
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512})
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if len(tokenizer) != len(vocab):
+        raise RuntimeError(f"tiny tokenizer has {len(tokenizer)} tokens, expected {len(vocab)}: vocab not loaded")
     tokenizer.save_pretrained(str(folder))
     config = BertConfig(
         vocab_size=len(tokenizer),

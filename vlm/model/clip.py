@@ -58,9 +58,7 @@ class SlideTextConfig:
     slide_embed_dim: int = 768  # unprojected slide embedding width (GigaPath: 768)
     proj_dim: int = 512  # shared space
     text_model: str = DEFAULT_TEXT_ENCODER  # where the text weights came from (provenance only)
-    text_config: dict[str, Any] = field(
-        default_factory=dict
-    )  # the text model's HF config, filled in at build
+    text_config: dict[str, Any] = field(default_factory=dict)  # the text model's HF config, filled in at build
     max_length: int = DEFAULT_MAX_LENGTH  # tokens per report; longer ones are truncated
     slide_encoder: str | None = None  # GigaPath preset name, or None for cached (frozen) slide embeddings
     slide_encoder_config: dict[str, Any] | None = None  # the slide encoder's resolved config
@@ -87,19 +85,13 @@ class SlideTextConfig:
         version = values.pop("format_version", None)
         values.pop("vlm_version", None)
         if fmt != FORMAT:
-            raise ValueError(
-                f"{source}: not a vlm slide-text model config (format={fmt!r}, expected {FORMAT!r})"
-            )
+            raise ValueError(f"{source}: not a vlm slide-text model config (format={fmt!r}, expected {FORMAT!r})")
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(
-                f"{source}: format_version {version!r} is newer than this vlm reads; upgrade vlm"
-            )
+            raise ValueError(f"{source}: format_version {version!r} is newer than this vlm reads; upgrade vlm")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
-                f"{source}: unknown config keys {unknown}; was it written by another tool or a newer vlm?"
-            )
+            raise ValueError(f"{source}: unknown config keys {unknown}; was it written by another tool or a newer vlm?")
         return cls(**values)
 
     def digest(self) -> str:
@@ -113,20 +105,15 @@ class SlideTextModel(nn.Module):
     `encode_*` methods return L2-normalised vectors in the shared space, ready for dot-product scores.
     """
 
-    def __init__(
-        self, config: SlideTextConfig, text: TextEncoder, slide_encoder: nn.Module | None = None
-    ) -> None:
+    def __init__(self, config: SlideTextConfig, text: TextEncoder, slide_encoder: nn.Module | None = None) -> None:
         super().__init__()
         if (slide_encoder is None) != (config.slide_encoder is None):
-            raise ValueError(
-                "config.slide_encoder and the slide_encoder module must be given together (or neither)"
-            )
+            raise ValueError("config.slide_encoder and the slide_encoder module must be given together (or neither)")
         if slide_encoder is not None:
-            embed_dim = int(slide_encoder.config.embed_dim)
+            embed_dim = int(slide_encoder.pooled_dim(config.pool))
             if embed_dim != config.slide_embed_dim:
                 raise ValueError(
-                    f"slide encoder outputs {embed_dim}-d but config.slide_embed_dim is "
-                    f"{config.slide_embed_dim}"
+                    f"slide encoder outputs {embed_dim}-d but config.slide_embed_dim is {config.slide_embed_dim}"
                 )
             config.slide_encoder_config = dataclasses.asdict(slide_encoder.config)
         config.text_config = text.model.config.to_dict()
@@ -138,9 +125,7 @@ class SlideTextModel(nn.Module):
         self.text_proj = ProjectionHead(text.width, config.proj_dim, config.text_proj)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         self.logit_bias = (
-            nn.Parameter(torch.tensor(float(config.init_logit_bias)))
-            if config.init_logit_bias is not None
-            else None
+            nn.Parameter(torch.tensor(float(config.init_logit_bias))) if config.init_logit_bias is not None else None
         )
 
     @property
@@ -209,9 +194,7 @@ class SlideTextModel(nn.Module):
         self.eval()
         try:
             chunks = [
-                self.encode_tokens(self.text.tokenize(texts[i : i + batch_size], device=self.device)).to(
-                    device
-                )
+                self.encode_tokens(self.text.tokenize(texts[i : i + batch_size], device=self.device)).to(device)
                 for i in range(0, len(texts), batch_size)
             ]
         finally:
@@ -236,9 +219,7 @@ class SlideTextModel(nn.Module):
         return Path(path)
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike[str], device: torch.device | str | None = None
-    ) -> SlideTextModel:
+    def from_pretrained(cls, path: str | os.PathLike[str], device: torch.device | str | None = None) -> SlideTextModel:
         """Load a folder written by `save_pretrained` (no network); the model is returned in eval mode.
 
         The weights file must match config.json: same architecture hash, same tensor names and shapes.
@@ -294,13 +275,13 @@ def _load_state_strict(model: nn.Module, state: dict[str, Tensor], source: str) 
     model.load_state_dict(state, strict=True)
 
 
-def _build_slide_encoder(
-    config: SlideTextConfig, checkpoint: str | os.PathLike[str] | None = None
-) -> nn.Module:
+def _build_slide_encoder(config: SlideTextConfig, checkpoint: str | os.PathLike[str] | None = None) -> nn.Module:
     """Create the GigaPath slide encoder named in the config (random weights unless `checkpoint`)."""
     from vlm.encoders.slide import create_slide_encoder
 
-    overrides = dict(config.slide_encoder_config or {})
+    # JSON turns the config's tuples into lists; the dataclass wants its tuples back.
+    saved = config.slide_encoder_config or {}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
     return create_slide_encoder(config.slide_encoder, checkpoint=checkpoint, **overrides)
 
 
@@ -331,6 +312,7 @@ def create_model(
     proj_dim: int = 512,
     max_length: int = DEFAULT_MAX_LENGTH,
     pool: str = "mean",
+    init_logit_scale: float = math.log(1 / 0.07),
     init_logit_bias: float | None = None,
 ) -> SlideTextModel:
     """A fresh model for training: pretrained text weights, and either cached slide embeddings of
@@ -340,15 +322,13 @@ def create_model(
     encoder = None
     if slide_encoder is not None:
         encoder = _build_slide_encoder(
-            SlideTextConfig(slide_encoder=slide_encoder), checkpoint=slide_checkpoint
+            SlideTextConfig(slide_encoder=slide_encoder, pool=pool), checkpoint=slide_checkpoint
         )
-        slide_embed_dim = int(encoder.config.embed_dim)
+        slide_embed_dim = int(encoder.pooled_dim(pool))
     elif slide_checkpoint is not None:
         raise ValueError("a slide checkpoint needs a slide encoder; pass --slide-encoder (e.g. gigapath) too")
     if slide_embed_dim is None:
-        raise ValueError(
-            "give slide_embed_dim (width of the cached slide embeddings) or a slide encoder preset"
-        )
+        raise ValueError("give slide_embed_dim (width of the cached slide embeddings) or a slide encoder preset")
     config = SlideTextConfig(
         slide_embed_dim=int(slide_embed_dim),
         proj_dim=proj_dim,
@@ -356,6 +336,7 @@ def create_model(
         max_length=max_length,
         slide_encoder=slide_encoder,
         pool=pool,
+        init_logit_scale=init_logit_scale,
         init_logit_bias=init_logit_bias,
     )
     return SlideTextModel(config, text, encoder)

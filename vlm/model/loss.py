@@ -20,9 +20,7 @@ SIGLIP_INIT_LOGIT_BIAS = -10.0
 def create_loss(name: str = "clip", rank: int = 0, world_size: int = 1) -> nn.Module:
     """open_clip's loss by name; `clip` = symmetric InfoNCE, `siglip` = pairwise sigmoid."""
     if name == "clip":
-        return ClipLoss(
-            local_loss=world_size > 1, gather_with_grad=world_size > 1, rank=rank, world_size=world_size
-        )
+        return ClipLoss(local_loss=world_size > 1, gather_with_grad=world_size > 1, rank=rank, world_size=world_size)
     if name == "siglip":
         return SigLipLoss(rank=rank, world_size=world_size)
     raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
@@ -34,8 +32,6 @@ def contrastive_loss(
     """Loss of normalised slide [B, D] and text [B, D] features; `logit_scale` is exp'd (the temperature)."""
     if isinstance(loss_fn, SigLipLoss):
         if logit_bias is None:
-            raise ValueError(
-                "the SigLIP loss needs a model with a logit bias (create it with init_logit_bias)"
-            )
+            raise ValueError("the SigLIP loss needs a model with a logit bias (create it with init_logit_bias)")
         return loss_fn(slide, text, logit_scale, logit_bias)
     return loss_fn(slide, text, logit_scale)

@@ -1,0 +1,204 @@
+"""Training: splits, input checks, a tiny end-to-end run, GradCache exactness, resume determinism."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vlm.cli import main as cli_main
+from vlm.encoders.text import build_tiny_text_encoder
+from vlm.model import SlideTextModel, build_tiny_model
+from vlm.model.loss import contrastive_loss, create_loss
+from vlm.train import loop
+from vlm.train.data import Pairs, assign_splits, load_pairs
+from vlm.train.gradcache import contrastive_backward
+from vlm.train.loop import TrainConfig, train
+
+DIAGNOSES = "carcinoma adenocarcinoma squamous benign necrosis metastasis lobular papillary".split()
+GRADES = "high low well poorly moderately clear".split()
+DIM = 16
+
+
+def write_synthetic(root: Path, test_rows: int = 0) -> tuple[Path, Path]:
+    """48 separable pairs: report "<grade> grade <diagnosis>", slide embedding = sum of two prototypes.
+
+    `test_rows` extra pairs get split=test and NaN embeddings: training on one would make the loss NaN.
+    """
+    rng = np.random.default_rng(0)
+    diag, grade = rng.normal(size=(len(DIAGNOSES), DIM)), rng.normal(size=(len(GRADES), DIM))
+    rows, slides = [], []
+    for i, (a, b) in enumerate((a, b) for a in range(len(DIAGNOSES)) for b in range(len(GRADES))):
+        split = "val" if i % 4 == 0 else "train"
+        rows.append(
+            {"slide_id": f"s{i}", "report": f"{GRADES[b]} grade {DIAGNOSES[a]}", "patient_id": f"p{i}", "split": split}
+        )
+        slides.append({"slide_id": f"s{i}", "embedding": diag[a] + grade[b] + 0.1 * rng.normal(size=DIM)})
+    for j in range(test_rows):
+        rows.append({"slide_id": f"t{j}", "report": "benign", "patient_id": f"t{j}", "split": "test"})
+        slides.append({"slide_id": f"t{j}", "embedding": np.full(DIM, np.nan)})
+    pairs, embeddings = root / "pairs.csv", root / "slides.parquet"
+    pd.DataFrame(rows).to_csv(pairs, index=False)
+    frame = pd.DataFrame(slides).assign(n_tiles=10, encoder="tiny", pool="mean")
+    frame["embedding"] = frame["embedding"].map(lambda e: [float(x) for x in e])
+    frame.to_parquet(embeddings)
+    return pairs, embeddings
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train")
+    pairs, embeddings = write_synthetic(root, test_rows=4)
+    return {"root": root, "pairs": pairs, "embeddings": embeddings, "text": build_tiny_text_encoder(root / "text")}
+
+
+def config(data: dict[str, Path], out: Path, **overrides: object) -> TrainConfig:
+    values: dict[str, object] = dict(
+        pairs=str(data["pairs"]), out=str(out), slide_embeddings=str(data["embeddings"]),
+        text_encoder=str(data["text"]), max_length=16, proj_dim=16, epochs=2, batch_size=12, lr=2e-3,
+    )  # fmt: skip
+    values.update(overrides)
+    return TrainConfig(**values)  # type: ignore[arg-type]
+
+
+def records(run: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_cli_train_end_to_end_learns(data: dict[str, Path]) -> None:
+    out = data["root"] / "cli-run"
+    argv = ["train", "--pairs", str(data["pairs"]), "--slide-embeddings", str(data["embeddings"]), "--out", str(out),
+            "--text-encoder", str(data["text"]), "--max-length", "16", "--proj-dim", "16", "--epochs", "12",
+            "--batch-size", "12", "--lr", "2e-3", "--seed", "0"]  # fmt: skip
+    assert cli_main(argv) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (out / "model").iterdir()}
+    logged = records(out)
+    losses = [r["train/loss"] for r in logged if "train/loss" in r]
+    val = [r for r in logged if "val/report_to_slide/R@1" in r]
+    assert len(val) == 12 and all(math.isfinite(x) for x in losses)  # NaN test rows were never trained on
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    chance = 1 / 12  # 12 validation pairs
+    best = max(val, key=lambda r: r["val/mean_recall"])
+    assert best["val/slide_to_report/R@1"] > 2 * chance or best["val/report_to_slide/R@1"] > 2 * chance
+    assert set(pd.read_csv(out / "splits.csv")["split"]) == {"train", "val", "test"}
+    assert json.loads((out / "train_config.json").read_text())["epochs"] == 12
+    model = SlideTextModel.from_pretrained(out / "model")  # `model/` is the best epoch's model
+    slides = pd.read_parquet(data["embeddings"]).iloc[[0, 4, 8]]
+    emb = model.encode_slide_embeddings(torch.tensor(np.stack(slides["embedding"].to_list()), dtype=torch.float32))
+    text = model.encode_text(pd.read_csv(data["pairs"])["report"].iloc[[0, 4, 8]].to_list())
+    assert emb.shape == text.shape == (3, 16)
+
+
+def test_resume_gives_the_same_next_losses(data: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = data["root"] / "uninterrupted"
+    train(config(data, reference, checkpoint_every=4))
+    crashed = data["root"] / "crashed"
+    calls = {"n": 0}
+    original = loop._train_step
+
+    def crash_on_step_6(*args: object, **kwargs: object) -> dict[str, float]:
+        # 3 steps per epoch; checkpoints after step 3 (epoch end) and 4 (mid-epoch); step 5 is logged but lost
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("simulated kill")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_step", crash_on_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(data, crashed, checkpoint_every=4))
+    monkeypatch.setattr(loop, "_train_step", original)
+    assert [r["step"] for r in records(crashed)] == [1, 2, 3, 3, 4, 5]
+    with pytest.raises(ValueError, match="--resume"):
+        train(config(data, crashed, checkpoint_every=4))
+    train(TrainConfig.load(crashed / loop.CONFIG_FILE), resume=True)
+    ours, theirs = records(crashed), records(reference)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    for mine, ref in zip(ours, theirs, strict=True):
+        for key in ("train/loss", "val/loss", "val/mean_recall"):
+            if key in ref:
+                assert mine[key] == pytest.approx(ref[key], abs=1e-6), (mine["step"], key)
+
+
+def test_siglip_loss_trains(data: dict[str, Path]) -> None:
+    out = data["root"] / "siglip"
+    train(config(data, out, loss="siglip", epochs=1))
+    model = SlideTextModel.from_pretrained(out / "model")
+    assert model.logit_bias is not None and model.logit_scale.item() == pytest.approx(math.log(10), abs=0.1)
+
+
+def test_gradcache_gradient_equals_full_batch(tmp_path: Path) -> None:
+    model = build_tiny_model(tmp_path, slide_embed_dim=DIM, proj_dim=8).eval()  # eval: no dropout to replay
+    embeddings = torch.randn(7, DIM)
+    texts = [f"{g} grade {d}" for g, d in zip(GRADES + GRADES, DIAGNOSES[:7], strict=False)]
+    loss_fn = create_loss("clip")
+
+    def gradients(chunk: int | None) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = contrastive_backward(
+            lambda rows: model.encode_slide_embeddings(embeddings[list(rows)]),
+            lambda rows: model.encode_tokens(model.text.tokenize([texts[i] for i in rows])),
+            len(texts),
+            lambda s, t: contrastive_loss(loss_fn, s, t, model.scale()),
+            chunk_size=chunk,
+        )
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full_loss, full = gradients(None)
+    cached_loss, cached = gradients(3)
+    assert cached_loss == pytest.approx(full_loss, abs=1e-6)
+    assert full.keys() == cached.keys() and len(full) > 10
+    for name in full:
+        torch.testing.assert_close(cached[name], full[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_patient_level_splits_never_leak() -> None:
+    rng = np.random.default_rng(1)
+    patients = [f"p{int(i)}" for i in rng.integers(0, 40, size=300)]
+    pairs = Pairs([f"s{i}" for i in range(300)], ["r"] * 300, patients)
+    split = assign_splits(pairs, val_fraction=0.2, test_fraction=0.2, seed=3)
+    by_patient: dict[str, set[str]] = {}
+    for patient, s in zip(patients, split.splits or [], strict=True):
+        by_patient.setdefault(patient, set()).add(s)
+    assert all(len(s) == 1 for s in by_patient.values())
+    assert {"train", "val", "test"} == {s for v in by_patient.values() for s in v}
+
+
+def test_given_split_that_leaks_a_patient_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"slide_id": "a", "report": "x", "patient_id": "p1", "split": "train"},
+            {"slide_id": "b", "report": "y", "patient_id": "p1", "split": "test"}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="more than one split.*p1"):
+        load_pairs(path)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"slide": "a", "report": "x"}], r"missing column\(s\) \['slide_id'\]"),
+        ([{"slide_id": "a", "report": "x", "split": "training"}], r"unknown split value\(s\) \['training'\]"),
+        ([{"slide_id": "a", "report": ""}], r"empty 'report'"),
+    ],
+)
+def test_bad_pairs_files_give_clear_errors(tmp_path: Path, rows: list[dict[str, str]], message: str) -> None:
+    path = tmp_path / "pairs.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=message):
+        load_pairs(path)
+
+
+def test_slides_missing_from_embeddings_are_listed(data: dict[str, Path], tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.csv"
+    frame = pd.read_csv(data["pairs"])
+    pd.concat(
+        [frame, pd.DataFrame([{"slide_id": "ghost-1", "report": "benign", "patient_id": "g", "split": "train"}])]
+    ).to_csv(pairs, index=False)
+    with pytest.raises(ValueError, match=r"1 slide id\(s\).*ghost-1.*--drop-missing"):
+        train(config(data, tmp_path / "run", pairs=str(pairs)))
+    assert cli_main(["train", "--pairs", str(pairs), "--out", str(tmp_path / "r")]) == 2  # no slide input given

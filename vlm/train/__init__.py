@@ -1,0 +1,1 @@
+"""Training: pairs and splits (`data`), gradient caching (`gradcache`), the loop (`loop`)."""

@@ -1,0 +1,256 @@
+"""Training data: slide–report pairs (via `datasets`), their splits, and the slide inputs they point to.
+
+Splits are made by patient when a `patient_id` column exists (else by slide), so no patient's slides or
+reports appear in two splits: a model that saw one slide of a patient in training would look better on
+that patient's other slides than it is. A given `split` column is obeyed as is, and `test` rows are never
+trained on nor used to pick a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+REQUIRED_COLUMNS: tuple[str, ...] = ("slide_id", "report")
+EMBEDDING_COLUMNS: tuple[str, ...] = ("slide_id", "embedding")
+_FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+
+
+@dataclass
+class Pairs:
+    """Slide–report pairs, row-aligned lists; `split` is filled in by `assign_splits` when not given."""
+
+    slide_ids: list[str]
+    reports: list[str]
+    patient_ids: list[str] | None = None
+    splits: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def indices(self, split: str) -> list[int]:
+        """Row numbers of one split."""
+        if self.splits is None:
+            raise ValueError("splits are not assigned yet; call assign_splits first")
+        return [i for i, s in enumerate(self.splits) if s == split]
+
+    def groups(self) -> list[str]:
+        """The unit a split must not cut: the patient when known, else the slide."""
+        return self.patient_ids if self.patient_ids is not None else self.slide_ids
+
+    def select(self, rows: list[int]) -> Pairs:
+        def pick(values: list[str] | None) -> list[str] | None:
+            return None if values is None else [values[i] for i in rows]
+
+        return Pairs(
+            [self.slide_ids[i] for i in rows],
+            [self.reports[i] for i in rows],
+            pick(self.patient_ids),
+            pick(self.splits),
+        )
+
+
+def load_pairs(path: str | os.PathLike[str]) -> Pairs:
+    """Read a CSV / TSV / Parquet / JSONL table of pairs with `datasets`, checking columns and values."""
+    from datasets import load_dataset
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such pairs file (expected CSV, Parquet or JSONL)")
+    builder = _FORMATS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(f"{path}: unknown pairs format {path.suffix!r}; use one of {', '.join(sorted(_FORMATS))}")
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    table = load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True, **kwargs)
+    columns = set(table.column_names)
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {missing}; found {sorted(columns)}. Rename them to slide_id, report"
+        )
+    slide_ids = _strings(table["slide_id"], "slide_id", path)
+    reports = _strings(table["report"], "report", path)
+    patients = _strings(table["patient_id"], "patient_id", path) if "patient_id" in columns else None
+    splits = None
+    if "split" in columns:
+        splits = [str(s).strip().lower() if s is not None else "" for s in table["split"]]
+        bad = sorted({s for s in splits if s not in SPLITS})
+        if bad:
+            rows = [i + 2 for i, s in enumerate(splits) if s not in SPLITS][:5]
+            raise ValueError(
+                f"{path}: unknown split value(s) {bad} (first data rows {rows}); use train, val or test, "
+                "or drop the split column to split automatically by patient"
+            )
+    pairs = Pairs(slide_ids, reports, patients, splits)
+    if splits is not None:
+        check_no_leak(pairs, source=str(path))
+    duplicated = len(slide_ids) - len(set(slide_ids))
+    if duplicated:
+        log.warning("%s: %d slide ids appear in more than one pair", path, duplicated)
+    return pairs
+
+
+def _strings(values: list[object], column: str, path: Path) -> list[str]:
+    """Column as stripped strings; empty or missing cells are an error naming the rows (1 = header)."""
+    out = ["" if v is None else str(v).strip() for v in values]
+    empty = [i + 2 for i, v in enumerate(out) if not v]
+    if empty:
+        raise ValueError(
+            f"{path}: empty {column!r} in {len(empty)} row(s), first data rows {empty[:5]}; fill or drop them"
+        )
+    return out
+
+
+def check_no_leak(pairs: Pairs, source: str = "pairs") -> None:
+    """Refuse a split in which one patient (or slide) falls in two splits."""
+    if pairs.splits is None:
+        return
+    seen: dict[str, set[str]] = {}
+    for group, split in zip(pairs.groups(), pairs.splits, strict=True):
+        seen.setdefault(group, set()).add(split)
+    leaking = sorted(g for g, s in seen.items() if len(s) > 1)
+    if leaking:
+        unit = "patient" if pairs.patient_ids is not None else "slide"
+        raise ValueError(
+            f"{source}: {len(leaking)} {unit}(s) appear in more than one split, e.g. {leaking[:5]}; "
+            f"put each {unit} in a single split"
+        )
+
+
+def assign_splits(pairs: Pairs, val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0) -> Pairs:
+    """Split by patient (or slide) when no split is given; a given split is returned unchanged.
+
+    Whole groups are shuffled with `seed` and cut into test, val, then train. With at least two groups and
+    a positive `val_fraction`, validation gets at least one group.
+    """
+    if pairs.splits is not None:
+        return pairs
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError("val_fraction + test_fraction must leave some pairs for training")
+    groups = sorted(set(pairs.groups()))
+    random.Random(seed).shuffle(groups)
+    n_test = round(test_fraction * len(groups))
+    n_val = round(val_fraction * len(groups))
+    if val_fraction > 0 and n_val == 0 and len(groups) - n_test >= 2:
+        n_val = 1
+    split_of = {g: "test" for g in groups[:n_test]}
+    split_of.update({g: "val" for g in groups[n_test : n_test + n_val]})
+    splits = [split_of.get(g, "train") for g in pairs.groups()]
+    return Pairs(pairs.slide_ids, pairs.reports, pairs.patient_ids, splits)
+
+
+@dataclass
+class SlideEmbeddings:
+    """Cached unprojected slide embeddings (`vlm embed-slides` output), looked up by slide id."""
+
+    ids: list[str]
+    embeddings: torch.Tensor  # [N, D] float32
+    encoder: str = "unknown"
+    pool: str = "unknown"
+
+    def __post_init__(self) -> None:
+        self.row = {slide_id: i for i, slide_id in enumerate(self.ids)}
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def lookup(self, slide_ids: list[str]) -> torch.Tensor:  # [len(slide_ids), D]
+        return self.embeddings[[self.row[s] for s in slide_ids]]
+
+
+def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
+    """Read a slide-embeddings parquet (`slide_id`, `embedding` list, optional `encoder`, `pool`)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such slide-embeddings file; make it with `vlm embed-slides`")
+    frame = pd.read_parquet(path)
+    missing = [c for c in EMBEDDING_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {missing}; found {list(frame.columns)} (expected vlm embed-slides output)"
+        )
+    ids = [str(s) for s in frame["slide_id"]]
+    duplicates = sorted({s for s in ids if ids.count(s) > 1}) if len(set(ids)) != len(ids) else []
+    if duplicates:
+        raise ValueError(f"{path}: slide ids {duplicates[:5]} appear more than once; keep one embedding per slide")
+    try:
+        embeddings = np.stack([np.asarray(e, dtype=np.float32) for e in frame["embedding"]])
+    except ValueError as error:
+        raise ValueError(f"{path}: embeddings have different lengths ({error}); re-run `vlm embed-slides`") from error
+    provenance = {}
+    for column in ("encoder", "pool"):
+        values = sorted({str(v) for v in frame[column]}) if column in frame.columns else ["unknown"]
+        if len(values) > 1:
+            raise ValueError(f"{path}: mixed {column} values {values}; one training run needs one kind of embedding")
+        provenance[column] = values[0]
+    return SlideEmbeddings(ids, torch.from_numpy(embeddings), **provenance)
+
+
+def check_slides_available(pairs: Pairs, available: set[str], source: str, drop_missing: bool = False) -> Pairs:
+    """Every paired slide must have an input (embedding or feature file); list those that do not.
+
+    With `drop_missing`, those pairs are dropped with a warning instead (e.g. slides that failed tiling).
+    """
+    missing = sorted({s for s in pairs.slide_ids if s not in available})
+    if not missing:
+        return pairs
+    if not drop_missing:
+        raise ValueError(
+            f"{len(missing)} slide id(s) in the pairs have no input in {source}, e.g. {missing[:10]}; embed them "
+            "first, fix the ids, or pass --drop-missing to train without them"
+        )
+    log.warning("dropping pairs of %d slide(s) missing from %s, e.g. %s", len(missing), source, missing[:5])
+    keep = [i for i, s in enumerate(pairs.slide_ids) if s in available]
+    return pairs.select(keep)
+
+
+def feature_slide_ids(folder: str | os.PathLike[str]) -> set[str]:
+    """Slide ids with a `<slide_id>.h5` feature file in `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder of tile-feature files; make it with `vlm embed-tiles`")
+    return {p.stem for p in folder.glob("*.h5")}
+
+
+def load_slide_features(
+    folder: Path, slide_ids: list[str], max_tiles: int | None = None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tile features [B, L, D], 0.5-mpp coords [B, L, 2] and padding mask [B, L] (True = pad) for a batch.
+
+    `max_tiles` subsamples larger slides at random (with `generator`), bounding memory per slide.
+    """
+    from vlm.encoders.slide import to_gigapath_coords
+    from vlm.features import read_features
+
+    feats, coords = [], []
+    for slide_id in slide_ids:
+        tiles = read_features(folder / f"{slide_id}.h5")
+        f = torch.from_numpy(np.asarray(tiles.features, dtype=np.float32))
+        c = torch.from_numpy(np.asarray(to_gigapath_coords(tiles.coords, tiles.mpp, slide_id), dtype=np.float32))
+        if max_tiles is not None and len(f) > max_tiles:
+            keep = torch.randperm(len(f), generator=generator)[:max_tiles].sort().values
+            f, c = f[keep], c[keep]
+        feats.append(f)
+        coords.append(c)
+    length = max(len(f) for f in feats)
+    batch_f = torch.zeros(len(feats), length, feats[0].shape[1])
+    batch_c = torch.zeros(len(feats), length, 2)
+    mask = torch.ones(len(feats), length, dtype=torch.bool)
+    for i, (f, c) in enumerate(zip(feats, coords, strict=True)):
+        batch_f[i, : len(f)], batch_c[i, : len(c)], mask[i, : len(f)] = f, c, False
+    return batch_f, batch_c, mask

@@ -1,0 +1,504 @@
+"""Slide–report alignment training: one function, `train(TrainConfig)`, used by `vlm train` and notebooks.
+
+A run folder holds everything needed to use or continue it:
+- `train_config.json`  the resolved `TrainConfig` (a resumed run reads it back);
+- `splits.csv`         slide_id, patient_id, split of every pair (evaluate on `test`, never tune on it);
+- `metrics.jsonl`      one JSON object per step (`train/loss`, `lr`, …) and per epoch (`val/…`);
+- `model/`             the best model by validation mean recall (the last one without a validation split);
+- `last/`              the model after the latest epoch;
+- `checkpoints/last.pt` model, optimizer, scheduler, AMP scaler, RNG states and data position, so that a
+  resumed run continues with the same batches and random numbers as an uninterrupted one.
+
+Under `torchrun` every rank takes its slice of each global batch; open_clip's loss gathers the features of
+all ranks (with gradient) and gradients are averaged across ranks as DDP would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vlm.device import autocast, autocast_dtype, resolve_device
+from vlm.encoders.text import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER
+from vlm.io import atomic_path
+from vlm.metrics import retrieval_recalls
+from vlm.model.clip import SlideTextModel, create_model
+from vlm.model.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, contrastive_loss, create_loss
+from vlm.train import data as pairs_data
+from vlm.train.gradcache import contrastive_backward
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "train_config.json"
+CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as `train_config.json` in the run folder."""
+
+    pairs: str
+    out: str
+    slide_embeddings: str | None = None  # frozen slide tower: `vlm embed-slides` parquet
+    features: str | None = None  # full fine-tuning: folder of `<slide_id>.h5` tile features
+    slide_encoder: str = "gigapath"  # preset used with `features`
+    slide_checkpoint: str | None = None
+    pool: str = "mean"
+    max_tiles: int | None = None  # subsample longer slides in training (None = all tiles)
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    max_length: int = DEFAULT_MAX_LENGTH
+    proj_dim: int = 512
+    loss: str = "clip"
+    epochs: int = 10
+    batch_size: int = 64  # pairs per contrastive batch and optimizer step
+    chunk_size: int | None = None  # GradCache chunk (pairs embedded with a graph at once); None = batch
+    lr: float = 1e-4
+    weight_decay: float = 0.2
+    warmup_steps: int | None = None  # None = 5% of all steps
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    freeze_slide: bool = False
+    freeze_text: bool = False
+    unfreeze_text_last: int = 0  # with freeze_text semantics: train only the last N text layers
+    grad_checkpointing: bool = False
+    val_fraction: float = 0.1  # used only when the pairs have no split column
+    test_fraction: float = 0.0
+    drop_missing: bool = False
+    checkpoint_every: int = 0  # also checkpoint every N steps (0 = at epoch ends only)
+    eval_batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if (self.slide_embeddings is None) == (self.features is None):
+            raise ValueError("give exactly one slide input: --slide-embeddings (frozen) or --features (fine-tuning)")
+        for name in ("epochs", "batch_size", "eval_batch_size", "proj_dim", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.unfreeze_text_last < 0:
+            raise ValueError("--unfreeze-text-last must be >= 0")
+
+    @property
+    def frozen(self) -> bool:
+        return self.slide_embeddings is not None
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; --resume needs a run folder written by `vlm train`")
+        values = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; was it written by a newer vlm?")
+        return cls(**values)
+
+
+@dataclass
+class _Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: torch.device) -> _Distributed:
+    """Join the torchrun process group (gloo on CPU, NCCL on GPU) when WORLD_SIZE > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return _Distributed()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return _Distributed(dist.get_rank(), dist.get_world_size())
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two AdamW groups: weight decay only on weight matrices.
+
+    Excluded from decay (as open_clip and BERT recipes do): biases, norm weights, other 1-d parameters,
+    the logit scale/bias, token and position embeddings and the CLS token — decaying them pulls
+    temperatures and normalisers towards zero for no regularising benefit.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lowered = name.lower()
+        exclude = param.ndim < 2 or "norm" in lowered or "logit_" in name or "embeddings" in name or "cls_token" in name
+        (no_decay if exclude or "bias" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 at `total` steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _apply_freezing(model: SlideTextModel, config: TrainConfig) -> None:
+    if config.freeze_text or config.unfreeze_text_last:
+        model.text.freeze(unfreeze_last=config.unfreeze_text_last)
+    if config.freeze_slide and model.slide_encoder is not None:
+        model.slide_encoder.requires_grad_(False)
+    if config.grad_checkpointing:
+        model.text.set_grad_checkpointing(True)
+        if model.slide_encoder is not None:
+            model.slide_encoder.set_grad_checkpointing(True)
+
+
+class _Inputs:
+    """Slide inputs of the pairs (cached embeddings or feature files) and their reports, by row."""
+
+    def __init__(self, config: TrainConfig, pairs: pairs_data.Pairs, device: torch.device) -> None:
+        self.config, self.pairs, self.device = config, pairs, device
+        self.embeddings: Tensor | None = None
+        if config.slide_embeddings is not None:
+            table = pairs_data.load_slide_embeddings(config.slide_embeddings)
+            self.embeddings = table.lookup(pairs.slide_ids).to(device)  # [N_pairs, D]
+            self.slide_dim = table.dim
+            log.info(
+                "slide embeddings: %d slides, %d-d, encoder=%s pool=%s",
+                len(table.ids),
+                table.dim,
+                table.encoder,
+                table.pool,
+            )
+        self.features = Path(config.features) if config.features is not None else None
+
+    def encode_slides(self, model: SlideTextModel, rows: Sequence[int], generator: torch.Generator | None) -> Tensor:
+        if self.embeddings is not None:
+            return model.encode_slide_embeddings(self.embeddings[list(rows)])
+        assert self.features is not None
+        max_tiles = self.config.max_tiles if model.training else None
+        feats, coords, mask = pairs_data.load_slide_features(
+            self.features, [self.pairs.slide_ids[i] for i in rows], max_tiles, generator
+        )
+        return model.encode_slides(feats.to(self.device), coords.to(self.device), mask.to(self.device))
+
+    def encode_texts(self, model: SlideTextModel, rows: Sequence[int]) -> Tensor:
+        return model.encode_tokens(model.text.tokenize([self.pairs.reports[i] for i in rows], device=self.device))
+
+
+def _prepare_pairs(config: TrainConfig) -> pairs_data.Pairs:
+    pairs = pairs_data.load_pairs(config.pairs)
+    pairs = pairs_data.assign_splits(pairs, config.val_fraction, config.test_fraction, config.seed)
+    if config.slide_embeddings is not None:
+        ids = set(pairs_data.load_slide_embeddings(config.slide_embeddings).ids)
+        source = config.slide_embeddings
+    else:
+        ids = pairs_data.feature_slide_ids(config.features or "")
+        source = str(config.features)
+    pairs = pairs_data.check_slides_available(pairs, ids, source, drop_missing=config.drop_missing)
+    counts = {s: len(pairs.indices(s)) for s in pairs_data.SPLITS}
+    log.info("pairs: %s (test pairs are never trained on)", ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if counts["train"] < 2:
+        raise ValueError(f"{config.pairs}: {counts['train']} training pair(s); contrastive training needs at least 2")
+    return pairs
+
+
+def _write_splits(path: Path, pairs: pairs_data.Pairs) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "slide_id": pairs.slide_ids,
+            "patient_id": pairs.patient_ids or pairs.slide_ids,
+            "split": pairs.splits,
+        }
+    )
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def _build_model(config: TrainConfig, slide_dim: int | None, resume_dir: Path | None) -> SlideTextModel:
+    if resume_dir is not None:  # architecture from the run's last saved model; weights from the checkpoint
+        return SlideTextModel.from_pretrained(resume_dir / "last")
+    siglip = config.loss == "siglip"
+    return create_model(
+        text_encoder=config.text_encoder,
+        slide_embed_dim=slide_dim,
+        slide_encoder=None if config.frozen else config.slide_encoder,
+        slide_checkpoint=config.slide_checkpoint,
+        proj_dim=config.proj_dim,
+        max_length=config.max_length,
+        pool=config.pool,
+        init_logit_scale=SIGLIP_INIT_LOGIT_SCALE if siglip else math.log(1 / 0.07),
+        init_logit_bias=SIGLIP_INIT_LOGIT_BIAS if siglip else None,
+    )
+
+
+class _MetricsLog:
+    """Append-only `metrics.jsonl`; on resume, records after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and keep_until_step is not None and path.exists():
+            kept = [
+                line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= keep_until_step
+            ]
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
+        elif enabled and keep_until_step is None:
+            path.unlink(missing_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def evaluate(
+    model: SlideTextModel, inputs: _Inputs, rows: list[int], loss_fn: nn.Module, config: TrainConfig
+) -> dict[str, float]:
+    """Validation loss and report→slide / slide→report Recall@1/5/10 over `rows` (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [rows[i : i + config.eval_batch_size] for i in range(0, len(rows), config.eval_batch_size)]
+        device = inputs.device
+        with autocast(device, config.precision):
+            slides = torch.cat([inputs.encode_slides(model, c, None) for c in chunks])
+            texts = torch.cat([inputs.encode_texts(model, c) for c in chunks])
+        loss = contrastive_loss(loss_fn, slides, texts, model.scale(), model.logit_bias)
+    finally:
+        model.train(was_training)
+    metrics = {f"val/{k}": v for k, v in retrieval_recalls(slides, texts).items()}
+    metrics["val/loss"] = float(loss)
+    return metrics
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> Path:
+    """Train (or with `resume`, continue) an alignment run in `config.out`; return the `model/` folder."""
+    out = Path(config.out)
+    checkpoint_path = out / CHECKPOINT
+    if resume and not checkpoint_path.is_file():
+        raise FileNotFoundError(f"{checkpoint_path}: no checkpoint to resume from; start the run without --resume")
+    if not resume and checkpoint_path.exists():
+        raise ValueError(
+            f"{out} already holds a training run; pass --resume {out} to continue it or pick another --out"
+        )
+    device = resolve_device(config.device)
+    dist_ = _init_distributed(device)
+    if device.type == "cuda" and dist_.world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    _seed_everything(config.seed)
+
+    pairs = _prepare_pairs(config)
+    inputs = _Inputs(config, pairs, device)
+    train_rows, val_rows = pairs.indices("train"), pairs.indices("val")
+    model = _build_model(config, getattr(inputs, "slide_dim", None), out if resume else None).to(device)
+    _apply_freezing(model, config)
+    truncated = model.text.count_truncated([pairs.reports[i] for i in train_rows + val_rows])
+    if truncated:
+        log.warning(
+            "%d of %d reports exceed %d tokens and are truncated",
+            truncated,
+            len(train_rows) + len(val_rows),
+            config.max_length,
+        )
+
+    batch_size = min(config.batch_size, len(train_rows))
+    if batch_size % dist_.world_size:
+        raise ValueError(
+            f"batch size {batch_size} must divide by the {dist_.world_size} processes (equal shares per rank)"
+        )
+    if batch_size < config.batch_size:
+        log.warning("only %d training pairs: batch size lowered from %d", batch_size, config.batch_size)
+    steps_per_epoch = len(train_rows) // batch_size  # the remainder is dropped; each epoch reshuffles
+    total_steps = steps_per_epoch * config.epochs
+    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, round(0.05 * total_steps))
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = cosine_with_warmup(optimizer, warmup, total_steps)
+    amp_dtype = autocast_dtype(device, config.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_fn = create_loss(config.loss, dist_.rank, dist_.world_size)
+
+    epoch, step_in_epoch, global_step, best = 0, 0, 0, -math.inf
+    if resume:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        epoch, step_in_epoch, global_step, best = (
+            state["epoch"],
+            state["step_in_epoch"],
+            state["global_step"],
+            state["best"],
+        )
+        log.info("resumed %s at epoch %d, step %d", out, epoch, global_step)
+    elif dist_.main:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(out / CONFIG_FILE)
+        _write_splits(out / "splits.csv", pairs)
+    metrics = _MetricsLog(out / "metrics.jsonl", dist_.main, global_step if resume else None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    log.info(
+        "training %d pairs, %d steps/epoch × %d epochs, batch %d, %s trainable parameters on %s",
+        len(train_rows),
+        steps_per_epoch,
+        config.epochs,
+        batch_size,
+        f"{sum(p.numel() for p in trainable):,}",
+        device,
+    )
+
+    def checkpoint(next_epoch: int, next_step: int) -> None:
+        if dist_.main:
+            _save_checkpoint(checkpoint_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": next_epoch, "step_in_epoch": next_step,
+                "global_step": global_step, "best": best, "config": dataclasses.asdict(config),
+            })  # fmt: skip
+
+    if not resume and dist_.main:
+        model.save_pretrained(out / "last")  # the architecture a resumed run rebuilds
+    while epoch < config.epochs:
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+        model.train()
+        for step in range(step_in_epoch, steps_per_epoch):
+            batch = [train_rows[i] for i in order[step * batch_size : (step + 1) * batch_size].tolist()]
+            mine = batch[dist_.rank :: dist_.world_size]
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + global_step)
+            loss = _train_step(model, inputs, mine, loss_fn, optimizer, scaler, config, device, generator, dist_)
+            scheduler.step()
+            global_step += 1
+            metrics.write({"step": global_step, "epoch": epoch, **loss, "lr": scheduler.get_last_lr()[0]})
+            if config.checkpoint_every and global_step % config.checkpoint_every == 0 and step + 1 < steps_per_epoch:
+                checkpoint(epoch, step + 1)
+        step_in_epoch = 0
+        record: dict[str, Any] = {"step": global_step, "epoch": epoch}
+        if val_rows:
+            record.update(evaluate(model, inputs, val_rows, create_loss(config.loss), config))
+            log.info(
+                "epoch %d: %s",
+                epoch,
+                ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith("val/")),
+            )
+        metrics.write(record)
+        epoch += 1
+        if dist_.main:
+            model.save_pretrained(out / "last")
+            score = record.get("val/mean_recall", -math.inf)
+            if not val_rows or score > best:
+                best = score if val_rows else best
+                model.save_pretrained(out / "model")
+        checkpoint(epoch, 0)
+    if dist_.world_size > 1:
+        torch.distributed.barrier()
+    return out / "model"
+
+
+def _train_step(
+    model: SlideTextModel,
+    inputs: _Inputs,
+    rows: list[int],
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    config: TrainConfig,
+    device: torch.device,
+    generator: torch.Generator,
+    dist_: _Distributed,
+) -> dict[str, float]:
+    """One optimizer step on this rank's rows of the batch (GradCache when `chunk_size` < rows)."""
+    optimizer.zero_grad(set_to_none=True)
+
+    def encode_slides(positions: Sequence[int]) -> Tensor:
+        with autocast(device, config.precision):
+            return inputs.encode_slides(model, [rows[i] for i in positions], generator)
+
+    def encode_texts(positions: Sequence[int]) -> Tensor:
+        with autocast(device, config.precision):
+            return inputs.encode_texts(model, [rows[i] for i in positions])
+
+    def loss_of(slides: Tensor, texts: Tensor) -> Tensor:
+        return contrastive_loss(loss_fn, slides.float(), texts.float(), model.scale(), model.logit_bias)
+
+    chunk = config.chunk_size if config.chunk_size is not None else (None if config.frozen else 4)
+    loss = contrastive_backward(encode_slides, encode_texts, len(rows), loss_of, chunk, scaler.scale)
+    if dist_.world_size > 1:
+        _average_gradients(model, dist_.world_size)
+        torch.distributed.all_reduce(loss)
+        loss = loss / dist_.world_size
+    scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)
+    scaler.step(optimizer)
+    scaler.update()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, model.config.max_logit_scale)
+    return {"train/loss": float(loss), "grad_norm": float(grad_norm), "logit_scale": float(model.scale().detach())}
+
+
+def _average_gradients(model: nn.Module, world_size: int) -> None:
+    """Mean of every gradient across ranks: what DDP does, done by hand so GradCache's passes need no hooks."""
+    import torch.distributed as dist
+
+    for param in model.parameters():
+        if param.requires_grad:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad)
+            param.grad /= world_size
