@@ -1,0 +1,89 @@
+"""Fixed 2-D sin-cos positions of the GigaPath slide encoder, computed only for the tiles present.
+
+The official code materialises the whole 1000×1000 (+1) × 768 table (3 GB fp32, 15.7 GB RAM to build).
+Each row depends only on its own grid cell, so computing the rows for the cells a slide actually has gives
+the same numbers: dims `[0, D/2)` encode the column `j = floor(y / tile)`, dims `[D/2, D)` the row
+`i = floor(x / tile)`, each half `[sin(pos·ω_k), cos(pos·ω_k)]` with `ω_k = 1 / 10000^(k / (D/4))`, evaluated
+in float64 with numpy (as the official MAE helper does) and cast to fp32.
+
+Coordinates are pixels **at 0.5 µm/px** (the unit the weights were trained with), not level-0 pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+GIGAPATH_MPP = 0.5  # µm/px of the coordinates the slide encoder expects
+
+
+def _sincos_1d(positions: np.ndarray, dim: int) -> np.ndarray:
+    """[len(positions), dim] float64 rows `[sin(p·ω), cos(p·ω)]`, exactly as the MAE helper computes them."""
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    angles = positions.astype(np.float64)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def grid_cells(coords: torch.Tensor, tile_size: int, grid_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row `i = floor(x / tile)` and column `j = floor(y / tile)` of each coordinate; out-of-grid is an error.
+
+    The official code raises an index error for `x >= grid·tile` and silently wraps `y` into the next
+    row; both are refused here instead.
+    """
+    cells = torch.floor(coords.double() / tile_size).long()  # [..., 2]
+    bad = (cells < 0) | (cells >= grid_size)
+    if bool(bad.any()):
+        where = bad.any(-1).nonzero()[0].tolist()
+        limit = grid_size * tile_size
+        raise ValueError(
+            f"tile coordinate {coords[tuple(where)].tolist()} (0.5-mpp px) is outside the "
+            f"{grid_size}×{grid_size} grid of {tile_size}-px tiles (0 <= x, y < {limit}); coordinates "
+            "must be 0.5-mpp pixels — convert level-0 coordinates with to_gigapath_coords(coords, mpp)"
+        )
+    return cells[..., 0], cells[..., 1]
+
+
+def sincos_positions(
+    coords: torch.Tensor, dim: int, tile_size: int = 256, grid_size: int = 1000
+) -> torch.Tensor:
+    """Positional rows for `coords` [..., 2] (0.5-mpp px): [..., dim] fp32 on the coords' device."""
+    if dim % 4:
+        raise ValueError(f"embed_dim must be a multiple of 4 for 2-D sin-cos positions, got {dim}")
+    i, j = grid_cells(coords, tile_size, grid_size)
+    half = dim // 2
+    # Only the distinct rows/columns are evaluated; a slide rarely spans more than a few hundred of each.
+    i_values, i_index = torch.unique(i.cpu(), return_inverse=True)
+    j_values, j_index = torch.unique(j.cpu(), return_inverse=True)
+    i_rows = torch.from_numpy(_sincos_1d(i_values.numpy(), half)).float()
+    j_rows = torch.from_numpy(_sincos_1d(j_values.numpy(), half)).float()
+    rows = torch.cat([j_rows[j_index], i_rows[i_index]], dim=-1)
+    return rows.to(coords.device)
+
+
+def to_gigapath_coords(
+    coords_level0: np.ndarray, mpp: float, slide_id: str = "", tile_size: int = 256, grid_size: int = 1000
+) -> np.ndarray:
+    """Level-0 (x, y) pixels [N, 2] -> 0.5-mpp pixels [N, 2] float64, checked against the position grid.
+
+    Feeding level-0 pixels of a 0.25-mpp scan straight to the encoder doubles every position (a common
+    mistake, prov-gigapath #57/#65/#116), which is why the unit conversion lives next to the model.
+    """
+    name = f"slide {slide_id!r}: " if slide_id else ""
+    if not np.isfinite(mpp) or mpp <= 0:
+        raise ValueError(f"{name}mpp must be a positive number of µm per level-0 pixel, got {mpp!r}")
+    coords = np.asarray(coords_level0, dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise ValueError(f"{name}coords must have shape [N, 2], got {coords.shape}")
+    scaled = coords * (float(mpp) / GIGAPATH_MPP)
+    limit = grid_size * tile_size
+    outside = ~np.isfinite(scaled).all(1) | (scaled < 0).any(1) | (scaled >= limit).any(1)
+    if outside.any():
+        first = int(np.flatnonzero(outside)[0])
+        raise ValueError(
+            f"{name}{int(outside.sum())} tile(s) fall outside the slide encoder's {grid_size}×{grid_size} "
+            f"grid (0 <= x, y < {limit} px at {GIGAPATH_MPP} mpp), e.g. level-0 {coords[first].tolist()} "
+            f"at mpp {mpp}; check the file's mpp attribute (override with --mpp); the slide may also be "
+            "too large for the encoder"
+        )
+    return scaled
