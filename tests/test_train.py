@@ -202,3 +202,65 @@ def test_slides_missing_from_embeddings_are_listed(data: dict[str, Path], tmp_pa
     with pytest.raises(ValueError, match=r"1 slide id\(s\).*ghost-1.*--drop-missing"):
         train(config(data, tmp_path / "run", pairs=str(pairs)))
     assert cli_main(["train", "--pairs", str(pairs), "--out", str(tmp_path / "r")]) == 2  # no slide input given
+
+
+def write_tiny_features(root: Path, n_slides: int = 12, in_dim: int = 32) -> tuple[Path, Path]:
+    """Feature files for the "tiny" slide encoder preset: 5–20 tiles a slide, features tied to a class word."""
+    from vlm.features import TileFeatures, TileGrid, write_features
+
+    rng = np.random.default_rng(0)
+    prototypes = rng.normal(size=(len(DIAGNOSES), in_dim))
+    folder, rows = root / "features", []
+    for i in range(n_slides):
+        n = int(rng.integers(5, 20))
+        coords = np.stack([rng.integers(0, 20, n) * 512, rng.integers(0, 20, n) * 512], axis=1)  # 0.25 mpp scan
+        grid = TileGrid(coords=coords, mpp=0.25, tile_size=256, target_mpp=0.5, tile_size_level0=512)
+        feats = prototypes[i % len(DIAGNOSES)] + 0.1 * rng.normal(size=(n, in_dim))
+        write_features(folder / f"s{i}.h5", TileFeatures(grid, feats.astype(np.float32), encoder="synthetic"))
+        rows.append({"slide_id": f"s{i}", "report": f"the slide shows {DIAGNOSES[i % len(DIAGNOSES)]}"})
+    pd.DataFrame(rows).to_csv(root / "pairs_full.csv", index=False)
+    return root / "pairs_full.csv", folder
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_with_gradcache(data: dict[str, Path]) -> None:
+    pytest.importorskip("vlm.encoders.slide")
+    pairs, features = write_tiny_features(data["root"], n_slides=8)
+    out = data["root"] / "full"
+    train(config(data, out, pairs=str(pairs), slide_embeddings=None, features=str(features), slide_encoder="tiny",
+                 batch_size=3, chunk_size=2, epochs=1, val_fraction=0.25, max_tiles=8))  # fmt: skip
+    model = SlideTextModel.from_pretrained(out / "model")
+    assert model.slide_encoder is not None and model.config.slide_encoder == "tiny"
+    logged = records(out)
+    assert all(math.isfinite(r["train/loss"]) for r in logged if "train/loss" in r)
+    assert "val/report_to_slide/R@1" in logged[-1]
+
+
+@pytest.mark.slow
+def test_gradcache_through_slide_encoder(tmp_path: Path) -> None:
+    pytest.importorskip("vlm.encoders.slide")
+    from vlm.train.data import load_slide_features
+
+    pairs, features = write_tiny_features(tmp_path, n_slides=4)
+    model = build_tiny_model(tmp_path, slide_encoder="tiny", proj_dim=8).eval()
+    ids, texts = [f"s{i}" for i in range(4)], pd.read_csv(pairs)["report"].to_list()
+    loss_fn = create_loss("clip")
+
+    def encode_slides(rows: range) -> torch.Tensor:
+        return model.encode_slides(*load_slide_features(features, [ids[i] for i in rows]))
+
+    def gradients(chunk: int | None) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        contrastive_backward(
+            encode_slides,
+            lambda rows: model.encode_tokens(model.text.tokenize([texts[i] for i in rows])),
+            4,
+            lambda s, t: contrastive_loss(loss_fn, s, t, model.scale()),
+            chunk_size=chunk,
+        )
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, cached = gradients(None), gradients(2)
+    assert any(n.startswith("slide_encoder.") for n in full)
+    for name in full:
+        torch.testing.assert_close(cached[name], full[name], atol=1e-5, rtol=1e-4, msg=name)
