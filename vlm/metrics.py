@@ -1,11 +1,19 @@
-"""Evaluation metrics. Retrieval: Recall@K between paired queries and gallery items (DESIGN §8)."""
+"""Evaluation metrics (DESIGN §8). Retrieval: Recall@K between paired queries and gallery items.
+Classification: scikit-learn metrics with seeded percentile-bootstrap CIs (`bootstrap_ci` is shared).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 def recall_at_k(similarity: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
@@ -39,3 +47,266 @@ def retrieval_recalls(slide: Tensor, text: Tensor, ks: Sequence[int] = (1, 5, 10
             out[f"{name}/R@{k}"] = value
     out["mean_recall"] = float(torch.tensor(list(out.values())).mean())
     return out
+
+
+# --- Classification: scikit-learn metrics with percentile-bootstrap confidence intervals (DESIGN §8) ---
+
+
+def bootstrap_indices(
+    n: int, *, n_boot: int = 1000, seed: int = 0, strata: np.ndarray | None = None
+) -> Iterator[np.ndarray]:
+    """Yield `n_boot` resamples (with replacement) of the case indices `0..n-1`.
+
+    With `strata` (one label per case), a resample that misses any label present in `strata` is redrawn,
+    so that per-class metrics (AUROC, recall) stay defined in every replicate. Seeded: the same arguments
+    give the same resamples, so metrics computed in separate passes see identical replicates.
+    """
+    if n < 1:
+        raise ValueError(f"the bootstrap needs at least one case, got n={n}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    codes: np.ndarray | None = None
+    n_classes = 0
+    if strata is not None:
+        strata = np.asarray(strata)
+        if strata.shape != (n,):
+            raise ValueError(f"strata must hold one label per case (shape ({n},)), got shape {strata.shape}")
+        _, codes = np.unique(strata, return_inverse=True)
+        n_classes = int(codes.max()) + 1
+    rng = np.random.default_rng(seed)
+    max_draws = 100 * n_boot
+    draws = kept = 0
+    while kept < n_boot:
+        if draws >= max_draws:
+            raise ValueError(
+                f"bootstrap: {draws} draws gave only {kept} replicates holding every class; a class is too "
+                "rare for resampling (add cases of it, or drop the class)"
+            )
+        draws += 1
+        indices = rng.integers(0, n, size=n)
+        if codes is not None and np.bincount(codes[indices], minlength=n_classes).min() == 0:
+            continue  # a replicate that misses a class is redrawn
+        kept += 1
+        yield indices
+    if draws > kept:
+        log.debug("bootstrap: redrew %d of %d replicates that missed a class", draws - kept, draws)
+
+
+def percentile_interval(values: Sequence[float] | np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    """The (alpha/2, 1-alpha/2) percentiles of bootstrap replicates; non-finite replicates are left out."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    values = np.asarray(values, dtype=float)
+    finite = values[np.isfinite(values)]
+    if finite.size < values.size:
+        log.warning("bootstrap: %d of %d replicates gave an undefined value and were left out",
+                    values.size - finite.size, values.size)
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.percentile(finite, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)
+
+
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    strata: np.ndarray | None = None,
+    alpha: float = 0.05,
+) -> tuple[float, float]:
+    """95 % (by default) percentile-bootstrap confidence interval of a metric over `n` cases.
+
+    `statistic(indices)` computes the metric on the resampled case indices. `strata` (labels), when given,
+    makes replicates that miss a class get redrawn. Reproducible: the same `seed` gives the same interval.
+    """
+    resamples = bootstrap_indices(n, n_boot=n_boot, seed=seed, strata=strata)
+    return percentile_interval([float(statistic(indices)) for indices in resamples], alpha)
+
+
+def _sklearn_point(labels: np.ndarray, probabilities: np.ndarray, positive: int | None) -> dict[str, float]:
+    """Balanced accuracy, weighted F1, Cohen's κ, AUROC and AUPRC of the full sample, by scikit-learn.
+
+    AUROC/AUPRC: a binary task scores its positive class; otherwise the one-vs-rest macro average over the
+    classes that have cases (equal to scikit-learn's `multi_class="ovr"` macro when every class has cases).
+    """
+    from sklearn.metrics import (
+        average_precision_score,
+        balanced_accuracy_score,
+        cohen_kappa_score,
+        f1_score,
+        roc_auc_score,
+    )
+
+    predicted = probabilities.argmax(axis=1)
+    present = np.unique(labels)
+    if present.size < 2:  # one kind of case only: the ranking metrics and κ are undefined
+        return {
+            "balanced_accuracy": float(np.mean(predicted == labels)),
+            "weighted_f1": float(np.mean(predicted == labels)),
+            "cohen_kappa": float("nan"),
+            "auroc": float("nan"),
+            "auprc": float("nan"),
+        }
+    scored = [positive] if positive is not None else list(present)
+    return {
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+        "weighted_f1": float(f1_score(labels, predicted, average="weighted", zero_division=0)),
+        "cohen_kappa": float(cohen_kappa_score(labels, predicted)),
+        "auroc": float(np.mean([roc_auc_score(labels == c, probabilities[:, c]) for c in scored])),
+        "auprc": float(np.mean([average_precision_score(labels == c, probabilities[:, c]) for c in scored])),
+    }
+
+
+def _fast_point(
+    labels: np.ndarray, probabilities: np.ndarray, positive: int | None, n_classes: int
+) -> dict[str, float]:
+    """The same five metrics as `_sklearn_point`, in plain numpy for bootstrap replicates.
+
+    scikit-learn's per-call input checks cost ~5 ms, which made 1,000 replicates take most of a minute;
+    these closed forms are ~50x faster and tests hold them equal to scikit-learn (ties included).
+    """
+    predicted = probabilities.argmax(axis=1)
+    matrix = np.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes)
+    matrix = matrix.reshape(n_classes, n_classes).astype(np.float64)
+    support, predicted_count, hits = matrix.sum(axis=1), matrix.sum(axis=0), np.diag(matrix)
+    present = support > 0
+    n = float(labels.size)
+    denominator = support + predicted_count  # 2·tp + fp + fn
+    f1 = np.divide(2 * hits, denominator, out=np.zeros(n_classes), where=denominator > 0)
+    expected = float(support @ predicted_count) / n**2
+    observed = hits.sum() / n
+    if present.sum() < 2:
+        kappa = auroc = auprc = float("nan")
+    else:
+        kappa = (observed - expected) / (1 - expected) if expected < 1 else float("nan")
+        scored = [positive] if positive is not None else np.flatnonzero(present)
+        auroc = float(np.mean([_auroc(labels == c, probabilities[:, c]) for c in scored]))
+        auprc = float(np.mean([_average_precision(labels == c, probabilities[:, c]) for c in scored]))
+    return {
+        "balanced_accuracy": float(np.mean(hits[present] / support[present])),
+        "weighted_f1": float(f1 @ support / n),
+        "cohen_kappa": float(kappa),
+        "auroc": auroc,
+        "auprc": auprc,
+    }
+
+
+def _auroc(truth: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC as the Mann–Whitney statistic with mid-ranks (ties count one half), as scikit-learn's."""
+    from scipy.stats import rankdata
+
+    n_pos = int(truth.sum())
+    n_neg = truth.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_precision(truth: np.ndarray, score: np.ndarray) -> float:
+    """Σ (R_k − R_{k−1}) · P_k over distinct score thresholds, high to low (scikit-learn's definition)."""
+    n_pos = int(truth.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-score, kind="mergesort")
+    score, truth = score[order], truth[order]
+    last = np.r_[np.flatnonzero(np.diff(score)), truth.size - 1]  # last case of each distinct threshold
+    true_pos = np.cumsum(truth)[last]
+    precision = true_pos / (last + 1)
+    recall = true_pos / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def classification_metrics(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    positive: int | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Balanced accuracy, weighted F1, Cohen's κ, AUROC, AUPRC and the confusion matrix, with CIs; JSON-ready.
+
+    `labels` [N] are class indices into `class_names`; `probabilities` [N, C] are per-class scores whose
+    argmax is the prediction. `positive` (an index) makes AUROC/AUPRC binary on that class's score. Point
+    values come from scikit-learn; every metric and each cell of the row-normalised confusion matrix gets a
+    percentile CI from the same `n_boot` stratified replicates (see `bootstrap_indices`). Undefined
+    values (e.g. AUROC when only one class has cases) are None, never guessed.
+    """
+    from sklearn.metrics import confusion_matrix
+
+    labels = np.asarray(labels, dtype=np.int64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    n_classes = len(class_names)
+    if probabilities.ndim != 2 or probabilities.shape != (labels.shape[0], n_classes):
+        raise ValueError(
+            f"probabilities must be [N, C] = [{labels.shape[0]}, {n_classes}], got {probabilities.shape}"
+        )
+    if labels.size == 0:
+        raise ValueError("no labelled cases to evaluate: check that the labels file names the scored slides")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(
+            f"labels must be class indices in [0, {n_classes}), got {labels.min()}..{labels.max()}"
+        )
+    if positive is not None and not 0 <= positive < n_classes:
+        raise ValueError(f"positive must be a class index in [0, {n_classes}), got {positive}")
+
+    index = list(range(n_classes))
+    matrix = confusion_matrix(labels, probabilities.argmax(axis=1), labels=index)
+    point = _sklearn_point(labels, probabilities, positive)
+    replicates: dict[str, list[float]] = {name: [] for name in point}
+    cells: list[np.ndarray] = []
+    for indices in bootstrap_indices(labels.size, n_boot=n_boot, seed=seed, strata=labels):
+        for name, value in _fast_point(labels[indices], probabilities[indices], positive, n_classes).items():
+            replicates[name].append(value)
+        resampled = np.bincount(
+            labels[indices] * n_classes + probabilities[indices].argmax(axis=1), minlength=n_classes**2
+        )
+        cells.append(_row_normalised(resampled.reshape(n_classes, n_classes)))
+    metrics = {}
+    for name, value in point.items():
+        low, high = percentile_interval(replicates[name], alpha) if np.isfinite(value) else (np.nan, np.nan)
+        metrics[name] = {
+            "value": _json_float(value),
+            "ci_low": _json_float(low),
+            "ci_high": _json_float(high),
+        }
+    with warnings.catch_warnings():  # rows of classes without cases are NaN in every replicate
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanpercentile(np.stack(cells), [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    return {
+        "n": int(labels.size),
+        "support": {class_names[c]: int((labels == c).sum()) for c in index},
+        "classes_without_cases": [class_names[c] for c in index if not (labels == c).any()],
+        "positive": class_names[positive] if positive is not None else None,
+        "metrics": metrics,
+        "confusion_matrix": {
+            "classes": list(class_names),
+            "rows": "true class",
+            "columns": "predicted class",
+            "counts": matrix.tolist(),
+            "row_normalised": _nested(_row_normalised(matrix)),
+            "row_normalised_ci_low": _nested(low),
+            "row_normalised_ci_high": _nested(high),
+        },
+        "bootstrap": {"n_boot": n_boot, "seed": seed, "alpha": alpha, "method": "percentile, stratified"},
+    }
+
+
+def _row_normalised(matrix: np.ndarray) -> np.ndarray:
+    """Each row divided by its total (recall per true class); rows without cases stay NaN."""
+    totals = matrix.sum(axis=1, keepdims=True).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return matrix / totals
+
+
+def _json_float(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _nested(array: np.ndarray) -> list[list[float | None]]:
+    return [[_json_float(v) for v in row] for row in array]
