@@ -35,9 +35,8 @@ def write_synthetic(root: Path, test_rows: int = 0) -> tuple[Path, Path]:
     rows, slides = [], []
     for i, (a, b) in enumerate((a, b) for a in range(len(DIAGNOSES)) for b in range(len(GRADES))):
         split = "val" if i % 4 == 0 else "train"
-        rows.append(
-            {"slide_id": f"s{i}", "report": f"{GRADES[b]} grade {DIAGNOSES[a]}", "patient_id": f"p{i}", "split": split}
-        )
+        report = f"{GRADES[b]} grade {DIAGNOSES[a]}" + (" with necrosis" * 10 if i == 1 else "")  # truncated
+        rows.append({"slide_id": f"s{i}", "report": report, "patient_id": f"p{i}", "split": split})
         slides.append({"slide_id": f"s{i}", "embedding": diag[a] + grade[b] + 0.1 * rng.normal(size=DIM)})
     for j in range(test_rows):
         rows.append({"slide_id": f"t{j}", "report": "benign", "patient_id": f"t{j}", "split": "test"})
@@ -88,6 +87,8 @@ def test_cli_train_end_to_end_learns(data: dict[str, Path]) -> None:
     assert best["val/slide_to_report/R@1"] > 2 * chance or best["val/report_to_slide/R@1"] > 2 * chance
     assert set(pd.read_csv(out / "splits.csv")["split"]) == {"train", "val", "test"}
     assert json.loads((out / "train_config.json").read_text())["epochs"] == 12
+    assert logged[0] == {"step": 0, "pairs/train": 36, "pairs/val": 12, "pairs/test": 4, "truncated_reports": 1,
+                         "max_length": 16}  # fmt: skip
     model = SlideTextModel.from_pretrained(out / "model")  # `model/` is the best epoch's model
     slides = pd.read_parquet(data["embeddings"]).iloc[[0, 4, 8]]
     emb = model.encode_slide_embeddings(torch.tensor(np.stack(slides["embedding"].to_list()), dtype=torch.float32))
@@ -113,7 +114,7 @@ def test_resume_gives_the_same_next_losses(data: dict[str, Path], monkeypatch: p
     with pytest.raises(KeyboardInterrupt):
         train(config(data, crashed, checkpoint_every=4))
     monkeypatch.setattr(loop, "_train_step", original)
-    assert [r["step"] for r in records(crashed)] == [1, 2, 3, 3, 4, 5]
+    assert [r["step"] for r in records(crashed)] == [0, 1, 2, 3, 3, 4, 5]
     with pytest.raises(ValueError, match="--resume"):
         train(config(data, crashed, checkpoint_every=4))
     train(TrainConfig.load(crashed / loop.CONFIG_FILE), resume=True)

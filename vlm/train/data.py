@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,11 +229,12 @@ def feature_slide_ids(folder: str | os.PathLike[str]) -> set[str]:
 
 
 def load_slide_features(
-    folder: Path, slide_ids: list[str], max_tiles: int | None = None, generator: torch.Generator | None = None
+    folder: Path, slide_ids: list[str], max_tiles: int | None = None, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tile features [B, L, D], 0.5-mpp coords [B, L, 2] and padding mask [B, L] (True = pad) for a batch.
 
-    `max_tiles` subsamples larger slides at random (with `generator`), bounding memory per slide.
+    `max_tiles` subsamples larger slides at random, bounding memory per slide. The draw depends only on
+    `seed` and the slide id, so GradCache's second pass (and a resumed run) picks the same tiles.
     """
     from vlm.encoders.slide import to_gigapath_coords
     from vlm.features import read_features
@@ -243,6 +245,7 @@ def load_slide_features(
         f = torch.from_numpy(np.asarray(tiles.features, dtype=np.float32))
         c = torch.from_numpy(np.asarray(to_gigapath_coords(tiles.coords, tiles.mpp, slide_id), dtype=np.float32))
         if max_tiles is not None and len(f) > max_tiles:
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(slide_id.encode())) % 2**62)
             keep = torch.randperm(len(f), generator=generator)[:max_tiles].sort().values
             f, c = f[keep], c[keep]
         feats.append(f)

@@ -218,13 +218,13 @@ class _Inputs:
             )
         self.features = Path(config.features) if config.features is not None else None
 
-    def encode_slides(self, model: SlideTextModel, rows: Sequence[int], generator: torch.Generator | None) -> Tensor:
+    def encode_slides(self, model: SlideTextModel, rows: Sequence[int], seed: int = 0) -> Tensor:
         if self.embeddings is not None:
             return model.encode_slide_embeddings(self.embeddings[list(rows)])
         assert self.features is not None
         max_tiles = self.config.max_tiles if model.training else None
         feats, coords, mask = pairs_data.load_slide_features(
-            self.features, [self.pairs.slide_ids[i] for i in rows], max_tiles, generator
+            self.features, [self.pairs.slide_ids[i] for i in rows], max_tiles, seed
         )
         return model.encode_slides(feats.to(self.device), coords.to(self.device), mask.to(self.device))
 
@@ -308,10 +308,13 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
+        # slides of thousands of tiles are encoded a few at a time; cached embeddings and texts in larger batches
+        slide_batch = config.eval_batch_size if config.frozen else (config.chunk_size or 4)
+        slide_chunks = [rows[i : i + slide_batch] for i in range(0, len(rows), slide_batch)]
         chunks = [rows[i : i + config.eval_batch_size] for i in range(0, len(rows), config.eval_batch_size)]
         device = inputs.device
         with autocast(device, config.precision):
-            slides = torch.cat([inputs.encode_slides(model, c, None) for c in chunks])
+            slides = torch.cat([inputs.encode_slides(model, c) for c in slide_chunks])
             texts = torch.cat([inputs.encode_texts(model, c) for c in chunks])
         loss = contrastive_loss(loss_fn, slides, texts, model.scale(), model.logit_bias)
     finally:
@@ -393,6 +396,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
         config.save(out / CONFIG_FILE)
         _write_splits(out / "splits.csv", pairs)
     metrics = _MetricsLog(out / "metrics.jsonl", dist_.main, global_step if resume else None)
+    if not resume:
+        counts = {f"pairs/{split}": len(pairs.indices(split)) for split in pairs_data.SPLITS}
+        metrics.write({"step": 0, **counts, "truncated_reports": truncated, "max_length": config.max_length})
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info(
         "training %d pairs, %d steps/epoch × %d epochs, batch %d, %s trainable parameters on %s",
@@ -420,11 +426,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
         for step in range(step_in_epoch, steps_per_epoch):
             batch = [train_rows[i] for i in order[step * batch_size : (step + 1) * batch_size].tolist()]
             mine = batch[dist_.rank :: dist_.world_size]
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + global_step)
-            loss = _train_step(model, inputs, mine, loss_fn, optimizer, scaler, config, device, generator, dist_)
+            lr = scheduler.get_last_lr()[0]
+            tile_seed = config.seed * 1_000_003 + global_step
+            loss = _train_step(model, inputs, mine, loss_fn, optimizer, scaler, config, device, tile_seed, dist_)
             scheduler.step()
             global_step += 1
-            metrics.write({"step": global_step, "epoch": epoch, **loss, "lr": scheduler.get_last_lr()[0]})
+            metrics.write({"step": global_step, "epoch": epoch, **loss, "lr": lr})
             if config.checkpoint_every and global_step % config.checkpoint_every == 0 and step + 1 < steps_per_epoch:
                 checkpoint(epoch, step + 1)
         step_in_epoch = 0
@@ -459,7 +466,7 @@ def _train_step(
     scaler: torch.amp.GradScaler,
     config: TrainConfig,
     device: torch.device,
-    generator: torch.Generator,
+    tile_seed: int,
     dist_: _Distributed,
 ) -> dict[str, float]:
     """One optimizer step on this rank's rows of the batch (GradCache when `chunk_size` < rows)."""
@@ -467,7 +474,7 @@ def _train_step(
 
     def encode_slides(positions: Sequence[int]) -> Tensor:
         with autocast(device, config.precision):
-            return inputs.encode_slides(model, [rows[i] for i in positions], generator)
+            return inputs.encode_slides(model, [rows[i] for i in positions], tile_seed)
 
     def encode_texts(positions: Sequence[int]) -> Tensor:
         with autocast(device, config.precision):
