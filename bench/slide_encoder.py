@@ -1,0 +1,159 @@
+"""Benchmark the GigaPath slide encoder on CPU (fp32): time and peak RSS per case, in separate processes.
+
+Compares `vlm.encoders.longnet.dilated_attention` (fused attention that returns its log-sum-exp, strided
+gathers, running merge of branches) with a straightforward re-implementation written below: per branch,
+`scaled_dot_product_attention` for the output plus a separate `logsumexp(q·kᵀ)` for the branch weight,
+official-style `diag_embed` scatter and a stack of all branch outputs. Both run inside the same model
+(same linear layers), so the difference is the attention. Random weights; timings only, no assertions.
+
+    python bench/slide_encoder.py                      # 10k tiles ours vs baseline, 40k ours
+    python bench/slide_encoder.py --tiles 10000 40000 --baseline-tiles 10000 --threads 2
+
+Each case runs in a fresh subprocess so that peak RSS (ru_maxrss) is that case's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("bench.slide_encoder")
+
+
+def baseline_dilated_attention(q, k, v, segment_lengths, dilated_ratios):  # [n, H, D] -> [n, H, D]
+    """Per-branch SDPA + separately computed lse, combined like the official `scattering`."""
+    n, heads, dim = q.shape
+    outs, lses = [], []
+    for segment, ratio in zip(segment_lengths, dilated_ratios, strict=True):
+        s = min(segment, n)
+        n_seg = -(-n // s)
+        m = -(-s // ratio)
+        per_group = -(-heads // ratio)
+        padded_heads = per_group * ratio
+
+        def gather(x, s=s, n_seg=n_seg, m=m, ratio=ratio, per_group=per_group, padded_heads=padded_heads):
+            x = F.pad(x, (0, 0, 0, padded_heads - heads, 0, n_seg * s - n)).view(n_seg, s, padded_heads, dim)
+            x = F.pad(x, (0, 0, 0, 0, 0, m * ratio - s)).view(n_seg, m, ratio, ratio, per_group, dim)
+            x = torch.diagonal(x, dim1=2, dim2=3)  # [n_seg, m, per_group, D, r]
+            return x.permute(0, 4, 2, 1, 3).reshape(n_seg, padded_heads, m, dim)
+
+        qi, ki, vi = gather(q), gather(k), gather(v)
+        out = F.scaled_dot_product_attention(qi, ki, vi)  # [n_seg, Hp, m, D]
+        lse = torch.logsumexp((qi @ ki.transpose(-1, -2)) * dim**-0.5, dim=-1)  # [n_seg, Hp, m]
+        out = out.view(n_seg, ratio, per_group, m, dim).permute(0, 3, 2, 4, 1)  # [n_seg, m, hg, D, r]
+        out = torch.diag_embed(out, dim1=4, dim2=5)  # [n_seg, m, hg, D, r, r]
+        out = out.permute(0, 1, 4, 5, 2, 3).reshape(n_seg * m * ratio, padded_heads, dim)[:n, :heads]
+        lse = lse.view(n_seg, ratio, per_group, m).permute(0, 3, 2, 1)
+        lse = torch.diag_embed(lse, dim1=3, dim2=4).masked_fill_(
+            ~torch.eye(ratio, dtype=torch.bool), -1e8
+        )  # [n_seg, m, hg, r, r]
+        lse = lse.permute(0, 1, 3, 4, 2).reshape(n_seg * m * ratio, padded_heads)[:n, :heads]
+        outs.append(out)
+        lses.append(lse)
+    weights = torch.softmax(torch.stack(lses), dim=0)  # [branches, n, H]
+    return (torch.stack(outs) * weights.unsqueeze(-1)).sum(0)
+
+
+def run_case(impl: str, tiles: int, threads: int, out_path: Path) -> dict[str, float]:
+    """One forward pass of the full-size encoder on `tiles` random tiles; the child-process side."""
+    from vlm.encoders import longnet
+    from vlm.encoders.slide import create_slide_encoder
+
+    torch.set_num_threads(threads)
+    if impl == "baseline":
+        longnet.dilated_attention = baseline_dilated_attention
+    torch.manual_seed(0)
+    model = create_slide_encoder("gigapath")
+    generator = torch.Generator().manual_seed(tiles)
+    features = torch.randn(1, tiles, 1536, generator=generator)
+    cells = torch.randperm(1000 * 1000, generator=generator)[:tiles]
+    coords = (torch.stack([cells // 1000, cells % 1000], dim=1) * 256 + 128).double()[None]
+    with torch.inference_mode():
+        model(features[:, :300], coords[:, :300])  # warm-up
+        start = time.perf_counter()
+        embedding = model(features, coords)
+        seconds = time.perf_counter() - start
+    torch.save(embedding, out_path)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+    return {"seconds": seconds, "peak_rss_gb": peak_gb}
+
+
+def spawn(impl: str, tiles: int, threads: int, workdir: Path) -> dict[str, float]:
+    out_path = workdir / f"{impl}-{tiles}.pt"
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        impl,
+        str(tiles),
+        "--threads",
+        str(threads),
+        "--out",
+        str(out_path),
+    ]
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    log.info(
+        "%-8s %6d tiles: %7.1f s, peak RSS %.2f GB", impl, tiles, figures["seconds"], figures["peak_rss_gb"]
+    )
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tiles", type=int, nargs="+", default=[10_000, 40_000])
+    parser.add_argument("--baseline-tiles", type=int, nargs="*", default=[10_000])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", nargs=2, metavar=("IMPL", "TILES"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        figures = run_case(args.child[0], int(args.child[1]), args.threads, args.out)
+        print(json.dumps(figures))  # the parent reads this line
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.info(
+        "torch %s, %d threads, CPU fp32, full-size gigapath encoder, pool=mean",
+        torch.__version__,
+        args.threads,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        ours = {tiles: spawn("ours", tiles, args.threads, workdir) for tiles in args.tiles}
+        for tiles in args.baseline_tiles:
+            base = spawn("baseline", tiles, args.threads, workdir)
+            if tiles in ours:
+                diff = (
+                    torch.load(workdir / f"ours-{tiles}.pt") - torch.load(workdir / f"baseline-{tiles}.pt")
+                ).abs()
+                log.info(
+                    "%d tiles: time ours/baseline = %.2f, RSS ours/baseline = %.2f, max |diff| = %.1e",
+                    tiles,
+                    ours[tiles]["seconds"] / base["seconds"],
+                    ours[tiles]["peak_rss_gb"] / base["peak_rss_gb"],
+                    diff.max().item(),
+                )
+        if len(ours) > 1:
+            small, large = min(ours), max(ours)
+            log.info(
+                "peak RSS %d / %d tiles = %.2f",
+                large,
+                small,
+                ours[large]["peak_rss_gb"] / ours[small]["peak_rss_gb"],
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Subcommand `vlm embed-slides` (tile features -> one GigaPath slide embedding per slide, in a parquet)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def _embed_slides(args: argparse.Namespace) -> int:
+    from vlm.batch import Shard
+    from vlm.device import resolve_device
+    from vlm.encoders.slide import create_slide_encoder
+    from vlm.features import feature_files
+    from vlm.slide_embedding import embed_slides, shard_output
+
+    if args.checkpoint is None and args.slide_encoder != "gigapath":
+        raise ValueError(f"--slide-encoder {args.slide_encoder} has no published weights; pass --checkpoint")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    shard = Shard.parse(args.shard)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is None and shard.count > 1:
+        import os
+
+        import torch
+
+        device = torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", shard.index % torch.cuda.device_count()))
+        )
+    encoder = create_slide_encoder(args.slide_encoder, checkpoint=args.checkpoint, pretrained=True)
+    report = embed_slides(
+        feature_files(args.features), args.out, encoder, pool=args.pool, device=device,
+        batch_size=args.batch_size, shard=shard, progress=not args.no_progress, overwrite=args.overwrite,
+        mpp=args.mpp, precision=args.precision, checkpoint=args.checkpoint,
+    )  # fmt: skip
+    target = shard_output(args.out, shard)
+    print(f"{report.summary()} -> {target}")
+    if report.failed:
+        print(f"failures listed in {target.parent}/failures{shard.suffix}.csv")
+        return 1
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "embed-slides",
+        help="embed each slide's tile features with the GigaPath slide encoder into one parquet",
+        description="One row per slide: slide_id, embedding, n_tiles, encoder, pool. With --shard i/n (or "
+        "torchrun) and n > 1, shard i writes <out stem>.shard-i-of-n.parquet.",
+    )
+    parser.add_argument(
+        "features", help="folder of <slide_id>.h5 tile-feature files (from `vlm embed-tiles`)"
+    )
+    parser.add_argument("--out", required=True, help="output parquet, e.g. runs/slides.parquet")
+    parser.add_argument("--slide-encoder", default="gigapath", help="preset: 'gigapath' (default) or 'tiny'")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="local slide_encoder.pth (else prov-gigapath/prov-gigapath from the hub)",
+    )
+    parser.add_argument(
+        "--pool",
+        default="mean",
+        choices=["mean", "cls", "all-layers"],
+        help="mean over tiles (default), the CLS token (official default), or 13 layers' means",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1' …"
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="autocast on CUDA ('auto' = bf16 where supported); CPU runs fp32",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="slides per forward pass (default 1)")
+    parser.add_argument("--mpp", type=float, default=None, help="level-0 µm/px, overriding the files' value")
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="do part i of n of the slides (0-based 'i/n'); under torchrun RANK/WORLD_SIZE are used",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="recompute slides already in the output")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=_embed_slides)
