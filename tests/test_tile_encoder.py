@@ -62,6 +62,12 @@ def test_any_timm_model_by_name_uses_its_own_preprocessing() -> None:
         assert encoder(torch.randn(1, 3, 224, 224)).shape == (1, 512)
 
 
+def test_output_dim_is_the_pooled_output_width() -> None:
+    encoder = create_tile_encoder("timm:mobilenetv3_small_100", pretrained=False)  # has a pre-logits head
+    with torch.inference_mode():
+        assert encoder(torch.randn(1, 3, 224, 224)).shape == (1, encoder.output_dim)
+
+
 def test_unknown_names_list_close_matches() -> None:
     with pytest.raises(ValueError, match="Did you mean gigapath"):
         create_tile_encoder("gigpath")

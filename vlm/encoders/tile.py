@@ -62,7 +62,8 @@ class TileEncoder(nn.Module):
 
     @property
     def output_dim(self) -> int:
-        return int(self.model.num_features)
+        # timm models with a pre-logits stage (MobileNetV3, ConvNeXt heads) output head_hidden_size, not num_features
+        return int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, D]
         return self.model(images)
