@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +266,27 @@ def test_gradcache_through_slide_encoder(tmp_path: Path) -> None:
     assert any(n.startswith("slide_encoder.") for n in full)
     for name in full:
         torch.testing.assert_close(cached[name], full[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(data: dict[str, Path], tmp_path: Path) -> None:
+    """DDP on CPU (gloo): 2 ranks × 6 pairs with features gathered across ranks = 1 process × 12 pairs."""
+    import subprocess
+    import sys
+
+    text = build_tiny_text_encoder(tmp_path / "text", dropout=0.0)  # no dropout: ranks draw different masks
+    train(config(data, tmp_path / "single", text_encoder=str(text), epochs=1))
+    argv = ["--pairs", str(data["pairs"]), "--slide-embeddings", str(data["embeddings"]),
+            "--out", str(tmp_path / "ddp"), "--text-encoder", str(text), "--max-length", "16",
+            "--proj-dim", "16", "--epochs", "1", "--batch-size", "12", "--lr", "2e-3"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "vlm", "train", *argv]  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, ddp = records(tmp_path / "single"), records(tmp_path / "ddp")
+    losses = [(a["train/loss"], b["train/loss"]) for a, b in zip(single, ddp, strict=True) if "train/loss" in a]
+    assert len(losses) == 3
+    for one, two in losses:
+        assert two == pytest.approx(one, abs=1e-5)

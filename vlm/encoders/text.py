@@ -159,6 +159,7 @@ def build_tiny_text_encoder(
     hidden_size: int = 32,
     num_layers: int = 2,
     num_heads: int = 2,
+    dropout: float = 0.1,
     seed: int = 0,
 ) -> Path:
     """Write a tiny random BERT and a local WordPiece tokenizer to `folder`; return the folder.
@@ -191,6 +192,8 @@ def build_tiny_text_encoder(
         num_attention_heads=num_heads,
         intermediate_size=hidden_size * 2,
         max_position_embeddings=512,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
