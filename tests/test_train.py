@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vlm.cli import main as cli_main
-from vlm.encoders.text import build_tiny_text_encoder
+from vlm.encoders.text import build_tiny_text_encoder, load_text_encoder
 from vlm.model import SlideTextModel, build_tiny_model
 from vlm.model.loss import contrastive_loss, create_loss
 from vlm.train import loop
@@ -290,3 +290,12 @@ def test_torchrun_two_processes_match_one_process(data: dict[str, Path], tmp_pat
     assert len(losses) == 3
     for one, two in losses:
         assert two == pytest.approx(one, abs=1e-5)
+
+
+def test_unfreeze_text_last_trains_only_those_layers(data: dict[str, Path]) -> None:
+    out = data["root"] / "partly-frozen"
+    train(config(data, out, epochs=1, unfreeze_text_last=1))
+    trained = dict(SlideTextModel.from_pretrained(out / "last").text.model.named_parameters())
+    initial = dict(load_text_encoder(data["text"]).model.named_parameters())
+    changed = {n for n, p in trained.items() if not torch.equal(p, initial[n])}
+    assert changed and all(".layer.1." in n for n in changed)

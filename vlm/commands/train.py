@@ -79,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--device", default="auto")
     opt.add_argument("--precision", default="auto", help="auto, fp32, fp16 or bf16")
+    opt.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
 
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         config = TrainConfig.load(Path(args.resume) / CONFIG_FILE)
         if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
             raise ValueError(f"--out {args.out} differs from --resume {args.resume}; a resumed run stays in its folder")
+        config = dataclasses.replace(config, out=str(args.resume))  # the folder may have moved since
         if args.epochs is not None:
             config = dataclasses.replace(config, epochs=args.epochs)
         log.info(
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             args.resume,
             CONFIG_FILE,
         )
-        model_dir = train(config, resume=True)
+        model_dir = train(config, resume=True, progress=not args.no_progress)
     else:
         missing = [flag for flag, value in (("--pairs", args.pairs), ("--out", args.out)) if not value]
         if missing or not (args.slide_embeddings or args.features):
@@ -117,6 +119,6 @@ def run(args: argparse.Namespace) -> int:
             val_fraction=args.val_fraction, test_fraction=args.test_fraction, drop_missing=args.drop_missing,
             checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device, precision=args.precision,
         )  # fmt: skip
-        model_dir = train(config)
+        model_dir = train(config, progress=not args.no_progress)
     print(f"model -> {model_dir}")
     return 0

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.text import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER
@@ -182,8 +183,8 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        done = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -423,7 +424,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
     while epoch < config.epochs:
         order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
         model.train()
-        for step in range(step_in_epoch, steps_per_epoch):
+        steps = range(step_in_epoch, steps_per_epoch)
+        for step in tqdm(steps, desc=f"epoch {epoch}", unit="step", disable=not (progress and dist_.main)):
             batch = [train_rows[i] for i in order[step * batch_size : (step + 1) * batch_size].tolist()]
             mine = batch[dist_.rank :: dist_.world_size]
             lr = scheduler.get_last_lr()[0]
