@@ -115,3 +115,19 @@ def test_recall_at_k() -> None:
     unit = torch.eye(4)
     recalls = retrieval_recalls(unit, unit, ks=(1,))
     assert recalls == {"report_to_slide/R@1": 1.0, "slide_to_report/R@1": 1.0, "mean_recall": 1.0}
+
+
+def test_model_with_slide_encoder_round_trip(tmp_path: Path) -> None:
+    pytest.importorskip("vlm.encoders.slide")
+    model = build_tiny_model(tmp_path, slide_encoder="tiny", proj_dim=16).eval()
+    features, coords = torch.randn(2, 9, 32), torch.randint(0, 4000, (2, 9, 2)).float()
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[1, 6:] = True
+    loaded = SlideTextModel.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    assert (
+        loaded.config.slide_encoder == "tiny"
+        and loaded.config.slide_encoder_config == model.config.slide_encoder_config
+    )
+    expected = model.encode_slides(features, coords, mask)
+    assert expected.shape == (2, 16)
+    torch.testing.assert_close(loaded.encode_slides(features, coords, mask), expected, rtol=0, atol=0)
