@@ -102,7 +102,7 @@ def test_metrics_without_a_class_are_reported_not_invented() -> None:
 
 @pytest.mark.parametrize("n_classes", [2, 4])
 def test_fast_replicate_metrics_equal_sklearn_with_ties(n_classes: int) -> None:
-    from vlm.metrics import _fast_point, _sklearn_point
+    from vlm.metrics import _fast_point, classification_point_metrics
 
     rng = np.random.default_rng(n_classes)
     for trial in range(20):
@@ -113,5 +113,5 @@ def test_fast_replicate_metrics_equal_sklearn_with_ties(n_classes: int) -> None:
         probs /= probs.sum(axis=1, keepdims=True)
         positive = 1 if trial % 2 else None
         fast = _fast_point(labels, probs, positive, n_classes)
-        reference = _sklearn_point(labels, probs, positive)
+        reference = classification_point_metrics(labels, probs, positive)
         assert fast == pytest.approx(reference, nan_ok=True), trial

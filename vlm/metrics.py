@@ -125,7 +125,7 @@ def bootstrap_ci(
     return percentile_interval([float(statistic(indices)) for indices in resamples], alpha)
 
 
-def _sklearn_point(labels: np.ndarray, probabilities: np.ndarray, positive: int | None) -> dict[str, float]:
+def classification_point_metrics(labels: np.ndarray, probabilities: np.ndarray, positive: int | None) -> dict[str, float]:
     """Balanced accuracy, weighted F1, Cohen's κ, AUROC and AUPRC of the full sample, by scikit-learn.
 
     AUROC/AUPRC: a binary task scores its positive class; otherwise the one-vs-rest macro average over the
@@ -162,7 +162,7 @@ def _sklearn_point(labels: np.ndarray, probabilities: np.ndarray, positive: int 
 def _fast_point(
     labels: np.ndarray, probabilities: np.ndarray, positive: int | None, n_classes: int
 ) -> dict[str, float]:
-    """The same five metrics as `_sklearn_point`, in plain numpy for bootstrap replicates.
+    """The same five metrics as `classification_point_metrics`, in plain numpy for bootstrap replicates.
 
     scikit-learn's per-call input checks cost ~5 ms, which made 1,000 replicates take most of a minute;
     these closed forms are ~50x faster and tests hold them equal to scikit-learn (ties included).
@@ -257,7 +257,7 @@ def classification_metrics(
 
     index = list(range(n_classes))
     matrix = confusion_matrix(labels, probabilities.argmax(axis=1), labels=index)
-    point = _sklearn_point(labels, probabilities, positive)
+    point = classification_point_metrics(labels, probabilities, positive)
     replicates: dict[str, list[float]] = {name: [] for name in point}
     cells: list[np.ndarray] = []
     for indices in bootstrap_indices(labels.size, n_boot=n_boot, seed=seed, strata=labels):
@@ -310,3 +310,61 @@ def _json_float(value: float) -> float | None:
 
 def _nested(array: np.ndarray) -> list[list[float | None]]:
     return [[_json_float(v) for v in row] for row in array]
+
+
+# --- Retrieval by relevance and by label: report <-> slide ranks, slide -> slide Acc@K / MVAcc@K / mAP@K ---
+
+
+def first_relevant_rank(similarity: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """[Q] 0-based rank of each query's best-scoring relevant item among the gallery.
+
+    `similarity` and `relevant` are [Q, G]; rank = number of non-relevant items scoring at least as high as
+    that item, so ties count against the query (as in `recall_at_k`) and Recall@K = mean(rank < K). Used
+    when a query may have several relevant items (a slide with two reports).
+    """
+    similarity, relevant = np.asarray(similarity, dtype=np.float64), np.asarray(relevant, dtype=bool)
+    if similarity.ndim != 2 or similarity.shape != relevant.shape:
+        raise ValueError(f"similarity and relevant must be [Q, G] of one shape, got {similarity.shape}, {relevant.shape}")
+    lonely = np.flatnonzero(~relevant.any(axis=1))
+    if lonely.size:
+        raise ValueError(f"queries {lonely[:10].tolist()} have no relevant item in the gallery; drop them")
+    best = np.where(relevant, similarity, -np.inf).max(axis=1, keepdims=True)  # [Q, 1]
+    return ((similarity >= best) & ~relevant).sum(axis=1)
+
+
+def label_retrieval(
+    neighbour_labels: np.ndarray, query_labels: np.ndarray, n_relevant: np.ndarray, k: int
+) -> dict[str, np.ndarray]:
+    """Per-query slide → slide retrieval scores at `k` from each query's ranked neighbours' labels.
+
+    `neighbour_labels` [Q, >=k] are the labels of the nearest items, best first (the query itself already
+    left out); `n_relevant` [Q] counts the gallery items sharing the query's label. Returns [Q] arrays:
+    - `Acc@k`: 1 if any of the top k shares the label;
+    - `MVAcc@k`: 1 if the majority label of the top k is the query's (a tie goes to the tied label met
+      first in rank order);
+    - `mAP@k`: average precision at k, sum over hits of precision-at-rank / min(k, n_relevant) (0 when the
+      gallery holds no other item of that label).
+    Means over queries give the metrics; per-query values let `bootstrap_ci` resample queries.
+    """
+    top = np.asarray(neighbour_labels)[:, :k]
+    query_labels = np.asarray(query_labels)
+    if top.shape[1] < k:
+        raise ValueError(f"need at least k={k} neighbours per query, got {top.shape[1]}")
+    hits = top == query_labels[:, None]  # [Q, k]
+    majority = np.array([_majority(row) for row in top])
+    precision = np.cumsum(hits, axis=1) / np.arange(1, k + 1)
+    denominator = np.minimum(k, np.asarray(n_relevant))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.where(denominator > 0, (precision * hits).sum(axis=1) / denominator, 0.0)
+    return {
+        f"Acc@{k}": hits.any(axis=1).astype(float),
+        f"MVAcc@{k}": (majority == query_labels).astype(float),
+        f"mAP@{k}": ap,
+    }
+
+
+def _majority(labels: np.ndarray) -> object:
+    """Most frequent label; among equally frequent ones, the one ranked first."""
+    values, first, counts = np.unique(labels, return_index=True, return_counts=True)
+    tied = np.flatnonzero(counts == counts.max())
+    return values[tied[np.argmin(first[tied])]]

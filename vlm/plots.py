@@ -1,0 +1,85 @@
+"""Evaluation figures: ROC curves and confusion matrices, rendered to PNG bytes.
+
+Figures are built on matplotlib's object API with the Agg canvas (no pyplot, no global state, no
+display needed), and returned as bytes so that callers write them atomically with the rest of a run.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _png(figure: Figure) -> bytes:
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def roc_png(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    positive: int | None = None,
+    title: str = "",
+) -> bytes:
+    """ROC curve(s) as PNG: the positive class's score for a binary task, else one-vs-rest per class.
+
+    Classes without both positive and negative cases are left out (their ROC is undefined) and named in
+    the legend title, so a missing curve is never a silent omission.
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    figure = Figure(figsize=(4.8, 4.5))
+    axes = figure.add_subplot()
+    axes.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
+    scored = [positive] if positive is not None else range(len(class_names))
+    skipped = []
+    for index in scored:
+        truth = labels == index
+        if truth.all() or not truth.any():
+            skipped.append(class_names[index])
+            continue
+        fpr, tpr, _ = roc_curve(truth, probabilities[:, index])
+        auc = roc_auc_score(truth, probabilities[:, index])
+        axes.plot(fpr, tpr, linewidth=1.5, label=f"{class_names[index]} (AUC {auc:.3f})")
+    axes.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+    axes.set_title(title or ("ROC" if positive is not None else "ROC, one-vs-rest"), fontsize=10)
+    legend_title = f"undefined: {', '.join(skipped)}" if skipped else None
+    axes.legend(loc="lower right", fontsize=8, title=legend_title, title_fontsize=7)
+    return _png(figure)
+
+
+def confusion_png(counts: np.ndarray, class_names: Sequence[str], title: str = "") -> bytes:
+    """Confusion matrix as PNG: colour = row-normalised recall, text = count and row percentage."""
+    counts = np.asarray(counts)
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    size = 1.2 + 0.7 * len(class_names)
+    figure = Figure(figsize=(size + 1.2, size))
+    axes = figure.add_subplot()
+    image = axes.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of true class")
+    ticks = range(len(class_names))
+    axes.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axes.set_yticks(ticks, class_names)
+    axes.set(xlabel="predicted", ylabel="true")
+    axes.set_title(title or "confusion matrix", fontsize=10)
+    for row in ticks:
+        for col in ticks:
+            colour = "white" if share[row, col] > 0.5 else "black"
+            axes.text(
+                col,
+                row,
+                f"{counts[row, col]}\n{share[row, col]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color=colour,
+            )
+    return _png(figure)

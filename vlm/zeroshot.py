@@ -1,0 +1,485 @@
+"""Zero-shot classification: prompt files -> class prototypes -> slide probabilities (DESIGN §7).
+
+Prototype (CONCH/TITAN ensembling): embed every synonym × template, L2-normalise each, average, and
+renormalise. Scoring (`zero_shot_probabilities`, the one scoring function): project + L2-normalise the
+unprojected slide embeddings, cosine with each prototype, softmax with the model's logit scale.
+
+Prompt embeddings are cached on disk, keyed by a fingerprint of the model's text side (weights, tokenizer,
+config) and the exact expanded prompts, so re-running a task does no text encoding at all, and editing a
+prompt or retraining the model misses the cache. `run_zeroshot` is the whole `vlm zeroshot` job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlm.io import atomic_path
+from vlm.model.clip import SlideTextModel
+from vlm.prompts import DEFAULT_TEMPLATES, PromptTask, load_prompt_task, task_from_classes
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """`$VLM_CACHE/prompts` when VLM_CACHE is set, else `~/.cache/vlm/prompts`."""
+    root = os.environ.get("VLM_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "vlm") / "prompts"
+
+
+def text_fingerprint(model: SlideTextModel) -> str:
+    """A hash of everything that decides a text embedding: text weights, text projection, tokenizer, config.
+
+    Hashing the tensors (not a file) works for models built in a notebook as well as loaded ones, and a
+    model whose slide side changed but whose text side did not keeps its cached prompts.
+    """
+    digest = hashlib.sha256()
+    digest.update(f"vlm-prompt-cache-{CACHE_VERSION}\n{model.config.digest()}\n".encode())
+    digest.update(json.dumps(sorted(model.tokenizer.get_vocab().items())).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(("text.", "text_proj.")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def embed_prompts(
+    model: SlideTextModel,
+    prompts: Sequence[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    batch_size: int = 64,
+) -> Tensor:
+    """[N, proj_dim] L2-normalised embeddings of `prompts`, read from the cache when possible.
+
+    The cache file is named by sha256(model text fingerprint + prompts) and written atomically, so two
+    jobs sharing a cache folder never read a half-written file.
+    """
+    from safetensors.torch import load_file, save_file
+
+    prompts = list(prompts)
+    path: Path | None = None
+    if use_cache:
+        key = hashlib.sha256(json.dumps([text_fingerprint(model), prompts]).encode()).hexdigest()
+        path = Path(cache_dir or default_cache_dir()) / f"{key}.safetensors"
+        if path.is_file():
+            embeddings = load_file(str(path))["embeddings"]
+            if embeddings.shape == (len(prompts), model.config.proj_dim):
+                log.info("prompt embeddings: cache hit %s (%d prompts, no text encoding)", path, len(prompts))
+                return embeddings.float()
+            log.warning("prompt cache %s has shape %s; re-encoding", path, tuple(embeddings.shape))
+    log.info("encoding %d prompts", len(prompts))
+    embeddings = model.encode_text(prompts, batch_size=batch_size, device="cpu").float()
+    if path is not None:
+        with atomic_path(path) as tmp:
+            save_file(
+                {"embeddings": embeddings.contiguous()}, str(tmp), metadata={"n_prompts": str(len(prompts))}
+            )
+        log.info("prompt embeddings cached in %s", path)
+    return embeddings
+
+
+def ensemble(embeddings: Tensor) -> Tensor:
+    """One class prototype from its prompts' embeddings [P, D]: normalise each, mean, renormalise -> [D]."""
+    if embeddings.ndim != 2 or embeddings.shape[0] == 0:
+        raise ValueError(
+            f"a class prototype needs at least one prompt embedding [P, D], got {tuple(embeddings.shape)}"
+        )
+    return F.normalize(F.normalize(embeddings.float(), dim=-1).mean(dim=0), dim=-1)
+
+
+def zero_shot_probabilities(model: SlideTextModel, slide_embeddings: Tensor, prototypes: Tensor) -> Tensor:
+    """Unprojected slide embeddings [N, E] + class prototypes [C, D] -> class probabilities [N, C].
+
+    softmax(scale · cos(project(slide), prototype)) with the model's (clamped) learned logit scale; argmax,
+    and so accuracy, does not depend on the scale, but probabilities and calibration do.
+    """
+    with torch.no_grad():
+        slides = model.encode_slide_embeddings(torch.as_tensor(slide_embeddings, dtype=torch.float32))
+        logits = model.scale().float() * slides @ prototypes.to(slides.device, torch.float32).T  # [N, C]
+        return logits.softmax(dim=-1).cpu()
+
+
+class ZeroShotClassifier:
+    """Class prototypes of a prompt task for one model; `predict` gives probabilities per slide.
+
+    Build with `from_prompt_file(model, "prompts/nsclc_subtyping.yaml")` or
+    `from_classes(model, {"LUAD": ["lung adenocarcinoma"], "LUSC": [...]})`. A file with several prompt
+    sets (MI-Zero) also gets one prototype matrix per set (`predict_per_set`).
+    """
+
+    def __init__(
+        self,
+        model: SlideTextModel,
+        task: PromptTask,
+        cache_dir: str | os.PathLike[str] | None = None,
+        use_cache: bool = True,
+    ) -> None:
+        self.model = model.eval()
+        self.task = task
+        flat: list[tuple[int, str, str]] = [
+            (set_index, code, prompt)
+            for set_index, prompt_set in enumerate(task.prompt_sets)
+            for code, prompts in prompt_set.expand().items()
+            for prompt in prompts
+        ]
+        embeddings = embed_prompts(model, [p for _, _, p in flat], cache_dir=cache_dir, use_cache=use_cache)
+        set_ids = np.array([s for s, _, _ in flat])
+        codes = np.array([c for _, c, _ in flat])
+        self.prototypes = torch.stack(
+            [ensemble(embeddings[codes == code]) for code in task.classes]
+        )  # [C, D]
+        self.set_prototypes = (
+            [
+                torch.stack([ensemble(embeddings[(set_ids == s) & (codes == code)]) for code in task.classes])
+                for s in range(len(task.prompt_sets))
+            ]
+            if len(task.prompt_sets) > 1
+            else []
+        )
+
+    @classmethod
+    def from_prompt_file(
+        cls, model: SlideTextModel, path: str | os.PathLike[str], **cache: Any
+    ) -> ZeroShotClassifier:
+        return cls(model, load_prompt_task(path), **cache)
+
+    @classmethod
+    def from_classes(
+        cls,
+        model: SlideTextModel,
+        classes: Mapping[str, Sequence[str]] | Sequence[str],
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        positive: str | None = None,
+        **cache: Any,
+    ) -> ZeroShotClassifier:
+        return cls(model, task_from_classes(classes, templates=templates, positive=positive), **cache)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.task.classes
+
+    def prompts_used(self) -> dict[str, Any]:
+        """The exact prompts behind each prototype (written to prompts_used.json beside predictions)."""
+        out: dict[str, Any] = {
+            "task": self.task.name,
+            "source": self.task.source,
+            "format": self.task.format,
+            "classes": list(self.task.classes),
+            "positive": self.task.positive,
+            "prompts": self.task.expand(),
+        }
+        if len(self.task.prompt_sets) > 1:
+            out["prompt_sets"] = [prompt_set.expand() for prompt_set in self.task.prompt_sets]
+        return out
+
+    def predict(self, slide_embeddings: Tensor | np.ndarray) -> np.ndarray:
+        """Unprojected slide embeddings [N, E] -> probabilities [N, C] (columns in `classes` order)."""
+        return zero_shot_probabilities(self.model, torch.as_tensor(slide_embeddings), self.prototypes).numpy()
+
+    def predict_per_set(self, slide_embeddings: Tensor | np.ndarray) -> list[np.ndarray]:
+        """Probabilities [N, C] from each prompt set on its own (MI-Zero); empty for a single-set task."""
+        x = torch.as_tensor(slide_embeddings)
+        return [zero_shot_probabilities(self.model, x, p).numpy() for p in self.set_prototypes]
+
+
+# --- the `vlm zeroshot` job ---------------------------------------------------------------------------
+
+LABEL_OUTPUTS = ("metrics.json", "roc.png", "confusion.png")
+
+
+def read_slides(
+    slides: str | os.PathLike[str],
+    model: SlideTextModel,
+    out: Path,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[list[str], np.ndarray]:
+    """Slide ids and unprojected embeddings [N, E] from a `vlm embed-slides` parquet or a features folder.
+
+    A features folder is embedded with the model's own slide encoder into `out/slide_embeddings.parquet`
+    (resumable); a model trained on cached embeddings has none, and the error says what to run instead.
+    """
+    from vlm.slide_embedding import read_slide_embeddings
+
+    path = Path(slides)
+    if path.is_dir():
+        from vlm.features import feature_files
+        from vlm.slide_embedding import embed_slides
+
+        if model.slide_encoder is None:
+            raise ValueError(
+                f"--slides {path} is a folder of tile features, but this model has no slide encoder (it "
+                "was trained on cached slide embeddings). Embed the slides with the slide encoder the model "
+                f"was trained on, `vlm embed-slides {path} --out slides.parquet`, then pass "
+                "--slides slides.parquet"
+            )
+        target = out / "slide_embeddings.parquet"
+        log.info("embedding %s with the model's slide encoder into %s", path, target)
+        report = embed_slides(
+            feature_files(path),
+            target,
+            model.slide_encoder,
+            pool=model.config.pool,
+            device=device,
+            progress=progress,
+        )
+        if report.failed:
+            log.error("%d slides failed to embed (listed in %s) and are not scored", len(report.failed), out)
+        path = target
+    frame = read_slide_embeddings(path)
+    missing = {"slide_id", "embedding"} - set(frame.columns)
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {sorted(missing)}; expected the output of `vlm embed-slides`"
+        )
+    ids = [str(i) for i in frame["slide_id"]]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"{path}: slide ids occur more than once: {duplicates[:5]}; de-duplicate the file")
+    widths = {len(e) for e in frame["embedding"]}
+    if len(widths) != 1:
+        raise ValueError(
+            f"{path}: embeddings have different widths {sorted(widths)}; re-run vlm embed-slides"
+        )
+    return ids, np.stack(frame["embedding"]).astype(np.float32)
+
+
+def read_labels(
+    path: str | os.PathLike[str], task: PromptTask, column: str | None = None
+) -> tuple[pd.Series, str]:
+    """slide_id -> raw label (str) from a CSV, using `column`, else the task's label column, else `label`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: labels file not found (a CSV with columns slide_id,label)")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "slide_id" not in frame.columns:
+        raise ValueError(f"{path}: no 'slide_id' column (columns: {list(frame.columns)})")
+    if column is None:
+        column = task.label_column if task.label_column in frame.columns else "label"
+    if column not in frame.columns:
+        raise ValueError(
+            f"{path}: no label column {column!r} (columns: {list(frame.columns)}); pass --label-column"
+        )
+    duplicated = frame["slide_id"][frame["slide_id"].duplicated()].unique().tolist()
+    if duplicated:
+        raise ValueError(f"{path}: slide ids listed more than once: {duplicated[:5]}")
+    return frame.set_index("slide_id")[column].str.strip(), column
+
+
+def match_labels(
+    slide_ids: Sequence[str], raw: pd.Series, task: PromptTask, allow_missing_slides: bool = False
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Class index per slide (-1 when not evaluable) and a report of every slide or label left out.
+
+    Slides without a label, labels that map to no class, and labelled slides that were not scored are all
+    listed (and logged), never dropped silently. Labelled slides missing from the scored set are an error
+    unless `allow_missing_slides`, since they usually mean the wrong embeddings file.
+    """
+    scored = set(slide_ids)
+    not_scored = sorted(set(raw.index) - scored)
+    if not_scored and not allow_missing_slides:
+        raise ValueError(
+            f"{len(not_scored)} slide id(s) in the labels file are not among the scored slides "
+            f"(e.g. {not_scored[:5]}); check --slides, or pass --allow-missing-slides to evaluate the rest"
+        )
+    targets = np.full(len(slide_ids), -1, dtype=np.int64)
+    unlabelled, unknown = [], {}
+    for row, slide_id in enumerate(slide_ids):
+        value = raw.get(slide_id)
+        if value is None or value == "":
+            unlabelled.append(slide_id)
+            continue
+        code = task.label_to_class(value)
+        if code is None:
+            unknown[slide_id] = value
+            continue
+        targets[row] = task.classes.index(code)
+    for what, items in (
+        ("have no label", unlabelled),
+        ("have a label that is no class", list(unknown)),
+        ("in the labels file were not scored", not_scored),
+    ):
+        if items:
+            log.warning(
+                "%d slide(s) %s and are left out of the metrics (e.g. %s)", len(items), what, items[:5]
+            )
+    if unknown:
+        log.warning(
+            "unknown label values: %s; classes are %s (map others under labels.map in the task file)",
+            sorted(set(unknown.values()))[:10],
+            list(task.classes),
+        )
+    report = {
+        "n_scored": len(slide_ids),
+        "n_evaluated": int((targets >= 0).sum()),
+        "unlabelled_slides": unlabelled,
+        "unknown_labels": unknown,
+        "labels_without_slides": not_scored,
+    }
+    return targets, report
+
+
+def _prompt_set_summary(
+    per_set: Sequence[np.ndarray], targets: np.ndarray, task: PromptTask
+) -> dict[str, Any]:
+    """MI-Zero style: each prompt set's point metrics, and their median, quartiles and range."""
+    from vlm.metrics import classification_point_metrics
+
+    mask = targets >= 0
+    rows = [classification_point_metrics(targets[mask], p[mask], task.positive_index) for p in per_set]
+    summary = {}
+    for name in rows[0]:
+        values = np.array([row[name] for row in rows], dtype=float)
+        values = values[np.isfinite(values)]
+        if values.size:
+            q25, median, q75 = np.percentile(values, [25, 50, 75])
+            summary[name] = {
+                "median": median,
+                "q25": q25,
+                "q75": q75,
+                "min": values.min(),
+                "max": values.max(),
+            }
+    summary = {k: {s: float(v) for s, v in d.items()} for k, d in summary.items()}
+    return {"n_sets": len(rows), "summary": summary, "per_set": rows}
+
+
+def run_zeroshot(
+    model: str | os.PathLike[str] | SlideTextModel,
+    slides: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    task: str | os.PathLike[str] | PromptTask | None = None,
+    classes: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+    positive: str | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    label_column: str | None = None,
+    allow_missing_slides: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    n_boot: int = 1000,
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The `vlm zeroshot` job: score slides against a prompt task and write the run folder `out`.
+
+    Writes predictions.csv (slide_id, one probability column per class, predicted[, label]),
+    prompts_used.json, run.json and, with `labels`, metrics.json, roc.png and confusion.png. Every input
+    is checked and every result computed before the first file is written (each atomically), so a bad
+    input leaves no partial output. Returns the metrics (or the run settings when there are no labels).
+    """
+    from vlm import __version__
+    from vlm.device import resolve_device
+    from vlm.metrics import classification_metrics
+    from vlm.plots import confusion_png, roc_png
+
+    if (task is None) == (classes is None):
+        raise ValueError("give exactly one of --task (a prompt file) or --classes (CODE=synonym ...)")
+    if n_boot < 1:
+        raise ValueError(f"--n-boot must be >= 1, got {n_boot}")
+    if isinstance(task, PromptTask):
+        prompt_task = task
+    elif task is not None:
+        prompt_task = load_prompt_task(task)
+    else:
+        prompt_task = task_from_classes(classes, positive=positive)
+    if positive is not None and task is not None:
+        raise ValueError("--positive goes with --classes; a task file names its positive class itself")
+    out = Path(out)
+    resolved = resolve_device(device)
+    if not isinstance(model, SlideTextModel):
+        model_source = str(model)
+        model = SlideTextModel.from_pretrained(model, device=resolved)
+    else:
+        model_source = "<in memory>"
+    raw_labels = read_labels(labels, prompt_task, label_column) if labels is not None else None
+
+    slide_ids, embeddings = read_slides(slides, model, out, resolved, progress=progress)
+    if raw_labels is not None:
+        targets, label_report = match_labels(slide_ids, raw_labels[0], prompt_task, allow_missing_slides)
+    classifier = ZeroShotClassifier(model, prompt_task, cache_dir=cache_dir, use_cache=use_cache)
+    probabilities = classifier.predict(embeddings)  # [N, C]; refuses a width mismatch
+    predictions = pd.DataFrame(probabilities, columns=list(prompt_task.classes))
+    predictions.insert(0, "slide_id", slide_ids)
+    predictions["predicted"] = [prompt_task.classes[i] for i in probabilities.argmax(axis=1)]
+
+    files: dict[str, bytes] = {}
+    result: dict[str, Any] = {}
+    if raw_labels is not None:
+        predictions["label"] = [prompt_task.classes[t] if t >= 0 else "" for t in targets]
+        mask = targets >= 0
+        if not mask.any():
+            raise ValueError(
+                f"none of the {len(slide_ids)} scored slides has a usable label in {labels} "
+                f"(column {raw_labels[1]!r}); the classes are {list(prompt_task.classes)}"
+            )
+        result = classification_metrics(
+            targets[mask],
+            probabilities[mask],
+            prompt_task.classes,
+            positive=prompt_task.positive_index,
+            n_boot=n_boot,
+            seed=seed,
+        )
+        result = {
+            "task": prompt_task.name,
+            "labels": str(labels),
+            "label_column": raw_labels[1],
+            **label_report,
+            **result,
+        }
+        if classifier.set_prototypes:
+            result["prompt_sets"] = _prompt_set_summary(
+                classifier.predict_per_set(embeddings), targets, prompt_task
+            )
+        files["metrics.json"] = (json.dumps(result, indent=2) + "\n").encode()
+        files["roc.png"] = roc_png(
+            targets[mask],
+            probabilities[mask],
+            prompt_task.classes,
+            prompt_task.positive_index,
+            title=prompt_task.name,
+        )
+        files["confusion.png"] = confusion_png(
+            np.array(result["confusion_matrix"]["counts"]), prompt_task.classes, title=prompt_task.name
+        )
+    run = {
+        "vlm_version": __version__,
+        "model": model_source,
+        "slides": str(slides),
+        "task": prompt_task.source,
+        "labels": None if labels is None else str(labels),
+        "n_slides": len(slide_ids),
+        "n_boot": n_boot,
+        "seed": seed,
+        "logit_scale": float(model.scale().detach()),
+        "text_fingerprint": text_fingerprint(model),
+        "cache": str(cache_dir or default_cache_dir()) if use_cache else None,
+    }
+    files["predictions.csv"] = predictions.to_csv(index=False, float_format="%.6g").encode()
+    files["prompts_used.json"] = (json.dumps(classifier.prompts_used(), indent=2) + "\n").encode()
+    files["run.json"] = (json.dumps(run, indent=2) + "\n").encode()
+    for name, content in files.items():
+        with atomic_path(out / name) as tmp:
+            tmp.write_bytes(content)
+    for stale in set(LABEL_OUTPUTS) - set(files):
+        if (out / stale).exists():
+            (out / stale).unlink()
+            log.info("removed %s from an earlier run (this run has no labels)", out / stale)
+    log.info("zeroshot: %d slides, %d classes -> %s", len(slide_ids), len(prompt_task.classes), out)
+    return result or run
