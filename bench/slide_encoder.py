@@ -131,8 +131,9 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        ours = {tiles: spawn("ours", tiles, args.threads, workdir) for tiles in args.tiles}
-        for tiles in args.baseline_tiles:
+        ours = {}
+        for tiles in args.baseline_tiles:  # each comparison back to back, so both see the same machine load
+            ours[tiles] = spawn("ours", tiles, args.threads, workdir)
             base = spawn("baseline", tiles, args.threads, workdir)
             if tiles in ours:
                 diff = (
@@ -145,6 +146,9 @@ def main() -> None:
                     ours[tiles]["peak_rss_gb"] / base["peak_rss_gb"],
                     diff.max().item(),
                 )
+        for tiles in args.tiles:
+            if tiles not in ours:
+                ours[tiles] = spawn("ours", tiles, args.threads, workdir)
         if len(ours) > 1:
             small, large = min(ours), max(ours)
             log.info(

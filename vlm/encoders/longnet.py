@@ -22,12 +22,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 UNCOVERED_LSE = -1e8  # log-sum-exp the official code gives positions a branch does not attend from
-FFN_CHUNK = 8192  # tokens per FFN chunk at inference, so the [L, mlp_dim] activations stay bounded
+FFN_CHUNK = 4096  # tokens per FFN chunk at inference, so the [L, mlp_dim] activations stay bounded
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -115,9 +114,27 @@ def dilated_attention(
         new_max = torch.maximum(running_max, lse)
         old_scale, new_scale = torch.exp(running_max - new_max), torch.exp(lse - new_max)
         weight_sum = weight_sum * old_scale + new_scale
-        total = total * old_scale.unsqueeze(-1).to(out.dtype) + out * new_scale.unsqueeze(-1).to(out.dtype)
+        old_scale, new_scale = old_scale.unsqueeze(-1).to(out.dtype), new_scale.unsqueeze(-1).to(out.dtype)
+        if torch.is_grad_enabled() and (total.requires_grad or out.requires_grad):
+            total = total * old_scale + out * new_scale
+        else:  # inference: update in place, no [n, H, D] temporaries
+            total = total.mul_(old_scale).add_(out.mul_(new_scale))
         running_max = new_max
     return total / weight_sum.unsqueeze(-1).to(total.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's `DropPath`, inlined so the slide encoder does not import timm)."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.rate)
+        return x * keep / (1 - self.rate)
 
 
 class DilatedAttention(nn.Module):
