@@ -299,3 +299,10 @@ def test_unfreeze_text_last_trains_only_those_layers(data: dict[str, Path]) -> N
     initial = dict(load_text_encoder(data["text"]).model.named_parameters())
     changed = {n for n, p in trained.items() if not torch.equal(p, initial[n])}
     assert changed and all(".layer.1." in n for n in changed)
+
+
+def test_csv_ids_stay_text(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_text("slide_id,report,patient_id\n001,benign,07\n002,carcinoma,08\n")
+    pairs = load_pairs(path)
+    assert pairs.slide_ids == ["001", "002"] and pairs.patient_ids == ["07", "08"]

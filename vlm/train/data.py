@@ -8,6 +8,7 @@ trained on nor used to pick a checkpoint.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import random
@@ -62,7 +63,7 @@ class Pairs:
 
 def load_pairs(path: str | os.PathLike[str]) -> Pairs:
     """Read a CSV / TSV / Parquet / JSONL table of pairs with `datasets`, checking columns and values."""
-    from datasets import load_dataset
+    from datasets import Features, Value, load_dataset
 
     path = Path(path)
     if not path.is_file():
@@ -70,7 +71,13 @@ def load_pairs(path: str | os.PathLike[str]) -> Pairs:
     builder = _FORMATS.get(path.suffix.lower())
     if builder is None:
         raise ValueError(f"{path}: unknown pairs format {path.suffix!r}; use one of {', '.join(sorted(_FORMATS))}")
-    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    kwargs: dict[str, object] = {}
+    if builder == "csv":
+        # Read every column as text: type inference would turn slide ids like "001" into the number 1.
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        with open(path, newline="") as handle:
+            header = next(csv.reader(handle, delimiter=delimiter), [])
+        kwargs = {"delimiter": delimiter, "features": Features({name: Value("string") for name in header})}
     table = load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True, **kwargs)
     columns = set(table.column_names)
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]

@@ -379,6 +379,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
 
     epoch, step_in_epoch, global_step, best = 0, 0, 0, -math.inf
     if resume:
+        # our own file (it holds numpy/python RNG states, which weights_only=True refuses)
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
