@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
             f"{path}: missing column(s) {missing}; found {list(frame.columns)} (expected vlm embed-slides output)"
         )
     ids = [str(s) for s in frame["slide_id"]]
-    duplicates = sorted({s for s in ids if ids.count(s) > 1}) if len(set(ids)) != len(ids) else []
+    duplicates = sorted(s for s, n in Counter(ids).items() if n > 1)
     if duplicates:
         raise ValueError(f"{path}: slide ids {duplicates[:5]} appear more than once; keep one embedding per slide")
     try:
