@@ -86,7 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(embedded with the model's own slide encoder)",
     )
     parser.add_argument("--labels", help="CSV with slide_id and a label column (default column: label)")
-    parser.add_argument("--label-column", help="label column in --labels (overrides the task's labels.column)")
+    parser.add_argument(
+        "--label-column", help="label column in --labels (overrides the task's labels.column)"
+    )
     parser.add_argument(
         "--allow-missing-slides",
         action="store_true",
@@ -97,7 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--cache-dir", help="prompt-embedding cache (default $VLM_CACHE/prompts or ~/.cache/vlm/prompts)"
     )
     parser.add_argument("--no-cache", action="store_true", help="always encode the prompts; write no cache")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for CIs (default 1000)")
+    parser.add_argument(
+        "--n-boot", type=int, default=1000, help="bootstrap replicates for CIs (default 1000)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 …")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -1,0 +1,288 @@
+"""Zero-shot: ensemble math, prompt cache, scoring, separability, and the `vlm zeroshot` job end to end."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlm.cli import main
+from vlm.model.clip import SlideTextModel, build_tiny_model
+from vlm.zeroshot import ZeroShotClassifier, zero_shot_probabilities
+
+PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
+NSCLC = PROMPTS / "nsclc_subtyping.yaml"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("zeroshot")
+    build_tiny_model(folder / "build").save_pretrained(folder / "model")
+    return folder / "model"
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path) -> SlideTextModel:
+    return SlideTextModel.from_pretrained(model_dir)
+
+
+def _count_text_calls(model: SlideTextModel, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record how many texts each `encode_text` call encodes (the real method still runs)."""
+    calls: list[int] = []
+    original = model.encode_text
+
+    def counting(texts, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(len(texts))
+        return original(texts, *args, **kwargs)
+
+    monkeypatch.setattr(model, "encode_text", counting)
+    return calls
+
+
+def _slides_from_text(
+    model: SlideTextModel, texts: list[str], labels: np.ndarray, noise: float
+) -> np.ndarray:
+    """Unprojected slide embeddings whose projection is the text embedding of their class description.
+
+    The slide head is linear and wider on its input side, so the pseudo-inverse solves it exactly; noise is
+    added in the joint space. Class information then really is present, and only the code path decides
+    whether zero-shot recovers it.
+    """
+    targets = model.encode_text(texts)[labels]  # [N, D]
+    generator = torch.Generator().manual_seed(0)
+    targets = targets + noise * torch.randn(targets.shape, generator=generator)
+    weight = model.slide_proj.net.weight.detach()  # [D, E]
+    return (targets @ torch.linalg.pinv(weight).T).numpy()
+
+
+def test_prototypes_equal_independent_normalise_mean_normalise(model: SlideTextModel, tmp_path: Path) -> None:
+    classifier = ZeroShotClassifier.from_prompt_file(model, NSCLC, cache_dir=tmp_path)
+    used = classifier.prompts_used()["prompts"]
+    task = classifier.task
+    for index, code in enumerate(task.classes):
+        prompts = used[code]
+        assert len(prompts) == len(task.prompt_sets[0].classnames[code]) * len(task.prompt_sets[0].templates)
+        with torch.no_grad():
+            raw = model.text_proj(model.text(**model.text.tokenize(prompts)))  # unnormalised [P, D]
+        expected = F.normalize(F.normalize(raw, dim=-1).mean(dim=0), dim=-1)
+        torch.testing.assert_close(classifier.prototypes[index], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_scoring_is_softmax_of_scaled_cosine(model: SlideTextModel, tmp_path: Path) -> None:
+    classifier = ZeroShotClassifier.from_prompt_file(model, NSCLC, cache_dir=tmp_path)
+    slides = torch.randn(5, model.config.slide_embed_dim)
+    with torch.no_grad():
+        projected = F.normalize(model.slide_proj(slides), dim=-1)
+        expected = (model.scale() * projected @ classifier.prototypes.T).softmax(-1)
+    np.testing.assert_allclose(classifier.predict(slides), expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        zero_shot_probabilities(model, slides, classifier.prototypes).sum(1), 1, atol=1e-6
+    )
+
+
+def test_second_run_does_no_text_encoding_and_edits_miss(
+    model: SlideTextModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _count_text_calls(model, monkeypatch)
+    cache = tmp_path / "cache"
+    first = ZeroShotClassifier.from_prompt_file(model, NSCLC, cache_dir=cache)
+    assert calls == [180] and len(list(cache.glob("*.safetensors"))) == 1
+    second = ZeroShotClassifier.from_prompt_file(model, NSCLC, cache_dir=cache)
+    assert calls == [180]  # served from the cache
+    torch.testing.assert_close(first.prototypes, second.prototypes)
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(NSCLC.read_text().replace("pulmonary adenocarcinoma", "adenocarcinoma, lung primary"))
+    ZeroShotClassifier.from_prompt_file(model, edited, cache_dir=cache)
+    assert calls == [180, 180] and len(list(cache.glob("*.safetensors"))) == 2
+    ZeroShotClassifier.from_prompt_file(model, NSCLC, cache_dir=tmp_path / "off", use_cache=False)
+    assert len(calls) == 3 and not (tmp_path / "off").exists()
+
+
+def test_changed_text_weights_miss_the_cache(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = SlideTextModel.from_pretrained(model_dir)
+    ZeroShotClassifier.from_prompt_file(other, NSCLC, cache_dir=tmp_path)
+    with torch.no_grad():
+        next(other.text_proj.parameters()).add_(0.01)
+    calls = _count_text_calls(other, monkeypatch)
+    ZeroShotClassifier.from_prompt_file(other, NSCLC, cache_dir=tmp_path)
+    assert calls == [180]
+
+
+@pytest.mark.parametrize(
+    ("task", "descriptions"),
+    [
+        (
+            "nsclc_subtyping",
+            ["the slide shows lung adenocarcinoma", "the slide shows lung squamous cell carcinoma"],
+        ),
+        (
+            "rcc_subtyping",
+            [
+                "the slide shows clear cell renal cell carcinoma",
+                "the slide shows papillary renal cell carcinoma",
+                "the slide shows chromophobe renal cell carcinoma",
+            ],
+        ),
+    ],
+)
+def test_zero_shot_recovers_class_information(
+    model: SlideTextModel, tmp_path: Path, task: str, descriptions: list[str]
+) -> None:
+    from vlm.metrics import classification_point_metrics
+
+    classifier = ZeroShotClassifier.from_prompt_file(model, PROMPTS / f"{task}.yaml", cache_dir=tmp_path)
+    n_classes = len(descriptions)
+    labels = np.arange(60) % n_classes
+    # Noise at a third of the prototypes' spread: the tiny random text model puts all texts close together.
+    noise = (
+        0.3
+        * float(torch.cdist(classifier.prototypes, classifier.prototypes).max())
+        / model.config.proj_dim**0.5
+    )
+    slides = _slides_from_text(model, descriptions, labels, noise)
+    accuracy = classification_point_metrics(labels, classifier.predict(slides), None)["balanced_accuracy"]
+    assert accuracy >= 0.9 > 1 / n_classes + 0.3
+    # Control: descriptions assigned to the wrong classes must not score well.
+    shifted = _slides_from_text(model, descriptions, (labels + 1) % n_classes, noise)
+    assert classification_point_metrics(labels, classifier.predict(shifted), None)["balanced_accuracy"] < 0.3
+
+
+# --- the CLI job --------------------------------------------------------------------------------------
+
+
+def _write_inputs(folder: Path, embeddings: np.ndarray, labels: list[str | None]) -> tuple[Path, Path]:
+    ids = [f"TCGA-{i:02d}" for i in range(len(embeddings))]
+    slides = folder / "slides.parquet"
+    pd.DataFrame(
+        {
+            "slide_id": ids,
+            "embedding": list(embeddings.astype(np.float32)),
+            "n_tiles": 100,
+            "encoder": "tiny",
+            "pool": "mean",
+        }
+    ).to_parquet(slides)
+    rows = [(i, label) for i, label in zip(ids, labels, strict=True) if label is not None]
+    labels_csv = folder / "labels.csv"
+    pd.DataFrame(rows, columns=["slide_id", "label"]).to_csv(labels_csv, index=False)
+    return slides, labels_csv
+
+
+def _zeroshot(model_dir: Path, slides: Path, out: Path, *extra: str) -> int:
+    args = ["zeroshot", "--model", str(model_dir), "--slides", str(slides), "--out", str(out)]
+    return main([*args, "--cache-dir", str(out.parent / "cache"), "--n-boot", "50", *extra])
+
+
+def test_cli_end_to_end(
+    model: SlideTextModel, model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    descriptions = ["the slide shows lung adenocarcinoma", "the slide shows lung squamous cell carcinoma"]
+    truth = np.arange(24) % 2
+    embeddings = _slides_from_text(model, descriptions, truth, noise=2e-4)
+    labels: list[str | None] = ["LUAD" if t == 0 else "Lung squamous cell carcinoma" for t in truth]
+    labels[5], labels[6] = "mesothelioma", None  # unknown label; unlabelled slide
+    slides, labels_csv = _write_inputs(tmp_path, embeddings, labels)
+    out = tmp_path / "zs"
+    with caplog.at_level(logging.INFO):
+        assert _zeroshot(model_dir, slides, out, "--task", str(NSCLC), "--labels", str(labels_csv)) == 0
+    names = {"predictions.csv", "metrics.json", "roc.png", "confusion.png", "prompts_used.json", "run.json"}
+    assert names <= {p.name for p in out.iterdir()}
+    assert not list(out.glob("*.part"))
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert list(predictions.columns) == ["slide_id", "LUAD", "LUSC", "predicted", "label"]
+    np.testing.assert_allclose(predictions[["LUAD", "LUSC"]].sum(axis=1), 1, atol=1e-5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["unknown_labels"] == {"TCGA-05": "mesothelioma"}
+    assert metrics["unlabelled_slides"] == ["TCGA-06"]
+    assert metrics["n_evaluated"] == 22 and metrics["n_scored"] == 24
+    assert metrics["metrics"]["balanced_accuracy"]["value"] > 0.8
+    assert "mesothelioma" in caplog.text and "TCGA-06" in caplog.text
+    used = json.loads((out / "prompts_used.json").read_text())
+    assert len(used["prompts"]["LUAD"]) == 5 * 18 and used["prompts"]["LUAD"][0] == "adenocarcinoma."
+    assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert _zeroshot(model_dir, slides, out, "--task", str(NSCLC)) == 0  # no labels now
+    assert "cache hit" in caplog.text and "encoding 180 prompts" not in caplog.text
+    assert not (out / "metrics.json").exists()  # stale metrics of the labelled run are removed
+
+
+def test_cli_classes_and_mizero_sets(model: SlideTextModel, model_dir: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    slides, labels_csv = _write_inputs(
+        tmp_path, rng.normal(size=(20, 64)), ["a" if i % 2 else "b" for i in range(20)]
+    )
+    out = tmp_path / "classes"
+    assert (
+        _zeroshot(
+            model_dir,
+            slides,
+            out,
+            "--classes",
+            "a=lung adenocarcinoma|adenocarcinoma",
+            "b=squamous cell carcinoma",
+            "--positive",
+            "a",
+            "--labels",
+            str(labels_csv),
+        )
+        == 0
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["positive"] == "a" and set(metrics["metrics"]) >= {"auroc", "auprc", "cohen_kappa"}
+
+    sets = {
+        str(i): {"classnames": {"a": a, "b": b}, "templates": ["CLASSNAME.", "an image of CLASSNAME."]}
+        for i, (a, b) in enumerate(
+            [
+                ("adenocarcinoma", "squamous cell carcinoma"),
+                ("lung adenocarcinoma", "lung squamous cell carcinoma"),
+                ("pulmonary adenocarcinoma", "squamous carcinoma"),
+            ]
+        )
+    }
+    mizero = tmp_path / "mizero.json"
+    mizero.write_text(json.dumps(sets))
+    out = tmp_path / "mizero"
+    assert _zeroshot(model_dir, slides, out, "--task", str(mizero), "--labels", str(labels_csv)) == 0
+    summary = json.loads((out / "metrics.json").read_text())["prompt_sets"]
+    assert summary["n_sets"] == 3 and len(summary["per_set"]) == 3
+    values = sorted(row["balanced_accuracy"] for row in summary["per_set"])
+    assert summary["summary"]["balanced_accuracy"]["median"] == pytest.approx(values[1])
+    assert summary["summary"]["balanced_accuracy"]["min"] == pytest.approx(values[0])
+
+
+def test_cli_bad_inputs_fail_cleanly(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = np.random.default_rng(0)
+    slides, labels_csv = _write_inputs(tmp_path, rng.normal(size=(6, 64)), ["LUAD", "LUSC"] * 3)
+    (tmp_path / "narrow").mkdir()
+    narrow, _ = _write_inputs(tmp_path / "narrow", rng.normal(size=(6, 48)), ["LUAD"] * 6)
+    extra = tmp_path / "extra_labels.csv"
+    extra.write_text(labels_csv.read_text() + "TCGA-99,LUAD\n")
+    cases = {
+        "neither": ([], "exactly one of --task"),
+        "unknown-ids": (["--task", str(NSCLC), "--labels", str(extra)], "TCGA-99"),
+        "width": (["--task", str(NSCLC)], "48-d"),
+        "features-no-encoder": (["--task", str(NSCLC)], "vlm embed-slides"),
+    }
+    for name, (extra_args, message) in cases.items():
+        caplog.clear()
+        source = {"width": narrow, "features-no-encoder": tmp_path}.get(name, slides)
+        out = tmp_path / f"out-{name}"
+        with caplog.at_level(logging.ERROR):
+            assert _zeroshot(model_dir, source, out, *extra_args) == 2, name
+        assert message in caplog.text, name
+        assert not out.exists() or not any(out.iterdir()), name
+    with pytest.raises(SystemExit):  # argparse: --task and --classes together
+        _zeroshot(model_dir, slides, tmp_path / "both", "--task", str(NSCLC), "--classes", "a=x", "b=y")
