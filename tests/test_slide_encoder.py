@@ -277,3 +277,18 @@ def test_to_gigapath_coords_converts_and_names_the_slide() -> None:
         to_gigapath_coords(np.array([[0, 0], [600_000, 0]]), mpp=0.25, slide_id="TCGA-XY")
     with pytest.raises(ValueError, match="mpp must be a positive"):
         to_gigapath_coords(level0, mpp=float("nan"), slide_id="s")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu_fp32(dtype: torch.dtype) -> None:
+    model = tiny(in_dim=32)
+    features, coords = seeded_inputs(300, 32, seed=4)
+    with torch.no_grad():
+        expected = model(features[None], coords[None])
+    cuda = model.cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        got = cuda(features[None].cuda(), coords[None].cuda()).float().cpu()
+    torch.testing.assert_close(got, expected, atol=1e-4 if dtype == torch.float32 else 5e-2, rtol=0)
+    cuda.train()(features[None].cuda(), coords[None].cuda()).sum().backward()  # fused kernels have backward

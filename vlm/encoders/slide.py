@@ -143,10 +143,12 @@ class GigaPathSlideEncoder(nn.Module):
         )  # padding may hold anything (even NaN); it must not reach a mean
         x = torch.cat([self.cls_token.expand(len(x), -1, -1).to(x.dtype), x], dim=1)  # [B, 1 + L, E]
         token_lengths = [n + 1 for n in lengths]
-        weights = valid.to(x.dtype) / torch.tensor(lengths, device=x.device, dtype=x.dtype).unsqueeze(1)
+        # Means in fp32 even under autocast: a bf16 sum over 40k tiles would lose the embedding's precision.
+        weights = valid.float() / torch.tensor(lengths, device=x.device, dtype=torch.float32).unsqueeze(1)
 
         def mean_over_tiles(hidden: Tensor) -> Tensor:  # [B, 1 + L, E] -> [B, E]
-            return torch.einsum("bl,ble->be", weights, hidden[:, 1:].to(weights.dtype))
+            with torch.autocast(hidden.device.type, enabled=False):
+                return torch.einsum("bl,ble->be", weights, hidden[:, 1:].float())
 
         if pool == "all-layers":
             pooled = self.encoder(x, token_lengths, reduce_states=mean_over_tiles)
