@@ -286,3 +286,23 @@ def test_cli_bad_inputs_fail_cleanly(
         assert not out.exists() or not any(out.iterdir()), name
     with pytest.raises(SystemExit):  # argparse: --task and --classes together
         _zeroshot(model_dir, slides, tmp_path / "both", "--task", str(NSCLC), "--classes", "a=x", "b=y")
+
+
+@pytest.mark.slow
+def test_cli_embeds_a_features_folder_with_the_models_slide_encoder(tmp_path: Path) -> None:
+    from vlm.features import TileFeatures, TileGrid, write_features
+
+    build_tiny_model(tmp_path / "build", slide_encoder="tiny").save_pretrained(tmp_path / "model")
+    features = tmp_path / "features"
+    features.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        coords = rng.choice(50, size=(20, 2)) * 512  # level-0 px at 0.25 mpp: 256 px tiles at 0.5 mpp
+        grid = TileGrid(coords=coords, mpp=0.25, tile_size=256, target_mpp=0.5, tile_size_level0=512)
+        tiles = TileFeatures(grid=grid, features=rng.standard_normal((20, 32)).astype(np.float32))
+        write_features(features / f"slide-{index}.h5", tiles)
+    out = tmp_path / "zs"
+    assert _zeroshot(tmp_path / "model", features, out, "--task", str(NSCLC), "--no-progress") == 0
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert sorted(predictions["slide_id"]) == ["slide-0", "slide-1", "slide-2"]
+    assert (out / "slide_embeddings.parquet").is_file()
