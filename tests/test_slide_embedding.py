@@ -93,11 +93,13 @@ def test_bad_slides_are_recorded_with_a_clear_reason(features_dir: Path, tmp_pat
     nan_path = _write_slide(features_dir, "nan", 12, seed=7)
     with h5py.File(nan_path, "r+") as h5:
         h5["features"][0, 0] = np.nan
+    _write_slide(features_dir, "empty", 0, seed=8)
     paths = sorted(features_dir.glob("*.h5"))
     report = embed_slides(paths, tmp_path / "s.parquet", create_slide_encoder("tiny"), progress=False)
     reasons = dict(report.failed)
-    assert sorted(reasons) == ["huge", "nan", "wide"]
+    assert sorted(reasons) == ["empty", "huge", "nan", "wide"]
     assert "48-d" in reasons["wide"] and "NaN" in reasons["nan"] and "slide 'huge'" in reasons["huge"]
+    assert "no tiles" in reasons["empty"]
     assert len(read_slide_embeddings(tmp_path / "s.parquet")) == 3
 
 
