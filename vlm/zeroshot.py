@@ -128,7 +128,7 @@ class ZeroShotClassifier:
         cache_dir: str | os.PathLike[str] | None = None,
         use_cache: bool = True,
     ) -> None:
-        self.model = model.eval()
+        self.model = model
         self.task = task
         flat: list[tuple[int, str, str]] = [
             (set_index, code, prompt)
@@ -381,7 +381,9 @@ def run_zeroshot(
     Writes predictions.csv (slide_id, one probability column per class, predicted[, label]),
     prompts_used.json, run.json and, with `labels`, metrics.json, roc.png and confusion.png. Every input
     is checked and every result computed before the first file is written (each atomically), so a bad
-    input leaves no partial output. Returns the metrics (or the run settings when there are no labels).
+    input leaves no partial output; only a features folder given as `slides` is first embedded into
+    `out/slide_embeddings.parquet`, which a re-run resumes. Returns the metrics (or, without labels, the
+    run settings).
     """
     from vlm import __version__
     from vlm.device import resolve_device
@@ -390,6 +392,8 @@ def run_zeroshot(
 
     if (task is None) == (classes is None):
         raise ValueError("give exactly one of --task (a prompt file) or --classes (CODE=synonym ...)")
+    if positive is not None and task is not None:
+        raise ValueError("--positive goes with --classes; a task file names its positive class itself")
     if n_boot < 1:
         raise ValueError(f"--n-boot must be >= 1, got {n_boot}")
     if isinstance(task, PromptTask):
@@ -398,8 +402,6 @@ def run_zeroshot(
         prompt_task = load_prompt_task(task)
     else:
         prompt_task = task_from_classes(classes, positive=positive)
-    if positive is not None and task is not None:
-        raise ValueError("--positive goes with --classes; a task file names its positive class itself")
     out = Path(out)
     resolved = resolve_device(device)
     if not isinstance(model, SlideTextModel):
@@ -463,7 +465,11 @@ def run_zeroshot(
         "model": model_source,
         "slides": str(slides),
         "task": prompt_task.source,
+        "task_name": prompt_task.name,
+        "classes": list(prompt_task.classes),
+        "positive": prompt_task.positive,
         "labels": None if labels is None else str(labels),
+        "device": str(resolved),
         "n_slides": len(slide_ids),
         "n_boot": n_boot,
         "seed": seed,
