@@ -216,7 +216,8 @@ def load_prompt_task(path: str | os.PathLike[str]) -> PromptTask:
     data = _read(path)
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected a mapping at the top level (see prompts/README.md)")
-    if path.suffix.lower() == ".json":
+    conch_like = all(isinstance(v, dict) and "classnames" in v for v in data.values())
+    if path.suffix.lower() == ".json" or conch_like:
         return _from_conch_json(path, data)
     if "prompts" in data:
         return _from_titan_yaml(path, data)
