@@ -125,7 +125,9 @@ def bootstrap_ci(
     return percentile_interval([float(statistic(indices)) for indices in resamples], alpha)
 
 
-def classification_point_metrics(labels: np.ndarray, probabilities: np.ndarray, positive: int | None) -> dict[str, float]:
+def classification_point_metrics(
+    labels: np.ndarray, probabilities: np.ndarray, positive: int | None
+) -> dict[str, float]:
     """Balanced accuracy, weighted F1, Cohen's κ, AUROC and AUPRC of the full sample, by scikit-learn.
 
     AUROC/AUPRC: a binary task scores its positive class; otherwise the one-vs-rest macro average over the
