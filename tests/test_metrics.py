@@ -95,9 +95,15 @@ def test_bad_inputs_raise_clear_errors() -> None:
 def test_metrics_without_a_class_are_reported_not_invented() -> None:
     labels = np.zeros(10, dtype=int)
     probs = np.tile([0.7, 0.3], (10, 1))
-    out = classification_metrics(labels, probs, ["a", "b"], positive=1, n_boot=20)
+    probs[:4] = [0.2, 0.8]  # 4 of the 10 class-a cases predicted b
+    out = classification_metrics(labels, probs, ["a", "b"], positive=1, n_boot=50)
     assert out["classes_without_cases"] == ["b"]
-    assert out["metrics"]["auroc"]["value"] is None
+    assert out["metrics"]["auroc"]["value"] is None and out["metrics"]["cohen_kappa"]["value"] is None
+    expected_f1 = f1_score(labels, probs.argmax(1), average="weighted", zero_division=0)
+    assert out["metrics"]["weighted_f1"]["value"] == pytest.approx(expected_f1)
+    for name in ("balanced_accuracy", "weighted_f1"):
+        metric = out["metrics"][name]
+        assert metric["ci_low"] <= metric["value"] <= metric["ci_high"], name
 
 
 @pytest.mark.parametrize("n_classes", [2, 4])

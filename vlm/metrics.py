@@ -143,18 +143,17 @@ def classification_point_metrics(
 
     predicted = probabilities.argmax(axis=1)
     present = np.unique(labels)
-    if present.size < 2:  # one kind of case only: the ranking metrics and κ are undefined
-        return {
-            "balanced_accuracy": float(np.mean(predicted == labels)),
-            "weighted_f1": float(np.mean(predicted == labels)),
-            "cohen_kappa": float("nan"),
-            "auroc": float("nan"),
-            "auprc": float("nan"),
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": reported by the caller
+        warnings.simplefilter("ignore", UserWarning)
+        out = {
+            "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+            "weighted_f1": float(f1_score(labels, predicted, average="weighted", zero_division=0)),
         }
+    if present.size < 2:  # one kind of case only: κ and the ranking metrics are undefined
+        return {**out, "cohen_kappa": float("nan"), "auroc": float("nan"), "auprc": float("nan")}
     scored = [positive] if positive is not None else list(present)
     return {
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
-        "weighted_f1": float(f1_score(labels, predicted, average="weighted", zero_division=0)),
+        **out,
         "cohen_kappa": float(cohen_kappa_score(labels, predicted)),
         "auroc": float(np.mean([roc_auc_score(labels == c, probabilities[:, c]) for c in scored])),
         "auprc": float(np.mean([average_precision_score(labels == c, probabilities[:, c]) for c in scored])),

@@ -50,8 +50,11 @@ def roc_png(
         axes.plot(fpr, tpr, linewidth=1.5, label=f"{class_names[index]} (AUC {auc:.3f})")
     axes.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
     axes.set_title(title or ("ROC" if positive is not None else "ROC, one-vs-rest"), fontsize=10)
-    legend_title = f"undefined: {', '.join(skipped)}" if skipped else None
-    axes.legend(loc="lower right", fontsize=8, title=legend_title, title_fontsize=7)
+    if len(skipped) == len(scored):
+        axes.text(0.5, 0.5, "ROC undefined:\nonly one class has cases", ha="center", va="center")
+    else:
+        legend_title = f"undefined: {', '.join(skipped)}" if skipped else None
+        axes.legend(loc="lower right", fontsize=8, title=legend_title, title_fontsize=7)
     return _png(figure)
 
 
