@@ -33,6 +33,11 @@ def _zeroshot(args: argparse.Namespace) -> int:
             value = "n/a" if metric["value"] is None else f"{metric['value']:.3f}"
             ci = "" if metric["ci_low"] is None else f"  [{metric['ci_low']:.3f}, {metric['ci_high']:.3f}]"
             print(f"{name:>18}: {value}{ci}")
+        sets = result.get("prompt_sets")
+        if sets:
+            print(f"over {sets['n_sets']} prompt sets (median [min, max]):")
+            for name, spread in sets["summary"].items():
+                print(f"{name:>18}: {spread['median']:.3f}  [{spread['min']:.3f}, {spread['max']:.3f}]")
         print(f"{result['n_evaluated']} of {result['n_scored']} slides evaluated -> {args.out}")
     else:
         print(f"{result['n_slides']} slides scored (no labels) -> {args.out}")
