@@ -325,7 +325,9 @@ def first_relevant_rank(similarity: np.ndarray, relevant: np.ndarray) -> np.ndar
     """
     similarity, relevant = np.asarray(similarity, dtype=np.float64), np.asarray(relevant, dtype=bool)
     if similarity.ndim != 2 or similarity.shape != relevant.shape:
-        raise ValueError(f"similarity and relevant must be [Q, G] of one shape, got {similarity.shape}, {relevant.shape}")
+        raise ValueError(
+            f"similarity and relevant must be [Q, G] of one shape, got {similarity.shape} and {relevant.shape}"
+        )
     lonely = np.flatnonzero(~relevant.any(axis=1))
     if lonely.size:
         raise ValueError(f"queries {lonely[:10].tolist()} have no relevant item in the gallery; drop them")

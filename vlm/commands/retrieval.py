@@ -1,0 +1,210 @@
+"""Subcommands `vlm index build|build-reports|add|remove`, `vlm search` and `vlm eval retrieval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vlm.retrieval import SlideIndex
+
+log = logging.getLogger(__name__)
+
+_INDEX_EPILOG = """examples:
+  vlm index build --model runs/align/model --slides runs/slides.parquet --out runs/index --metadata meta.csv
+  vlm index build-reports --model runs/align/model --pairs reports.csv --out runs/report-index
+  vlm index add --index runs/index --slides runs/new_slides.parquet
+  vlm index remove --index runs/index TCGA-XX-0001 TCGA-XX-0002
+"""
+_SEARCH_EPILOG = """examples:
+  vlm search --index runs/index "poorly differentiated squamous cell carcinoma with keratinization" -k 10
+  vlm search --index runs/index --slide-id TCGA-XX-XXXX -k 10 --json
+  vlm search --index runs/report-index --slide-id TCGA-XX-XXXX --slides runs/slides.parquet   # slide -> report
+"""
+_KIND_HELP = ("auto (default: flat up to 100k items, ivf up to 4M, ivfpq above), flat (exact), ivf, hnsw, "
+              "ivfpq")  # fmt: skip
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_index(subparsers)
+    _register_search(subparsers)
+    _register_eval(subparsers)
+
+
+def _build_options(parser: argparse.ArgumentParser) -> None:
+    from vlm.retrieval.kinds import KINDS
+
+    parser.add_argument("--model", required=True, help="model folder from `vlm train` (<run>/model)")
+    parser.add_argument("--out", required=True, help="index folder to write (replaced atomically if it exists)")
+    parser.add_argument("--kind", choices=KINDS, default="auto", help=_KIND_HELP)
+    parser.add_argument("--target-recall", type=float, default=0.95,
+                        help="Recall@10 vs exact search to tune approximate kinds to (default 0.95)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of training samples and tuning queries")
+
+
+def _register_index(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("index", help="build and edit FAISS indexes of slides or reports",
+                              epilog=_INDEX_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    actions = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+
+    build = actions.add_parser("build", help="index slide embeddings (slide search by text or by slide)")
+    build.add_argument("--slides", required=True, help="slide embeddings parquet from `vlm embed-slides`")
+    build.add_argument("--metadata", help="CSV / Parquet / JSONL with slide_id and columns to show in results")
+    _build_options(build)
+    build.set_defaults(func=_index_build)
+
+    reports = actions.add_parser("build-reports", help="index report texts (slide -> report search)")
+    reports.add_argument("--pairs", required=True, help="CSV / Parquet / JSONL with slide_id, report")
+    _build_options(reports)
+    reports.set_defaults(func=_index_build_reports)
+
+    add = actions.add_parser("add", help="add slides to an index without rebuilding it")
+    add.add_argument("--index", required=True, help="index folder")
+    add.add_argument("--slides", required=True, help="parquet of the new slides' embeddings (all must be new)")
+    add.add_argument("--metadata", help="metadata table of the new slides")
+    add.add_argument("--model", help="model folder (default: the one recorded in the index)")
+    add.set_defaults(func=_index_add)
+
+    remove = actions.add_parser("remove", help="remove slides (or reports) from an index by id")
+    remove.add_argument("--index", required=True, help="index folder")
+    remove.add_argument("ids", nargs="*", metavar="ID", help="slide ids (report ids for a report index)")
+    remove.add_argument("--ids-file", help="text file with one id a line, for many ids")
+    remove.set_defaults(func=_index_remove)
+
+
+def _register_search(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("search", help="search an index by report text or by slide id",
+                              epilog=_SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--index", required=True, help="index folder from `vlm index build` / `build-reports`")
+    p.add_argument("text", nargs="?", help="query text, e.g. a report phrase (needs the model)")
+    p.add_argument("--slide-id", help="query by a slide (in a slide index: no model needed)")
+    p.add_argument("--slides", help="slide embeddings parquet: needed for --slide-id on a report index")
+    p.add_argument("-k", type=int, default=10, help="results to return (default 10)")
+    p.add_argument("--model", help="model folder (default: the one recorded in the index manifest)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {rank, slide_id, score, …}")
+    p.add_argument("--gpu", action="store_true", help="search on GPU (needs faiss-gpu: pip install 'vlm[gpu]')")
+    p.set_defaults(func=_search)
+
+
+def _register_eval(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model (retrieval)")
+    tasks = p.add_subparsers(dest="eval_command", required=True, metavar="TASK")
+    r = tasks.add_parser("retrieval", help="report <-> slide Recall@K, slide -> slide Acc@K by label, with CIs")
+    r.add_argument("--model", required=True, help="model folder from `vlm train`")
+    r.add_argument("--pairs", required=True, help="CSV / Parquet / JSONL with slide_id, report [, split]")
+    r.add_argument("--slides", required=True, help="slide embeddings parquet from `vlm embed-slides`")
+    r.add_argument("--labels", help="CSV / Parquet / JSONL with slide_id, label for slide -> slide metrics")
+    r.add_argument("--split", default="auto", choices=("auto", "train", "val", "test", "all"),
+                   help="pairs to evaluate (default: test when the pairs have a split column, else all)")  # fmt: skip
+    r.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="cut-offs K (default 1 5 10)")
+    r.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CIs (default 1000)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", help="also write the metrics as JSON to this file")
+    r.set_defaults(func=_eval_retrieval)
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    from vlm.retrieval import build_slide_index
+
+    index = build_slide_index(args.model, args.slides, args.out, metadata=args.metadata, kind=args.kind,
+                              target_recall=args.target_recall, seed=args.seed)  # fmt: skip
+    print(_summary(index, args.out))
+    return 0
+
+
+def _index_build_reports(args: argparse.Namespace) -> int:
+    from vlm.retrieval import build_report_index
+
+    index = build_report_index(args.model, args.pairs, args.out, kind=args.kind,
+                               target_recall=args.target_recall, seed=args.seed)  # fmt: skip
+    print(_summary(index, args.out))
+    return 0
+
+
+def _index_add(args: argparse.Namespace) -> int:
+    from vlm.retrieval import SlideIndex, add_slides
+
+    index = SlideIndex.load(args.index, model=args.model)
+    added = add_slides(index, args.slides, args.metadata)
+    index.save(args.index)
+    print(f"added {len(added)} slides -> {_summary(index, args.index)}")
+    return 0
+
+
+def _index_remove(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vlm.retrieval import load_index
+
+    ids = list(args.ids)
+    if args.ids_file:
+        ids += [line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()]
+    index = load_index(args.index)
+    index.remove(ids)
+    index.save(args.index)
+    print(f"removed {len(set(ids))} -> {_summary(index, args.index)}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from vlm.retrieval import ReportIndex, load_index, read_slides
+
+    if (args.text is None) == (args.slide_id is None):
+        raise ValueError("give either a query text or --slide-id (not both)")
+    index = load_index(args.index, model=args.model, gpu=args.gpu)
+    if args.text is not None:
+        results = index.search_text(args.text, k=args.k)
+    elif isinstance(index, ReportIndex):
+        if args.slides is None:
+            raise ValueError("a report index is searched by slide through its embedding: add --slides slides.parquet")
+        results = index.search_slide(args.slide_id, read_slides(args.slides), k=args.k)
+    else:
+        results = index.search_slide(args.slide_id, k=args.k)
+    results = results.drop(columns=["query"])
+    if args.json:
+        records = [{key: _json_value(value) for key, value in row.items()} for row in results.to_dict("records")]
+        print(json.dumps(records, indent=2))
+    else:
+        if "report" in results.columns:
+            results["report"] = results["report"].map(lambda text: text if len(text) <= 80 else text[:77] + "...")
+        print(results.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    return 0
+
+
+def _eval_retrieval(args: argparse.Namespace) -> int:
+    from vlm.io import atomic_path
+    from vlm.retrieval.evaluate import evaluate_retrieval
+
+    metrics = evaluate_retrieval(args.model, args.pairs, args.slides, args.labels, split=args.split, ks=args.ks,
+                                 n_boot=args.n_boot, seed=args.seed)  # fmt: skip
+    print(f"split {metrics['split']}: {metrics['n_pairs']} pairs, {metrics['n_slides']} slides")
+    for group in ("report_to_slide", "slide_to_report", "slide_to_slide"):
+        for name, value in metrics.get(group, {}).items():
+            if isinstance(value, dict) and "value" in value:
+                print(f"{group:16s} {name:9s} {_interval(value)}")
+    print(f"{'mean_recall':26s} {_interval(metrics['mean_recall'])}")
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def _summary(index: SlideIndex, out: str) -> str:
+    manifest = index.manifest
+    recall = manifest["recall"]
+    quality = "exact" if recall.get("exact") else f"Recall@{recall['k']} {recall['measured']:.3f} vs exact"
+    return f"{manifest['count']} {manifest['content']}, {manifest['kind']} {manifest['params']}, {quality} -> {out}"
+
+
+def _interval(value: dict[str, float]) -> str:
+    return f"{value['value']:.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
+
+
+def _json_value(value: object) -> object:
+    """NumPy scalars as Python numbers, missing metadata (NaN) as null."""
+    if hasattr(value, "item"):
+        value = value.item()  # type: ignore[union-attr]
+    return None if isinstance(value, float) and math.isnan(value) else value

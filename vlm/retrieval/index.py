@@ -1,0 +1,430 @@
+"""`SlideIndex`: a FAISS index of projected, L2-normalised slide embeddings, saved as a folder.
+
+```
+runs/index/
+  index.faiss       FAISS IndexIDMap2 over the kind's index; ids are stable row ids (never reused)
+  metadata.parquet  faiss_id, slide_id and the user's metadata columns, one row per indexed slide
+  manifest.json     format, model config digest and folder, kind, params, dim, count, measured recall, version
+```
+Slide embeddings are stored unprojected (`vlm embed-slides`); the index holds them projected by one model.
+The manifest names that model by the digest of its config, and an index refuses a model with another
+digest: its vectors would live in a different space and every score would be meaningless.
+
+Removal: `flat` deletes vectors; the approximate kinds cannot renumber their lists or graph, so removed
+ids stay in `index.faiss` as tombstones (ids without a metadata row) and are filtered out of every search.
+Rebuild when many are removed (a warning says when).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import faiss
+import numpy as np
+import pandas as pd
+import torch
+
+from vlm import __version__
+from vlm.model.clip import SlideTextModel, _atomic_dir
+from vlm.retrieval import kinds
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vlm-index"
+FORMAT_VERSION = 1
+INDEX_FILE, METADATA_FILE, MANIFEST_FILE = "index.faiss", "metadata.parquet", "manifest.json"
+ID_COLUMN = "faiss_id"
+RESULT_COLUMNS = ("query", "rank", "score")
+TOMBSTONE_WARNING = 0.25  # share of removed-but-stored vectors above which a rebuild is suggested
+
+T = TypeVar("T", bound="SlideIndex")
+ModelArg = SlideTextModel | str | os.PathLike[str]
+
+
+def resolve_model(model: ModelArg) -> tuple[SlideTextModel, str | None]:
+    """A model object, plus its folder when it was given as a path (recorded so search can reload it)."""
+    if isinstance(model, SlideTextModel):
+        return model, None
+    return SlideTextModel.from_pretrained(model), str(Path(model).resolve())
+
+
+@torch.no_grad()
+def project_slides(model: SlideTextModel, embeddings: np.ndarray | torch.Tensor, batch: int = 4096) -> np.ndarray:
+    """Unprojected slide embeddings [N, E] -> joint-space vectors [N, D], float32, L2-normalised."""
+    tensor = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+    chunks = [model.encode_slide_embeddings(tensor[i : i + batch]).cpu() for i in range(0, len(tensor), batch)]
+    return np.ascontiguousarray(torch.cat(chunks).numpy()) if chunks else np.zeros((0, model.config.proj_dim), "f4")
+
+
+class SlideIndex:
+    """Slides searchable by report text (`search_text`) and by another indexed slide (`search_slide`).
+
+    Build with `SlideIndex.build(model, embeddings, slide_ids)`, then `save(folder)`; `SlideIndex.load(folder)`
+    reads it back. Text queries need the model, loaded lazily from the folder the manifest names unless one
+    is passed; slide-id queries read the stored vector back and need no model.
+    """
+
+    content: ClassVar[str] = "slides"
+    key: ClassVar[str] = "slide_id"
+
+    def __init__(
+        self,
+        index: faiss.Index,
+        metadata: pd.DataFrame,
+        manifest: dict[str, Any],
+        model: SlideTextModel | None = None,
+        gpu: bool = False,
+    ) -> None:
+        self.index = index
+        self.metadata = metadata.reset_index(drop=True)
+        self.manifest = manifest
+        self._model: SlideTextModel | None = None
+        if model is not None:
+            self.model = model
+        self._gpu = gpu
+        self._refresh()
+
+    # --- properties -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest["kind"])
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.manifest["params"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def keys(self) -> list[str]:
+        """The indexed slide ids (report ids for a `ReportIndex`), in metadata order."""
+        return self.metadata[self.key].tolist()
+
+    @property
+    def model(self) -> SlideTextModel:
+        """The model the index was built with; loaded from the manifest's model folder on first use."""
+        if self._model is None:
+            folder = self.manifest["model"].get("path")
+            if not folder:
+                raise ValueError("this index does not record its model's folder; pass the model (--model)")
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(
+                    f"{folder}: the model this index was built with is gone; pass its new location with --model"
+                )
+            model = SlideTextModel.from_pretrained(folder)
+            self.model = model
+            return model
+        return self._model
+
+    @model.setter
+    def model(self, model: SlideTextModel) -> None:
+        expected = self.manifest["model"]["digest"]
+        if model.config.digest() != expected:
+            raise ValueError(
+                f"the model's config digest {model.config.digest()[:12]}… differs from the one this index was "
+                f"built with ({expected[:12]}…, model folder {self.manifest['model'].get('path')}): its "
+                "vectors live in another space. Search with that model, or rebuild with `vlm index build`"
+            )
+        self._model = model
+
+    # --- building ---------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls: type[T],
+        model: ModelArg,
+        embeddings: np.ndarray | torch.Tensor,
+        slide_ids: Sequence[str],
+        metadata: pd.DataFrame | None = None,
+        **options: Any,
+    ) -> T:
+        """Project unprojected slide embeddings [N, E] with `model` and index them (see `from_vectors`)."""
+        model, folder = resolve_model(model)
+        return cls.from_vectors(project_slides(model, embeddings), slide_ids, model, metadata,
+                                model_path=folder, **options)  # fmt: skip
+
+    @classmethod
+    def from_vectors(
+        cls: type[T],
+        vectors: np.ndarray,
+        keys: Sequence[str],
+        model: SlideTextModel,
+        metadata: pd.DataFrame | None = None,
+        *,
+        model_path: str | None = None,
+        kind: str = "auto",
+        target_recall: float = 0.95,
+        recall_k: int = 10,
+        seed: int = 0,
+        gpu: bool = False,
+        source: dict[str, Any] | None = None,
+    ) -> T:
+        """Index joint-space `vectors` [N, D] (L2-normalised) under `keys`; tune approximate kinds.
+
+        `metadata` holds the key column plus any user columns (rows for other keys are ignored).
+        """
+        keys = [str(k) for k in keys]
+        vectors = _check_vectors(vectors, len(keys), model.config.proj_dim)
+        _check_new_keys(keys, set(), cls.key)
+        if kind not in kinds.KINDS:
+            raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(kinds.KINDS)}")
+        chosen = kinds.choose_kind(len(keys)) if kind == "auto" else kind
+        params = kinds.default_params(chosen, len(keys), vectors.shape[1])
+        log.info("building a %s index of %d %s (%d-d)", chosen, len(keys), cls.content, vectors.shape[1])
+        index = kinds.create_index(chosen, vectors.shape[1], params)
+        kinds.train(index, chosen, vectors, seed=seed)
+        ids = np.arange(len(keys), dtype=np.int64)
+        index.add_with_ids(vectors, ids)
+        params, recall = kinds.tune(index, chosen, params, vectors, ids, target=target_recall, k=recall_k, seed=seed)
+        now = _now()
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "vlm_version": __version__,
+            "content": cls.content, "model": {"digest": model.config.digest(), "path": model_path},
+            "kind": chosen, "requested_kind": kind, "params": params, "metric": "inner product of L2-normalised",
+            "dim": int(vectors.shape[1]), "count": len(keys), "next_id": len(keys), "recall": recall,
+            "source": source or {}, "created": now, "updated": now,
+        }  # fmt: skip
+        table = pd.DataFrame({ID_COLUMN: ids, cls.key: keys})
+        return cls(index, _join_metadata(table, metadata, cls.key), manifest, model=model, gpu=gpu)
+
+    # --- persistence ------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the folder atomically: files go to a temporary folder that replaces `path` when complete."""
+        with _atomic_dir(path) as tmp:
+            faiss.write_index(self.index, str(tmp / INDEX_FILE))
+            self.metadata.to_parquet(tmp / METADATA_FILE, index=False)
+            (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2) + "\n")  # last
+        return Path(path)
+
+    @classmethod
+    def load(cls: type[T], path: str | os.PathLike[str], model: ModelArg | None = None, gpu: bool = False) -> T:
+        """Read an index folder; a given `model` (object or folder) must be the one it was built with."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        if manifest.get("content") != cls.content:
+            other = "ReportIndex" if manifest.get("content") == "reports" else "SlideIndex"
+            raise ValueError(f"{path} indexes {manifest.get('content')}, not {cls.content}; load it with {other}")
+        index = faiss.read_index(str(path / INDEX_FILE))
+        metadata = pd.read_parquet(path / METADATA_FILE)
+        if index.d != manifest["dim"] or len(metadata) != manifest["count"]:
+            raise ValueError(
+                f"{path}: index.faiss ({index.d}-d) / metadata.parquet ({len(metadata)} rows) do not match "
+                f"manifest.json ({manifest['dim']}-d, {manifest['count']} items); the folder mixes files of "
+                "different builds: rebuild it"
+            )
+        loaded = cls(index, metadata, manifest, gpu=gpu)
+        if model is not None:
+            model_object, _ = resolve_model(model)
+            loaded.model = model_object
+        return loaded
+
+    # --- editing ----------------------------------------------------------------------------------
+    def add(
+        self, embeddings: np.ndarray | torch.Tensor, slide_ids: Sequence[str], metadata: pd.DataFrame | None = None
+    ) -> None:
+        """Project and add new slides (their unprojected embeddings [N, E]); ids already indexed are refused."""
+        self.add_vectors(project_slides(self.model, embeddings), slide_ids, metadata)
+
+    def add_vectors(self, vectors: np.ndarray, keys: Sequence[str], metadata: pd.DataFrame | None = None) -> None:
+        """Add joint-space vectors [N, D] under new keys, with fresh ids; no retraining or retuning."""
+        keys = [str(k) for k in keys]
+        vectors = _check_vectors(vectors, len(keys), self.dim)
+        _check_new_keys(keys, set(self._row), self.key)
+        start = int(self.manifest["next_id"])
+        ids = np.arange(start, start + len(keys), dtype=np.int64)
+        self.index.add_with_ids(vectors, ids)
+        rows = _join_metadata(pd.DataFrame({ID_COLUMN: ids, self.key: keys}), metadata, self.key)
+        self.metadata = pd.concat([self.metadata, rows], ignore_index=True)
+        self.manifest.update(next_id=start + len(keys), count=len(self.metadata), updated=_now())
+        self._refresh()
+        log.info("added %d %s; the index now holds %d", len(keys), self.content, len(self))
+
+    def remove(self, keys: Sequence[str]) -> None:
+        """Remove indexed items by key (slide id); unknown keys are refused before anything changes."""
+        keys = list(dict.fromkeys(str(k) for k in keys))
+        if not keys:
+            raise ValueError(f"no {self.key} given to remove")
+        unknown = [k for k in keys if k not in self._row]
+        if unknown:
+            raise ValueError(
+                f"unknown {self.key}(s) {unknown[:10]} ({len(unknown)} in all) are not in the index; "
+                f"nothing was removed. Check the ids (the index holds {len(self)} {self.content})"
+            )
+        rows = [self._row[k] for k in keys]
+        ids = self.metadata[ID_COLUMN].to_numpy()[rows].astype(np.int64)
+        if self.kind == "flat":
+            self.index.remove_ids(faiss.IDSelectorBatch(ids))
+        self.metadata = self.metadata.drop(index=rows).reset_index(drop=True)
+        self.manifest.update(count=len(self.metadata), updated=_now())
+        self._refresh()
+        log.info("removed %d %s; the index now holds %d", len(keys), self.content, len(self))
+
+    def _refresh(self) -> None:
+        """Recompute what derives from the metadata: key -> row, tombstones, the GPU copy."""
+        self._row = {key: i for i, key in enumerate(self.metadata[self.key])}
+        self._deleted = np.setdiff1d(
+            faiss.vector_to_array(self.index.id_map), self.metadata[ID_COLUMN].to_numpy(np.int64)
+        )
+        if self.index.ntotal and len(self._deleted) > TOMBSTONE_WARNING * self.index.ntotal:
+            log.warning(
+                "%d of %d stored vectors are removed items that every search skips; rebuild the index "
+                "(`vlm index build`) to reclaim the memory and speed", len(self._deleted), self.index.ntotal,
+            )  # fmt: skip
+        self._search_index = kinds.to_gpu(self.index, self.kind) if self._gpu else None
+
+    # --- searching --------------------------------------------------------------------------------
+    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Joint-space queries [Q, D] -> scores [Q, k] and faiss ids [Q, k] (-1 where fewer were found)."""
+        if len(self) == 0:
+            raise ValueError("the index is empty; add slides with `vlm index add` first")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        vectors = _check_vectors(vectors, len(vectors), self.dim)
+        if self._search_index is not None:  # GPU: no id filters there, so fetch extra and drop tombstones
+            fetch = min(k + len(self._deleted), 2048)
+            if "nprobe" in self.params:
+                faiss.GpuParameterSpace().set_index_parameter(self._search_index, "nprobe", self.params["nprobe"])
+            scores, ids = self._search_index.search(vectors, fetch)
+            keep = ~np.isin(ids, self._deleted)
+            return _compact(scores, ids, keep, k)
+        params = kinds.search_params(self.kind, self.params, self.index, k, self._deleted)
+        return self.index.search(vectors, k, params=params)
+
+    def search_text(self, texts: str | Sequence[str], k: int = 10) -> pd.DataFrame:
+        """Items nearest to each text (a report phrase), as a table (see `results`)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        vectors = self.model.encode_text(texts, device="cpu").numpy()
+        return self.results(*self.search_vectors(vectors, k), k=k)
+
+    def search_embeddings(self, embeddings: np.ndarray | torch.Tensor, k: int = 10) -> pd.DataFrame:
+        """Items nearest to unprojected slide embeddings [Q, E] (e.g. a slide not in this index)."""
+        return self.results(*self.search_vectors(project_slides(self.model, embeddings), k), k=k)
+
+    def search_slide(self, slide_ids: str | Sequence[str], k: int = 10, include_self: bool = False) -> pd.DataFrame:
+        """Slides nearest to indexed slides (read back from the index; no model needed).
+
+        The query slide itself is left out of its results unless `include_self`. With `ivfpq` the read-back
+        vector is its 8-bit copy, so scores are approximate.
+        """
+        return self._search_items(slide_ids, k, include_self)
+
+    def _search_items(self, keys: str | Sequence[str], k: int, include_self: bool) -> pd.DataFrame:
+        keys = [keys] if isinstance(keys, str) else [str(key) for key in keys]
+        unknown = [key for key in keys if key not in self._row]
+        if unknown:
+            raise ValueError(f"unknown {self.key}(s) {unknown[:10]}: not in this index of {len(self)} {self.content}")
+        ids = self.metadata[ID_COLUMN].to_numpy()[[self._row[key] for key in keys]]
+        vectors = np.stack([self.index.reconstruct(int(i)) for i in ids])  # [Q, D]
+        scores, found = self.search_vectors(vectors, k + (0 if include_self else 1))
+        return self.results(scores, found, k=k, exclude=None if include_self else ids)
+
+    def results(
+        self, scores: np.ndarray, ids: np.ndarray, k: int, exclude: np.ndarray | None = None
+    ) -> pd.DataFrame:
+        """One row per hit: query (0-based), rank (1-based), the key, score, then the metadata columns."""
+        frames = []
+        for q, (row_scores, row_ids) in enumerate(zip(scores, ids, strict=True)):
+            keep = (row_ids >= 0) & (row_ids != (exclude[q] if exclude is not None else -1))
+            hit_ids, hit_scores = row_ids[keep][:k], row_scores[keep][:k]
+            hits = self.metadata.iloc[self._rows_of(hit_ids)].drop(columns=[ID_COLUMN]).reset_index(drop=True)
+            hits.insert(0, "score", hit_scores.astype(float))
+            hits.insert(0, "rank", np.arange(1, len(hits) + 1))
+            hits.insert(0, "query", q)
+            frames.append(hits)
+        table = pd.concat(frames, ignore_index=True)
+        return table[[*RESULT_COLUMNS[:2], self.key, "score", *[c for c in table.columns if c not in
+                                                                 (*RESULT_COLUMNS, self.key)]]]  # fmt: skip
+
+    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
+        return pd.Index(self.metadata[ID_COLUMN]).get_indexer(ids)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of an index folder, checked to be one this vlm reads."""
+    file = path / MANIFEST_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: not an index folder (no {MANIFEST_FILE}); build one with `vlm index build`")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file}: not valid JSON ({error}); rebuild the index") from error
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{file}: not a vlm index manifest (format={manifest.get('format')!r})")
+    if not isinstance(manifest.get("format_version"), int) or manifest["format_version"] > FORMAT_VERSION:
+        raise ValueError(
+            f"{file}: format_version {manifest.get('format_version')!r} is newer than this vlm reads; upgrade vlm"
+        )
+    return manifest
+
+
+def _check_vectors(vectors: np.ndarray, n: int, dim: int) -> np.ndarray:
+    if n == 0:
+        raise ValueError("empty collection: nothing to index or search (check the ids and embeddings given)")
+    vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if vectors.ndim != 2 or vectors.shape[0] != n:
+        raise ValueError(f"expected {n} vectors as an [N, D] array, got shape {vectors.shape}")
+    if vectors.shape[1] != dim:
+        raise ValueError(
+            f"dimension mismatch: vectors are {vectors.shape[1]}-d but the index holds {dim}-d vectors; "
+            "use the model the index was built with"
+        )
+    if not np.isfinite(vectors).all():
+        raise ValueError("vectors contain NaN or infinite values; check the slide embeddings")
+    return vectors
+
+
+def _check_new_keys(keys: list[str], existing: set[str], name: str) -> None:
+    seen: set[str] = set()
+    repeated = sorted({k for k in keys if k in seen or seen.add(k)})  # type: ignore[func-returns-value]
+    if repeated:
+        raise ValueError(f"duplicate {name}(s) {repeated[:10]} in the input; keep one row per {name}")
+    present = sorted(set(keys) & existing)
+    if present:
+        raise ValueError(
+            f"{name}(s) {present[:10]} ({len(present)} in all) are already in the index; remove them first "
+            "(`vlm index remove`) to replace their embeddings"
+        )
+
+
+def _join_metadata(table: pd.DataFrame, metadata: pd.DataFrame | None, key: str) -> pd.DataFrame:
+    """The id/key table with the user's columns for those keys (missing rows get empty cells)."""
+    if metadata is None:
+        return table
+    if key not in metadata.columns:
+        raise ValueError(f"the metadata table needs a {key!r} column; found {list(metadata.columns)}")
+    clash = sorted(set(metadata.columns) & {ID_COLUMN, *RESULT_COLUMNS})
+    if clash:
+        raise ValueError(f"metadata column name(s) {clash} are reserved for search results; rename them")
+    metadata = metadata.assign(**{key: metadata[key].astype(str)})
+    if metadata[key].duplicated().any():
+        repeated = metadata.loc[metadata[key].duplicated(), key].unique().tolist()
+        raise ValueError(f"the metadata table lists {key}(s) {repeated[:10]} more than once; keep one row each")
+    joined = table.merge(metadata, on=key, how="left")
+    missing = int(joined[key].isin(metadata[key]).eq(False).sum())
+    if missing:
+        log.warning("%d indexed item(s) have no row in the metadata table", missing)
+    return joined
+
+
+def _compact(scores: np.ndarray, ids: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-align the kept hits of each row into [Q, k] arrays padded with -1 ids."""
+    out_scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
+    out_ids = np.full((len(ids), k), -1, dtype=np.int64)
+    for q in range(len(ids)):
+        hits = np.flatnonzero(keep[q] & (ids[q] >= 0))[:k]
+        out_scores[q, : len(hits)], out_ids[q, : len(hits)] = scores[q, hits], ids[q, hits]
+    return out_scores, out_ids
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,212 @@
+"""FAISS index kinds: which one to build for a collection, how to build it, and how to tune it.
+
+Every index holds L2-normalised vectors under inner product (= cosine) and is wrapped in `IndexIDMap2`, so
+that the ids FAISS returns are our stable row ids (mapped to slide ids by the metadata table) and any vector
+can be read back by id for slide → slide queries.
+
+`auto` picks by collection size:
+- n <= 100,000: `flat`, exact; a query scans every vector (a few ms at 100k x 512-d) and nothing is trained;
+- n <= 4,000,000: `ivf` (IVF-Flat, nlist = 4·√n), whose vectors stay exact (4·d bytes each, 8 GB at 4M x 512);
+- larger: `ivfpq`: IVF over product-quantised codes (d/4 bytes a vector) for the scan, and the shortlist
+  (`k_factor` x k) re-ranked with 8-bit scalar-quantised vectors (d bytes): about 3x less memory than ivf.
+`hnsw` (graph, M = 32) is available by name: lowest latency, no training, but a slower build and more memory.
+
+Approximate kinds are tuned at build time: the smallest `nprobe` / `efSearch` whose Recall@k against exact
+search, on a sample of the collection's own vectors (each query's own entry left out of both lists), reaches
+the target. The value is stored in the manifest with the recall it measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+KINDS: tuple[str, ...] = ("auto", "flat", "ivf", "hnsw", "ivfpq")
+APPROXIMATE: tuple[str, ...] = ("ivf", "hnsw", "ivfpq")
+FLAT_MAX = 100_000
+IVF_MAX = 4_000_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+TRAIN_POINTS_PER_LIST = 50  # k-means sample per IVF list (FAISS warns below 39)
+MIN_PQ_TRAIN = 10_000  # 8-bit PQ codebooks need ~39 x 256 training vectors
+EF_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+def choose_kind(n: int) -> str:
+    """The kind `auto` builds for `n` vectors (thresholds in the module docstring)."""
+    if n <= FLAT_MAX:
+        return "flat"
+    return "ivf" if n <= IVF_MAX else "ivfpq"
+
+
+def default_params(kind: str, n: int, dim: int) -> dict[str, Any]:
+    """Build parameters of `kind` for `n` vectors of `dim` (search parameters are set by `tune`)."""
+    if kind == "flat":
+        return {}
+    if kind == "hnsw":
+        return {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": 64}
+    if kind in ("ivf", "ivfpq"):
+        nlist = max(1, min(round(4 * math.sqrt(n)), n // 39))
+        params: dict[str, Any] = {"nlist": nlist, "nprobe": min(8, nlist)}
+        if kind == "ivfpq":
+            params["m"] = next(m for m in range(max(1, dim // 4), 0, -1) if dim % m == 0)
+            params["nbits"] = 8
+            params["k_factor"] = 4
+        return params
+    raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def create_index(kind: str, dim: int, params: dict[str, Any]) -> faiss.IndexIDMap2:
+    """An empty (untrained) index of `kind`, wrapped so that it stores our ids."""
+    metric = faiss.METRIC_INNER_PRODUCT
+    if kind == "flat":
+        base: faiss.Index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        base = faiss.IndexHNSWFlat(dim, int(params["M"]), metric)
+        base.hnsw.efConstruction = int(params["efConstruction"])
+    elif kind == "ivf":
+        base = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, int(params["nlist"]), metric)
+    elif kind == "ivfpq":
+        ivfpq = faiss.IndexIVFPQ(
+            faiss.IndexFlatIP(dim), dim, int(params["nlist"]), int(params["m"]), int(params["nbits"]), metric
+        )
+        base = faiss.IndexRefine(ivfpq, faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, metric))
+    else:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS[1:])}")
+    return faiss.IndexIDMap2(base)  # the FAISS wrapper keeps `base` alive with the map
+
+
+def train(index: faiss.IndexIDMap2, kind: str, vectors: np.ndarray, seed: int = 0) -> None:
+    """Train IVF coarse centroids (and PQ codebooks) on a seeded sample; a no-op for flat and HNSW."""
+    if kind not in ("ivf", "ivfpq"):
+        return
+    ivf = faiss.extract_index_ivf(index)
+    if kind == "ivfpq" and len(vectors) < MIN_PQ_TRAIN:
+        raise ValueError(
+            f"ivfpq needs at least {MIN_PQ_TRAIN} vectors to train its codebooks, got {len(vectors)}; "
+            "use --kind flat (exact) for a collection this small"
+        )
+    ivf.cp.niter = 10  # tuning nprobe afterwards makes up for coarser centroids; saves minutes at 1M
+    ivf.cp.seed = seed
+    sample = min(len(vectors), max(TRAIN_POINTS_PER_LIST * ivf.nlist, MIN_PQ_TRAIN if kind == "ivfpq" else 0))
+    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size=sample, replace=False))
+    index.train(np.ascontiguousarray(vectors[rows]))
+    if kind == "ivf":
+        ivf.make_direct_map()  # lets `reconstruct(id)` read a vector back (ivfpq reads its 8-bit copy)
+
+
+def search_params(
+    kind: str, params: dict[str, Any], index: faiss.IndexIDMap2, k: int, removed: np.ndarray | None = None
+) -> faiss.SearchParameters | None:
+    """Per-call search parameters: the tuned nprobe / efSearch (at least k), a filter leaving out `removed`."""
+    selector = None
+    if removed is not None and len(removed):
+        if kind == "ivfpq":  # the filter goes to the inner IVF, which sees positions, not our ids
+            removed = np.flatnonzero(np.isin(faiss.vector_to_array(index.id_map), removed)).astype(np.int64)
+        selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(removed))
+    if kind == "ivf":
+        out = faiss.SearchParametersIVF(nprobe=int(params["nprobe"]), sel=selector)
+    elif kind == "ivfpq":
+        inner = faiss.SearchParametersIVF(nprobe=int(params["nprobe"]), sel=selector)
+        out = faiss.IndexRefineSearchParameters(k_factor=float(params["k_factor"]), base_index_params=inner)
+        out.inner = inner
+    elif kind == "hnsw":
+        out = faiss.SearchParametersHNSW(efSearch=max(k, int(params["efSearch"])), sel=selector)
+    else:
+        out = faiss.SearchParameters(sel=selector) if selector is not None else None
+    if out is not None:
+        out.selector = selector  # keep the C++ objects the parameters point to alive during the search
+    return out
+
+
+def _topk_without_self(ids: np.ndarray, own: np.ndarray, k: int) -> list[set[int]]:
+    """The first k ids of each row other than the query's own id."""
+    return [set([i for i in row if i != self_id and i != -1][:k]) for row, self_id in zip(ids, own, strict=True)]
+
+
+def measure_recall(
+    index: faiss.Index,
+    kind: str,
+    params: dict[str, Any],
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    exact: list[set[int]],
+    k: int,
+) -> float:
+    """Mean |approximate top-k ∩ exact top-k| / k over the queries (their own entries left out)."""
+    _, found = index.search(queries, k + 1, params=search_params(kind, params, index, k + 1))
+    approx = _topk_without_self(found, query_ids, k)
+    return float(np.mean([len(a & e) / max(1, len(e)) for a, e in zip(approx, exact, strict=True)]))
+
+
+def tune(
+    index: faiss.Index,
+    kind: str,
+    params: dict[str, Any],
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    *,
+    target: float = 0.95,
+    k: int = 10,
+    n_queries: int = 1000,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pick the smallest nprobe / efSearch reaching `target` Recall@k vs exact search.
+
+    Queries are a seeded sample of the collection; the exact neighbours come from a brute-force scan of
+    `vectors` (no second copy of them). Returns the updated params and a recall record for the manifest.
+    """
+    if not 0 < target <= 1:
+        raise ValueError(f"target recall must be in (0, 1], got {target}")
+    n = len(vectors)
+    if kind not in APPROXIMATE:
+        return params, {"exact": True, "measured": 1.0, "k": k}
+    rows = np.sort(np.random.default_rng(seed + 1).choice(n, size=min(n_queries, n), replace=False))
+    queries = np.ascontiguousarray(vectors[rows])
+    _, nearest = faiss.knn(queries, vectors, min(k + 1, n), metric=faiss.METRIC_INNER_PRODUCT)
+    exact = _topk_without_self(np.where(nearest >= 0, ids[np.clip(nearest, 0, None)], -1), ids[rows], k)
+    name = "efSearch" if kind == "hnsw" else "nprobe"
+    if kind == "hnsw":
+        candidates = list(EF_CANDIDATES)
+    else:
+        nlist = int(params["nlist"])
+        candidates = sorted({min(2**i, nlist) for i in range(int(math.log2(nlist)) + 2)})
+    recall = 0.0
+    for value in candidates:
+        trial = {**params, name: value}
+        recall = measure_recall(index, kind, trial, queries, ids[rows], exact, k)
+        log.debug("%s %s=%d: Recall@%d %.4f", kind, name, value, k, recall)
+        if recall >= target:
+            break
+    else:
+        log.warning(
+            "%s did not reach Recall@%d %.2f (best %.4f at %s=%d); searches will miss more neighbours. "
+            "Use --kind flat or ivf for exact vectors", kind, k, target, recall, name, value,
+        )  # fmt: skip
+    log.info("%s: %s=%d gives Recall@%d %.4f vs exact on %d queries", kind, name, value, k, recall, len(rows))
+    record = {"exact": False, "target": target, "measured": recall, "k": k, "n_queries": len(rows),
+              "reached": recall >= target, "tuned": name}  # fmt: skip
+    return {**params, name: value}, record
+
+
+def to_gpu(index: faiss.Index, kind: str) -> faiss.Index:
+    """A GPU copy of `index` for searching (the CPU index stays the one that is edited and saved)."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise ImportError(
+            "--gpu needs FAISS built with GPU support; this faiss is CPU-only. Install it with "
+            "`pip install 'vlm[gpu]'` (faiss-gpu) or conda's faiss-gpu, or drop --gpu"
+        )
+    if faiss.get_num_gpus() == 0:
+        raise ValueError("--gpu: FAISS sees no CUDA GPU (check CUDA_VISIBLE_DEVICES and drivers), or drop --gpu")
+    if kind == "hnsw":
+        raise ValueError("FAISS has no GPU version of hnsw; rebuild with --kind ivf (or flat), or drop --gpu")
+    resources = faiss.StandardGpuResources()
+    gpu = faiss.index_cpu_to_gpu(resources, 0, index)
+    gpu.resources = resources  # the GPU index must not outlive its resources
+    return gpu

@@ -1,0 +1,167 @@
+"""`ReportIndex` (slide → report search) and the file-level builders behind `vlm index build / build-reports`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vlm.retrieval.index import ModelArg, SlideIndex, read_manifest, resolve_model
+from vlm.train.data import Pairs, SlideEmbeddings, load_pairs
+
+log = logging.getLogger(__name__)
+
+_TABLE_READERS = {".csv": pd.read_csv, ".tsv": lambda p, **kw: pd.read_csv(p, sep="\t", **kw),
+                  ".parquet": pd.read_parquet, ".jsonl": lambda p, **kw: pd.read_json(p, lines=True, **kw)}  # fmt: skip
+
+
+class ReportIndex(SlideIndex):
+    """Report texts in the joint space, for slide → report search (and text → report).
+
+    Each report is keyed `report_id` = `<slide_id>#<n>` (n-th report of that slide in the pairs table); the
+    metadata keeps `slide_id` and the `report` text, so results show the report and the slide it describes.
+    """
+
+    content: ClassVar[str] = "reports"
+    key: ClassVar[str] = "report_id"
+
+    @classmethod
+    def build_reports(cls, model: ModelArg, pairs: Pairs, **options: Any) -> ReportIndex:
+        """Encode every report of `pairs` with the text tower and index it (options as `from_vectors`)."""
+        model, folder = resolve_model(model)
+        report_ids = _report_ids(pairs.slide_ids)
+        metadata = pd.DataFrame({"report_id": report_ids, "slide_id": pairs.slide_ids, "report": pairs.reports})
+        if pairs.patient_ids is not None:
+            metadata["patient_id"] = pairs.patient_ids
+        if pairs.splits is not None:
+            metadata["split"] = pairs.splits
+        vectors = model.encode_text(pairs.reports, device="cpu").numpy()
+        return cls.from_vectors(vectors, report_ids, model, metadata, model_path=folder, **options)
+
+    def add_reports(self, slide_ids: Sequence[str], reports: Sequence[str]) -> None:
+        """Encode and add reports of the given slides (numbered after the slide's reports already here)."""
+        taken = self.metadata["slide_id"].tolist()
+        report_ids = _report_ids([*taken, *slide_ids])[len(taken) :]
+        metadata = pd.DataFrame({"report_id": report_ids, "slide_id": list(slide_ids), "report": list(reports)})
+        self.add_vectors(self.model.encode_text(list(reports), device="cpu").numpy(), report_ids, metadata)
+
+    def search_slide(  # type: ignore[override]
+        self, slide_ids: str | Sequence[str], slides: SlideEmbeddings, k: int = 10
+    ) -> pd.DataFrame:
+        """Reports nearest to slides, given their unprojected embeddings (`vlm embed-slides` output)."""
+        slide_ids = [slide_ids] if isinstance(slide_ids, str) else list(slide_ids)
+        missing = [s for s in slide_ids if s not in slides.row]
+        if missing:
+            raise ValueError(f"slide id(s) {missing[:10]} have no embedding in the slide-embeddings file given")
+        return self.search_embeddings(slides.lookup(slide_ids), k)
+
+    def search_report(self, report_ids: str | Sequence[str], k: int = 10, include_self: bool = False) -> pd.DataFrame:
+        """Reports nearest to indexed reports (report → report)."""
+        return self._search_items(report_ids, k, include_self)
+
+
+def _report_ids(slide_ids: Sequence[str]) -> list[str]:
+    counts: dict[str, int] = {}
+    out = []
+    for slide_id in slide_ids:
+        counts[slide_id] = counts.get(slide_id, 0) + 1
+        out.append(f"{slide_id}#{counts[slide_id]}")
+    return out
+
+
+def read_slides(path: str | os.PathLike[str]) -> SlideEmbeddings:
+    """Unprojected slide embeddings of a `vlm embed-slides` parquet (or its shard files), by slide id."""
+    from vlm.slide_embedding import read_slide_embeddings
+
+    frame = read_slide_embeddings(path)
+    provenance = {}
+    for column in ("encoder", "pool"):
+        values = sorted({str(v) for v in frame[column]}) if column in frame.columns else ["unknown"]
+        if len(values) > 1:
+            raise ValueError(f"{path}: mixed {column} values {values}; index one kind of slide embedding at a time")
+        provenance[column] = values[0]
+    if len(frame) == 0:
+        raise ValueError(f"{path}: empty collection, no slide embeddings; run `vlm embed-slides` first")
+    try:
+        matrix = np.stack(frame["embedding"].tolist())  # [N, E]
+    except ValueError as error:
+        raise ValueError(f"{path}: embeddings have different lengths ({error}); re-run `vlm embed-slides`") from error
+    return SlideEmbeddings([str(s) for s in frame["slide_id"]], torch.from_numpy(matrix), **provenance)
+
+
+def read_metadata(path: str | os.PathLike[str] | None) -> pd.DataFrame | None:
+    """A user metadata table with a `slide_id` column (see `read_table`), or None without a path."""
+    return None if path is None else read_table(path)
+
+
+def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """A CSV / TSV / Parquet / JSONL table; `slide_id` is read as text (ids like 0001 keep their zeros)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such table")
+    reader = _TABLE_READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"{path}: unknown table format {path.suffix!r}; use one of {', '.join(_TABLE_READERS)}")
+    kwargs = {} if path.suffix.lower() == ".parquet" else {"dtype": {"slide_id": str}}
+    return reader(path, **kwargs)
+
+
+def build_slide_index(
+    model: ModelArg,
+    slides: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    metadata: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> SlideIndex:
+    """`vlm index build`: index every slide of a `vlm embed-slides` parquet, saved to `out` when given."""
+    embeddings = read_slides(slides)
+    source = {"slides": str(Path(slides).resolve()), "encoder": embeddings.encoder, "pool": embeddings.pool}
+    index = SlideIndex.build(model, embeddings.embeddings, embeddings.ids, read_metadata(metadata),
+                             source=source, **options)  # fmt: skip
+    if out is not None:
+        index.save(out)
+    return index
+
+
+def add_slides(
+    index: SlideIndex, slides: str | os.PathLike[str], metadata: str | os.PathLike[str] | None = None
+) -> list[str]:
+    """`vlm index add`: add every slide of a `vlm embed-slides` parquet; returns the added slide ids.
+
+    Every slide in the file must be new (re-adding one is an error naming it), so an accidental re-run
+    neither skips nor duplicates anything silently.
+    """
+    embeddings = read_slides(slides)
+    source = index.manifest.get("source", {})
+    for column in ("encoder", "pool"):
+        if source.get(column, "unknown") not in ("unknown", getattr(embeddings, column)):
+            raise ValueError(
+                f"{slides}: slide embeddings made with {column}={getattr(embeddings, column)!r}, but the index "
+                f"holds {column}={source[column]!r}; embed the new slides the same way"
+            )
+    index.add(embeddings.embeddings, embeddings.ids, read_metadata(metadata))
+    return embeddings.ids
+
+
+def build_report_index(
+    model: ModelArg, pairs: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, **options: Any
+) -> ReportIndex:
+    """`vlm index build-reports`: index every report of a pairs table, saved to `out` when given."""
+    index = ReportIndex.build_reports(model, load_pairs(pairs), source={"pairs": str(Path(pairs).resolve())},
+                                      **options)  # fmt: skip
+    if out is not None:
+        index.save(out)
+    return index
+
+
+def load_index(path: str | os.PathLike[str], model: ModelArg | None = None, gpu: bool = False) -> SlideIndex:
+    """A slide or report index folder, whichever it holds."""
+    cls = ReportIndex if read_manifest(Path(path)).get("content") == "reports" else SlideIndex
+    return cls.load(path, model=model, gpu=gpu)
+
