@@ -86,34 +86,47 @@ def test_scoring_is_softmax_of_scaled_cosine(model: SlideTextModel, tmp_path: Pa
     )
 
 
+SMALL_TASK = """\
+type: multiclass
+classes:
+  LUAD: [lung adenocarcinoma, pulmonary adenocarcinoma]
+  LUSC: [lung squamous cell carcinoma]
+templates: ["CLASSNAME.", "an H&E image of CLASSNAME.", "histology shows CLASSNAME."]
+"""
+
+
 def test_second_run_does_no_text_encoding_and_edits_miss(
     model: SlideTextModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    task = tmp_path / "small.yaml"
+    task.write_text(SMALL_TASK)
     calls = _count_text_calls(model, monkeypatch)
     cache = tmp_path / "cache"
-    first = ZeroShotClassifier.from_prompt_file(model, NSCLC, cache_dir=cache)
-    assert calls == [180] and len(list(cache.glob("*.safetensors"))) == 1
-    second = ZeroShotClassifier.from_prompt_file(model, NSCLC, cache_dir=cache)
-    assert calls == [180]  # served from the cache
+    first = ZeroShotClassifier.from_prompt_file(model, task, cache_dir=cache)
+    assert calls == [9] and len(list(cache.glob("*.safetensors"))) == 1
+    second = ZeroShotClassifier.from_prompt_file(model, task, cache_dir=cache)
+    assert calls == [9]  # served from the cache
     torch.testing.assert_close(first.prototypes, second.prototypes)
     edited = tmp_path / "edited.yaml"
-    edited.write_text(NSCLC.read_text().replace("pulmonary adenocarcinoma", "adenocarcinoma, lung primary"))
+    edited.write_text(SMALL_TASK.replace("pulmonary adenocarcinoma", "primary lung adenocarcinoma"))
     ZeroShotClassifier.from_prompt_file(model, edited, cache_dir=cache)
-    assert calls == [180, 180] and len(list(cache.glob("*.safetensors"))) == 2
-    ZeroShotClassifier.from_prompt_file(model, NSCLC, cache_dir=tmp_path / "off", use_cache=False)
+    assert calls == [9, 9] and len(list(cache.glob("*.safetensors"))) == 2
+    ZeroShotClassifier.from_prompt_file(model, task, cache_dir=tmp_path / "off", use_cache=False)
     assert len(calls) == 3 and not (tmp_path / "off").exists()
 
 
 def test_changed_text_weights_miss_the_cache(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    task = tmp_path / "small.yaml"
+    task.write_text(SMALL_TASK)
     other = SlideTextModel.from_pretrained(model_dir)
-    ZeroShotClassifier.from_prompt_file(other, NSCLC, cache_dir=tmp_path)
+    ZeroShotClassifier.from_prompt_file(other, task, cache_dir=tmp_path)
     with torch.no_grad():
         next(other.text_proj.parameters()).add_(0.01)
     calls = _count_text_calls(other, monkeypatch)
-    ZeroShotClassifier.from_prompt_file(other, NSCLC, cache_dir=tmp_path)
-    assert calls == [180]
+    ZeroShotClassifier.from_prompt_file(other, task, cache_dir=tmp_path)
+    assert calls == [9]
 
 
 @pytest.mark.parametrize(
