@@ -76,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--unfreeze-text-last", type=int, default=0, help="train only the last N text layers")
     opt.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     opt.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    opt.add_argument("--eval-batch-size", type=int, default=64, help="pairs per batch when validating")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--device", default="auto")
     opt.add_argument("--precision", default="auto", help="auto, fp32, fp16 or bf16")
@@ -117,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
             grad_clip=args.grad_clip, freeze_slide=args.freeze_slide, freeze_text=args.freeze_text,
             unfreeze_text_last=args.unfreeze_text_last, grad_checkpointing=args.grad_checkpointing,
             val_fraction=args.val_fraction, test_fraction=args.test_fraction, drop_missing=args.drop_missing,
-            checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device, precision=args.precision,
+            checkpoint_every=args.checkpoint_every, eval_batch_size=args.eval_batch_size, seed=args.seed,
+            device=args.device, precision=args.precision,
         )  # fmt: skip
         model_dir = train(config, progress=not args.no_progress)
     print(f"model -> {model_dir}")

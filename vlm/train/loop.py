@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -431,7 +432,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
             mine = batch[dist_.rank :: dist_.world_size]
             lr = scheduler.get_last_lr()[0]
             tile_seed = config.seed * 1_000_003 + global_step
+            started = time.perf_counter()
             loss = _train_step(model, inputs, mine, loss_fn, optimizer, scaler, config, device, tile_seed, dist_)
+            loss["step_seconds"] = round(time.perf_counter() - started, 4)
             scheduler.step()
             global_step += 1
             metrics.write({"step": global_step, "epoch": epoch, **loss, "lr": lr})
