@@ -196,10 +196,10 @@ def dense_dilated_attention(
 def test_fast_path_equals_dense_union_softmax(n: int, heads: int, segments, ratios) -> None:
     generator = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(n, heads, 8, generator=generator, dtype=torch.float64) for _ in range(3))
-    fast = dilated_attention(q, k, v, segments, ratios)
-    torch.testing.assert_close(
-        fast, dense_dilated_attention(q, k, v, segments, ratios), atol=1e-10, rtol=1e-10
-    )
+    dense = dense_dilated_attention(q, k, v, segments, ratios)
+    torch.testing.assert_close(dilated_attention(q, k, v, segments, ratios), dense, atol=1e-10, rtol=1e-10)
+    q.requires_grad_(True)  # the autograd path (dense scatter per branch) must agree too
+    torch.testing.assert_close(dilated_attention(q, k, v, segments, ratios), dense, atol=1e-10, rtol=1e-10)
 
 
 # --- batching, training switches ----------------------------------------------------------------------

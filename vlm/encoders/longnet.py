@@ -18,7 +18,9 @@ each slide gives alone; the linear layers run on the padded batch and padded pos
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,37 +65,88 @@ def attend_chunked(q: Tensor, k: Tensor, v: Tensor, chunk: int = 1024) -> tuple[
     return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
 
 
-def _dilated_branch(q: Tensor, k: Tensor, v: Tensor, segment: int, ratio: int) -> tuple[Tensor, Tensor]:
-    """One (segment, ratio) branch for one sequence: q, k, v `[n, H, D]` -> out `[n, H, D]`, lse `[n, H]`."""
-    n, heads, dim = q.shape
+@dataclass(frozen=True)
+class _Part:
+    """Consecutive length-`s` segments of tokens `[start, stop)`, whose slots begin at `slot`."""
+
+    start: int
+    stop: int
+    s: int
+    ratio: int
+    heads: int
+    slot: int
+    zero_keys: int = 0  # all-zero keys every (segment, head group) also attends to
+
+    @property
+    def n_seg(self) -> int:
+        return (self.stop - self.start) // self.s
+
+    @property
+    def m(self) -> int:  # positions per head group per segment
+        return _ceil_div(self.s, self.ratio)
+
+    @property
+    def per_group(self) -> int:  # heads per group (the head count is zero-padded to a multiple of r)
+        return _ceil_div(self.heads, self.ratio)
+
+    @property
+    def groups(self) -> int:  # groups that hold real heads
+        return _ceil_div(self.heads, self.per_group)
+
+    @property
+    def slots(self) -> int:
+        return self.n_seg * self.m * self.ratio
+
+    def diagonal(self, buffer: Tensor) -> Tensor:
+        """Covered entries of a slot-major buffer `[slots, H_pad, ...]`, as
+        `[n_seg, m, per_group, ..., groups]`."""
+        part = buffer[self.slot : self.slot + self.slots, : self.per_group * self.ratio]
+        part = part.unflatten(0, (self.n_seg, self.m, self.ratio)).unflatten(3, (self.ratio, self.per_group))
+        return torch.diagonal(part, dim1=2, dim2=3)[..., : self.groups]
+
+
+def _parts(n: int, heads: int, segment: int, ratio: int) -> list[_Part]:
+    """How one branch splits a length-n sequence.
+
+    Officially the sequence is zero-padded to a multiple of `s = min(segment, n)`, each segment to a
+    multiple of r, and the zero keys join the softmax. A partly filled last segment is attended over its
+    own tokens (padded to a multiple of r) with the rest of its zero keys counted analytically, which for
+    a 40k-tile slide skips most of the 32768-long branch's second segment. Segments sit at their r-padded
+    length `m * r` in slot order, and token p reads slot p (as officially: when s is not a multiple of r
+    and there are several segments, later segments' outputs land shifted — reproduced, not fixed, so the
+    pretrained weights see the numbers they were trained with).
+    """
     s = min(segment, n)
-    n_seg = _ceil_div(n, s)
-    m = _ceil_div(s, ratio)  # positions per head group per segment
-    per_group = _ceil_div(heads, ratio)  # heads per group (head count zero-padded to a multiple of ratio)
-    groups = _ceil_div(heads, per_group)  # groups that hold real heads
-    padded_heads = per_group * ratio
+    full = n // s * s
+    parts = [_Part(0, full, s, ratio, heads, slot=0)]
+    if full < n:
+        tail = n - full
+        zero_keys = _ceil_div(s, ratio) - _ceil_div(tail, ratio)
+        parts.append(_Part(full, n, tail, ratio, heads, slot=parts[0].slots, zero_keys=zero_keys))
+    return parts
 
-    def gather(x: Tensor) -> Tensor:  # [n, H, D] -> [n_seg * groups, per_group, m, D]
-        x = F.pad(x, (0, 0, 0, padded_heads - heads, 0, n_seg * s - n)).view(n_seg, s, padded_heads, dim)
-        x = F.pad(x, (0, 0, 0, 0, 0, m * ratio - s)).view(n_seg, m, ratio, ratio, per_group, dim)
-        x = torch.diagonal(x, dim1=2, dim2=3)[..., :groups]  # [n_seg, m, per_group, D, groups]
-        return x.permute(0, 4, 2, 1, 3).reshape(n_seg * groups, per_group, m, dim)
 
-    out_sparse, lse_sparse = attend(gather(q), gather(k), gather(v))
-    out = q.new_zeros(n_seg, m, ratio, ratio, per_group, dim)
-    torch.diagonal(out, dim1=2, dim2=3)[..., :groups].copy_(
-        out_sparse.view(n_seg, groups, per_group, m, dim).permute(0, 3, 2, 4, 1)
-    )
-    lse = lse_sparse.new_full((n_seg, m, ratio, ratio, per_group), UNCOVERED_LSE)
-    torch.diagonal(lse, dim1=2, dim2=3)[..., :groups].copy_(
-        lse_sparse.view(n_seg, groups, per_group, m).permute(0, 3, 2, 1)
-    )
-    # Segments are concatenated at their r-padded length `m * r`, not `s` (as officially): when `s` is not a
-    # multiple of r and there are several segments, later segments' outputs land shifted. Reproduced, not
-    # fixed, so that the pretrained weights see the numbers they were trained with.
-    out = out.view(n_seg * m * ratio, padded_heads, dim)
-    lse = lse.view(n_seg * m * ratio, padded_heads)
-    return out[:n, :heads], lse[:n, :heads]
+def _part_attention(q: Tensor, k: Tensor, v: Tensor, part: _Part) -> tuple[Tensor, Tensor]:
+    """Attention of one part: out `[n_seg, m, per_group, D, groups]`, lse `[n_seg, m, per_group, groups]`."""
+    _, heads, dim = q.shape
+    padded_heads = part.per_group * part.ratio
+
+    def gather(x: Tensor) -> Tensor:  # [n, H, D] -> [n_seg * groups, per_group, m, D], one or two copies
+        x = x[part.start : part.stop].view(part.n_seg, part.s, heads, dim)
+        if padded_heads > heads or part.m * part.ratio > part.s:
+            x = F.pad(x, (0, 0, 0, padded_heads - heads, 0, part.m * part.ratio - part.s))
+        x = x.view(part.n_seg, part.m, part.ratio, part.ratio, part.per_group, dim)
+        x = torch.diagonal(x, dim1=2, dim2=3)[..., : part.groups]  # [n_seg, m, per_group, D, groups]
+        return x.permute(0, 4, 2, 1, 3).reshape(part.n_seg * part.groups, part.per_group, part.m, dim)
+
+    out, lse = attend(gather(q), gather(k), gather(v))
+    if part.zero_keys:
+        # Each zero key adds exp(q·0) = 1 to the softmax denominator and nothing to the numerator.
+        new_lse = torch.logaddexp(lse, lse.new_tensor(math.log(part.zero_keys)))
+        out = out * torch.exp(lse - new_lse).unsqueeze(-1).to(out.dtype)
+        lse = new_lse
+    shape = (part.n_seg, part.groups, part.per_group, part.m)
+    return out.view(*shape, dim).permute(0, 3, 2, 4, 1), lse.detach().view(shape).permute(0, 3, 2, 1)
 
 
 def dilated_attention(
@@ -101,26 +154,52 @@ def dilated_attention(
 ) -> Tensor:
     """LongNet dilated attention of one sequence, `[n, H, D]` -> `[n, H, D]`.
 
-    Branch outputs are merged into a running softmax over their log-sum-exps, so only one extra
-    `[n, H, D]` buffer is alive at a time.
+    Branches are merged into a running softmax over their log-sum-exps (weights without gradient, as
+    officially). At inference the merge updates only the entries each branch covers, in place; with
+    autograd each branch is scattered into a dense output first.
     """
-    total = weight_sum = running_max = None
-    for segment, ratio in zip(segment_lengths, dilated_ratios, strict=True):
-        out, lse = _dilated_branch(q, k, v, segment, ratio)
-        lse = lse.detach().to(torch.promote_types(lse.dtype, torch.float32))
-        if running_max is None:
-            running_max, weight_sum, total = lse, torch.ones_like(lse), out
-            continue
-        new_max = torch.maximum(running_max, lse)
-        old_scale, new_scale = torch.exp(running_max - new_max), torch.exp(lse - new_max)
-        weight_sum = weight_sum * old_scale + new_scale
-        old_scale, new_scale = old_scale.unsqueeze(-1).to(out.dtype), new_scale.unsqueeze(-1).to(out.dtype)
-        if torch.is_grad_enabled() and (total.requires_grad or out.requires_grad):
-            total = total * old_scale + out * new_scale
-        else:  # inference: update in place, no [n, H, D] temporaries
-            total = total.mul_(old_scale).add_(out.mul_(new_scale))
-        running_max = new_max
-    return total / weight_sum.unsqueeze(-1).to(total.dtype)
+    n, heads, dim = q.shape
+    branches = [_parts(n, heads, seg, r) for seg, r in zip(segment_lengths, dilated_ratios, strict=True)]
+    slots = max(part.slot + part.slots for parts in branches for part in parts)
+    padded_heads = max(part.per_group * part.ratio for parts in branches for part in parts)
+    lse_dtype = torch.promote_types(q.dtype, torch.float32)
+    running_max = q.new_full((slots, padded_heads), UNCOVERED_LSE, dtype=lse_dtype)
+    weight_sum = q.new_zeros((slots, padded_heads), dtype=lse_dtype)
+    in_place = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    total = q.new_zeros(slots, padded_heads, dim)
+    for parts in branches:
+        if not in_place:
+            dense_out = q.new_zeros(slots, padded_heads, dim)
+            dense_lse = running_max.new_full((slots, padded_heads), UNCOVERED_LSE)
+        for part in parts:
+            out, lse = _part_attention(q, k, v, part)
+            if in_place:  # uncovered entries would get weight exp(-1e8 - max) = 0: skip them
+                old_max, sums, acc = (
+                    part.diagonal(running_max),
+                    part.diagonal(weight_sum),
+                    part.diagonal(total),
+                )
+                new_max = torch.maximum(old_max, lse)
+                old_scale, new_scale = torch.exp(old_max - new_max), torch.exp(lse - new_max)
+                sums.mul_(old_scale).add_(new_scale)
+                acc.mul_(old_scale.unsqueeze(-2).to(acc.dtype)).addcmul_(
+                    out, new_scale.unsqueeze(-2).to(acc.dtype)
+                )
+                old_max.copy_(new_max)
+            else:
+                part.diagonal(dense_out).copy_(out)
+                part.diagonal(dense_lse).copy_(lse)
+        if not in_place:
+            new_max = torch.maximum(running_max, dense_lse)
+            old_scale, new_scale = torch.exp(running_max - new_max), torch.exp(dense_lse - new_max)
+            weight_sum = weight_sum * old_scale + new_scale
+            total = total * old_scale.unsqueeze(-1).to(total.dtype) + dense_out * new_scale.unsqueeze(-1).to(
+                total.dtype
+            )
+            running_max = new_max
+    # Every covered entry has weight_sum >= 1 (its largest branch contributes exp(0)); a position no branch
+    # covers (only possible without a ratio-1 branch) gets output 0, as officially.
+    return total[:n, :heads] / weight_sum[:n, :heads].clamp(min=1.0).unsqueeze(-1).to(total.dtype)
 
 
 class DropPath(nn.Module):
@@ -161,12 +240,19 @@ class DilatedAttention(nn.Module):
         batch, length, embed_dim = x.shape
         shape = (batch, length, self.num_heads, embed_dim // self.num_heads)
         q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
-        rows = []
-        for b, n in enumerate(lengths):
-            row = dilated_attention(q[b, :n], k[b, :n], v[b, :n], self.segment_lengths, self.dilated_ratios)
-            rows.append(F.pad(row, (0, 0, 0, 0, 0, length - n)))
-        attn = torch.stack(rows).view(batch, length, embed_dim)
-        return self.out_proj(self.inner_attn_ln(attn))
+        if lengths == [length] * batch:
+            rows = [
+                dilated_attention(q[b], k[b], v[b], self.segment_lengths, self.dilated_ratios)
+                for b in range(batch)
+            ]
+            attn = torch.stack(rows) if batch > 1 else rows[0][None]
+        else:
+            attn = q.new_zeros(shape)
+            for b, n in enumerate(lengths):
+                attn[b, :n] = dilated_attention(
+                    q[b, :n], k[b, :n], v[b, :n], self.segment_lengths, self.dilated_ratios
+                )
+        return self.out_proj(self.inner_attn_ln(attn.reshape(batch, length, embed_dim)))
 
 
 class FeedForward(nn.Module):
