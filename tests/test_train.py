@@ -306,3 +306,17 @@ def test_csv_ids_stay_text(tmp_path: Path) -> None:
     path.write_text("slide_id,report,patient_id\n001,benign,07\n002,carcinoma,08\n")
     pairs = load_pairs(path)
     assert pairs.slide_ids == ["001", "002"] and pairs.patient_ids == ["07", "08"]
+
+
+def test_prefetching_loader_matches_direct_reads(tmp_path: Path) -> None:
+    pytest.importorskip("vlm.encoders.slide")
+    from vlm.train.data import PrefetchingFeatureLoader, load_slide_features
+
+    _, features = write_tiny_features(tmp_path, n_slides=4)
+    loader = PrefetchingFeatureLoader(features)
+    calls = [(["s0", "s1"], 6, 1), (["s2", "s3"], 6, 1), (["s0", "s1"], 6, 1)]
+    loader.plan(calls)
+    for ids, max_tiles, seed in [*calls, (["s3"], None, 0)]:  # the last call is off-plan: read directly
+        direct = load_slide_features(features, ids, max_tiles, seed)
+        for got, expected in zip(loader.load(ids, max_tiles, seed), direct, strict=True):
+            assert torch.equal(got, expected)

@@ -14,6 +14,7 @@ import os
 import random
 import zlib
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,3 +266,47 @@ def load_slide_features(
     for i, (f, c) in enumerate(zip(feats, coords, strict=True)):
         batch_f[i, : len(f)], batch_c[i, : len(c)], mask[i, : len(f)] = f, c, False
     return batch_f, batch_c, mask
+
+
+_Load = tuple[tuple[str, ...], int | None, int]  # slide ids, max_tiles, seed
+
+
+class PrefetchingFeatureLoader:
+    """`load_slide_features` one call ahead on a background thread, following a plan of upcoming calls.
+
+    Fine-tuning reads every slide of a step twice (GradCache's two passes) and a 10k-tile slide is ~60 MB
+    of features; reading the next chunk while the GPU encodes the current one hides that I/O. The plan is
+    only a hint: a call that does not match it is served synchronously and the plan is dropped, so results
+    never depend on it. At most one chunk is loaded ahead, which bounds the extra memory.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.folder = folder
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-features")
+        self._plan: list[_Load] = []
+        self._pending: tuple[_Load, Future[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
+
+    def plan(self, calls: list[tuple[list[str], int | None, int]]) -> None:
+        """Announce the next calls (slide ids, max_tiles, seed) in order and start loading the first."""
+        self._plan = [(tuple(ids), max_tiles, seed) for ids, max_tiles, seed in calls]
+        self._pending = None
+        self._submit_next()
+
+    def _submit_next(self) -> None:
+        self._pending = None
+        if self._plan:
+            key = self._plan.pop(0)
+            self._pending = (key, self._executor.submit(load_slide_features, self.folder, list(key[0]), *key[1:]))
+
+    def load(
+        self, slide_ids: list[str], max_tiles: int | None = None, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (tuple(slide_ids), max_tiles, seed)
+        if self._pending is not None and self._pending[0] == key:
+            result = self._pending[1].result()
+            self._submit_next()
+            return result
+        self._plan, self._pending = [], None
+        return load_slide_features(self.folder, slide_ids, max_tiles, seed)

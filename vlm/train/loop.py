@@ -39,7 +39,7 @@ from vlm.metrics import retrieval_recalls
 from vlm.model.clip import SlideTextModel, create_model
 from vlm.model.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, contrastive_loss, create_loss
 from vlm.train import data as pairs_data
-from vlm.train.gradcache import contrastive_backward
+from vlm.train.gradcache import chunks_of, contrastive_backward
 
 log = logging.getLogger(__name__)
 
@@ -219,16 +219,21 @@ class _Inputs:
                 table.pool,
             )
         self.features = Path(config.features) if config.features is not None else None
+        self.loader = pairs_data.PrefetchingFeatureLoader(self.features) if self.features is not None else None
 
     def encode_slides(self, model: SlideTextModel, rows: Sequence[int], seed: int = 0) -> Tensor:
         if self.embeddings is not None:
             return model.encode_slide_embeddings(self.embeddings[list(rows)])
-        assert self.features is not None
+        assert self.loader is not None
         max_tiles = self.config.max_tiles if model.training else None
-        feats, coords, mask = pairs_data.load_slide_features(
-            self.features, [self.pairs.slide_ids[i] for i in rows], max_tiles, seed
-        )
+        feats, coords, mask = self.loader.load([self.pairs.slide_ids[i] for i in rows], max_tiles, seed)
         return model.encode_slides(feats.to(self.device), coords.to(self.device), mask.to(self.device))
+
+    def plan_slides(self, chunks: list[list[int]], training: bool, seed: int = 0) -> None:
+        """Tell the feature loader which row chunks `encode_slides` gets next, so it can read ahead."""
+        if self.loader is not None:
+            max_tiles = self.config.max_tiles if training else None
+            self.loader.plan([([self.pairs.slide_ids[i] for i in c], max_tiles, seed) for c in chunks])
 
     def encode_texts(self, model: SlideTextModel, rows: Sequence[int]) -> Tensor:
         return model.encode_tokens(model.text.tokenize([self.pairs.reports[i] for i in rows], device=self.device))
@@ -315,6 +320,7 @@ def evaluate(
         slide_chunks = [rows[i : i + slide_batch] for i in range(0, len(rows), slide_batch)]
         chunks = [rows[i : i + config.eval_batch_size] for i in range(0, len(rows), config.eval_batch_size)]
         device = inputs.device
+        inputs.plan_slides(slide_chunks, training=False)
         with autocast(device, config.precision):
             slides = torch.cat([inputs.encode_slides(model, c) for c in slide_chunks])
             texts = torch.cat([inputs.encode_texts(model, c) for c in chunks])
@@ -490,6 +496,9 @@ def _train_step(
         return contrastive_loss(loss_fn, slides.float(), texts.float(), model.scale(), model.logit_bias)
 
     chunk = config.chunk_size if config.chunk_size is not None else (None if config.frozen else 4)
+    cached = chunk is not None and chunk < len(rows)
+    parts = [[rows[i] for i in part] for part in chunks_of(len(rows), chunk if cached else len(rows))]
+    inputs.plan_slides(parts * 2 if cached else parts, training=True, seed=tile_seed)  # GradCache reads twice
     loss = contrastive_backward(encode_slides, encode_texts, len(rows), loss_of, chunk, scaler.scale)
     if dist_.world_size > 1:
         _average_gradients(model, dist_.world_size)
