@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlm.encoders.longnet import dilated_attention
+from vlm.encoders.longnet import attend, attend_chunked, dilated_attention
 from vlm.encoders.positions import sincos_positions
 from vlm.encoders.slide import (
     GigaPathSlideEncoder,
@@ -200,6 +200,13 @@ def test_fast_path_equals_dense_union_softmax(n: int, heads: int, segments, rati
     torch.testing.assert_close(dilated_attention(q, k, v, segments, ratios), dense, atol=1e-10, rtol=1e-10)
     q.requires_grad_(True)  # the autograd path (dense scatter per branch) must agree too
     torch.testing.assert_close(dilated_attention(q, k, v, segments, ratios), dense, atol=1e-10, rtol=1e-10)
+
+
+def test_portable_attention_fallback_matches_the_fused_kernel() -> None:
+    q, k, v = (torch.randn(3, 2, 700, 16, dtype=torch.float64) for _ in range(3))
+    fused, chunked = attend(q, k, v), attend_chunked(q, k, v, chunk=256)
+    torch.testing.assert_close(chunked[0], fused[0])
+    torch.testing.assert_close(chunked[1], fused[1])
 
 
 # --- batching, training switches ----------------------------------------------------------------------

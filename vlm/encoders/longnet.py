@@ -3,7 +3,8 @@
 Why not the official code: it needs flash-attn (no CPU path), spreads every branch's output with
 `diag_embed` (r× memory per branch) and has no masking for batches. Here each branch gathers its dilated
 positions with strided views, runs one fused attention that also returns the log-sum-exp (so the branch
-weights cost nothing extra), and is merged into a running softmax, so memory stays O(L).
+weights cost nothing extra), and is merged into a running softmax (in place, on the entries the branch
+covers, at inference), so memory stays O(L).
 
 Dilated attention (one branch, segment `s = min(segment, L)`, ratio `r`): zero-pad the sequence to a
 multiple of `s`, zero-pad each segment to a multiple of `r`; head group `g = head // ceil(H / r)` attends
@@ -56,9 +57,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 def attend_chunked(q: Tensor, k: Tensor, v: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
     """Exact attention in query chunks; the portable fallback of `attend`."""
     scale = q.shape[-1] ** -0.5
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
     outs, lses = [], []
     for start in range(0, q.shape[-2], chunk):
-        scores = (q[..., start : start + chunk, :] @ k.transpose(-1, -2)).float() * scale
+        scores = (q[..., start : start + chunk, :] @ k.transpose(-1, -2)).to(softmax_dtype) * scale
         lse = torch.logsumexp(scores, dim=-1)
         outs.append(torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype) @ v)
         lses.append(lse)
