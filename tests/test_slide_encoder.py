@@ -280,6 +280,11 @@ def test_bad_inputs_raise_clear_errors() -> None:
 def test_to_gigapath_coords_converts_and_names_the_slide() -> None:
     level0 = np.array([[0, 0], [1000, 2048]], dtype=np.int64)
     np.testing.assert_allclose(to_gigapath_coords(level0, mpp=0.25), [[0, 0], [500, 1024]])
+    # 513-px level-0 tiles at 0.2495 mpp are 255.99 px at 0.5 mpp: corners would put tiles 0 and 1 in one
+    # cell, centres keep one cell per tile.
+    corners = np.stack([np.arange(900) * 513, np.zeros(900)], axis=1)
+    cells = np.floor(to_gigapath_coords(corners, 0.2495, tile_size_level0=513)[:, 0] / 256)
+    np.testing.assert_array_equal(cells, np.arange(900))
     with pytest.raises(ValueError, match="slide 'TCGA-XY': 1 tile"):
         to_gigapath_coords(np.array([[0, 0], [600_000, 0]]), mpp=0.25, slide_id="TCGA-XY")
     with pytest.raises(ValueError, match="mpp must be a positive"):

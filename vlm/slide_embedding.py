@@ -103,8 +103,9 @@ def _load_slide(
         )
     if not np.isfinite(features).all():
         raise ValueError(f"slide {slide_id!r}: {path} has NaN/inf features; re-extract them")
+    config, grid = encoder.config, tile_features.grid
     coords = to_gigapath_coords(
-        tile_features.coords, tile_features.mpp, slide_id, encoder.config.tile_size, encoder.config.grid_size
+        grid.coords, grid.mpp, slide_id, config.tile_size, config.grid_size, grid.tile_size_level0
     )
     return features, coords
 

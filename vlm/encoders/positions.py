@@ -62,12 +62,20 @@ def sincos_positions(
 
 
 def to_gigapath_coords(
-    coords_level0: np.ndarray, mpp: float, slide_id: str = "", tile_size: int = 256, grid_size: int = 1000
+    coords_level0: np.ndarray,
+    mpp: float,
+    slide_id: str = "",
+    tile_size: int = 256,
+    grid_size: int = 1000,
+    tile_size_level0: float | None = None,
 ) -> np.ndarray:
     """Level-0 (x, y) pixels [N, 2] -> 0.5-mpp pixels [N, 2] float64, checked against the position grid.
 
     Feeding level-0 pixels of a 0.25-mpp scan straight to the encoder doubles every position (a common
     mistake, prov-gigapath #57/#65/#116), which is why the unit conversion lives next to the model.
+    With `tile_size_level0`, tile centres are converted instead of top-left corners: same grid cells for
+    exact 256-px tiles, but a level-0 tile size rounded down (513 px at 0.2495 mpp is 255.99 px at 0.5
+    mpp) can no longer put two neighbouring tiles into one cell.
     """
     name = f"slide {slide_id!r}: " if slide_id else ""
     if not np.isfinite(mpp) or mpp <= 0:
@@ -75,6 +83,8 @@ def to_gigapath_coords(
     coords = np.asarray(coords_level0, dtype=np.float64)
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise ValueError(f"{name}coords must have shape [N, 2], got {coords.shape}")
+    if tile_size_level0 is not None:
+        coords = coords + float(tile_size_level0) / 2
     scaled = coords * (float(mpp) / GIGAPATH_MPP)
     limit = grid_size * tile_size
     outside = ~np.isfinite(scaled).all(1) | (scaled < 0).any(1) | (scaled >= limit).any(1)
