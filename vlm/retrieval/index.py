@@ -88,6 +88,7 @@ class SlideIndex:
         if model is not None:
             self.model = model
         self._gpu = gpu
+        kinds.apply_params(index, self.kind, self.params)
         self._refresh()
 
     # --- properties -------------------------------------------------------------------------------
@@ -298,7 +299,8 @@ class SlideIndex:
             keep = ~np.isin(ids, self._deleted)
             return _compact(scores, ids, keep, k)
         params = kinds.search_params(self.kind, self.params, self.index, k, self._deleted)
-        return self.index.search(vectors, k, params=params)
+        with kinds.threads_for(len(vectors)):
+            return self.index.search(vectors, k, params=params)
 
     def search_text(self, texts: str | Sequence[str], k: int = 10) -> pd.DataFrame:
         """Items nearest to each text (a report phrase), as a table (see `results`)."""
