@@ -301,6 +301,25 @@ def test_unfreeze_text_last_trains_only_those_layers(data: dict[str, Path]) -> N
     assert changed and all(".layer.1." in n for n in changed)
 
 
+def test_frozen_text_tower_runs_once_and_matches_eval_mode(data: dict[str, Path]) -> None:
+    cfg = config(data, data["root"] / "frozen-text", freeze_text=True)
+    model = build_tiny_model(data["root"] / "frozen-model", slide_embed_dim=DIM, proj_dim=16)
+    loop._apply_freezing(model, cfg)
+    inputs = loop._Inputs(cfg, loop._prepare_pairs(cfg), torch.device("cpu"))
+    model.train()
+    calls = []
+    model.text.register_forward_hook(lambda *_: calls.append(1))
+    rows = [0, 3, 5]
+    cached = inputs.encode_texts(model, rows)
+    inputs.encode_texts(model, [1, 2])
+    assert len(calls) == 1  # every report encoded in one pass, then reused
+    model.eval()
+    with torch.no_grad():
+        direct = model.encode_tokens(model.text.tokenize([inputs.pairs.reports[i] for i in rows]))
+    torch.testing.assert_close(cached, direct, atol=1e-5, rtol=1e-5)
+    assert cached.requires_grad  # the projection head still trains on the cached features
+
+
 def test_csv_ids_stay_text(tmp_path: Path) -> None:
     path = tmp_path / "pairs.csv"
     path.write_text("slide_id,report,patient_id\n001,benign,07\n002,carcinoma,08\n")

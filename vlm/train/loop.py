@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -207,6 +208,7 @@ class _Inputs:
     def __init__(self, config: TrainConfig, pairs: pairs_data.Pairs, device: torch.device) -> None:
         self.config, self.pairs, self.device = config, pairs, device
         self.embeddings: Tensor | None = None
+        self._text_features: Tensor | None = None
         if config.slide_embeddings is not None:
             table = pairs_data.load_slide_embeddings(config.slide_embeddings)
             self.embeddings = table.lookup(pairs.slide_ids).to(device)  # [N_pairs, D]
@@ -236,7 +238,26 @@ class _Inputs:
             self.loader.plan([([self.pairs.slide_ids[i] for i in c], max_tiles, seed) for c in chunks])
 
     def encode_texts(self, model: SlideTextModel, rows: Sequence[int]) -> Tensor:
+        if not any(p.requires_grad for p in model.text.parameters()):
+            return F.normalize(model.text_proj(self._frozen_text_features(model)[list(rows)]), dim=-1)
         return model.encode_tokens(model.text.tokenize([self.pairs.reports[i] for i in rows], device=self.device))
+
+    def _frozen_text_features(self, model: SlideTextModel) -> Tensor:
+        """A fully frozen text tower is a fixed function: run it once per report (eval mode) and reuse it.
+
+        This turns `--freeze-text` training from one text-tower pass per step into one pass per run.
+        """
+        if self._text_features is None:
+            was_training = model.text.training
+            model.text.eval()
+            reports = self.pairs.reports
+            with torch.no_grad():
+                self._text_features = torch.cat([
+                    model.text(**model.text.tokenize(reports[i : i + 64], device=self.device)).float()
+                    for i in range(0, len(reports), 64)
+                ])  # [N_pairs, text width]
+            model.text.train(was_training)
+        return self._text_features
 
 
 def _prepare_pairs(config: TrainConfig) -> pairs_data.Pairs:
