@@ -196,7 +196,9 @@ def _summary(index: SlideIndex, out: str) -> str:
     manifest = index.manifest
     recall = manifest["recall"]
     quality = "exact" if recall.get("exact") else f"Recall@{recall['k']} {recall['measured']:.3f} vs exact"
-    return f"{manifest['count']} {manifest['content']}, {manifest['kind']} {manifest['params']}, {quality} -> {out}"
+    params = ", ".join(f"{name}={value}" for name, value in manifest["params"].items())
+    kind = f"{manifest['kind']} ({params})" if params else manifest["kind"]
+    return f"{manifest['count']} {manifest['content']}, {kind}, {quality} -> {out}"
 
 
 def _interval(value: dict[str, float]) -> str:

@@ -21,6 +21,7 @@ import datetime
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -281,6 +282,7 @@ class SlideIndex:
                 "%d of %d stored vectors are removed items that every search skips; rebuild the index "
                 "(`vlm index build`) to reclaim the memory and speed", len(self._deleted), self.index.ntotal,
             )  # fmt: skip
+        self._skip = kinds.removal_filter(self.index, self.kind, self._deleted)
         self._search_index = kinds.to_gpu(self.index, self.kind) if self._gpu else None
 
     # --- searching --------------------------------------------------------------------------------
@@ -298,7 +300,7 @@ class SlideIndex:
             scores, ids = self._search_index.search(vectors, fetch)
             keep = ~np.isin(ids, self._deleted)
             return _compact(scores, ids, keep, k)
-        params = kinds.search_params(self.kind, self.params, self.index, k, self._deleted)
+        params = kinds.search_params(self.kind, self.params, k, self._skip)
         with kinds.threads_for(len(vectors)):
             return self.index.search(vectors, k, params=params)
 
@@ -386,8 +388,7 @@ def _check_vectors(vectors: np.ndarray, n: int, dim: int) -> np.ndarray:
 
 
 def _check_new_keys(keys: list[str], existing: set[str], name: str) -> None:
-    seen: set[str] = set()
-    repeated = sorted({k for k in keys if k in seen or seen.add(k)})  # type: ignore[func-returns-value]
+    repeated = sorted(key for key, count in Counter(keys).items() if count > 1)
     if repeated:
         raise ValueError(f"duplicate {name}(s) {repeated[:10]} in the input; keep one row per {name}")
     present = sorted(set(keys) & existing)

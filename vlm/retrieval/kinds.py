@@ -116,16 +116,23 @@ def apply_params(index: faiss.IndexIDMap2, kind: str, params: dict[str, Any]) ->
         faiss.downcast_index(index.index).hnsw.efSearch = int(params["efSearch"])
 
 
+def removal_filter(index: faiss.IndexIDMap2, kind: str, removed: np.ndarray) -> np.ndarray:
+    """What a search must skip for the `removed` ids: the ids themselves, or for ivfpq their positions
+    (its filter acts inside IndexRefine, on the inner IVF, which never sees our ids)."""
+    if kind != "ivfpq" or not len(removed):
+        return removed
+    return np.flatnonzero(np.isin(faiss.vector_to_array(index.id_map), removed)).astype(np.int64)
+
+
 def search_params(
-    kind: str, params: dict[str, Any], index: faiss.IndexIDMap2, k: int, removed: np.ndarray | None = None
+    kind: str, params: dict[str, Any], k: int, skip: np.ndarray | None = None
 ) -> faiss.SearchParameters | None:
     """Per-call parameters, only where the index's own (see `apply_params`) do not do: a filter leaving
-    out `removed` ids, or an HNSW search for more than efSearch results. None otherwise (the plain path)."""
+    out `skip` (from `removal_filter`), or an HNSW search for more than efSearch results. None otherwise
+    (the plain path)."""
     selector = None
-    if removed is not None and len(removed):
-        if kind == "ivfpq":  # the filter goes to the inner IVF, which sees positions, not our ids
-            removed = np.flatnonzero(np.isin(faiss.vector_to_array(index.id_map), removed)).astype(np.int64)
-        selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(removed))
+    if skip is not None and len(skip):
+        selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(skip))
     if selector is None and not (kind == "hnsw" and k > int(params["efSearch"])):
         return None
     if kind == "ivf":
