@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from pathlib import Path
@@ -183,8 +184,13 @@ def test_every_error_case(tiny: SlideTextModel, tmp_path: Path) -> None:
         SlideIndex.build(tiny, x, ids(40), kind="ivfpq")
     index.save(tmp_path / "index")
     other = build_tiny_model(tmp_path / "other", slide_embed_dim=64, proj_dim=16)
-    with pytest.raises(ValueError, match="digest"):
+    with pytest.raises(ValueError, match="config digest"):
         SlideIndex.load(tmp_path / "index", model=other)
+    retrained = copy.deepcopy(tiny)  # same architecture, other weights: same digest, another space
+    with torch.no_grad():
+        next(retrained.slide_proj.parameters()).add_(0.1)
+    with pytest.raises(ValueError, match="projection weights"):
+        SlideIndex.load(tmp_path / "index", model=retrained)
     with pytest.raises(ValueError, match="load it with SlideIndex"):
         ReportIndex.load(tmp_path / "index")
     with pytest.raises(FileNotFoundError, match="not an index folder"):

@@ -7,8 +7,8 @@ runs/index/
   manifest.json     format, model config digest and folder, kind, params, dim, count, measured recall, version
 ```
 Slide embeddings are stored unprojected (`vlm embed-slides`); the index holds them projected by one model.
-The manifest names that model by the digest of its config, and an index refuses a model with another
-digest: its vectors would live in a different space and every score would be meaningless.
+The manifest names that model by its config digest and a hash of its projection heads, and an index refuses
+a model that differs in either: its vectors would live in another space and every score would be meaningless.
 
 Removal: `flat` deletes vectors; the approximate kinds cannot renumber their lists or graph, so removed
 ids stay in `index.faiss` as tombstones (ids without a metadata row) and are filtered out of every search.
@@ -18,6 +18,7 @@ Rebuild when many are removed (a warning says when).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -61,6 +62,17 @@ def project_slides(model: SlideTextModel, embeddings: np.ndarray | torch.Tensor,
     tensor = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
     chunks = [model.encode_slide_embeddings(tensor[i : i + batch]).cpu() for i in range(0, len(tensor), batch)]
     return np.ascontiguousarray(torch.cat(chunks).numpy()) if chunks else np.zeros((0, model.config.proj_dim), "f4")
+
+
+def model_fingerprint(model: SlideTextModel) -> dict[str, str]:
+    """The architecture digest, and a hash of the projection heads: two trainings of one architecture
+    share the digest but not the projections, and an index must not mix their spaces."""
+    projections = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(("slide_proj.", "text_proj.")):
+            projections.update(name.encode())
+            projections.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return {"digest": model.config.digest(), "projections": projections.hexdigest()}
 
 
 class SlideIndex:
@@ -131,13 +143,15 @@ class SlideIndex:
 
     @model.setter
     def model(self, model: SlideTextModel) -> None:
-        expected = self.manifest["model"]["digest"]
-        if model.config.digest() != expected:
-            raise ValueError(
-                f"the model's config digest {model.config.digest()[:12]}… differs from the one this index was "
-                f"built with ({expected[:12]}…, model folder {self.manifest['model'].get('path')}): its "
-                "vectors live in another space. Search with that model, or rebuild with `vlm index build`"
-            )
+        recorded = self.manifest["model"]
+        for name, value in model_fingerprint(model).items():
+            if value != recorded[name]:
+                what = "config digest" if name == "digest" else "projection weights"
+                raise ValueError(
+                    f"the model's {what} ({value[:12]}…) differ from those of the model this index was built "
+                    f"with ({recorded[name][:12]}…, folder {recorded.get('path')}): its vectors live in another "
+                    "space. Search with that model, or rebuild the index with `vlm index build`"
+                )
         self._model = model
 
     # --- building ---------------------------------------------------------------------------------
@@ -191,7 +205,7 @@ class SlideIndex:
         now = _now()
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "vlm_version": __version__,
-            "content": cls.content, "model": {"digest": model.config.digest(), "path": model_path},
+            "content": cls.content, "model": {**model_fingerprint(model), "path": model_path},
             "kind": chosen, "requested_kind": kind, "params": params, "metric": "inner product of L2-normalised",
             "dim": int(vectors.shape[1]), "count": len(keys), "next_id": len(keys), "recall": recall,
             "source": source or {}, "created": now, "updated": now,
