@@ -138,9 +138,8 @@ class GigaPathSlideEncoder(nn.Module):
             coords, self.config.embed_dim, self.config.tile_size, self.config.grid_size
         )
         x = self.patch_embed.proj(features) + positions.to(features.dtype)
-        x = x.masked_fill(
-            ~valid[..., None], 0
-        )  # padding may hold anything (even NaN); it must not reach a mean
+        # Padding may hold anything (even NaN); zero it so that it cannot reach a mean.
+        x = x.masked_fill(~valid[..., None], 0)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1).to(x.dtype), x], dim=1)  # [B, 1 + L, E]
         token_lengths = [n + 1 for n in lengths]
         # Means in fp32 even under autocast: a bf16 sum over 40k tiles would lose the embedding's precision.
