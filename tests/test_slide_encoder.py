@@ -100,6 +100,8 @@ def test_checkpoint_with_missing_or_unexpected_keys_lists_them(tmp_path: Path) -
 def test_unknown_preset_and_pool_name_the_choices() -> None:
     with pytest.raises(ValueError, match="close matches: \\['gigapath'\\]"):
         create_slide_encoder("gigapth")
+    with pytest.raises(ValueError, match="no published weights"):
+        create_slide_encoder("tiny", pretrained=True)
     with pytest.raises(ValueError, match="mean, cls, all-layers"):
         tiny(in_dim=32).pooled_dim("max")
 

@@ -249,6 +249,8 @@ def create_slide_encoder(
         )
     model = GigaPathSlideEncoder(replace(SLIDE_ENCODER_PRESETS[name], **overrides))
     if checkpoint is None and pretrained:
+        if name != "gigapath":
+            raise ValueError(f"slide encoder {name!r} has no published weights; pass checkpoint=")
         from huggingface_hub import hf_hub_download
 
         checkpoint = hf_hub_download(HUB_REPO, HUB_FILENAME)
