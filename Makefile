@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint bench clean
+.PHONY: install test test-fast lint demo clean
 
 install: $(STAMP)
 
@@ -28,8 +28,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
 
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/vlm demo --out demo_out
+
 lint: $(STAMP)
 	$(BIN)/ruff check vlm tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out
