@@ -46,7 +46,7 @@ def _embed_slides(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "embed-slides",
-        help="embed each slide's tile features with the GigaPath slide encoder into one parquet",
+        help="embed each slide (tile features) with the GigaPath slide encoder",
         description="One row per slide: slide_id, embedding, n_tiles, encoder, pool. With --shard i/n (or "
         "torchrun) and n > 1, shard i writes <out stem>.shard-i-of-n.parquet.",
     )
