@@ -248,8 +248,11 @@ def to_gpu(index: faiss.Index, kind: str) -> faiss.Index:
         )
     if faiss.get_num_gpus() == 0:
         raise ValueError("--gpu: FAISS sees no CUDA GPU (check CUDA_VISIBLE_DEVICES and drivers), or drop --gpu")
-    if kind == "hnsw":
-        raise ValueError("FAISS has no GPU version of hnsw; rebuild with --kind ivf (or flat), or drop --gpu")
+    if kind not in ("flat", "ivf"):
+        raise ValueError(
+            f"--gpu supports flat and ivf indexes; FAISS cannot move this {kind} index (hnsw has no GPU version, "
+            "ivfpq's re-ranking stage stays on CPU). Rebuild with --kind ivf, or drop --gpu"
+        )
     resources = faiss.StandardGpuResources()
     gpu = faiss.index_cpu_to_gpu(resources, 0, index)
     gpu.resources = resources  # the GPU index must not outlive its resources
