@@ -118,9 +118,7 @@ def spawn(impl: str, tiles: int, threads: int, workdir: Path) -> dict[str, float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", type=int, nargs="+", default=[10_000, 40_000])
     parser.add_argument("--baseline-tiles", type=int, nargs="*", default=[10_000])
     parser.add_argument("--threads", type=int, default=2)
@@ -144,9 +142,7 @@ def main() -> None:
             ours[tiles] = spawn("ours", tiles, args.threads, workdir)
             base = spawn("baseline", tiles, args.threads, workdir)
             if tiles in ours:
-                diff = (
-                    torch.load(workdir / f"ours-{tiles}.pt") - torch.load(workdir / f"baseline-{tiles}.pt")
-                ).abs()
+                diff = (torch.load(workdir / f"ours-{tiles}.pt") - torch.load(workdir / f"baseline-{tiles}.pt")).abs()
                 log.info(
                     "%d tiles: forward time ours/baseline = %.2f, attention time ours/baseline = %.2f, "
                     "RSS ours/baseline = %.2f, max |diff| = %.1e",

@@ -45,9 +45,7 @@ def checkpoint(tmp_path: Path) -> Path:
     return path
 
 
-def test_cli_writes_one_row_per_slide_and_resumes(
-    features_dir: Path, checkpoint: Path, tmp_path: Path
-) -> None:
+def test_cli_writes_one_row_per_slide_and_resumes(features_dir: Path, checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "slides.parquet"
     argv = ["embed-slides", str(features_dir), "--out", str(out), "--slide-encoder", "tiny", "--checkpoint",
             str(checkpoint), "--pool", "all-layers", "--device", "cpu", "--no-progress"]  # fmt: skip
@@ -70,9 +68,7 @@ def test_cli_writes_one_row_per_slide_and_resumes(
     assert [row["slide"] for row in failures] == ["slide-9"]
 
     with pytest.raises(ValueError, match="pool='all-layers'"):  # resuming with another pool is refused
-        embed_slides(
-            [features_dir / "slide-0.h5"], out, create_slide_encoder("tiny"), pool="mean", progress=False
-        )
+        embed_slides([features_dir / "slide-0.h5"], out, create_slide_encoder("tiny"), pool="mean", progress=False)
 
 
 def test_batched_run_equals_one_slide_at_a_time(features_dir: Path, tmp_path: Path) -> None:

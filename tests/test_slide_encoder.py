@@ -136,9 +136,7 @@ def test_matches_official_outputs(case: dict) -> None:
         summaries = {key: torch.tensor(value).double() for key, value in expected.items()}
         torch.testing.assert_close(per_layer[:, :16], summaries["first16_per_layer"], atol=1e-4, rtol=0)
         torch.testing.assert_close(per_layer.sum(1), summaries["sum_per_layer"], atol=1e-3, rtol=0)
-        torch.testing.assert_close(
-            per_layer.square().sum(1), summaries["sumsq_per_layer"], atol=1e-3, rtol=1e-6
-        )
+        torch.testing.assert_close(per_layer.square().sum(1), summaries["sumsq_per_layer"], atol=1e-3, rtol=1e-6)
 
 
 def test_positional_rows_equal_the_official_table() -> None:
@@ -151,9 +149,7 @@ def test_positional_rows_equal_the_official_table() -> None:
 # --- dense reference -------------------------------------------------------------------------------
 
 
-def dense_dilated_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments, ratios
-) -> torch.Tensor:
+def dense_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments, ratios) -> torch.Tensor:
     """One softmax over every (branch, key) pair that covers each (position, head), from index arithmetic.
 
     Branch b lays the sequence out in `n_seg` slots of `s_r = ceil(s / r) * r` (the official r-padded

@@ -87,9 +87,7 @@ def _existing_rows(path: Path, settings: dict) -> list[dict]:
     return table.to_pylist()
 
 
-def _load_slide(
-    path: Path, encoder: GigaPathSlideEncoder, mpp: float | None
-) -> tuple[np.ndarray, np.ndarray]:
+def _load_slide(path: Path, encoder: GigaPathSlideEncoder, mpp: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Features [N, in_dim] float32 and 0.5-mpp coords [N, 2] of one slide, checked before batching."""
     slide_id = slide_id_from_path(path)
     tile_features = read_features(path, mpp=mpp)

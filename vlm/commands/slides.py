@@ -26,9 +26,7 @@ def _embed_slides(args: argparse.Namespace) -> int:
 
         import torch
 
-        device = torch.device(
-            "cuda", int(os.environ.get("LOCAL_RANK", shard.index % torch.cuda.device_count()))
-        )
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", shard.index % torch.cuda.device_count())))
     encoder = create_slide_encoder(args.slide_encoder, checkpoint=args.checkpoint, pretrained=True)
     report = embed_slides(
         feature_files(args.features), args.out, encoder, pool=args.pool, device=device,
@@ -50,9 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="One row per slide: slide_id, embedding, n_tiles, encoder, pool. With --shard i/n (or "
         "torchrun) and n > 1, shard i writes <out stem>.shard-i-of-n.parquet.",
     )
-    parser.add_argument(
-        "features", help="folder of <slide_id>.h5 tile-feature files (from `vlm embed-tiles`)"
-    )
+    parser.add_argument("features", help="folder of <slide_id>.h5 tile-feature files (from `vlm embed-tiles`)")
     parser.add_argument("--out", required=True, help="output parquet, e.g. runs/slides.parquet")
     parser.add_argument("--slide-encoder", default="gigapath", help="preset: 'gigapath' (default) or 'tiny'")
     parser.add_argument(
@@ -66,9 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["mean", "cls", "all-layers"],
         help="mean over tiles (default), the CLS token (official default), or 13 layers' means",
     )
-    parser.add_argument(
-        "--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1' …"
-    )
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1' …")
     parser.add_argument(
         "--precision",
         default="auto",

@@ -184,9 +184,7 @@ def dilated_attention(
                 new_max = torch.maximum(old_max, lse)
                 old_scale, new_scale = torch.exp(old_max - new_max), torch.exp(lse - new_max)
                 sums.mul_(old_scale).add_(new_scale)
-                acc.mul_(old_scale.unsqueeze(-2).to(acc.dtype)).addcmul_(
-                    out, new_scale.unsqueeze(-2).to(acc.dtype)
-                )
+                acc.mul_(old_scale.unsqueeze(-2).to(acc.dtype)).addcmul_(out, new_scale.unsqueeze(-2).to(acc.dtype))
                 old_max.copy_(new_max)
             else:
                 part.diagonal(dense_out).copy_(out)
@@ -244,16 +242,13 @@ class DilatedAttention(nn.Module):
         q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
         if lengths == [length] * batch:
             rows = [
-                dilated_attention(q[b], k[b], v[b], self.segment_lengths, self.dilated_ratios)
-                for b in range(batch)
+                dilated_attention(q[b], k[b], v[b], self.segment_lengths, self.dilated_ratios) for b in range(batch)
             ]
             attn = torch.stack(rows) if batch > 1 else rows[0][None]
         else:
             attn = q.new_zeros(shape)
             for b, n in enumerate(lengths):
-                attn[b, :n] = dilated_attention(
-                    q[b, :n], k[b, :n], v[b, :n], self.segment_lengths, self.dilated_ratios
-                )
+                attn[b, :n] = dilated_attention(q[b, :n], k[b, :n], v[b, :n], self.segment_lengths, self.dilated_ratios)
         return self.out_proj(self.inner_attn_ln(attn.reshape(batch, length, embed_dim)))
 
 

@@ -44,9 +44,7 @@ def grid_cells(coords: torch.Tensor, tile_size: int, grid_size: int) -> tuple[to
     return cells[..., 0], cells[..., 1]
 
 
-def sincos_positions(
-    coords: torch.Tensor, dim: int, tile_size: int = 256, grid_size: int = 1000
-) -> torch.Tensor:
+def sincos_positions(coords: torch.Tensor, dim: int, tile_size: int = 256, grid_size: int = 1000) -> torch.Tensor:
     """Positional rows for `coords` [..., 2] (0.5-mpp px): [..., dim] fp32 on the coords' device."""
     if dim % 4:
         raise ValueError(f"embed_dim must be a multiple of 4 for 2-D sin-cos positions, got {dim}")

@@ -134,9 +134,7 @@ class GigaPathSlideEncoder(nn.Module):
             < features.new_tensor(lengths, dtype=torch.long)[:, None]
         )  # [B, L]
         coords = coords.masked_fill(~valid[..., None], 0)
-        positions = sincos_positions(
-            coords, self.config.embed_dim, self.config.tile_size, self.config.grid_size
-        )
+        positions = sincos_positions(coords, self.config.embed_dim, self.config.tile_size, self.config.grid_size)
         x = self.patch_embed.proj(features) + positions.to(features.dtype)
         # Padding may hold anything (even NaN); zero it so that it cannot reach a mean.
         x = x.masked_fill(~valid[..., None], 0)
@@ -208,9 +206,7 @@ def load_slide_encoder_weights(model: GigaPathSlideEncoder, checkpoint: str | Pa
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise ValueError(
-            f"{path}: expected a state dict or {{'model': state_dict}}, got {type(state).__name__}"
-        )
+        raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}, got {type(state).__name__}")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
