@@ -286,8 +286,9 @@ class SlideIndex:
         log.info("removed %d %s; the index now holds %d", len(keys), self.content, len(self))
 
     def _refresh(self) -> None:
-        """Recompute what derives from the metadata: key -> row, tombstones, the GPU copy."""
+        """Recompute what derives from the metadata: key -> row, id -> row, tombstones, the GPU copy."""
         self._row = {key: i for i, key in enumerate(self.metadata[self.key])}
+        self._id_rows = pd.Index(self.metadata[ID_COLUMN])  # faiss id -> metadata row (hashed once)
         self._deleted = np.setdiff1d(
             faiss.vector_to_array(self.index.id_map), self.metadata[ID_COLUMN].to_numpy(np.int64)
         )
@@ -352,9 +353,10 @@ class SlideIndex:
         """One row per hit: query (0-based), rank (1-based), the key, score, then the metadata columns."""
         frames = []
         for q, (row_scores, row_ids) in enumerate(zip(scores, ids, strict=True)):
-            keep = (row_ids >= 0) & (row_ids != (exclude[q] if exclude is not None else -1))
-            hit_ids, hit_scores = row_ids[keep][:k], row_scores[keep][:k]
-            hits = self.metadata.iloc[self._rows_of(hit_ids)].drop(columns=[ID_COLUMN]).reset_index(drop=True)
+            rows = self._rows_of(row_ids)  # -1: no hit, or a removed item
+            keep = (rows >= 0) & (row_ids != (exclude[q] if exclude is not None else -1))
+            hit_rows, hit_scores = rows[keep][:k], row_scores[keep][:k]
+            hits = self.metadata.iloc[hit_rows].drop(columns=[ID_COLUMN]).reset_index(drop=True)
             hits.insert(0, "score", hit_scores.astype(float))
             hits.insert(0, "rank", np.arange(1, len(hits) + 1))
             hits.insert(0, "query", q)
@@ -364,7 +366,7 @@ class SlideIndex:
                                                                  (*RESULT_COLUMNS, self.key)]]]  # fmt: skip
 
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
-        return pd.Index(self.metadata[ID_COLUMN]).get_indexer(ids)
+        return self._id_rows.get_indexer(ids)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
