@@ -9,7 +9,6 @@ Every per-slide command (`vlm tile`, `vlm embed-tiles`, `vlm embed-slides`) shar
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import csv
 import logging
@@ -21,7 +20,7 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
-from vlm.io import atomic_path
+from vlm.io import atomic_path, duplicate_ids
 
 log = logging.getLogger(__name__)
 Item = TypeVar("Item")
@@ -96,7 +95,7 @@ def run_batch(
     """
     report = BatchReport()
     mine = shard.select(items, key)
-    duplicates = sorted(i for i, n in collections.Counter(key(item) for item in mine).items() if n > 1)
+    duplicates = duplicate_ids(key(item) for item in mine)
     if duplicates:
         raise ValueError(f"several inputs share the slide id(s) {duplicates}; rename them so outputs don't collide")
     pending = []
@@ -124,7 +123,7 @@ def run_batch(
                 else:
                     _record(report, key(item), None)
                 bar.update()
-    _write_failures(out_dir / f"failures{shard.suffix}.csv", report.failed)
+    write_failures(out_dir / f"failures{shard.suffix}.csv", report.failed)
     log.info("%s: %s", desc, report.summary())
     return report
 
@@ -138,7 +137,8 @@ def _record(report: BatchReport, item_id: str, error: BaseException | None) -> N
     report.failed.append((item_id, message))
 
 
-def _write_failures(path: Path, failed: list[tuple[str, str]]) -> None:
+def write_failures(path: Path, failed: list[tuple[str, str]]) -> None:
+    """Write `slide,error` rows atomically; no failures removes a stale file from an earlier run."""
     if not failed:
         path.unlink(missing_ok=True)
         return

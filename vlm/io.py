@@ -6,10 +6,11 @@ only when complete, so an interrupted run never leaves a file that looks finishe
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -39,3 +40,8 @@ def slide_id_from_path(path: str | os.PathLike[str]) -> str:
         if name.lower().endswith(multi):
             return name[: -len(multi)]
     return Path(name).stem
+
+
+def duplicate_ids(ids: Iterable[str]) -> list[str]:
+    """The ids that occur more than once, sorted (every input that keys outputs by id must refuse these)."""
+    return sorted(i for i, n in collections.Counter(ids).items() if n > 1)

@@ -28,11 +28,11 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from vlm.batch import BatchReport, Shard, _write_failures
+from vlm.batch import BatchReport, Shard, write_failures
 from vlm.device import autocast
 from vlm.encoders.slide import SLIDE_ENCODER_PRESETS, GigaPathSlideEncoder, to_gigapath_coords
 from vlm.features import read_features
-from vlm.io import atomic_path, slide_id_from_path
+from vlm.io import atomic_path, duplicate_ids, slide_id_from_path
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def embed_slides(
     report = BatchReport()
     mine = shard.select([Path(path) for path in feature_paths], key=slide_id_from_path)
     ids = [slide_id_from_path(path) for path in mine]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    duplicates = duplicate_ids(ids)
     if duplicates:
         raise ValueError(f"several feature files share the slide id(s) {duplicates}; rename them")
     pending: list[tuple[str, np.ndarray, np.ndarray]] = []
@@ -216,6 +216,6 @@ def embed_slides(
     flush()
     if report.done or not target.exists():
         _write_parquet(target, rows, settings)
-    _write_failures(target.parent / f"failures{shard.suffix}.csv", report.failed)
+    write_failures(target.parent / f"failures{shard.suffix}.csv", report.failed)
     log.info("embed-slides: %s -> %s", report.summary(), target)
     return report

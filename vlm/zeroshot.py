@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlm.io import atomic_path
+from vlm.io import atomic_path, duplicate_ids
 from vlm.model.clip import SlideTextModel
 from vlm.prompts import DEFAULT_TEMPLATES, PromptTask, load_prompt_task, task_from_classes
 
@@ -247,7 +247,7 @@ def read_slides(
             f"{path}: missing column(s) {sorted(missing)}; expected the output of `vlm embed-slides`"
         )
     ids = [str(i) for i in frame["slide_id"]]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    duplicates = duplicate_ids(ids)
     if duplicates:
         raise ValueError(f"{path}: slide ids occur more than once: {duplicates[:5]}; de-duplicate the file")
     widths = {len(e) for e in frame["embedding"]}
