@@ -145,7 +145,7 @@ class SlideIndex:
     def model(self, model: SlideTextModel) -> None:
         recorded = self.manifest["model"]
         for name, value in model_fingerprint(model).items():
-            if value != recorded[name]:
+            if name in recorded and value != recorded[name]:  # early indexes recorded the digest only
                 what = "config digest" if name == "digest" else "projection weights"
                 raise ValueError(
                     f"the model's {what} ({value[:12]}…) differ from those of the model this index was built "
