@@ -234,7 +234,7 @@ def _search_figure(path: Path, slides_dir: Path, hits: pd.DataFrame, query: str)
         axis.set_title(f"#{hit['rank']} {hit['slide_id']}\nscore {hit['score']:.3f}", fontsize=9)
         axis.axis("off")
     figure.suptitle(f'query: "{query}"', fontsize=11)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.9))  # room for the query above the panel titles
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
     plt.close(figure)
