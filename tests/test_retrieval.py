@@ -17,11 +17,11 @@ from tests.test_train import write_synthetic
 from vlm.encoders.text import build_tiny_text_encoder
 from vlm.metrics import first_relevant_rank, label_retrieval
 from vlm.model.clip import SlideTextModel, build_tiny_model
-from vlm.retrieval import ReportIndex, SlideIndex, build_slide_index, read_slides
+from vlm.retrieval import ReportIndex, SlideIndex, build_slide_index
 from vlm.retrieval.evaluate import evaluate_retrieval
 from vlm.retrieval.kinds import choose_kind
 from vlm.retrieval.synthetic import clustered_embeddings
-from vlm.train.data import load_pairs
+from vlm.train.data import load_pairs, load_slide_embeddings
 from vlm.train.loop import TrainConfig, train
 
 
@@ -120,13 +120,13 @@ def test_text_query_retrieves_paired_slides_of_trained_model(run: tuple[Path, Pa
     chance = 5 / len(index)
     assert np.mean(hits) > 3 * chance, f"R@5 {np.mean(hits):.2f} vs chance {chance:.2f}"
     untrained = SlideIndex.build(build_tiny_model(model_dir.parent / "untrained", slide_embed_dim=16, proj_dim=16),
-                                 read_slides(slides_file).embeddings, index.keys)  # fmt: skip
+                                 load_slide_embeddings(slides_file).embeddings, index.keys)  # fmt: skip
     base = untrained.search_text(pairs.reports, k=5)
     base_hits = [pairs.slide_ids[q] in set(group["slide_id"]) for q, group in base.groupby("query")]
     assert np.mean(hits) > np.mean(base_hits)
 
     reports = ReportIndex.build_reports(model_dir, pairs)
-    found = reports.search_slide(pairs.slide_ids, read_slides(slides_file), k=5)
+    found = reports.search_slide(pairs.slide_ids, load_slide_embeddings(slides_file), k=5)
     report_hits = [pairs.slide_ids[q] in set(group["slide_id"]) for q, group in found.groupby("query")]
     assert np.mean(report_hits) > 3 * chance
     assert {"report_id", "slide_id", "report", "score"} <= set(found.columns)

@@ -150,7 +150,8 @@ def _index_remove(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from vlm.retrieval import ReportIndex, load_index, read_slides
+    from vlm.retrieval import ReportIndex, load_index
+    from vlm.train.data import load_slide_embeddings
 
     if (args.text is None) == (args.slide_id is None):
         raise ValueError("give either a query text or --slide-id (not both)")
@@ -160,7 +161,7 @@ def _search(args: argparse.Namespace) -> int:
     elif isinstance(index, ReportIndex):
         if args.slides is None:
             raise ValueError("a report index is searched by slide through its embedding: add --slides slides.parquet")
-        results = index.search_slide(args.slide_id, read_slides(args.slides), k=args.k)
+        results = index.search_slide(args.slide_id, load_slide_embeddings(args.slides), k=args.k)
     else:
         results = index.search_slide(args.slide_id, k=args.k)
     results = results.drop(columns=["query"])

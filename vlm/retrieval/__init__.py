@@ -14,7 +14,6 @@ from vlm.retrieval.reports import (
     build_slide_index,
     load_index,
     read_metadata,
-    read_slides,
 )
 
 __all__ = [
@@ -28,5 +27,4 @@ __all__ = [
     "load_index",
     "project_slides",
     "read_metadata",
-    "read_slides",
 ]

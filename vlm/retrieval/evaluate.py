@@ -16,8 +16,8 @@ import numpy as np
 
 from vlm.metrics import bootstrap_ci, first_relevant_rank, label_retrieval
 from vlm.retrieval.index import ModelArg, project_slides, resolve_model
-from vlm.retrieval.reports import read_slides, read_table
-from vlm.train.data import check_slides_available, load_pairs
+from vlm.retrieval.reports import read_table
+from vlm.train.data import check_slides_available, load_pairs, load_slide_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def evaluate_retrieval(
         table = table.select(table.indices(split))
     if len(table) == 0:
         raise ValueError(f"{pairs}: no pairs in split {split!r}")
-    embeddings = read_slides(slides)
+    embeddings = load_slide_embeddings(slides)
     check_slides_available(table, set(embeddings.ids), str(slides))
     slide_ids = list(dict.fromkeys(table.slide_ids))  # unique, in pairs order
     slide_vectors = project_slides(model, embeddings.lookup(slide_ids))  # [S, D]

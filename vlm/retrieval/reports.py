@@ -8,12 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import pandas as pd
-import torch
 
 from vlm.retrieval.index import ModelArg, SlideIndex, read_manifest, resolve_model
-from vlm.train.data import Pairs, SlideEmbeddings, load_pairs
+from vlm.train.data import Pairs, SlideEmbeddings, load_pairs, load_slide_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +73,6 @@ def _report_ids(slide_ids: Sequence[str]) -> list[str]:
     return out
 
 
-def read_slides(path: str | os.PathLike[str]) -> SlideEmbeddings:
-    """Unprojected slide embeddings of a `vlm embed-slides` parquet (or its shard files), by slide id."""
-    from vlm.slide_embedding import read_slide_embeddings
-
-    frame = read_slide_embeddings(path)
-    provenance = {}
-    for column in ("encoder", "pool"):
-        values = sorted({str(v) for v in frame[column]}) if column in frame.columns else ["unknown"]
-        if len(values) > 1:
-            raise ValueError(f"{path}: mixed {column} values {values}; index one kind of slide embedding at a time")
-        provenance[column] = values[0]
-    if len(frame) == 0:
-        raise ValueError(f"{path}: empty collection, no slide embeddings; run `vlm embed-slides` first")
-    try:
-        matrix = np.stack(frame["embedding"].tolist())  # [N, E]
-    except ValueError as error:
-        raise ValueError(f"{path}: embeddings have different lengths ({error}); re-run `vlm embed-slides`") from error
-    return SlideEmbeddings([str(s) for s in frame["slide_id"]], torch.from_numpy(matrix), **provenance)
-
-
 def read_metadata(path: str | os.PathLike[str] | None) -> pd.DataFrame | None:
     """A user metadata table with a `slide_id` column (see `read_table`), or None without a path."""
     return None if path is None else read_table(path)
@@ -120,7 +98,7 @@ def build_slide_index(
     **options: Any,
 ) -> SlideIndex:
     """`vlm index build`: index every slide of a `vlm embed-slides` parquet, saved to `out` when given."""
-    embeddings = read_slides(slides)
+    embeddings = load_slide_embeddings(slides)
     source = {"slides": str(Path(slides).resolve()), "encoder": embeddings.encoder, "pool": embeddings.pool}
     index = SlideIndex.build(model, embeddings.embeddings, embeddings.ids, read_metadata(metadata),
                              source=source, **options)  # fmt: skip
@@ -137,7 +115,7 @@ def add_slides(
     Every slide in the file must be new (re-adding one is an error naming it), so an accidental re-run
     neither skips nor duplicates anything silently.
     """
-    embeddings = read_slides(slides)
+    embeddings = load_slide_embeddings(slides)
     source = index.manifest.get("source", {})
     for column in ("encoder", "pool"):
         if source.get(column, "unknown") not in ("unknown", getattr(embeddings, column)):
