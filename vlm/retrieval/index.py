@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -33,6 +32,7 @@ import pandas as pd
 import torch
 
 from vlm import __version__
+from vlm.io import duplicate_ids
 from vlm.model.clip import SlideTextModel, _atomic_dir
 from vlm.retrieval import kinds
 
@@ -404,7 +404,7 @@ def _check_vectors(vectors: np.ndarray, n: int, dim: int) -> np.ndarray:
 
 
 def _check_new_keys(keys: list[str], existing: set[str], name: str) -> None:
-    repeated = sorted(key for key, count in Counter(keys).items() if count > 1)
+    repeated = duplicate_ids(keys)
     if repeated:
         raise ValueError(f"duplicate {name}(s) {repeated[:10]} in the input; keep one row per {name}")
     present = sorted(set(keys) & existing)
@@ -425,8 +425,8 @@ def _join_metadata(table: pd.DataFrame, metadata: pd.DataFrame | None, key: str)
     if clash:
         raise ValueError(f"metadata column name(s) {clash} are reserved for search results; rename them")
     metadata = metadata.assign(**{key: metadata[key].astype(str)})
-    if metadata[key].duplicated().any():
-        repeated = metadata.loc[metadata[key].duplicated(), key].unique().tolist()
+    repeated = duplicate_ids(metadata[key])
+    if repeated:
         raise ValueError(f"the metadata table lists {key}(s) {repeated[:10]} more than once; keep one row each")
     joined = table.merge(metadata, on=key, how="left")
     missing = int(joined[key].isin(metadata[key]).eq(False).sum())
