@@ -21,7 +21,8 @@ from vlm.retrieval import ReportIndex, SlideIndex, build_slide_index
 from vlm.retrieval.evaluate import evaluate_retrieval
 from vlm.retrieval.kinds import choose_kind
 from vlm.retrieval.synthetic import clustered_embeddings
-from vlm.train.data import load_pairs, load_slide_embeddings
+from vlm.slide_embedding import load_slide_embeddings
+from vlm.train.data import load_pairs
 from vlm.train.loop import TrainConfig, train
 
 

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,55 @@ def read_slide_embeddings(path: str | os.PathLike[str]) -> pd.DataFrame:
     frame = pd.concat([pq.read_table(file).to_pandas() for file in files], ignore_index=True)
     frame["embedding"] = [np.asarray(value, dtype=np.float32) for value in frame["embedding"]]
     return frame
+
+
+@dataclass
+class SlideEmbeddings:
+    """Validated, unprojected slide embeddings (`vlm embed-slides` output), looked up by slide id."""
+
+    ids: list[str]
+    embeddings: torch.Tensor  # [N, D] float32
+    encoder: str = "unknown"
+    pool: str = "unknown"
+
+    def __post_init__(self) -> None:
+        self.row = {slide_id: i for i, slide_id in enumerate(self.ids)}
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def lookup(self, slide_ids: list[str]) -> torch.Tensor:  # [len(slide_ids), D]
+        return self.embeddings[[self.row[s] for s in slide_ids]]
+
+
+def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
+    """`read_slide_embeddings` (one file or its shards) plus the checks every consumer needs.
+
+    Refused, with the fix in the message: missing columns, an empty table, a slide id twice, embeddings of
+    different widths, and a mix of encoders or poolings (vectors from different spaces are not comparable).
+    """
+    frame = read_slide_embeddings(path)
+    missing = [c for c in ("slide_id", "embedding") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {list(frame.columns)} "
+                         "(expected the output of `vlm embed-slides`)")
+    if len(frame) == 0:
+        raise ValueError(f"{path}: no slide embeddings in the file; run `vlm embed-slides` first")
+    ids = [str(s) for s in frame["slide_id"]]
+    duplicates = duplicate_ids(ids)
+    if duplicates:
+        raise ValueError(f"{path}: slide ids {duplicates[:5]} appear more than once; keep one embedding per slide")
+    widths = sorted({len(e) for e in frame["embedding"]})
+    if len(widths) > 1:
+        raise ValueError(f"{path}: embeddings have different widths {widths}; re-run `vlm embed-slides`")
+    provenance = {}
+    for column in ("encoder", "pool"):
+        values = sorted({str(v) for v in frame[column]}) if column in frame.columns else ["unknown"]
+        if len(values) > 1:
+            raise ValueError(f"{path}: mixed {column} values {values}; use one kind of slide embedding at a time")
+        provenance[column] = values[0]
+    return SlideEmbeddings(ids, torch.from_numpy(np.stack(frame["embedding"])), **provenance)
 
 
 def _write_parquet(path: Path, rows: list[dict], settings: dict) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlm.io import atomic_path, duplicate_ids
+from vlm.io import atomic_path
 from vlm.model.clip import SlideTextModel
 from vlm.prompts import DEFAULT_TEMPLATES, PromptTask, load_prompt_task, task_from_classes
 
@@ -213,7 +213,7 @@ def read_slides(
     A features folder is embedded with the model's own slide encoder into `out/slide_embeddings.parquet`
     (resumable); a model trained on cached embeddings has none, and the error says what to run instead.
     """
-    from vlm.slide_embedding import read_slide_embeddings
+    from vlm.slide_embedding import load_slide_embeddings
 
     path = Path(slides)
     if path.is_dir():
@@ -240,22 +240,8 @@ def read_slides(
         if report.failed:
             log.error("%d slides failed to embed (listed in %s) and are not scored", len(report.failed), out)
         path = target
-    frame = read_slide_embeddings(path)
-    missing = {"slide_id", "embedding"} - set(frame.columns)
-    if missing:
-        raise ValueError(
-            f"{path}: missing column(s) {sorted(missing)}; expected the output of `vlm embed-slides`"
-        )
-    ids = [str(i) for i in frame["slide_id"]]
-    duplicates = duplicate_ids(ids)
-    if duplicates:
-        raise ValueError(f"{path}: slide ids occur more than once: {duplicates[:5]}; de-duplicate the file")
-    widths = {len(e) for e in frame["embedding"]}
-    if len(widths) != 1:
-        raise ValueError(
-            f"{path}: embeddings have different widths {sorted(widths)}; re-run vlm embed-slides"
-        )
-    return ids, np.stack(frame["embedding"]).astype(np.float32)
+    table = load_slide_embeddings(path)
+    return table.ids, table.embeddings.numpy()
 
 
 def read_labels(

@@ -151,7 +151,7 @@ def _index_remove(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from vlm.retrieval import ReportIndex, load_index
-    from vlm.train.data import load_slide_embeddings
+    from vlm.slide_embedding import load_slide_embeddings
 
     if (args.text is None) == (args.slide_id is None):
         raise ValueError("give either a query text or --slide-id (not both)")

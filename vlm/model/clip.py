@@ -13,17 +13,13 @@ written to a temporary folder and renamed into place, so a crash never leaves ha
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +37,7 @@ from vlm.encoders.text import (
     load_text_encoder,
     text_encoder_from_config,
 )
+from vlm.io import atomic_dir
 from vlm.model.projection import ProjectionHead
 
 log = logging.getLogger(__name__)
@@ -208,7 +205,7 @@ class SlideTextModel(nn.Module):
 
         config = self.config.to_dict()
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with _atomic_dir(path) as tmp:
+        with atomic_dir(path) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             save_file(
                 state,
@@ -283,25 +280,6 @@ def _build_slide_encoder(config: SlideTextConfig, checkpoint: str | os.PathLike[
     saved = config.slide_encoder_config or {}
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
     return create_slide_encoder(config.slide_encoder, checkpoint=checkpoint, **overrides)
-
-
-@contextlib.contextmanager
-def _atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; swap it into place only if the block succeeds."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def create_model(

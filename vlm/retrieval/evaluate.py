@@ -17,7 +17,8 @@ import numpy as np
 from vlm.metrics import bootstrap_ci, first_relevant_rank, label_retrieval
 from vlm.retrieval.index import ModelArg, project_slides, resolve_model
 from vlm.retrieval.reports import read_table
-from vlm.train.data import check_slides_available, load_pairs, load_slide_embeddings
+from vlm.slide_embedding import load_slide_embeddings
+from vlm.train.data import check_slides_available, load_pairs
 
 log = logging.getLogger(__name__)
 

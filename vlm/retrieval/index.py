@@ -32,8 +32,8 @@ import pandas as pd
 import torch
 
 from vlm import __version__
-from vlm.io import duplicate_ids
-from vlm.model.clip import SlideTextModel, _atomic_dir
+from vlm.io import atomic_dir, duplicate_ids
+from vlm.model.clip import SlideTextModel
 from vlm.retrieval import kinds
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class SlideIndex:
     # --- persistence ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the folder atomically: files go to a temporary folder that replaces `path` when complete."""
-        with _atomic_dir(path) as tmp:
+        with atomic_dir(path) as tmp:
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             self.metadata.to_parquet(tmp / METADATA_FILE, index=False)
             (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2) + "\n")  # last

@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 import pandas as pd
 
 from vlm.retrieval.index import ModelArg, SlideIndex, read_manifest, resolve_model
-from vlm.train.data import Pairs, SlideEmbeddings, load_pairs, load_slide_embeddings
+from vlm.slide_embedding import SlideEmbeddings, load_slide_embeddings
+from vlm.train.data import Pairs, load_pairs
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import zlib
-from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,6 @@ log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 REQUIRED_COLUMNS: tuple[str, ...] = ("slide_id", "report")
-EMBEDDING_COLUMNS: tuple[str, ...] = ("slide_id", "embedding")
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 
 
@@ -159,56 +157,6 @@ def assign_splits(pairs: Pairs, val_fraction: float = 0.1, test_fraction: float 
     split_of.update({g: "val" for g in groups[n_test : n_test + n_val]})
     splits = [split_of.get(g, "train") for g in pairs.groups()]
     return Pairs(pairs.slide_ids, pairs.reports, pairs.patient_ids, splits)
-
-
-@dataclass
-class SlideEmbeddings:
-    """Cached unprojected slide embeddings (`vlm embed-slides` output), looked up by slide id."""
-
-    ids: list[str]
-    embeddings: torch.Tensor  # [N, D] float32
-    encoder: str = "unknown"
-    pool: str = "unknown"
-
-    def __post_init__(self) -> None:
-        self.row = {slide_id: i for i, slide_id in enumerate(self.ids)}
-
-    @property
-    def dim(self) -> int:
-        return int(self.embeddings.shape[1])
-
-    def lookup(self, slide_ids: list[str]) -> torch.Tensor:  # [len(slide_ids), D]
-        return self.embeddings[[self.row[s] for s in slide_ids]]
-
-
-def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
-    """Read a slide-embeddings parquet (`slide_id`, `embedding` list, optional `encoder`, `pool`)."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such slide-embeddings file; make it with `vlm embed-slides`")
-    frame = pd.read_parquet(path)
-    missing = [c for c in EMBEDDING_COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(
-            f"{path}: missing column(s) {missing}; found {list(frame.columns)} (expected vlm embed-slides output)"
-        )
-    ids = [str(s) for s in frame["slide_id"]]
-    duplicates = sorted(s for s, n in Counter(ids).items() if n > 1)
-    if duplicates:
-        raise ValueError(f"{path}: slide ids {duplicates[:5]} appear more than once; keep one embedding per slide")
-    try:
-        embeddings = np.stack([np.asarray(e, dtype=np.float32) for e in frame["embedding"]])
-    except ValueError as error:
-        raise ValueError(f"{path}: embeddings have different lengths ({error}); re-run `vlm embed-slides`") from error
-    provenance = {}
-    for column in ("encoder", "pool"):
-        values = sorted({str(v) for v in frame[column]}) if column in frame.columns else ["unknown"]
-        if len(values) > 1:
-            raise ValueError(f"{path}: mixed {column} values {values}; one training run needs one kind of embedding")
-        provenance[column] = values[0]
-    return SlideEmbeddings(ids, torch.from_numpy(embeddings), **provenance)
 
 
 def check_slides_available(pairs: Pairs, available: set[str], source: str, drop_missing: bool = False) -> Pairs:

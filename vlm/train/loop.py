@@ -39,6 +39,7 @@ from vlm.io import atomic_path
 from vlm.metrics import retrieval_recalls
 from vlm.model.clip import SlideTextModel, create_model
 from vlm.model.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, contrastive_loss, create_loss
+from vlm.slide_embedding import load_slide_embeddings
 from vlm.train import data as pairs_data
 from vlm.train.gradcache import chunks_of, contrastive_backward
 
@@ -210,7 +211,7 @@ class _Inputs:
         self.embeddings: Tensor | None = None
         self._text_features: Tensor | None = None
         if config.slide_embeddings is not None:
-            table = pairs_data.load_slide_embeddings(config.slide_embeddings)
+            table = load_slide_embeddings(config.slide_embeddings)
             self.embeddings = table.lookup(pairs.slide_ids).to(device)  # [N_pairs, D]
             self.slide_dim = table.dim
             log.info(
@@ -264,7 +265,7 @@ def _prepare_pairs(config: TrainConfig) -> pairs_data.Pairs:
     pairs = pairs_data.load_pairs(config.pairs)
     pairs = pairs_data.assign_splits(pairs, config.val_fraction, config.test_fraction, config.seed)
     if config.slide_embeddings is not None:
-        ids = set(pairs_data.load_slide_embeddings(config.slide_embeddings).ids)
+        ids = set(load_slide_embeddings(config.slide_embeddings).ids)
         source = config.slide_embeddings
     else:
         ids = pairs_data.feature_slide_ids(config.features or "")
