@@ -7,6 +7,7 @@ on which autocast dtype a precision name maps to; norms and logit scales stay in
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Literal
 
 import torch
@@ -26,6 +27,16 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was requested but CUDA is not available; use --device cpu")
+    return resolved
+
+
+def resolve_shard_device(device: str | torch.device | None, shard_index: int, shard_count: int) -> torch.device:
+    """`resolve_device`, then, for one of several shards on CUDA without an explicit index, its own GPU:
+    torchrun's LOCAL_RANK, else the shard index modulo the number of GPUs."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and resolved.index is None and shard_count > 1:
+        local = int(os.environ.get("LOCAL_RANK", shard_index % torch.cuda.device_count()))
+        resolved = torch.device("cuda", local)
     return resolved
 
 

@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 def _embed_slides(args: argparse.Namespace) -> int:
     from vlm.batch import Shard
-    from vlm.device import resolve_device
+    from vlm.device import resolve_shard_device
     from vlm.encoders.slide import create_slide_encoder
     from vlm.features import feature_files
     from vlm.slide_embedding import embed_slides, shard_output
@@ -20,13 +20,7 @@ def _embed_slides(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     shard = Shard.parse(args.shard)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and device.index is None and shard.count > 1:
-        import os
-
-        import torch
-
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", shard.index % torch.cuda.device_count())))
+    device = resolve_shard_device(args.device, shard.index, shard.count)
     encoder = create_slide_encoder(args.slide_encoder, checkpoint=args.checkpoint, pretrained=True)
     report = embed_slides(
         feature_files(args.features), args.out, encoder, pool=args.pool, device=device,

@@ -71,7 +71,7 @@ def _tile(args: argparse.Namespace) -> int:
 
 def _embed_tiles(args: argparse.Namespace) -> int:
     from vlm.batch import Shard
-    from vlm.device import resolve_device
+    from vlm.device import resolve_shard_device
     from vlm.encoders.tile import create_tile_encoder
     from vlm.tile_embedding import embed_tiles
     from vlm.wsi.inputs import collect_slides
@@ -80,13 +80,7 @@ def _embed_tiles(args: argparse.Namespace) -> int:
     slides = collect_slides(args.slides)
     params = TilingParams(target_mpp=args.target_mpp, tile_size=args.tile_size, min_tissue=args.min_tissue)
     shard = Shard.parse(args.shard)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and shard.count > 1:
-        import os
-
-        import torch
-
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", shard.index % torch.cuda.device_count())))
+    device = resolve_shard_device(args.device, shard.index, shard.count)
     encoder = create_tile_encoder(args.tile_encoder, checkpoint=args.checkpoint)
     report = embed_tiles(
         slides, args.out, encoder, device, precision=args.precision, batch_size=args.batch_size,
