@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from vlm.commands import finish_batch
+
 log = logging.getLogger(__name__)
 
 
@@ -28,11 +30,7 @@ def _embed_slides(args: argparse.Namespace) -> int:
         mpp=args.mpp, precision=args.precision, checkpoint=args.checkpoint,
     )  # fmt: skip
     target = shard_output(args.out, shard)
-    print(f"{report.summary()} -> {target}")
-    if report.failed:
-        print(f"failures listed in {target.parent}/failures{shard.suffix}.csv")
-        return 1
-    return 0
+    return finish_batch(report, target, target.parent / f"failures{shard.suffix}.csv")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

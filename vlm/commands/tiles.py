@@ -6,6 +6,9 @@ import argparse
 import json
 import logging
 from dataclasses import asdict
+from pathlib import Path
+
+from vlm.commands import finish_batch
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +35,6 @@ def _add_batch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _finish(report, out: str) -> int:  # noqa: ANN001 - BatchReport, imported lazily
-    print(f"{report.summary()} -> {out}")
-    if report.failed:
-        print(f"failures listed in {out}/failures*.csv")
-        return 1
-    return 0
-
-
 def _info(args: argparse.Namespace) -> int:
     from vlm.wsi.inputs import collect_slides
     from vlm.wsi.slide import open_slide
@@ -62,11 +57,12 @@ def _tile(args: argparse.Namespace) -> int:
     from vlm.wsi.tiling import TilingParams
 
     params = TilingParams(target_mpp=args.target_mpp, tile_size=args.tile_size, min_tissue=args.min_tissue)
+    shard = Shard.parse(args.shard)
     report = tile_slides(
         collect_slides(args.slides), args.out, params=params, mpp=args.mpp, workers=args.workers,
-        shard=Shard.parse(args.shard), progress=not args.no_progress, overwrite=args.overwrite,
+        shard=shard, progress=not args.no_progress, overwrite=args.overwrite,
     )
-    return _finish(report, args.out)
+    return finish_batch(report, args.out, Path(args.out) / f"failures{shard.suffix}.csv")
 
 
 def _embed_tiles(args: argparse.Namespace) -> int:
@@ -87,7 +83,7 @@ def _embed_tiles(args: argparse.Namespace) -> int:
         workers=args.workers, params=params, tiles_dir=args.tiles, mpp=args.mpp, dtype=args.dtype,
         shard=shard, progress=not args.no_progress, overwrite=args.overwrite,
     )
-    return _finish(report, args.out)
+    return finish_batch(report, args.out, Path(args.out) / f"failures{shard.suffix}.csv")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
