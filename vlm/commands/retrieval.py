@@ -35,11 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _build_options(parser: argparse.ArgumentParser) -> None:
-    from vlm.retrieval.kinds import KINDS
-
     parser.add_argument("--model", required=True, help="model folder from `vlm train` (<run>/model)")
     parser.add_argument("--out", required=True, help="index folder to write (replaced atomically if it exists)")
-    parser.add_argument("--kind", choices=KINDS, default="auto", help=_KIND_HELP)
+    # Validated by the library (an unknown kind is an error listing the kinds): importing it here would
+    # load torch and FAISS for every `vlm --help`.
+    parser.add_argument("--kind", default="auto", help=_KIND_HELP)
     parser.add_argument("--target-recall", type=float, default=0.95,
                         help="Recall@10 vs exact search to tune approximate kinds to (default 0.95)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of training samples and tuning queries")
