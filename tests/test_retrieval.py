@@ -177,6 +177,8 @@ def test_every_error_case(tiny: SlideTextModel, tmp_path: Path) -> None:
         SlideIndex.build(tiny, x[:2], ["a", "a"])
     with pytest.raises(ValueError, match="empty collection"):
         SlideIndex.build(tiny, np.zeros((0, 64), np.float32), [])
+    with pytest.raises(ValueError, match="unknown index kind 'ivfflat'; choose one of auto, flat"):
+        SlideIndex.build(tiny, x, ids(40), kind="ivfflat")
     with pytest.raises(ValueError, match="dimension mismatch"):
         index.add_vectors(np.ones((1, 16), np.float32), ["new"])
     with pytest.raises(ValueError, match="64-d"):
