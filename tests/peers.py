@@ -28,14 +28,20 @@ import h5py
 import numpy as np
 
 
-def _append(path: Path, assets: dict[str, np.ndarray], attributes: dict[str, dict] | None, mode: str,
-            chunk: int) -> None:  # fmt: skip
+def _append(
+    path: Path, assets: dict[str, np.ndarray], attributes: dict[str, dict] | None, mode: str, chunk: int
+) -> None:
     """Both peers' `save_h5`/`save_hdf5`: resizable datasets, attributes only when a dataset is created."""
     with h5py.File(path, mode) as h5:
         for key, value in assets.items():
             if key not in h5:
-                dset = h5.create_dataset(key, shape=value.shape, maxshape=(None, *value.shape[1:]),
-                                         chunks=(chunk, *value.shape[1:]), dtype=value.dtype)  # fmt: skip
+                dset = h5.create_dataset(
+                    key,
+                    shape=value.shape,
+                    maxshape=(None, *value.shape[1:]),
+                    chunks=(chunk, *value.shape[1:]),
+                    dtype=value.dtype,
+                )
                 dset[:] = value
                 for name, attr in ((attributes or {}).get(key) or {}).items():
                     dset.attrs[name] = "None" if attr is None else attr
@@ -45,17 +51,24 @@ def _append(path: Path, assets: dict[str, np.ndarray], attributes: dict[str, dic
                 dset[-len(value) :] = value
 
 
-def trident_grid(rows: int, cols: int, level0_magnification: int, target_magnification: int = 20,
-                 patch_size: int = 256) -> np.ndarray:  # fmt: skip
+def trident_grid(
+    rows: int, cols: int, level0_magnification: int, target_magnification: int = 20, patch_size: int = 256
+) -> np.ndarray:
     """TRIDENT's default grid: (col, row) * step from (0, 0), row-major."""
     step = round(patch_size * level0_magnification / target_magnification)
     r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     return np.stack([c.ravel() * step, r.ravel() * step], axis=1).astype(np.int64)
 
 
-def write_trident_features(path: Path, coords: np.ndarray, features: np.ndarray, level0_magnification: int,
-                           target_magnification: int = 20, patch_size: int = 256,
-                           encoder: str = "conch_v15") -> None:  # fmt: skip
+def write_trident_features(
+    path: Path,
+    coords: np.ndarray,
+    features: np.ndarray,
+    level0_magnification: int,
+    target_magnification: int = 20,
+    patch_size: int = 256,
+    encoder: str = "conch_v15",
+) -> None:
     coords_attrs = {
         "patch_size": patch_size,
         "patch_size_level0": patch_size * level0_magnification // target_magnification,
@@ -67,13 +80,18 @@ def write_trident_features(path: Path, coords: np.ndarray, features: np.ndarray,
         "level0_width": int(coords[:, 0].max()) + 2048,
         "level0_height": int(coords[:, 1].max()) + 2048,
     }
-    _append(path, {"features": np.asarray(features, np.float32), "coords": np.asarray(coords, np.int64)},
-            {"features": {"name": path.stem, "savetodir": str(path.parent), "encoder": encoder},
-             "coords": coords_attrs}, mode="w", chunk=1)  # fmt: skip
+    _append(
+        path,
+        {"features": np.asarray(features, np.float32), "coords": np.asarray(coords, np.int64)},
+        {"features": {"name": path.stem, "savetodir": str(path.parent), "encoder": encoder}, "coords": coords_attrs},
+        mode="w",
+        chunk=1,
+    )
 
 
-def clam_contour_grid(origin: tuple[int, int], size: tuple[int, int], patch_size: int = 256,
-                      downsample: int = 1) -> np.ndarray:  # fmt: skip
+def clam_contour_grid(
+    origin: tuple[int, int], size: tuple[int, int], patch_size: int = 256, downsample: int = 1
+) -> np.ndarray:
     """One contour's candidates: np.arange from the bounding box's corner, meshgrid 'ij', flattened."""
     step = patch_size * downsample
     xs = np.arange(origin[0], origin[0] + size[0], step)
@@ -82,15 +100,32 @@ def clam_contour_grid(origin: tuple[int, int], size: tuple[int, int], patch_size
     return np.array([x.flatten(), y.flatten()]).transpose()
 
 
-def write_clam_patches(path: Path, contours: list[np.ndarray], patch_size: int = 256, patch_level: int = 0,
-                       downsample: float = 1.0, level_dim: tuple[int, int] = (100_000, 80_000)) -> np.ndarray:  # fmt: skip
+def write_clam_patches(
+    path: Path,
+    contours: list[np.ndarray],
+    patch_size: int = 256,
+    patch_level: int = 0,
+    downsample: float = 1.0,
+    level_dim: tuple[int, int] = (100_000, 80_000),
+) -> np.ndarray:
     """`patches/<slide>.h5`; returns all coords in file order."""
-    attrs = {"patch_size": patch_size, "patch_level": patch_level, "downsample": (downsample, downsample),
-             "downsampled_level_dim": tuple(np.array(level_dim)), "level_dim": level_dim, "name": path.stem,
-             "save_path": str(path.parent)}  # fmt: skip
+    attrs = {
+        "patch_size": patch_size,
+        "patch_level": patch_level,
+        "downsample": (downsample, downsample),
+        "downsampled_level_dim": tuple(np.array(level_dim)),
+        "level_dim": level_dim,
+        "name": path.stem,
+        "save_path": str(path.parent),
+    }
     for index, coords in enumerate(contours):
-        _append(path, {"coords": coords}, {"coords": attrs} if index == 0 else None,
-                mode="w" if index == 0 else "a", chunk=1)  # fmt: skip
+        _append(
+            path,
+            {"coords": coords},
+            {"coords": attrs} if index == 0 else None,
+            mode="w" if index == 0 else "a",
+            chunk=1,
+        )
     return np.concatenate(contours)
 
 
@@ -99,6 +134,11 @@ def write_clam_features(path: Path, coords: np.ndarray, features: np.ndarray, ba
     mode = "w"
     for start in range(0, len(coords), batch_size):
         batch = slice(start, start + batch_size)
-        _append(path, {"features": np.asarray(features[batch], np.float32),
-                       "coords": np.asarray(coords[batch]).astype(np.int32)}, None, mode=mode, chunk=32)  # fmt: skip
+        _append(
+            path,
+            {"features": np.asarray(features[batch], np.float32), "coords": np.asarray(coords[batch]).astype(np.int32)},
+            None,
+            mode=mode,
+            chunk=32,
+        )
         mode = "a"

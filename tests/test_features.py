@@ -8,6 +8,13 @@ import h5py
 import numpy as np
 import pytest
 
+from tests.peers import (
+    clam_contour_grid,
+    trident_grid,
+    write_clam_features,
+    write_clam_patches,
+    write_trident_features,
+)
 from vlm import __version__
 from vlm.features import (
     FeatureFileError,
@@ -18,13 +25,6 @@ from vlm.features import (
     read_tile_grid,
     write_features,
     write_tile_grid,
-)
-from tests.peers import (
-    clam_contour_grid,
-    trident_grid,
-    write_clam_features,
-    write_clam_patches,
-    write_trident_features,
 )
 
 
