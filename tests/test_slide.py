@@ -72,7 +72,7 @@ def test_collect_slides_errors(tmp_path: Path) -> None:
         collect_slides([tmp_path / "nope.svs"])
 
 
-OPENSLIDE_FIXTURES = Path(__file__).parent / "data" / "openslide-python"
+OPENSLIDE_FIXTURES = Path(__file__).parent / "fixtures" / "openslide-python"
 
 
 def test_a_dicom_series_of_several_files_is_one_slide(tmp_path: Path) -> None:
