@@ -178,7 +178,9 @@ def test_cli_reads_clam_files_with_patches_and_mpp(tmp_path: Path, checkpoint: P
     assert read_slide_embeddings(tmp_path / "b.parquet")["n_tiles"].tolist() == [36]
 
 
-def test_mixed_trident_cohort_embeds_without_mpp_and_a_contradicting_mpp_fails(tmp_path: Path) -> None:
+def test_mixed_trident_cohort_embeds_without_mpp_and_a_contradicting_mpp_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """TRIDENT records magnification, not mpp: 20× and 40× slides embed in one run, one cell per tile."""
     from vlm.encoders.inputs import load_slide_inputs
 
@@ -192,8 +194,10 @@ def test_mixed_trident_cohort_embeds_without_mpp_and_a_contradicting_mpp_fails(t
         cells = load_slide_inputs(folder / f"{name}.h5").coords
         assert len({tuple(c) for c in cells.tolist()}) == 48
     encoder = create_slide_encoder("tiny")
-    report = embed_slides(sorted(folder.glob("*.h5")), tmp_path / "s.parquet", encoder, progress=False)
+    with caplog.at_level("INFO", logger="vlm.slide_embedding"):
+        report = embed_slides(sorted(folder.glob("*.h5")), tmp_path / "s.parquet", encoder, progress=False)
     assert report.done == ["s20", "s40"] and not report.failed
+    assert "s20: level-0 0.5 µm/px from level0_magnification 20× (10 / magnification" in caplog.text
     # --mpp 0.25 on a 20× file would put its 48 tiles onto 12 cells: that slide fails, the 40× one is fine.
     report = embed_slides(sorted(folder.glob("*.h5")), tmp_path / "m.parquet", encoder, progress=False, mpp=0.25)
     assert report.done == ["s40"]

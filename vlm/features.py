@@ -102,6 +102,7 @@ def write_features(path: str | os.PathLike[str], tile_features: TileFeatures, dt
 # (100× oil objectives give ~0.1); 2.4 is where TRIDENT stops (its coarsest bin, 5×, is < 2.4 µm/px).
 # Outside this range the value is a placeholder (openslide-python's boxes.tiff records 352 µm/px).
 PLAUSIBLE_MPP = (0.08, 2.4)
+MPP_FROM_FILE = "the file's 'mpp' attribute"  # TileGrid.mpp_source of a file that records its own scale
 # A --mpp more than this far from the magnification a TRIDENT file records contradicts it.
 MAGNIFICATION_TOLERANCE = 0.25
 
@@ -235,7 +236,7 @@ def read_tile_grid(
                     f"{MAGNIFICATION_TOLERANCE:.0%}; drop --mpp for this cohort or fix the value"
                 )
     elif values["mpp"] is not None:
-        resolved, source = values["mpp"], "the file's 'mpp' attribute"
+        resolved, source = values["mpp"], MPP_FROM_FILE
     elif magnification is not None:
         resolved = 10.0 / magnification
         source = f"level0_magnification {magnification:g}× (10 / magnification, TRIDENT's definition)"

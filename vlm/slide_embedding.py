@@ -32,6 +32,7 @@ from vlm.batch import BatchReport, Shard, write_failures
 from vlm.device import autocast
 from vlm.encoders.inputs import SlideInputs, load_slide_inputs, pad_batch
 from vlm.encoders.slide import SLIDE_ENCODER_PRESETS, GigaPathSlideEncoder
+from vlm.features import MPP_FROM_FILE
 from vlm.io import atomic_path, duplicate_ids, slide_id_from_path
 
 log = logging.getLogger(__name__)
@@ -229,8 +230,9 @@ def embed_slides(
         try:
             config = encoder.config
             slide = load_slide_inputs(path, config.in_dim, mpp, patches, config.tile_size, config.grid_size)
-            log.info("%s: level-0 %.4g µm/px from %s", slide_id, slide.provenance["mpp"],
-                     slide.provenance["mpp_source"])  # fmt: skip
+            if slide.provenance["mpp_source"] != MPP_FROM_FILE:  # say where else the scale came from
+                log.info("%s: level-0 %.4g µm/px from %s", slide_id, slide.provenance["mpp"],
+                         slide.provenance["mpp_source"])  # fmt: skip
             pending.append(slide)
         except (KeyboardInterrupt, SystemExit):
             raise
