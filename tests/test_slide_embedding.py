@@ -202,3 +202,40 @@ def test_mixed_trident_cohort_embeds_without_mpp_and_a_contradicting_mpp_fails(
     report = embed_slides(sorted(folder.glob("*.h5")), tmp_path / "m.parquet", encoder, progress=False, mpp=0.25)
     assert report.done == ["s40"]
     assert [slide for slide, _ in report.failed] == ["s20"] and "contradicts" in report.failed[0][1]
+
+
+@pytest.mark.slow
+def test_cli_train_and_zeroshot_read_clam_features_with_patches_and_mpp(tmp_path: Path) -> None:
+    """`vlm train --features` and `vlm zeroshot --slides <folder>` take `--patches` / `--mpp` too."""
+    import pandas as pd
+
+    from vlm.encoders.text import build_tiny_text_encoder
+    from vlm.train.loop import TrainConfig
+
+    root = tmp_path / "clam"
+    (root / "patches").mkdir(parents=True)
+    (root / "h5_files").mkdir()
+    rng = np.random.default_rng(5)
+    rows = []
+    for index in range(6):
+        origin = (int(rng.integers(0, 5000)), int(rng.integers(0, 5000)))
+        coords = write_clam_patches(root / "patches" / f"s{index}.h5",
+                                    [clam_contour_grid(origin, (4 * 513, 3 * 513), 513)], patch_size=513)  # fmt: skip
+        features = rng.standard_normal((len(coords), 32)).astype(np.float32)
+        write_clam_features(root / "h5_files" / f"s{index}.h5", coords, features)
+        rows.append({"slide_id": f"s{index}", "report": f"report number {index}"})
+    pd.DataFrame(rows).to_csv(tmp_path / "pairs.csv", index=False)
+    text = build_tiny_text_encoder(tmp_path / "text")
+    geometry = ["--patches", str(root / "patches"), "--mpp", "0.2495"]
+    argv = ["train", "--pairs", str(tmp_path / "pairs.csv"), "--features", str(root / "h5_files"), "--out",
+            str(tmp_path / "run"), "--slide-encoder", "tiny", "--text-encoder", str(text), "--max-length", "16",
+            "--proj-dim", "8", "--epochs", "1", "--batch-size", "3", "--val-fraction", "0.34", "--device", "cpu",
+            "--no-progress", *geometry]  # fmt: skip
+    assert main(argv) == 0
+    saved = TrainConfig.load(tmp_path / "run" / "train_config.json")
+    assert (saved.mpp, saved.patches) == (0.2495, str(root / "patches"))
+    out = tmp_path / "zs"
+    argv = ["zeroshot", "--model", str(tmp_path / "run" / "model"), "--slides", str(root / "h5_files"), "--out",
+            str(out), "--classes", "a=first kind", "b=second kind", "--no-progress", "--device", "cpu", *geometry]  # fmt: skip
+    assert main(argv) == 0
+    assert read_slide_embeddings(out / "slide_embeddings.parquet")["n_tiles"].tolist() == [12] * 6
