@@ -235,7 +235,7 @@ def test_cli_train_and_zeroshot_read_clam_features_with_patches_and_mpp(tmp_path
     saved = TrainConfig.load(tmp_path / "run" / "train_config.json")
     assert (saved.mpp, saved.patches) == (0.2495, str(root / "patches"))
     out = tmp_path / "zs"
-    argv = ["zeroshot", "--model", str(tmp_path / "run" / "model"), "--slides", str(root / "h5_files"), "--out",
-            str(out), "--classes", "a=first kind", "b=second kind", "--no-progress", "--device", "cpu", *geometry]  # fmt: skip
+    argv = ["zeroshot", "--model", str(tmp_path / "run" / "model"), "--slides", str(root / "h5_files"),
+            "--out", str(out), "--classes", "a=first kind", "b=second kind", "--no-progress", *geometry]  # fmt: skip
     assert main(argv) == 0
     assert read_slide_embeddings(out / "slide_embeddings.parquet")["n_tiles"].tolist() == [12] * 6
