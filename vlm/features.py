@@ -1,12 +1,11 @@
 """Tile grids and tile features on disk: one `<slide_id>.h5` per slide, with provenance.
 
-Layout (TRIDENT/CLAM convention, so files from those tools read too):
+Layout (vlm's own; TRIDENT's and CLAM's files are read too, see `read_tile_grid`):
 - dataset `coords`   [N, 2] int64, level-0 pixel (x, y) of each tile's top-left corner;
 - dataset `features` [N, D] float32 (or float16), absent in a tile-grid file written by `vlm tile`;
 - attributes `mpp` (level-0 µm/px), `tile_size` (px at `target_mpp`), `tile_size_level0`, `target_mpp`,
   `encoder` (tile encoder name, feature files only), `vlm_version`, `slide_path`.
 
-Files written by TRIDENT and CLAM are read as their writers mean them (see `read_tile_grid`).
 Coordinates stay in level-0 pixels; consumers that need another unit (the GigaPath slide encoder wants
 0.5-mpp pixels) convert with `mpp`, which is why a reader refuses a file it cannot find an mpp for.
 """
