@@ -148,7 +148,7 @@ def test_one_feature_file_gives_one_embedding_through_every_path(tmp_path: Path)
     encoder, pool = model.slide_encoder, model.config.pool
     assert encoder is not None
     slide = load_slide_inputs(features / "s1.h5", mpp=0.2495, patches=patches)
-    assert len({tuple(c) for c in slide.coords.tolist()}) == 36  # one cell per tile (the old loader: 25)
+    assert len({tuple(c) for c in slide.coords.tolist()}) == 36  # one cell per tile
 
     report = embed_slides([features / "s1.h5"], tmp_path / "e.parquet", encoder, pool=pool, progress=False,
                           mpp=0.2495, patches=patches)  # fmt: skip
