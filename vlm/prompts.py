@@ -105,9 +105,7 @@ class PromptSet:
     def expand(self) -> dict[str, list[str]]:
         """Class code -> every template with `CLASSNAME` replaced by every synonym (synonym-major order)."""
         return {
-            code: [
-                template.replace(PLACEHOLDER, synonym) for synonym in synonyms for template in self.templates
-            ]
+            code: [template.replace(PLACEHOLDER, synonym) for synonym in synonyms for template in self.templates]
             for code, synonyms in self.classnames.items()
         }
 
@@ -282,9 +280,7 @@ def _from_vlm_yaml(path: Path, data: dict[str, Any]) -> PromptTask:
     positive = data.get("positive")
     if task_type == "binary":
         if len(codes) != 2:
-            raise ValueError(
-                f"{path}: field 'classes': a binary task has exactly 2 classes, got {list(codes)}"
-            )
+            raise ValueError(f"{path}: field 'classes': a binary task has exactly 2 classes, got {list(codes)}")
         _check_positive(path, positive, codes, required=True)
     elif positive is not None:
         raise ValueError(f"{path}: field 'positive' is only for type: binary (this task is multiclass)")
@@ -311,7 +307,7 @@ def _from_conch_json(path: Path, data: dict[str, Any]) -> PromptTask:
     expected = [str(i) for i in range(len(data))]
     if list(data) != expected:
         raise ValueError(
-            f"{path}: prompt sets must be keyed \"0\"..\"{len(data) - 1}\" in order (CONCH / MI-Zero format), "
+            f'{path}: prompt sets must be keyed "0".."{len(data) - 1}" in order (CONCH / MI-Zero format), '
             f"got keys {list(data)[:10]}"
         )
     sets: list[PromptSet] = []
@@ -329,9 +325,7 @@ def _from_conch_json(path: Path, data: dict[str, Any]) -> PromptTask:
         )
         set_codes = tuple(prompt_set.classnames)
         if codes is not None and set(set_codes) != set(codes):
-            raise ValueError(
-                f"{path}: entry {where}.classnames has classes {list(set_codes)}, not {list(codes)}"
-            )
+            raise ValueError(f"{path}: entry {where}.classnames has classes {list(set_codes)}, not {list(codes)}")
         codes = codes or set_codes
         sets.append(prompt_set)
     is_mizero = len(sets) > 1 or all(isinstance(v, str) for v in data["0"]["classnames"].values())
@@ -403,9 +397,7 @@ def _titan_class_order(
 # --- field validation ---------------------------------------------------------------------------------
 
 
-def _synonyms(
-    source: object, where: str, value: object, shared: str = "error"
-) -> dict[str, tuple[str, ...]]:
+def _synonyms(source: object, where: str, value: object, shared: str = "error") -> dict[str, tuple[str, ...]]:
     """`{CODE: [synonyms]}` or `{CODE: "synonym"}` -> code -> non-empty, unique synonyms.
 
     A synonym under two classes makes them indistinguishable on that prompt: an error in vlm's own
@@ -424,9 +416,7 @@ def _synonyms(
             raise ValueError(f"{source}: field '{where}': class code {code!r} clashes with an output column")
         items = [synonyms] if isinstance(synonyms, str) else synonyms
         if not isinstance(items, list) or not items:
-            raise ValueError(
-                f"{source}: field '{where}.{code}' must be a synonym or a non-empty list of them"
-            )
+            raise ValueError(f"{source}: field '{where}.{code}' must be a synonym or a non-empty list of them")
         mine: set[str] = set()
         for i, synonym in enumerate(items):
             if not isinstance(synonym, str) or not synonym.strip():
@@ -438,8 +428,7 @@ def _synonyms(
             if key in owner:
                 if shared != "warn":
                     raise ValueError(
-                        f"{source}: field '{where}.{code}[{i}]': synonym {synonym!r} appears also under "
-                        f"{owner[key]!r}"
+                        f"{source}: field '{where}.{code}[{i}]': synonym {synonym!r} appears also under {owner[key]!r}"
                     )
                 both.setdefault(synonym.strip(), [owner[key]]).append(code)
             else:
@@ -496,8 +485,6 @@ def _labels(source: object, value: object, codes: Sequence[str]) -> tuple[str, d
     out: dict[str, str] = {}
     for raw, code in mapping.items():
         if code not in codes:
-            raise ValueError(
-                f"{source}: field 'labels.map.{raw}' = {code!r} is not one of the classes {list(codes)}"
-            )
+            raise ValueError(f"{source}: field 'labels.map.{raw}' = {code!r} is not one of the classes {list(codes)}")
         out[str(raw).strip()] = code
     return column, out

@@ -151,27 +151,29 @@ def embed_prompts(
 def ensemble(embeddings: Tensor) -> Tensor:
     """One class prototype from its prompts' embeddings [P, D]: normalise each, mean, renormalise -> [D]."""
     if embeddings.ndim != 2 or embeddings.shape[0] == 0:
-        raise ValueError(
-            f"a class prototype needs at least one prompt embedding [P, D], got {tuple(embeddings.shape)}"
-        )
+        raise ValueError(f"a class prototype needs at least one prompt embedding [P, D], got {tuple(embeddings.shape)}")
     return F.normalize(F.normalize(embeddings.float(), dim=-1).mean(dim=0), dim=-1)
 
 
 def zero_shot_probabilities(
-    model: SlideTextModel, slide_embeddings: Tensor, prototypes: Tensor, ids: Sequence[str] | None = None
+    model: SlideTextModel,
+    slide_embeddings: Tensor,
+    prototypes: Tensor,
+    ids: Sequence[str] | None = None,
+    source: object = None,
 ) -> Tensor:
     """Unprojected slide embeddings [N, E] + class prototypes [C, D] -> class probabilities [N, C].
 
     softmax(scale · cos(project(slide), prototype)) with the model's (clamped) learned logit scale; argmax,
     and so accuracy, does not depend on the scale, but probabilities and calibration do. A slide whose
     embedding, or its projection, is not finite is refused by id (`ids`, else its row number): argmax of
-    NaN would otherwise print a confident-looking class.
+    NaN would otherwise print a confident-looking class. `source` (the slides file) prefixes that error.
     """
     slide_embeddings = torch.as_tensor(slide_embeddings, dtype=torch.float32)
-    _refuse_non_finite(slide_embeddings, ids, "slide embedding")
+    _refuse_non_finite(slide_embeddings, ids, "slide embedding", source)
     with torch.no_grad():
         slides = model.encode_slide_embeddings(slide_embeddings)
-        _refuse_non_finite(slides, ids, "projected slide embedding (values too large for float32?)")
+        _refuse_non_finite(slides, ids, "projected slide embedding (values too large for float32?)", source)
         logits = model.scale().float() * slides @ prototypes.to(slides.device, torch.float32).T  # [N, C]
         return logits.softmax(dim=-1).cpu()
 
@@ -223,9 +225,7 @@ class ZeroShotClassifier:
         embeddings = encoded[[row[p] for _, _, p in flat]]
         set_ids = np.array([s for s, _, _ in flat])
         codes = np.array([c for _, c, _ in flat])
-        self.prototypes = torch.stack(
-            [ensemble(embeddings[codes == code]) for code in task.classes]
-        )  # [C, D]
+        self.prototypes = torch.stack([ensemble(embeddings[codes == code]) for code in task.classes])  # [C, D]
         self.set_prototypes = (
             [
                 torch.stack([ensemble(embeddings[(set_ids == s) & (codes == code)]) for code in task.classes])
@@ -236,9 +236,7 @@ class ZeroShotClassifier:
         )
 
     @classmethod
-    def from_prompt_file(
-        cls, model: SlideTextModel, path: str | os.PathLike[str], **cache: Any
-    ) -> ZeroShotClassifier:
+    def from_prompt_file(cls, model: SlideTextModel, path: str | os.PathLike[str], **cache: Any) -> ZeroShotClassifier:
         return cls(model, load_prompt_task(path), **cache)
 
     @classmethod
@@ -275,12 +273,16 @@ class ZeroShotClassifier:
             out["prompt_sets"] = [prompt_set.expand() for prompt_set in self.task.prompt_sets]
         return out
 
-    def predict(self, slide_embeddings: Tensor | np.ndarray, ids: Sequence[str] | None = None) -> np.ndarray:
+    def predict(
+        self, slide_embeddings: Tensor | np.ndarray, ids: Sequence[str] | None = None, source: object = None
+    ) -> np.ndarray:
         """Unprojected slide embeddings [N, E] -> probabilities [N, C] (columns in `classes` order).
 
         For an MI-Zero file these are the pooled ensemble's (all prompts of all sets in one prototype).
+        Non-finite slides are refused, named by `ids` (else row numbers) and `source`.
         """
-        return zero_shot_probabilities(self.model, torch.as_tensor(slide_embeddings), self.prototypes, ids).numpy()
+        x = torch.as_tensor(slide_embeddings)
+        return zero_shot_probabilities(self.model, x, self.prototypes, ids, source).numpy()
 
     def predict_per_set(
         self, slide_embeddings: Tensor | np.ndarray, ids: Sequence[str] | None = None
@@ -338,9 +340,7 @@ def read_slides(
     return table.ids, table.embeddings.numpy()
 
 
-def read_labels(
-    path: str | os.PathLike[str], task: PromptTask, column: str | None = None
-) -> tuple[pd.Series, str]:
+def read_labels(path: str | os.PathLike[str], task: PromptTask, column: str | None = None) -> tuple[pd.Series, str]:
     """slide_id -> raw label (str) from a CSV, using `column`, else the task's label column, else `label`."""
     path = Path(path)
     if not path.is_file():
@@ -351,9 +351,7 @@ def read_labels(
     if column is None:
         column = task.label_column if task.label_column in frame.columns else "label"
     if column not in frame.columns:
-        raise ValueError(
-            f"{path}: no label column {column!r} (columns: {list(frame.columns)}); pass --label-column"
-        )
+        raise ValueError(f"{path}: no label column {column!r} (columns: {list(frame.columns)}); pass --label-column")
     duplicated = frame["slide_id"][frame["slide_id"].duplicated()].unique().tolist()
     if duplicated:
         raise ValueError(f"{path}: slide ids listed more than once: {duplicated[:5]}")
@@ -394,9 +392,7 @@ def match_labels(
         ("in the labels file were not scored", not_scored),
     ):
         if items:
-            log.warning(
-                "%d slide(s) %s and are left out of the metrics (e.g. %s)", len(items), what, items[:5]
-            )
+            log.warning("%d slide(s) %s and are left out of the metrics (e.g. %s)", len(items), what, items[:5])
     if unknown:
         log.warning(
             "unknown label values: %s; classes are %s (map others under labels.map in the task file)",
@@ -413,9 +409,7 @@ def match_labels(
     return targets, report
 
 
-def _prompt_set_summary(
-    per_set: Sequence[np.ndarray], targets: np.ndarray, task: PromptTask
-) -> dict[str, Any]:
+def _prompt_set_summary(per_set: Sequence[np.ndarray], targets: np.ndarray, task: PromptTask) -> dict[str, Any]:
     """MI-Zero style: each prompt set's point metrics, and their median, quartiles and range."""
     from vlm.metrics import classification_point_metrics
 
@@ -510,7 +504,7 @@ def run_zeroshot(
     if raw_labels is not None:
         targets, label_report = match_labels(slide_ids, raw_labels[0], prompt_task, allow_missing_slides)
     classifier = ZeroShotClassifier(model, prompt_task, cache_dir=cache_dir, use_cache=use_cache)
-    probabilities = classifier.predict(embeddings, ids=slide_ids)  # [N, C]; refuses width mismatch, NaN
+    probabilities = classifier.predict(embeddings, ids=slide_ids, source=slides)  # [N, C]; refuses width mismatch, NaN
     predictions = pd.DataFrame(probabilities, columns=list(prompt_task.classes))
     predictions.insert(0, "slide_id", slide_ids)
     predictions["predicted"] = [prompt_task.classes[i] for i in probabilities.argmax(axis=1)]
