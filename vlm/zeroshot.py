@@ -179,7 +179,10 @@ def zero_shot_probabilities(
 
 
 def _refuse_non_finite(values: Tensor, ids: Sequence[str] | None, what: str, source: object = None) -> None:
-    bad = torch.nonzero(~torch.isfinite(values).reshape(len(values), -1).all(dim=1)).flatten().tolist()
+    finite = torch.isfinite(values)
+    if values.ndim > 1:
+        finite = finite.flatten(1).all(dim=1)  # one flag per slide
+    bad = torch.nonzero(~finite).flatten().tolist()
     if bad:
         names = [str(ids[i]) for i in bad] if ids is not None else [f"row {i}" for i in bad]
         where = f"{source}: " if source else ""
@@ -341,7 +344,11 @@ def read_slides(
 
 
 def read_labels(path: str | os.PathLike[str], task: PromptTask, column: str | None = None) -> tuple[pd.Series, str]:
-    """slide_id -> raw label (str) from a CSV, using `column`, else the task's label column, else `label`."""
+    """slide_id -> raw label (str) from a CSV, using `column`, else the task's label column, else `label`.
+
+    The task's column is a vlm task's `labels.column`, a TITAN config's `target`, or `OncoTreeCode` for
+    CONCH / MI-Zero files (the column their code reads).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: labels file not found (a CSV with columns slide_id,label)")
@@ -350,6 +357,10 @@ def read_labels(path: str | os.PathLike[str], task: PromptTask, column: str | No
         raise ValueError(f"{path}: no 'slide_id' column (columns: {list(frame.columns)})")
     if column is None:
         column = task.label_column if task.label_column in frame.columns else "label"
+        if column != task.label_column and column in frame.columns:
+            log.warning(
+                "%s has no column %r (the task's label column); reading labels from 'label'", path, task.label_column
+            )
     if column not in frame.columns:
         raise ValueError(f"{path}: no label column {column!r} (columns: {list(frame.columns)}); pass --label-column")
     duplicated = frame["slide_id"][frame["slide_id"].duplicated()].unique().tolist()
