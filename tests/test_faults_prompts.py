@@ -90,6 +90,9 @@ def test_model_saved_before_the_record_loads_with_a_warning(
     with caplog.at_level(logging.WARNING):
         SlideTextModel.from_pretrained(folder)  # the weights' architecture hash does not cover the record
     assert "records no tokenizer fingerprint" in caplog.text
+    (folder / "tokenizer.json").unlink()  # such a folder still needs a vocabulary
+    with pytest.raises(FileNotFoundError, match="model: no tokenizer vocabulary file"):
+        SlideTextModel.from_pretrained(folder)
 
 
 @pytest.mark.slow  # saves and reloads 90 MB of real weights

@@ -183,9 +183,24 @@ def check_tokenizer(tokenizer: Any, record: dict[str, Any] | None, folder: str |
         )
 
 
+# Files that hold a vocabulary; a folder with none of them loads as a tokenizer of special tokens only.
+_VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
 def check_tokenizer_files(record: dict[str, Any] | None, folder: str | os.PathLike[str]) -> None:
-    """Every tokenizer file written at save time must still be there (before transformers silently copes)."""
-    missing = [name for name in (record or {}).get("files") or [] if not (Path(folder) / name).is_file()]
+    """Every tokenizer file written at save time must still be there (before transformers silently copes).
+
+    A folder saved before the record existed must at least hold a vocabulary file.
+    """
+    folder = Path(folder)
+    if record is None:
+        if not any((folder / name).is_file() for name in _VOCABULARY_FILES):
+            raise FileNotFoundError(
+                f"{folder}: no tokenizer vocabulary file (one of {list(_VOCABULARY_FILES)}); transformers "
+                "would build a tokenizer of its special tokens only. Copy the complete model folder"
+            )
+        return
+    missing = [name for name in record.get("files") or [] if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{folder}: tokenizer file(s) {missing} missing; without them the model's tokenizer "
