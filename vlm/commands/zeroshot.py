@@ -104,9 +104,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="slide embeddings parquet from `vlm embed-slides`, or a folder of tile-feature .h5 files "
         "(embedded with the model's own slide encoder)",
     )
-    parser.add_argument("--labels", help="CSV with slide_id and a label column (default column: label)")
     parser.add_argument(
-        "--label-column", help="label column in --labels (overrides the task's labels.column)"
+        "--labels",
+        help="CSV with slide_id and a label column (default: the task's column, e.g. a TITAN config's target or "
+        "OncoTreeCode for CONCH / MI-Zero files, else label)",
+    )
+    parser.add_argument(
+        "--label-column", help="label column in --labels (overrides the task's label column)"
     )
     parser.add_argument(
         "--allow-missing-slides",
