@@ -198,6 +198,13 @@ def test_titan_templates_are_titans_exact_23() -> None:
         template_list("nope")
 
 
+def test_a_task_file_can_name_titans_template_list(tmp_path: Path) -> None:
+    task = load_prompt_task(_write(tmp_path, GOOD.replace(TEMPLATES_LINE, "templates: titan\n")))
+    assert task.prompt_sets[0].templates == template_list("titan")
+    with pytest.raises(ValueError, match="bad.yaml: field 'templates': unknown template list 'titn'"):
+        load_prompt_task(_write(tmp_path, GOOD.replace(TEMPLATES_LINE, "templates: titn\n"), "bad.yaml"))
+
+
 def test_titan_real_config_is_read_as_titans_notebook_reads_it(caplog: pytest.LogCaptureFixture) -> None:
     """TITAN's real `datasets/config_tcga-ot.yaml`, read the way notebooks/zeroshot_demo.ipynb (cells 5 and
     7) uses it: prompts sorted by `label_dict`, TITAN's templates, labels from the `target` column. The file

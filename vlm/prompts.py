@@ -274,7 +274,7 @@ def _from_vlm_yaml(path: Path, data: dict[str, Any]) -> PromptTask:
         raise ValueError(f"{path}: field 'type' is {task_type!r}; use one of {list(TASK_TYPES)}")
     prompt_set = PromptSet(
         classnames=_synonyms(path, "classes", data["classes"]),
-        templates=_templates(path, "templates", data["templates"]),
+        templates=_named_or_listed_templates(path, data["templates"]),
     )
     codes = tuple(prompt_set.classnames)
     positive = data.get("positive")
@@ -351,7 +351,7 @@ def _from_titan_yaml(path: Path, data: dict[str, Any]) -> PromptTask:
         log.info("%s: no templates in the TITAN file; using TITAN's own %d templates", path, len(templates))
     prompt_set = PromptSet(
         classnames=_synonyms(path, "prompts", data["prompts"], shared="warn"),
-        templates=_templates(path, "templates", templates),
+        templates=_named_or_listed_templates(path, templates),
     )
     classes, label_map = _titan_class_order(path, data.get("label_dict"), tuple(prompt_set.classnames))
     target = data.get("target", "label")
@@ -443,6 +443,16 @@ def _synonyms(source: object, where: str, value: object, shared: str = "error") 
             "; ".join(f"{synonym!r} in {', '.join(codes)}" for synonym, codes in both.items()),
         )
     return out
+
+
+def _named_or_listed_templates(source: object, value: object) -> tuple[str, ...]:
+    """A task file's `templates`: a list, or the name of a shipped list (`templates: titan`)."""
+    if isinstance(value, str):
+        try:
+            return template_list(value)
+        except ValueError as error:
+            raise ValueError(f"{source}: field 'templates': {error}") from error
+    return _templates(source, "templates", value)
 
 
 def _templates(source: object, where: str, value: object) -> tuple[str, ...]:
