@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,13 +11,16 @@ import pytest
 from vlm.cli import main
 from vlm.prompts import (
     DEFAULT_TEMPLATES,
-    TITAN_LIKE_TEMPLATES,
     load_prompt_task,
     prompt_files,
     task_from_classes,
+    template_list,
 )
 
 PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
+UPSTREAM = Path(__file__).resolve().parent / "fixtures" / "prompts"  # peers' real files; see SOURCES.md there
+TITAN_CONFIG = UPSTREAM / "titan_config_tcga-ot.yaml"
+CONCH_NSCLC = UPSTREAM / "conch_nsclc_prompts_all_per_class.json"
 SHIPPED = prompt_files([PROMPTS])
 
 TEMPLATES_LINE = 'templates: ["CLASSNAME.", "an H&E image of CLASSNAME.", "histology shows CLASSNAME."]\n'
@@ -175,10 +179,129 @@ def test_mizero_json_reads_every_set(tmp_path: Path) -> None:
 def test_titan_yaml_with_and_without_templates(tmp_path: Path) -> None:
     text = "prompts:\n  LUAD: [lung adenocarcinoma, adenocarcinoma]\n  LUSC: [lung squamous cell carcinoma]\n"
     task = load_prompt_task(_write(tmp_path, text, "titan.yaml"))
-    assert task.format == "titan" and task.prompt_sets[0].templates == TITAN_LIKE_TEMPLATES
-    assert len(task.expand()["LUAD"]) == 2 * len(TITAN_LIKE_TEMPLATES)
+    assert task.format == "titan" and task.prompt_sets[0].templates == template_list("titan")
+    assert len(task.expand()["LUAD"]) == 2 * 23
     own = load_prompt_task(_write(tmp_path, text + "templates: ['CLASSNAME is seen.']\n", "titan2.yaml"))
     assert own.expand()["LUSC"] == ["lung squamous cell carcinoma is seen."]
+
+
+def test_titan_templates_are_titans_exact_23() -> None:
+    """TITAN's `TEMPLATES` (mahmoodlab/TITAN titan/utils.py lines 13-38 at 33042f5), verbatim and in order,
+    including its own wording slips ("a microscopic image of showing CLASSNAME.")."""
+    templates = template_list("titan")
+    assert len(templates) == 23 == len(set(templates))
+    assert templates[:3] == ("CLASSNAME.", "an image of CLASSNAME.", "the image shows CLASSNAME.")
+    assert templates[8] == "I observe CLASSNAME."
+    assert templates[18] == "a microscopic image of showing CLASSNAME."
+    assert templates[-1] == "CLASSNAME is identified."
+    with pytest.raises(ValueError, match="unknown template list 'nope'.*titan"):
+        template_list("nope")
+
+
+def test_a_task_file_can_name_titans_template_list(tmp_path: Path) -> None:
+    task = load_prompt_task(_write(tmp_path, GOOD.replace(TEMPLATES_LINE, "templates: titan\n")))
+    assert task.prompt_sets[0].templates == template_list("titan")
+    with pytest.raises(ValueError, match="bad.yaml: field 'templates': unknown template list 'titn'"):
+        load_prompt_task(_write(tmp_path, GOOD.replace(TEMPLATES_LINE, "templates: titn\n"), "bad.yaml"))
+
+
+def test_titan_real_config_is_read_as_titans_notebook_reads_it(caplog: pytest.LogCaptureFixture) -> None:
+    """TITAN's real `datasets/config_tcga-ot.yaml`, read the way notebooks/zeroshot_demo.ipynb (cells 5 and
+    7) uses it: prompts sorted by `label_dict`, TITAN's templates, labels from the `target` column. The file
+    lists 4 synonyms under two classes; TITAN uses it as is, so vlm accepts it and names them."""
+    with caplog.at_level(logging.WARNING, logger="vlm.prompts"):
+        task = load_prompt_task(TITAN_CONFIG)
+    assert task.format == "titan"
+    import yaml
+
+    raw = yaml.safe_load(TITAN_CONFIG.read_text())
+    assert task.classes == tuple(sorted(raw["label_dict"], key=raw["label_dict"].get))
+    assert len(task.classes) == raw["num_classes"] == 46
+    assert task.label_column == "OncoTreeCode" == raw["target"]
+    (prompt_set,) = task.prompt_sets
+    assert prompt_set.templates == template_list("titan")
+    for code in task.classes:
+        assert list(prompt_set.classnames[code]) == raw["prompts"][code]
+    shared = ["anaplastic astrocytoma", "grade III astrocytoma", "oligoastrocytoma", "diffuse gastric adenocarcinoma"]
+    assert "4 synonym(s) appear under more than one class" in caplog.text
+    assert all(f"'{synonym}'" in caplog.text for synonym in shared)
+    assert "AASTR, ASTR" in caplog.text and "DSTAD, STAD" in caplog.text
+    assert "anaplastic astrocytoma." in task.expand()["AASTR"] and "anaplastic astrocytoma." in task.expand()["ASTR"]
+    assert "Müllerian" in " ".join(task.expand()["UCS"])  # YAML's "\xFC" escape read as ü
+
+
+def test_titan_label_dict_decides_order_and_is_checked(tmp_path: Path) -> None:
+    body = "prompts:\n  A: [alpha tumour]\n  B: [beta tumour]\n  C: [gamma tumour]\ntarget: subtype\n"
+    task = load_prompt_task(_write(tmp_path, body + "label_dict: {C: 0, A: 1, B: 2, A2: 1}\n", "t.yaml"))
+    assert task.classes == ("C", "A", "B") and task.label_column == "subtype"
+    assert [task.label_to_class(v) for v in ("A2", "C", "D")] == ["A", "C", None]
+    for label_dict, message in [
+        ("{A: 0, B: 1}", r"lacks the prompt classes \['C'\]"),
+        ("{A: 0, B: 1, C: 1}", "0..2 once each"),
+        ("{A: 0, B: 1, C: 2, D: 7}", "no prompt class"),
+        ("{A: x, B: 1, C: 2}", "integers"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_prompt_task(_write(tmp_path, body + f"label_dict: {label_dict}\n", "bad_titan.yaml"))
+    with pytest.raises(ValueError, match="'prompts.A\\[1\\]'.*appears twice"):
+        load_prompt_task(_write(tmp_path, body.replace("[alpha tumour]", "[alpha tumour, Alpha tumour]"), "d.yaml"))
+
+
+def test_conch_real_file_reads_as_conch_uses_it() -> None:
+    """CONCH's real prompts/nsclc_prompts_all_per_class.json. CONCH's notebooks read `json.load(f)['0']`,
+    expand every synonym × template per class (conch/downstream/zeroshot_path.py `zero_shot_classifier`) and
+    take labels from `target_col = 'OncoTreeCode'` (MI-zeroshot_classification_example_ensemble.ipynb)."""
+    task = load_prompt_task(CONCH_NSCLC)
+    raw = json.loads(CONCH_NSCLC.read_text())["0"]
+    assert task.format == "conch" and task.classes == ("LUAD", "LUSC")
+    assert task.label_column == "OncoTreeCode"
+    expected = [t.replace("CLASSNAME", name) for name in raw["classnames"]["LUAD"] for t in raw["templates"]]
+    assert task.expand()["LUAD"] == expected and len(expected) == 4 * 22
+
+
+# MI-Zero's real files (src/prompts/nsclc_prompts.json) are written by src/presample_prompts.py: 50 sets keyed
+# 0..49 (json.dump of an int-keyed dict, indent=4), each ONE synonym per class drawn from a pool
+# (`np.random.choice(v, size=1)`) and a random subset of a 16-template pool. Same writer calls here.
+MIZERO_POOL = {
+    "LUAD": ["adenocarcinoma", "lung adenocarcinoma", "adenocarcinoma of the lung", "pulmonary adenocarcinoma"],
+    "LUSC": ["squamous cell carcinoma", "lung squamous cell carcinoma", "squamous cell carcinoma of the lung"],
+}
+MIZERO_TEMPLATES = ["CLASSNAME.", "an image of CLASSNAME.", "this is CLASSNAME.", "presence of CLASSNAME.",
+                    "CLASSNAME is shown.", "a photomicrograph of CLASSNAME."]  # fmt: skip
+
+
+def write_mizero_file(path: Path, iters: int = 12, seed: int = 0) -> Path:
+    """A prompt file written the way MI-Zero's presample_prompts.py `main` writes one (lines 60-75)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sampled = {}
+    for i in range(iters):
+        size = rng.choice(range(1, len(MIZERO_TEMPLATES) + 1))
+        classnames = {k: str(rng.choice(v, size=1, replace=False)[0]) for k, v in MIZERO_POOL.items()}
+        templates = rng.choice(MIZERO_TEMPLATES, size=size, replace=False).tolist()
+        sampled[i] = {"classnames": classnames, "templates": templates}
+    path.write_text(json.dumps(sampled, indent=4))
+    return path
+
+
+def test_mizero_prompts_check_counts_distinct_synonyms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_mizero_file(tmp_path / "nsclc_prompts.json")
+    task = load_prompt_task(path)
+    data = json.loads(path.read_text())
+    assert task.format == "mi-zero" and len(task.prompt_sets) == 12 and task.label_column == "OncoTreeCode"
+    distinct = {code: len({entry["classnames"][code] for entry in data.values()}) for code in MIZERO_POOL}
+    assert task.summary()["synonyms"] == distinct and max(distinct.values()) <= 4
+    assert main(["prompts", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"LUAD: {distinct['LUAD']} distinct synonyms" in out and "12 prompt sets" in out
+
+
+def test_mizero_sets_must_be_keyed_0_to_n(tmp_path: Path) -> None:
+    data = json.loads(write_mizero_file(tmp_path / "ok.json", iters=3).read_text())
+    data["7"] = data.pop("2")
+    with pytest.raises(ValueError, match=r"gap.json: prompt sets must be keyed \"0\"..\"2\""):
+        load_prompt_task(_write(tmp_path, json.dumps(data), "gap.json"))
 
 
 def test_classes_from_the_command_line() -> None:

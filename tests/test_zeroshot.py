@@ -18,6 +18,7 @@ from vlm.zeroshot import ZeroShotClassifier, zero_shot_probabilities
 
 PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
 NSCLC = PROMPTS / "nsclc_subtyping.yaml"
+TITAN_CONFIG = Path(__file__).resolve().parent / "fixtures" / "prompts" / "titan_config_tcga-ot.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +46,7 @@ def _count_text_calls(model: SlideTextModel, monkeypatch: pytest.MonkeyPatch) ->
     return calls
 
 
-def _slides_from_text(
-    model: SlideTextModel, texts: list[str], labels: np.ndarray, noise: float
-) -> np.ndarray:
+def _slides_from_text(model: SlideTextModel, texts: list[str], labels: np.ndarray, noise: float) -> np.ndarray:
     """Unprojected slide embeddings whose projection is the text embedding of their class description.
 
     The slide head is linear and wider on its input side, so the pseudo-inverse solves it exactly; noise is
@@ -81,9 +80,7 @@ def test_scoring_is_softmax_of_scaled_cosine(model: SlideTextModel, tmp_path: Pa
         projected = F.normalize(model.slide_proj(slides), dim=-1)
         expected = (model.scale() * projected @ classifier.prototypes.T).softmax(-1)
     np.testing.assert_allclose(classifier.predict(slides), expected.numpy(), atol=1e-6)
-    np.testing.assert_allclose(
-        zero_shot_probabilities(model, slides, classifier.prototypes).sum(1), 1, atol=1e-6
-    )
+    np.testing.assert_allclose(zero_shot_probabilities(model, slides, classifier.prototypes).sum(1), 1, atol=1e-6)
 
 
 SMALL_TASK = """\
@@ -115,9 +112,7 @@ def test_second_run_does_no_text_encoding_and_edits_miss(
     assert len(calls) == 3 and not (tmp_path / "off").exists()
 
 
-def test_changed_text_weights_miss_the_cache(
-    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_changed_text_weights_miss_the_cache(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     task = tmp_path / "small.yaml"
     task.write_text(SMALL_TASK)
     other = SlideTextModel.from_pretrained(model_dir)
@@ -155,11 +150,7 @@ def test_zero_shot_recovers_class_information(
     n_classes = len(descriptions)
     labels = np.arange(60) % n_classes
     # Noise at a third of the prototypes' spread: the tiny random text model puts all texts close together.
-    noise = (
-        0.3
-        * float(torch.cdist(classifier.prototypes, classifier.prototypes).max())
-        / model.config.proj_dim**0.5
-    )
+    noise = 0.3 * float(torch.cdist(classifier.prototypes, classifier.prototypes).max()) / model.config.proj_dim**0.5
     slides = _slides_from_text(model, descriptions, labels, noise)
     accuracy = classification_point_metrics(labels, classifier.predict(slides), None)["balanced_accuracy"]
     assert accuracy >= 0.9 > 1 / n_classes + 0.3
@@ -231,9 +222,7 @@ def test_cli_end_to_end(
 
 def test_cli_classes_and_mizero_sets(model: SlideTextModel, model_dir: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    slides, labels_csv = _write_inputs(
-        tmp_path, rng.normal(size=(20, 64)), ["a" if i % 2 else "b" for i in range(20)]
-    )
+    slides, labels_csv = _write_inputs(tmp_path, rng.normal(size=(20, 64)), ["a" if i % 2 else "b" for i in range(20)])
     out = tmp_path / "classes"
     assert (
         _zeroshot(
@@ -274,9 +263,7 @@ def test_cli_classes_and_mizero_sets(model: SlideTextModel, model_dir: Path, tmp
     assert summary["summary"]["balanced_accuracy"]["min"] == pytest.approx(values[0])
 
 
-def test_cli_bad_inputs_fail_cleanly(
-    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_cli_bad_inputs_fail_cleanly(model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(0)
     slides, labels_csv = _write_inputs(tmp_path, rng.normal(size=(6, 64)), ["LUAD", "LUSC"] * 3)
     (tmp_path / "narrow").mkdir()
@@ -319,3 +306,95 @@ def test_cli_embeds_a_features_folder_with_the_models_slide_encoder(tmp_path: Pa
     predictions = pd.read_csv(out / "predictions.csv")
     assert sorted(predictions["slide_id"]) == ["slide-0", "slide-1", "slide-2"]
     assert (out / "slide_embeddings.parquet").is_file()
+
+
+def test_mizero_headline_is_the_median_over_prompt_sets(
+    model: SlideTextModel, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """MI-Zero scores every prompt set on its own and reports the median (src/slidelevel_zeroshot_multiprompt.py,
+    `median_baccs`); that is the headline here, with the pooled ensemble of all sets beside it, named so.
+    The file is written the way MI-Zero's src/presample_prompts.py writes src/prompts/nsclc_prompts.json, and
+    labels come from `OncoTreeCode`, MI-Zero's `target_col` (its src/data_csvs/tcga_rcc_zeroshot_example.csv)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from tests.test_prompts import write_mizero_file
+    from vlm.prompts import load_prompt_task, task_from_classes
+
+    prompt_file = write_mizero_file(tmp_path / "nsclc_prompts.json", iters=9, seed=3)
+    descriptions = ["the slide shows lung adenocarcinoma", "the slide shows lung squamous cell carcinoma"]
+    truth = np.arange(40) % 2
+    embeddings = _slides_from_text(model, descriptions, truth, noise=0.02)
+    slides, _ = _write_inputs(tmp_path, embeddings, ["x"] * 40)
+    labels_csv = tmp_path / "tcga_nsclc_zeroshot.csv"
+    pd.DataFrame(
+        {
+            "slide_id": [f"TCGA-{i:02d}" for i in range(40)],
+            "project_id": ["TCGA-LUAD" if t == 0 else "TCGA-LUSC" for t in truth],
+            "OncoTreeCode": ["LUAD" if t == 0 else "LUSC" for t in truth],
+        }
+    ).to_csv(labels_csv, index=False)
+    out = tmp_path / "mizero"
+    assert _zeroshot(model_dir, slides, out, "--task", str(prompt_file), "--labels", str(labels_csv)) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["headline"] == "median_over_prompt_sets" and metrics["label_column"] == "OncoTreeCode"
+
+    per_set = []  # each set as its own classifier, built independently of the multi-set code
+    for prompt_set in load_prompt_task(prompt_file).prompt_sets:
+        task = task_from_classes({c: list(s) for c, s in prompt_set.classnames.items()}, prompt_set.templates)
+        probabilities = ZeroShotClassifier(model, task, use_cache=False).predict(embeddings)
+        per_set.append(balanced_accuracy_score(truth, probabilities.argmax(axis=1)))
+    headline = metrics["metrics"]["balanced_accuracy"]
+    assert headline["value"] == pytest.approx(float(np.median(per_set)), abs=1e-9)
+    assert headline["min"] == pytest.approx(min(per_set)) and headline["max"] == pytest.approx(max(per_set))
+    assert len(set(np.round(per_set, 6))) > 1  # the sets really differ, so median ≠ any pooled value by accident
+
+    pooled = metrics["pooled_ensemble"]
+    predictions = pd.read_csv(out / "predictions.csv")
+    pooled_bacc = balanced_accuracy_score(predictions["label"], predictions["predicted"])
+    assert pooled["metrics"]["balanced_accuracy"]["value"] == pytest.approx(pooled_bacc)
+    assert pooled["metrics"]["balanced_accuracy"]["ci_low"] is not None
+    assert "median over 9 prompt sets" in printed and "pooled ensemble" in printed
+    run = json.loads((out / "run.json").read_text())
+    assert run["headline"] == "median_over_prompt_sets" and run["predictions"].startswith("pooled ensemble")
+
+
+@pytest.mark.slow  # 5,313 prompts and a 46-class confusion figure
+def test_titan_real_config_end_to_end(model: SlideTextModel, model_dir: Path, tmp_path: Path) -> None:
+    """TITAN's real config_tcga-ot.yaml as its notebooks/zeroshot_demo.ipynb uses it (cells 5, 7, 10, 13): classes
+    in `label_dict` order, TITAN's templates, and each slide's label read from `task_csv[target]` of a CSV with
+    TITAN's columns (datasets/tcga-ot_test.csv header), no --label-column needed."""
+    import yaml
+
+    config = yaml.safe_load(TITAN_CONFIG.read_text())
+    order = sorted(config["label_dict"], key=config["label_dict"].get)
+    codes = ["LUAD", "LUSC", "IDC", "ILC", "CCRCC", "ASTR", "AASTR", "GBM"] * 3
+    rng = np.random.default_rng(0)
+    slides, _ = _write_inputs(tmp_path, rng.normal(size=(len(codes), 64)), ["x"] * len(codes))
+    header = "slide_id,case_id,project_id,sex,OncoTreeCode,OncoTreeSiteCode,site,source_site"
+    rows = [f"TCGA-{i:02d},TCGA-{i:02d},TCGA-X,F,{code},SITE,XX,Somewhere" for i, code in enumerate(codes)]
+    labels_csv = tmp_path / "tcga-ot_test.csv"
+    labels_csv.write_text("\n".join([header, *rows]) + "\n")
+    out = tmp_path / "titan"
+    assert _zeroshot(model_dir, slides, out, "--task", str(TITAN_CONFIG), "--labels", str(labels_csv)) == 0
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert list(predictions.columns) == ["slide_id", *order, "predicted", "label"]
+    assert list(predictions["label"]) == codes
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["label_column"] == "OncoTreeCode" and metrics["n_evaluated"] == len(codes)
+    used = json.loads((out / "prompts_used.json").read_text())
+    assert len(used["prompts"]["ASTR"]) == 7 * 23 and "I observe anaplastic astrocytoma." in used["prompts"]["ASTR"]
+
+
+def test_titan_labels_default_to_its_target_column(tmp_path: Path) -> None:
+    """TITAN's notebook reads labels as `label_dict[task_csv[target]]`; vlm reads the same column unasked."""
+    from vlm.prompts import load_prompt_task
+    from vlm.zeroshot import match_labels, read_labels
+
+    task = load_prompt_task(TITAN_CONFIG)
+    labels_csv = tmp_path / "tcga-ot_test.csv"
+    labels_csv.write_text("slide_id,project_id,OncoTreeCode\ns1,TCGA-BRCA,IDC\ns2,TCGA-LUAD,LUAD\n")
+    raw, column = read_labels(labels_csv, task)
+    assert column == "OncoTreeCode"
+    targets, _ = match_labels(["s1", "s2"], raw, task)
+    assert [task.classes[t] for t in targets] == ["IDC", "LUAD"]

@@ -7,16 +7,22 @@ positive class (binary tasks) and how to read the labels table. Formats (schema 
 - vlm task YAML (`prompts/*.yaml`): `type`, `classes: {CODE: [synonyms]}`, `templates`, `positive`,
   `labels: {column, map}` and free documentation fields;
 - CONCH JSON: `{"0": {"classnames": {CODE: [synonyms]}, "templates": [...]}}` (one prompt set);
-- MI-Zero JSON: keys "0".."N", each a prompt set with ONE synonym (a string) per class; every set is
-  scored on its own and the median and spread over sets are reported, as MI-Zero does;
-- TITAN YAML: `prompts: {CODE: [synonyms]}` (+ optional `templates`); without templates the documented
-  `TITAN_LIKE_TEMPLATES` are used.
+- MI-Zero JSON: keys "0".."N-1", each a prompt set with ONE synonym (a string) per class; every set is
+  scored on its own and the median over sets is the headline, as MI-Zero reports it;
+- TITAN YAML (its `datasets/config_*.yaml`): `prompts: {CODE: [synonyms]}`, `label_dict: {CODE: index}`
+  (the class order), `target` (the label column); without `templates`, TITAN's own 23 templates
+  (`template_list("titan")`). A synonym listed under two classes is kept in both with a warning, as
+  TITAN's notebook uses its file as is.
+
+CONCH's and MI-Zero's own code read labels from the `OncoTreeCode` column; so does vlm for these formats
+when the labels file has it (else `label`).
 
 Errors are `ValueError`s that name the file and the field, so a typo is fixed without reading code.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 PLACEHOLDER = "CLASSNAME"
 TASK_TYPES = ("multiclass", "binary")
 PROMPT_SUFFIXES = (".yaml", ".yml", ".json")
+PEER_LABEL_COLUMN = "OncoTreeCode"  # CONCH's and MI-Zero's label column (TITAN names its own `target`)
 
 # Used for `--classes` on the command line: histology wording for whole-slide H&E images.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -55,34 +62,23 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "this is CLASSNAME.",
 )
 
-# For TITAN-style files without templates: short statements in the style of TITAN's zero-shot ensemble
-# (TITAN ships 23 such templates in its code, not in its prompt files). Put TITAN's exact list under
-# `templates:` in the file to reproduce its numbers.
-TITAN_LIKE_TEMPLATES: tuple[str, ...] = (
-    "CLASSNAME.",
-    "an image of CLASSNAME.",
-    "the image shows CLASSNAME.",
-    "this image displays CLASSNAME.",
-    "an example of CLASSNAME.",
-    "CLASSNAME is shown.",
-    "this is CLASSNAME.",
-    "CLASSNAME is seen.",
-    "the pathology image shows CLASSNAME.",
-    "a pathology image of CLASSNAME.",
-    "the pathology slide shows CLASSNAME.",
-    "the slide contains CLASSNAME.",
-    "presence of CLASSNAME.",
-    "CLASSNAME is present.",
-    "CLASSNAME is observed.",
-    "the pathology image demonstrates CLASSNAME.",
-    "a microscopic image showing CLASSNAME.",
-    "histology shows CLASSNAME.",
-    "CLASSNAME is visible.",
-    "the tissue shows CLASSNAME.",
-    "CLASSNAME is identified.",
-    "the section is consistent with CLASSNAME.",
-    "findings of CLASSNAME.",
-)
+TEMPLATE_LISTS = Path(__file__).parent / "prompt_templates"
+
+
+@functools.cache
+def template_list(name: str) -> tuple[str, ...]:
+    """A named template list shipped as data in `vlm/prompt_templates/<name>.yaml` (source cited in the file).
+
+    `titan` is TITAN's exact 23-template list (its `titan/utils.py`), which TITAN prompt files use when
+    they carry no templates themselves, as TITAN's own zero-shot notebook does.
+    """
+    path = TEMPLATE_LISTS / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in TEMPLATE_LISTS.glob("*.yaml"))
+        raise ValueError(f"unknown template list {name!r}; shipped lists: {known}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return _templates(path, "templates", data.get("templates") if isinstance(data, dict) else None)
+
 
 _YAML_KEYS = {
     "name",
@@ -109,9 +105,7 @@ class PromptSet:
     def expand(self) -> dict[str, list[str]]:
         """Class code -> every template with `CLASSNAME` replaced by every synonym (synonym-major order)."""
         return {
-            code: [
-                template.replace(PLACEHOLDER, synonym) for synonym in synonyms for template in self.templates
-            ]
+            code: [template.replace(PLACEHOLDER, synonym) for synonym in synonyms for template in self.templates]
             for code, synonyms in self.classnames.items()
         }
 
@@ -150,14 +144,12 @@ class PromptTask:
         return text if text in self.classes else None
 
     def summary(self) -> dict[str, Any]:
-        """Counts for `vlm prompts check`: classes × synonyms × templates per set."""
-        sets = [
-            {
-                "synonyms": {code: len(syn) for code, syn in s.classnames.items()},
-                "templates": len(s.templates),
-            }
-            for s in self.prompt_sets
-        ]
+        """Counts for `vlm prompts check`: DISTINCT synonyms and prompts per class over all sets.
+
+        An MI-Zero file repeats the same few synonyms across its 50 sets; summing per set would report
+        50 synonyms for a class that has 9.
+        """
+        synonyms = {code: {s for p in self.prompt_sets for s in p.classnames[code]} for code in self.classes}
         return {
             "task": self.name,
             "format": self.format,
@@ -165,9 +157,10 @@ class PromptTask:
             "positive": self.positive,
             "classes": list(self.classes),
             "prompt_sets": len(self.prompt_sets),
-            "synonyms": {code: sum(s["synonyms"][code] for s in sets) for code in self.classes},
-            "templates": sorted({s["templates"] for s in sets}),
-            "prompts": {code: len(p) for code, p in self.expand().items()},
+            "synonyms": {code: len(found) for code, found in synonyms.items()},
+            "templates": sorted({len(s.templates) for s in self.prompt_sets}),
+            "distinct_templates": len({t for s in self.prompt_sets for t in s.templates}),
+            "prompts": {code: len(set(p)) for code, p in self.expand().items()},
         }
 
 
@@ -281,15 +274,13 @@ def _from_vlm_yaml(path: Path, data: dict[str, Any]) -> PromptTask:
         raise ValueError(f"{path}: field 'type' is {task_type!r}; use one of {list(TASK_TYPES)}")
     prompt_set = PromptSet(
         classnames=_synonyms(path, "classes", data["classes"]),
-        templates=_templates(path, "templates", data["templates"]),
+        templates=_named_or_listed_templates(path, data["templates"]),
     )
     codes = tuple(prompt_set.classnames)
     positive = data.get("positive")
     if task_type == "binary":
         if len(codes) != 2:
-            raise ValueError(
-                f"{path}: field 'classes': a binary task has exactly 2 classes, got {list(codes)}"
-            )
+            raise ValueError(f"{path}: field 'classes': a binary task has exactly 2 classes, got {list(codes)}")
         _check_positive(path, positive, codes, required=True)
     elif positive is not None:
         raise ValueError(f"{path}: field 'positive' is only for type: binary (this task is multiclass)")
@@ -308,7 +299,17 @@ def _from_vlm_yaml(path: Path, data: dict[str, Any]) -> PromptTask:
 
 
 def _from_conch_json(path: Path, data: dict[str, Any]) -> PromptTask:
-    """CONCH (one set, synonym lists) and MI-Zero (several sets, one synonym string per class)."""
+    """CONCH (one set, synonym lists) and MI-Zero (several sets, one synonym string per class).
+
+    Both peers read the sets by the keys "0", "1", … (CONCH: `json.load(f)['0']`; MI-Zero:
+    `prompts[str(prompt_idx)] for prompt_idx in range(len(prompts))`), so other keys are refused.
+    """
+    expected = [str(i) for i in range(len(data))]
+    if list(data) != expected:
+        raise ValueError(
+            f'{path}: prompt sets must be keyed "0".."{len(data) - 1}" in order (CONCH / MI-Zero format), '
+            f"got keys {list(data)[:10]}"
+        )
     sets: list[PromptSet] = []
     codes: tuple[str, ...] | None = None
     for key, entry in data.items():
@@ -324,53 +325,89 @@ def _from_conch_json(path: Path, data: dict[str, Any]) -> PromptTask:
         )
         set_codes = tuple(prompt_set.classnames)
         if codes is not None and set(set_codes) != set(codes):
-            raise ValueError(
-                f"{path}: entry {where}.classnames has classes {list(set_codes)}, not {list(codes)}"
-            )
+            raise ValueError(f"{path}: entry {where}.classnames has classes {list(set_codes)}, not {list(codes)}")
         codes = codes or set_codes
         sets.append(prompt_set)
-    is_mizero = len(sets) > 1 or all(
-        isinstance(v, str) for v in data[next(iter(data))]["classnames"].values()
-    )
+    is_mizero = len(sets) > 1 or all(isinstance(v, str) for v in data["0"]["classnames"].values())
     return PromptTask(
         name=path.stem,
         classes=codes or (),
         prompt_sets=tuple(sets),
+        label_column=PEER_LABEL_COLUMN,
         source=str(path),
         format="mi-zero" if is_mizero else "conch",
     )
 
 
 def _from_titan_yaml(path: Path, data: dict[str, Any]) -> PromptTask:
+    """TITAN's task config, read the way TITAN's zero-shot notebook reads it (notebooks/zeroshot_demo.ipynb).
+
+    The notebook sorts `prompts` by `label_dict` (the class order), scores every synonym with TITAN's
+    `TEMPLATES`, and reads each slide's label from the `target` column through `label_dict`.
+    """
     templates = data.get("templates")
     if templates is None:
-        log.info(
-            "%s: no templates in the TITAN file; using the %d TITAN-like defaults",
-            path,
-            len(TITAN_LIKE_TEMPLATES),
-        )
-        templates = list(TITAN_LIKE_TEMPLATES)
+        templates = list(template_list("titan"))
+        log.info("%s: no templates in the TITAN file; using TITAN's own %d templates", path, len(templates))
     prompt_set = PromptSet(
-        classnames=_synonyms(path, "prompts", data["prompts"]),
-        templates=_templates(path, "templates", templates),
+        classnames=_synonyms(path, "prompts", data["prompts"], shared="warn"),
+        templates=_named_or_listed_templates(path, templates),
     )
+    classes, label_map = _titan_class_order(path, data.get("label_dict"), tuple(prompt_set.classnames))
+    target = data.get("target", "label")
+    if not isinstance(target, str) or not target:
+        raise ValueError(f"{path}: field 'target' must be the label column's name, got {target!r}")
     return PromptTask(
         name=str(data.get("name") or path.stem),
-        classes=tuple(prompt_set.classnames),
-        prompt_sets=(prompt_set,),
+        classes=classes,
+        prompt_sets=(PromptSet({c: prompt_set.classnames[c] for c in classes}, prompt_set.templates),),
+        label_column=target,
+        label_map=label_map,
         source=str(path),
         format="titan",
     )
 
 
+def _titan_class_order(
+    path: Path, label_dict: object, codes: tuple[str, ...]
+) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Classes in `label_dict` order; extra `label_dict` keys sharing a class's index become label aliases."""
+    if label_dict is None:
+        return codes, {}
+    if not isinstance(label_dict, dict) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in label_dict.values()
+    ):
+        raise ValueError(f"{path}: field 'label_dict' must map label values to class indices (integers)")
+    missing = [c for c in codes if c not in label_dict]
+    if missing:
+        raise ValueError(f"{path}: field 'label_dict' lacks the prompt classes {missing}")
+    index = {c: label_dict[c] for c in codes}
+    if sorted(index.values()) != list(range(len(codes))):
+        raise ValueError(
+            f"{path}: field 'label_dict' must give the {len(codes)} prompt classes the indices "
+            f"0..{len(codes) - 1} once each, got {index}"
+        )
+    classes = tuple(sorted(codes, key=index.__getitem__))
+    outside = {k: label_dict[k] for k in label_dict if k not in index and not 0 <= label_dict[k] < len(codes)}
+    if outside:
+        raise ValueError(f"{path}: field 'label_dict' has indices with no prompt class: {outside}")
+    return classes, {str(k).strip(): classes[v] for k, v in label_dict.items() if k not in index}
+
+
 # --- field validation ---------------------------------------------------------------------------------
 
 
-def _synonyms(source: object, where: str, value: object) -> dict[str, tuple[str, ...]]:
-    """`{CODE: [synonyms]}` or `{CODE: "synonym"}` -> code -> non-empty, unique, unambiguous synonyms."""
+def _synonyms(source: object, where: str, value: object, shared: str = "error") -> dict[str, tuple[str, ...]]:
+    """`{CODE: [synonyms]}` or `{CODE: "synonym"}` -> code -> non-empty, unique synonyms.
+
+    A synonym under two classes makes them indistinguishable on that prompt: an error in vlm's own
+    format; `shared="warn"` (TITAN's files, which have such synonyms and are used as is) keeps it in both
+    classes and logs every shared synonym with its classes.
+    """
     if not isinstance(value, dict) or len(value) < 2:
         raise ValueError(f"{source}: field '{where}' must map at least 2 class codes to synonyms")
     owner: dict[str, str] = {}
+    both: dict[str, list[str]] = {}
     out: dict[str, tuple[str, ...]] = {}
     for code, synonyms in value.items():
         if not isinstance(code, str) or not code.strip() or code != code.strip():
@@ -379,21 +416,43 @@ def _synonyms(source: object, where: str, value: object) -> dict[str, tuple[str,
             raise ValueError(f"{source}: field '{where}': class code {code!r} clashes with an output column")
         items = [synonyms] if isinstance(synonyms, str) else synonyms
         if not isinstance(items, list) or not items:
-            raise ValueError(
-                f"{source}: field '{where}.{code}' must be a synonym or a non-empty list of them"
-            )
+            raise ValueError(f"{source}: field '{where}.{code}' must be a synonym or a non-empty list of them")
+        mine: set[str] = set()
         for i, synonym in enumerate(items):
             if not isinstance(synonym, str) or not synonym.strip():
                 raise ValueError(f"{source}: field '{where}.{code}[{i}]' must be a non-empty string")
             key = synonym.strip().lower()
+            if key in mine:
+                raise ValueError(f"{source}: field '{where}.{code}[{i}]': synonym {synonym!r} appears twice")
+            mine.add(key)
             if key in owner:
-                which = "twice" if owner[key] == code else f"also under {owner[key]!r}"
-                raise ValueError(
-                    f"{source}: field '{where}.{code}[{i}]': synonym {synonym!r} appears {which}"
-                )
-            owner[key] = code
+                if shared != "warn":
+                    raise ValueError(
+                        f"{source}: field '{where}.{code}[{i}]': synonym {synonym!r} appears also under {owner[key]!r}"
+                    )
+                both.setdefault(synonym.strip(), [owner[key]]).append(code)
+            else:
+                owner[key] = code
         out[code] = tuple(s.strip() for s in items)
+    if both:
+        log.warning(
+            "%s: %d synonym(s) appear under more than one class and are kept in each (those classes' "
+            "prototypes move closer together): %s",
+            source,
+            len(both),
+            "; ".join(f"{synonym!r} in {', '.join(codes)}" for synonym, codes in both.items()),
+        )
     return out
+
+
+def _named_or_listed_templates(source: object, value: object) -> tuple[str, ...]:
+    """A task file's `templates`: a list, or the name of a shipped list (`templates: titan`)."""
+    if isinstance(value, str):
+        try:
+            return template_list(value)
+        except ValueError as error:
+            raise ValueError(f"{source}: field 'templates': {error}") from error
+    return _templates(source, "templates", value)
 
 
 def _templates(source: object, where: str, value: object) -> tuple[str, ...]:
@@ -436,8 +495,6 @@ def _labels(source: object, value: object, codes: Sequence[str]) -> tuple[str, d
     out: dict[str, str] = {}
     for raw, code in mapping.items():
         if code not in codes:
-            raise ValueError(
-                f"{source}: field 'labels.map.{raw}' = {code!r} is not one of the classes {list(codes)}"
-            )
+            raise ValueError(f"{source}: field 'labels.map.{raw}' = {code!r} is not one of the classes {list(codes)}")
         out[str(raw).strip()] = code
     return column, out

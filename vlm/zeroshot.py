@@ -4,13 +4,16 @@ Prototype (CONCH/TITAN ensembling): embed every synonym × template, L2-normalis
 renormalise. Scoring (`zero_shot_probabilities`, the one scoring function): project + L2-normalise the
 unprojected slide embeddings, cosine with each prototype, softmax with the model's logit scale.
 
-Prompt embeddings are cached on disk, keyed by a fingerprint of the model's text side (weights, tokenizer,
-config) and the exact expanded prompts, so re-running a task does no text encoding at all, and editing a
-prompt or retraining the model misses the cache. `run_zeroshot` is the whole `vlm zeroshot` job.
+Prompt embeddings are cached on disk, keyed by hashes of the exact expanded prompts, the model's text tower
+(text weights, text projection, their config) and its tokenizer, and checksummed: a damaged or foreign
+cache file is re-encoded with a warning, never trusted. A re-run of a task does no text encoding at all,
+and editing a prompt or retraining the model misses the cache. `run_zeroshot` is the whole `vlm zeroshot`
+job.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,7 +34,8 @@ from vlm.prompts import DEFAULT_TEMPLATES, PromptTask, load_prompt_task, task_fr
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+CACHE_FORMAT = "vlm-prompt-cache"
 
 
 def default_cache_dir() -> Path:
@@ -41,19 +45,60 @@ def default_cache_dir() -> Path:
 
 
 def text_fingerprint(model: SlideTextModel) -> str:
-    """A hash of everything that decides a text embedding: text weights, text projection, tokenizer, config.
+    """One hash of everything that decides a text embedding: text tower weights, text projection, their
+    config, and the tokenizer (vocabulary and behaviour, `tokenizer_fingerprint`).
 
     Hashing the tensors (not a file) works for models built in a notebook as well as loaded ones, and a
-    model whose slide side changed but whose text side did not keeps its cached prompts.
+    model whose slide side changed but whose text side did not keeps its cached prompts. It reads every text
+    weight, so callers compute it once per model (`ZeroShotClassifier.text_fingerprint`).
     """
+    from vlm.encoders.text import tokenizer_fingerprint
+
+    config = model.config
+    text_config = {
+        "text_config": config.text_config,
+        "max_length": config.max_length,
+        "proj_dim": config.proj_dim,
+        "text_proj": config.text_proj,
+    }
     digest = hashlib.sha256()
-    digest.update(f"vlm-prompt-cache-{CACHE_VERSION}\n{model.config.digest()}\n".encode())
-    digest.update(json.dumps(sorted(model.tokenizer.get_vocab().items())).encode())
+    digest.update(f"{CACHE_FORMAT}-{CACHE_VERSION}\n{json.dumps(text_config, sort_keys=True)}\n".encode())
+    digest.update(tokenizer_fingerprint(model.tokenizer)["sha256"].encode())
     for name, tensor in sorted(model.state_dict().items()):
         if name.startswith(("text.", "text_proj.")):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _tensor_sha256(tensor: Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _read_cache(path: Path, key: str, shape: tuple[int, int]) -> Tensor | None:
+    """The cached embeddings when the file is intact and is this key's; None (with a warning) otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            embeddings = handle.get_tensor("embeddings")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        problem = f"unreadable ({error})"
+    else:
+        problem = None
+        if metadata.get("format") != CACHE_FORMAT or metadata.get("key") != key:
+            problem = "not a vlm prompt cache for these prompts and this text model (key differs)"
+        elif embeddings.dtype != torch.float32 or tuple(embeddings.shape) != shape:
+            problem = f"{embeddings.dtype} {tuple(embeddings.shape)} instead of float32 {shape}"
+        elif metadata.get("sha256") != _tensor_sha256(embeddings):
+            problem = "checksum mismatch"
+        elif not bool(torch.isfinite(embeddings).all()):
+            problem = "non-finite values"
+    if problem is not None:
+        log.warning("prompt cache %s is damaged or foreign (%s); re-encoding the prompts", path, problem)
+        return None
+    return embeddings
 
 
 def embed_prompts(
@@ -62,32 +107,43 @@ def embed_prompts(
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     batch_size: int = 64,
+    fingerprint: str | None = None,
 ) -> Tensor:
     """[N, proj_dim] L2-normalised embeddings of `prompts`, read from the cache when possible.
 
-    The cache file is named by sha256(model text fingerprint + prompts) and written atomically, so two
-    jobs sharing a cache folder never read a half-written file.
+    The cache file is named by sha256(text fingerprint + prompts), records that key and the embeddings'
+    sha256 in its metadata, and is written atomically, so two jobs sharing a cache folder never read a
+    half-written file and a damaged or swapped file is re-encoded. Pass `fingerprint`
+    (`text_fingerprint(model)`) when it is already known: computing it reads every text weight.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     prompts = list(prompts)
     path: Path | None = None
     if use_cache:
-        key = hashlib.sha256(json.dumps([text_fingerprint(model), prompts]).encode()).hexdigest()
+        fingerprint = fingerprint or text_fingerprint(model)
+        prompts_sha = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+        key = hashlib.sha256(f"{CACHE_FORMAT}-{CACHE_VERSION}:{fingerprint}:{prompts_sha}".encode()).hexdigest()
         path = Path(cache_dir or default_cache_dir()) / f"{key}.safetensors"
         if path.is_file():
-            embeddings = load_file(str(path))["embeddings"]
-            if embeddings.shape == (len(prompts), model.config.proj_dim):
+            cached = _read_cache(path, key, (len(prompts), model.config.proj_dim))
+            if cached is not None:
                 log.info("prompt embeddings: cache hit %s (%d prompts, no text encoding)", path, len(prompts))
-                return embeddings.float()
-            log.warning("prompt cache %s has shape %s; re-encoding", path, tuple(embeddings.shape))
+                return cached
     log.info("encoding %d prompts", len(prompts))
-    embeddings = model.encode_text(prompts, batch_size=batch_size, device="cpu").float()
+    embeddings = model.encode_text(prompts, batch_size=batch_size, device="cpu").float().contiguous()
     if path is not None:
+        metadata = {
+            "format": CACHE_FORMAT,
+            "version": str(CACHE_VERSION),
+            "key": key,
+            "text_fingerprint": fingerprint,
+            "prompts_sha256": prompts_sha,
+            "n_prompts": str(len(prompts)),
+            "sha256": _tensor_sha256(embeddings),
+        }
         with atomic_path(path) as tmp:
-            save_file(
-                {"embeddings": embeddings.contiguous()}, str(tmp), metadata={"n_prompts": str(len(prompts))}
-            )
+            save_file({"embeddings": embeddings}, str(tmp), metadata=metadata)
         log.info("prompt embeddings cached in %s", path)
     return embeddings
 
@@ -95,22 +151,45 @@ def embed_prompts(
 def ensemble(embeddings: Tensor) -> Tensor:
     """One class prototype from its prompts' embeddings [P, D]: normalise each, mean, renormalise -> [D]."""
     if embeddings.ndim != 2 or embeddings.shape[0] == 0:
-        raise ValueError(
-            f"a class prototype needs at least one prompt embedding [P, D], got {tuple(embeddings.shape)}"
-        )
+        raise ValueError(f"a class prototype needs at least one prompt embedding [P, D], got {tuple(embeddings.shape)}")
     return F.normalize(F.normalize(embeddings.float(), dim=-1).mean(dim=0), dim=-1)
 
 
-def zero_shot_probabilities(model: SlideTextModel, slide_embeddings: Tensor, prototypes: Tensor) -> Tensor:
+def zero_shot_probabilities(
+    model: SlideTextModel,
+    slide_embeddings: Tensor,
+    prototypes: Tensor,
+    ids: Sequence[str] | None = None,
+    source: object = None,
+) -> Tensor:
     """Unprojected slide embeddings [N, E] + class prototypes [C, D] -> class probabilities [N, C].
 
     softmax(scale · cos(project(slide), prototype)) with the model's (clamped) learned logit scale; argmax,
-    and so accuracy, does not depend on the scale, but probabilities and calibration do.
+    and so accuracy, does not depend on the scale, but probabilities and calibration do. A slide whose
+    embedding, or its projection, is not finite is refused by id (`ids`, else its row number): argmax of
+    NaN would otherwise print a confident-looking class. `source` (the slides file) prefixes that error.
     """
+    slide_embeddings = torch.as_tensor(slide_embeddings, dtype=torch.float32)
+    _refuse_non_finite(slide_embeddings, ids, "slide embedding", source)
     with torch.no_grad():
-        slides = model.encode_slide_embeddings(torch.as_tensor(slide_embeddings, dtype=torch.float32))
+        slides = model.encode_slide_embeddings(slide_embeddings)
+        _refuse_non_finite(slides, ids, "projected slide embedding (values too large for float32?)", source)
         logits = model.scale().float() * slides @ prototypes.to(slides.device, torch.float32).T  # [N, C]
         return logits.softmax(dim=-1).cpu()
+
+
+def _refuse_non_finite(values: Tensor, ids: Sequence[str] | None, what: str, source: object = None) -> None:
+    finite = torch.isfinite(values)
+    if values.ndim > 1:
+        finite = finite.flatten(1).all(dim=1)  # one flag per slide
+    bad = torch.nonzero(~finite).flatten().tolist()
+    if bad:
+        names = [str(ids[i]) for i in bad] if ids is not None else [f"row {i}" for i in bad]
+        where = f"{source}: " if source else ""
+        raise ValueError(
+            f"{where}{len(bad)} slide(s) have a non-finite (NaN or infinite) {what} and cannot be scored: "
+            f"{names[:20]}{' …' if len(names) > 20 else ''}; re-embed or remove them"
+        )
 
 
 class ZeroShotClassifier:
@@ -136,12 +215,20 @@ class ZeroShotClassifier:
             for code, prompts in prompt_set.expand().items()
             for prompt in prompts
         ]
-        embeddings = embed_prompts(model, [p for _, _, p in flat], cache_dir=cache_dir, use_cache=use_cache)
+        # MI-Zero sets repeat prompts (and TITAN shares synonyms across classes): encode each text once.
+        unique = list(dict.fromkeys(p for _, _, p in flat))
+        row = {prompt: i for i, prompt in enumerate(unique)}
+        encoded = embed_prompts(
+            model,
+            unique,
+            cache_dir=cache_dir,
+            use_cache=use_cache,
+            fingerprint=self.text_fingerprint if use_cache else None,
+        )
+        embeddings = encoded[[row[p] for _, _, p in flat]]
         set_ids = np.array([s for s, _, _ in flat])
         codes = np.array([c for _, c, _ in flat])
-        self.prototypes = torch.stack(
-            [ensemble(embeddings[codes == code]) for code in task.classes]
-        )  # [C, D]
+        self.prototypes = torch.stack([ensemble(embeddings[codes == code]) for code in task.classes])  # [C, D]
         self.set_prototypes = (
             [
                 torch.stack([ensemble(embeddings[(set_ids == s) & (codes == code)]) for code in task.classes])
@@ -152,9 +239,7 @@ class ZeroShotClassifier:
         )
 
     @classmethod
-    def from_prompt_file(
-        cls, model: SlideTextModel, path: str | os.PathLike[str], **cache: Any
-    ) -> ZeroShotClassifier:
+    def from_prompt_file(cls, model: SlideTextModel, path: str | os.PathLike[str], **cache: Any) -> ZeroShotClassifier:
         return cls(model, load_prompt_task(path), **cache)
 
     @classmethod
@@ -172,6 +257,11 @@ class ZeroShotClassifier:
     def classes(self) -> tuple[str, ...]:
         return self.task.classes
 
+    @functools.cached_property
+    def text_fingerprint(self) -> str:
+        """`text_fingerprint(model)`, computed once (it reads every text weight) for the cache and run.json."""
+        return text_fingerprint(self.model)
+
     def prompts_used(self) -> dict[str, Any]:
         """The exact prompts behind each prototype (written to prompts_used.json beside predictions)."""
         out: dict[str, Any] = {
@@ -186,14 +276,23 @@ class ZeroShotClassifier:
             out["prompt_sets"] = [prompt_set.expand() for prompt_set in self.task.prompt_sets]
         return out
 
-    def predict(self, slide_embeddings: Tensor | np.ndarray) -> np.ndarray:
-        """Unprojected slide embeddings [N, E] -> probabilities [N, C] (columns in `classes` order)."""
-        return zero_shot_probabilities(self.model, torch.as_tensor(slide_embeddings), self.prototypes).numpy()
+    def predict(
+        self, slide_embeddings: Tensor | np.ndarray, ids: Sequence[str] | None = None, source: object = None
+    ) -> np.ndarray:
+        """Unprojected slide embeddings [N, E] -> probabilities [N, C] (columns in `classes` order).
 
-    def predict_per_set(self, slide_embeddings: Tensor | np.ndarray) -> list[np.ndarray]:
+        For an MI-Zero file these are the pooled ensemble's (all prompts of all sets in one prototype).
+        Non-finite slides are refused, named by `ids` (else row numbers) and `source`.
+        """
+        x = torch.as_tensor(slide_embeddings)
+        return zero_shot_probabilities(self.model, x, self.prototypes, ids, source).numpy()
+
+    def predict_per_set(
+        self, slide_embeddings: Tensor | np.ndarray, ids: Sequence[str] | None = None
+    ) -> list[np.ndarray]:
         """Probabilities [N, C] from each prompt set on its own (MI-Zero); empty for a single-set task."""
         x = torch.as_tensor(slide_embeddings)
-        return [zero_shot_probabilities(self.model, x, p).numpy() for p in self.set_prototypes]
+        return [zero_shot_probabilities(self.model, x, p, ids).numpy() for p in self.set_prototypes]
 
 
 # --- the `vlm zeroshot` job ---------------------------------------------------------------------------
@@ -249,10 +348,12 @@ def read_slides(
     return table.ids, table.embeddings.numpy()
 
 
-def read_labels(
-    path: str | os.PathLike[str], task: PromptTask, column: str | None = None
-) -> tuple[pd.Series, str]:
-    """slide_id -> raw label (str) from a CSV, using `column`, else the task's label column, else `label`."""
+def read_labels(path: str | os.PathLike[str], task: PromptTask, column: str | None = None) -> tuple[pd.Series, str]:
+    """slide_id -> raw label (str) from a CSV, using `column`, else the task's label column, else `label`.
+
+    The task's column is a vlm task's `labels.column`, a TITAN config's `target`, or `OncoTreeCode` for
+    CONCH / MI-Zero files (the column their code reads).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: labels file not found (a CSV with columns slide_id,label)")
@@ -261,10 +362,12 @@ def read_labels(
         raise ValueError(f"{path}: no 'slide_id' column (columns: {list(frame.columns)})")
     if column is None:
         column = task.label_column if task.label_column in frame.columns else "label"
+        if column != task.label_column and column in frame.columns:
+            log.warning(
+                "%s has no column %r (the task's label column); reading labels from 'label'", path, task.label_column
+            )
     if column not in frame.columns:
-        raise ValueError(
-            f"{path}: no label column {column!r} (columns: {list(frame.columns)}); pass --label-column"
-        )
+        raise ValueError(f"{path}: no label column {column!r} (columns: {list(frame.columns)}); pass --label-column")
     duplicated = frame["slide_id"][frame["slide_id"].duplicated()].unique().tolist()
     if duplicated:
         raise ValueError(f"{path}: slide ids listed more than once: {duplicated[:5]}")
@@ -305,9 +408,7 @@ def match_labels(
         ("in the labels file were not scored", not_scored),
     ):
         if items:
-            log.warning(
-                "%d slide(s) %s and are left out of the metrics (e.g. %s)", len(items), what, items[:5]
-            )
+            log.warning("%d slide(s) %s and are left out of the metrics (e.g. %s)", len(items), what, items[:5])
     if unknown:
         log.warning(
             "unknown label values: %s; classes are %s (map others under labels.map in the task file)",
@@ -324,9 +425,7 @@ def match_labels(
     return targets, report
 
 
-def _prompt_set_summary(
-    per_set: Sequence[np.ndarray], targets: np.ndarray, task: PromptTask
-) -> dict[str, Any]:
+def _prompt_set_summary(per_set: Sequence[np.ndarray], targets: np.ndarray, task: PromptTask) -> dict[str, Any]:
     """MI-Zero style: each prompt set's point metrics, and their median, quartiles and range."""
     from vlm.metrics import classification_point_metrics
 
@@ -347,6 +446,20 @@ def _prompt_set_summary(
             }
     summary = {k: {s: float(v) for s, v in d.items()} for k, d in summary.items()}
     return {"n_sets": len(rows), "summary": summary, "per_set": rows}
+
+
+def _median_metrics(sets: dict[str, Any], pooled: dict[str, Any]) -> dict[str, Any]:
+    """The MI-Zero headline: per metric, the median over prompt sets (value) and its spread; no CI."""
+    out = {}
+    for name in pooled:
+        spread = sets["summary"].get(name)
+        out[name] = {
+            "value": None if spread is None else spread["median"],
+            "ci_low": None,
+            "ci_high": None,
+            **({k: spread[k] for k in ("q25", "q75", "min", "max")} if spread else {}),
+        }
+    return out
 
 
 def run_zeroshot(
@@ -405,13 +518,17 @@ def run_zeroshot(
     raw_labels = read_labels(labels, prompt_task, label_column) if labels is not None else None
 
     slide_ids, embeddings = read_slides(slides, model, out, resolved, progress=progress, mpp=mpp, patches=patches)
+    _refuse_non_finite(torch.as_tensor(embeddings), slide_ids, "slide embedding", source=str(slides))
     if raw_labels is not None:
         targets, label_report = match_labels(slide_ids, raw_labels[0], prompt_task, allow_missing_slides)
     classifier = ZeroShotClassifier(model, prompt_task, cache_dir=cache_dir, use_cache=use_cache)
-    probabilities = classifier.predict(embeddings)  # [N, C]; refuses a width mismatch
+    probabilities = classifier.predict(embeddings, ids=slide_ids, source=slides)  # [N, C]; refuses width mismatch, NaN
     predictions = pd.DataFrame(probabilities, columns=list(prompt_task.classes))
     predictions.insert(0, "slide_id", slide_ids)
     predictions["predicted"] = [prompt_task.classes[i] for i in probabilities.argmax(axis=1)]
+    n_sets = len(classifier.set_prototypes)
+    headline = "median_over_prompt_sets" if n_sets else "prompt_ensemble"
+    title = f"{prompt_task.name} (pooled ensemble of {n_sets} prompt sets)" if n_sets else prompt_task.name
 
     files: dict[str, bytes] = {}
     result: dict[str, Any] = {}
@@ -423,7 +540,7 @@ def run_zeroshot(
                 f"none of the {len(slide_ids)} scored slides has a usable label in {labels} "
                 f"(column {raw_labels[1]!r}); the classes are {list(prompt_task.classes)}"
             )
-        result = classification_metrics(
+        pooled = classification_metrics(
             targets[mask],
             probabilities[mask],
             prompt_task.classes,
@@ -435,23 +552,29 @@ def run_zeroshot(
             "task": prompt_task.name,
             "labels": str(labels),
             "label_column": raw_labels[1],
+            "headline": headline,
             **label_report,
-            **result,
         }
-        if classifier.set_prototypes:
-            result["prompt_sets"] = _prompt_set_summary(
-                classifier.predict_per_set(embeddings), targets, prompt_task
+        if n_sets:  # MI-Zero: each set is a classifier; the headline is their median, as MI-Zero reports
+            sets = _prompt_set_summary(classifier.predict_per_set(embeddings, ids=slide_ids), targets, prompt_task)
+            result.update(
+                {key: pooled[key] for key in ("n", "support", "classes_without_cases", "positive")},
+                metrics=_median_metrics(sets, pooled["metrics"]),
+                prompt_sets=sets,
+                pooled_ensemble=pooled,
             )
+        else:
+            result.update(pooled)
         files["metrics.json"] = (json.dumps(result, indent=2) + "\n").encode()
         files["roc.png"] = roc_png(
             targets[mask],
             probabilities[mask],
             prompt_task.classes,
             prompt_task.positive_index,
-            title=prompt_task.name,
+            title=title,
         )
         files["confusion.png"] = confusion_png(
-            np.array(result["confusion_matrix"]["counts"]), prompt_task.classes, title=prompt_task.name
+            np.array(pooled["confusion_matrix"]["counts"]), prompt_task.classes, title=title
         )
     run = {
         "vlm_version": __version__,
@@ -462,12 +585,16 @@ def run_zeroshot(
         "classes": list(prompt_task.classes),
         "positive": prompt_task.positive,
         "labels": None if labels is None else str(labels),
+        "label_column": None if raw_labels is None else raw_labels[1],
+        "prompt_sets": n_sets or 1,
+        "headline": headline,
+        "predictions": "pooled ensemble of all prompt sets" if n_sets else "prompt ensemble",
         "device": str(resolved),
         "n_slides": len(slide_ids),
         "n_boot": n_boot,
         "seed": seed,
         "logit_scale": float(model.scale().detach()),
-        "text_fingerprint": text_fingerprint(model),
+        "text_fingerprint": classifier.text_fingerprint,
         "cache": str(cache_dir or default_cache_dir()) if use_cache else None,
     }
     files["predictions.csv"] = predictions.to_csv(index=False, float_format="%.6g").encode()

@@ -31,19 +31,25 @@ def _zeroshot(args: argparse.Namespace) -> int:
         patches=args.patches,
     )
     if "metrics" in result:
-        for name, metric in result["metrics"].items():
-            value = "n/a" if metric["value"] is None else f"{metric['value']:.3f}"
-            ci = "" if metric["ci_low"] is None else f"  [{metric['ci_low']:.3f}, {metric['ci_high']:.3f}]"
-            print(f"{name:>18}: {value}{ci}")
         sets = result.get("prompt_sets")
         if sets:
-            print(f"over {sets['n_sets']} prompt sets (median [min, max]):")
-            for name, spread in sets["summary"].items():
-                print(f"{name:>18}: {spread['median']:.3f}  [{spread['min']:.3f}, {spread['max']:.3f}]")
+            print(f"median over {sets['n_sets']} prompt sets (MI-Zero headline) [min, max over sets]:")
+        _print_metrics(result["metrics"])
+        if sets:
+            print("pooled ensemble of all prompts of all sets (the predictions) [95% CI]:")
+            _print_metrics(result["pooled_ensemble"]["metrics"])
         print(f"{result['n_evaluated']} of {result['n_scored']} slides evaluated -> {args.out}")
     else:
         print(f"{result['n_slides']} slides scored (no labels) -> {args.out}")
     return 0
+
+
+def _print_metrics(metrics: dict) -> None:
+    """One line per metric: value and its CI, or (MI-Zero medians) the range over prompt sets."""
+    for name, metric in metrics.items():
+        value = "n/a" if metric["value"] is None else f"{metric['value']:.3f}"
+        low, high = (metric["min"], metric["max"]) if "min" in metric else (metric["ci_low"], metric["ci_high"])
+        print(f"{name:>18}: {value}" + ("" if low is None else f"  [{low:.3f}, {high:.3f}]"))
 
 
 def _prompts_check(args: argparse.Namespace) -> int:
@@ -57,15 +63,23 @@ def _prompts_check(args: argparse.Namespace) -> int:
             print(f"FAIL {error}")
             status = 1
             continue
-        templates = "/".join(map(str, summary["templates"]))
-        sets = f", {summary['prompt_sets']} prompt sets" if summary["prompt_sets"] > 1 else ""
+        n_sets = summary["prompt_sets"]
+        sets = f", {n_sets} prompt sets" if n_sets > 1 else ""
         positive = f", positive {summary['positive']}" if summary["positive"] else ""
         print(f"ok   {path} [{summary['format']}, {summary['type']}{positive}{sets}]")
         for code in summary["classes"]:
-            print(
-                f"       {code}: {summary['synonyms'][code]} synonyms × {templates} templates"
-                f" = {summary['prompts'][code]} prompts"
-            )
+            if n_sets == 1:
+                line = (
+                    f"{summary['synonyms'][code]} synonyms × {summary['templates'][0]} templates"
+                    f" = {summary['prompts'][code]} prompts"
+                )
+            else:  # MI-Zero: the same synonyms recur across sets; count each once
+                low, high = summary["templates"][0], summary["templates"][-1]
+                line = (
+                    f"{summary['synonyms'][code]} distinct synonyms, {low}-{high} templates per set "
+                    f"({summary['distinct_templates']} distinct) = {summary['prompts'][code]} distinct prompts"
+                )
+            print(f"       {code}: {line}")
     return status
 
 
@@ -95,9 +109,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(embedded with the model's own slide encoder)",
     )
     add_feature_file_options(parser)
-    parser.add_argument("--labels", help="CSV with slide_id and a label column (default column: label)")
     parser.add_argument(
-        "--label-column", help="label column in --labels (overrides the task's labels.column)"
+        "--labels",
+        help="CSV with slide_id and a label column (default: the task's column, e.g. a TITAN config's target or "
+        "OncoTreeCode for CONCH / MI-Zero files, else label)",
+    )
+    parser.add_argument(
+        "--label-column", help="label column in --labels (overrides the task's label column)"
     )
     parser.add_argument(
         "--allow-missing-slides",

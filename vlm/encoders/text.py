@@ -145,6 +145,69 @@ def text_encoder_from_config(
     return TextEncoder(model, tokenizer, max_length=max_length)
 
 
+# Mixed case, accents, punctuation, digits and a rare word: ids of this text change when lower-casing,
+# accent stripping, splitting or the vocabulary change, so the fingerprint covers behaviour, not just size.
+_TOKENIZER_PROBE = "Invasive Ductal CARCINOMA, grade 2 (pT1c): Müllerian naïve — 12.5% Ki-67; xylophone!"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """`{"vocab_size": int, "sha256": str}` of a tokenizer: its vocabulary and the ids it gives a probe text.
+
+    Recorded in a saved model's config and checked on load, because transformers silently builds a
+    tokenizer of its 5 special tokens when `tokenizer.json` is missing; that model runs and is wrong.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps(list(tokenizer(_TOKENIZER_PROBE)["input_ids"])).encode())
+    return {"vocab_size": len(tokenizer), "sha256": digest.hexdigest()}
+
+
+def check_tokenizer(tokenizer: Any, record: dict[str, Any] | None, folder: str | os.PathLike[str]) -> None:
+    """Refuse a tokenizer that is not the one recorded when the model was saved (naming folder and files)."""
+    if record is None:
+        log.warning(
+            "%s: this model folder records no tokenizer fingerprint (saved by an older vlm), so its tokenizer "
+            "cannot be verified; re-save the model to record one",
+            folder,
+        )
+        return
+    found = tokenizer_fingerprint(tokenizer)
+    if found != {k: record.get(k) for k in found}:
+        files = ", ".join(record.get("files") or []) or "the tokenizer files"
+        raise ValueError(
+            f"{folder}: the tokenizer files ({files}) give a tokenizer of {found['vocab_size']} tokens "
+            f"(sha256 {found['sha256'][:12]}…), but the model was saved with {record.get('vocab_size')} tokens "
+            f"(sha256 {str(record.get('sha256'))[:12]}…); restore the tokenizer files the model was saved with"
+        )
+
+
+# Files that hold a vocabulary; a folder with none of them loads as a tokenizer of special tokens only.
+_VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_tokenizer_files(record: dict[str, Any] | None, folder: str | os.PathLike[str]) -> None:
+    """Every tokenizer file written at save time must still be there (before transformers silently copes).
+
+    A folder saved before the record existed must at least hold a vocabulary file.
+    """
+    folder = Path(folder)
+    if record is None:
+        if not any((folder / name).is_file() for name in _VOCABULARY_FILES):
+            raise FileNotFoundError(
+                f"{folder}: no tokenizer vocabulary file (one of {list(_VOCABULARY_FILES)}); transformers "
+                "would build a tokenizer of its special tokens only. Copy the complete model folder"
+            )
+        return
+    missing = [name for name in record.get("files") or [] if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder}: tokenizer file(s) {missing} missing; without them the model's tokenizer "
+            f"({record.get('vocab_size')} tokens) cannot be rebuilt. Copy the complete model folder"
+        )
+
+
 _TINY_WORDS = (
     "the a of and in with is are no not shows show showing slide tissue tumor tumour carcinoma "
     "adenocarcinoma "

@@ -34,8 +34,11 @@ from vlm.encoders.text import (
     DEFAULT_TEXT_ENCODER,
     TextEncoder,
     build_tiny_text_encoder,
+    check_tokenizer,
+    check_tokenizer_files,
     load_text_encoder,
     text_encoder_from_config,
+    tokenizer_fingerprint,
 )
 from vlm.io import atomic_dir
 from vlm.model.projection import ProjectionHead
@@ -65,6 +68,9 @@ class SlideTextConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)
     init_logit_bias: float | None = None  # set (SigLIP: -10) to learn a logit bias
+    # {vocab_size, sha256, files} of the tokenizer saved beside the weights; checked on load. Not part of
+    # `digest()` (not architecture), so folders saved before it existed still load (with a warning).
+    tokenizer: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,7 +99,9 @@ class SlideTextConfig:
 
     def digest(self) -> str:
         """A hash of the architecture, stored in the weights file so a mismatched pair is refused."""
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
+        values = dataclasses.asdict(self)
+        values.pop("tokenizer")
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
 class SlideTextModel(nn.Module):
@@ -203,16 +211,20 @@ class SlideTextModel(nn.Module):
         """Write config.json + model.safetensors + tokenizer files to `path` atomically; return `path`."""
         from safetensors.torch import save_file
 
-        config = self.config.to_dict()
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_dir(path) as tmp:
+            written = self.text.tokenizer.save_pretrained(str(tmp))
+            self.config.tokenizer = {
+                **tokenizer_fingerprint(self.text.tokenizer),
+                "files": sorted({Path(f).name for f in written if (tmp / Path(f).name).is_file()}),
+            }
+            config = self.config.to_dict()
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             save_file(
                 state,
                 str(tmp / WEIGHTS_NAME),
                 metadata={"format": "pt", "vlm_config_sha256": self.config.digest()},
             )
-            self.text.tokenizer.save_pretrained(str(tmp))
         return Path(path)
 
     @classmethod
@@ -243,7 +255,9 @@ class SlideTextModel(nn.Module):
                 f"{weights_file} was not saved with this {CONFIG_NAME} (architecture hash differs); the "
                 "folder mixes files of different models: re-save it with save_pretrained or restore the pair"
             )
+        check_tokenizer_files(config.tokenizer, path)
         text = text_encoder_from_config(config.text_config, path, max_length=config.max_length)
+        check_tokenizer(text.tokenizer, config.tokenizer, path)
         slide_encoder = _build_slide_encoder(config) if config.slide_encoder is not None else None
         model = cls(config, text, slide_encoder)
         _load_state_strict(model, load_file(str(weights_file)), str(weights_file))
