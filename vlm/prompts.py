@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from vlm.resources import resolve_task
+
 log = logging.getLogger(__name__)
 
 PLACEHOLDER = "CLASSNAME"
@@ -211,8 +213,9 @@ def _read(path: Path) -> Any:
 
 
 def load_prompt_task(path: str | os.PathLike[str]) -> PromptTask:
-    """Read and validate a prompt file of any supported format (detected from its content)."""
-    path = Path(path)
+    """Read and validate a prompt file of any supported format (detected from its content), or a task shipped
+    with vlm by name (`nsclc_subtyping`)."""
+    path = resolve_task(path)
     data = _read(path)
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected a mapping at the top level (see prompts/README.md)")

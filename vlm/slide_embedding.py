@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlm.batch import BatchReport, Shard, write_failures
-from vlm.device import autocast
+from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.slide import SLIDE_ENCODER_PRESETS, GigaPathSlideEncoder, to_gigapath_coords
 from vlm.features import read_features
 from vlm.io import atomic_path, duplicate_ids, slide_id_from_path
@@ -185,7 +185,7 @@ def embed_slides(
     out: str | os.PathLike[str],
     encoder: GigaPathSlideEncoder,
     pool: str = "mean",
-    device: torch.device | str = "cpu",
+    device: str | torch.device = "auto",
     batch_size: int = 1,
     shard: Shard = Shard(),
     progress: bool = True,
@@ -199,9 +199,11 @@ def embed_slides(
 
     `batch_size` slides are padded into one forward pass (each gets the numbers it gets alone); on GPU
     this helps for many small slides, on CPU 1 is as fast. `mpp` overrides the files' level-0 µm/px.
-    `checkpoint` is only recorded in the file's metadata.
+    `checkpoint` is only recorded in the file's metadata. `device` and `precision` are names ("auto", "cuda:1",
+    "bf16", …) resolved by `vlm.device`; an impossible pair (fp16 on CPU) is refused before any work.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
+    autocast_dtype(device, precision)
     encoder = encoder.to(device).eval()
     encoder.pooled_dim(pool)  # validates pool before any work
     name = next((key for key, config in SLIDE_ENCODER_PRESETS.items() if config == encoder.config), "custom")

@@ -28,6 +28,7 @@ from torch import Tensor
 from vlm.io import atomic_path
 from vlm.model.clip import SlideTextModel
 from vlm.prompts import DEFAULT_TEMPLATES, PromptTask, load_prompt_task, task_from_classes
+from vlm.slide_embedding import SlideEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -202,19 +203,23 @@ LABEL_OUTPUTS = ("metrics.json", "roc.png", "confusion.png")
 
 
 def read_slides(
-    slides: str | os.PathLike[str],
+    slides: str | os.PathLike[str] | SlideEmbeddings,
     model: SlideTextModel,
     out: Path,
     device: torch.device,
     progress: bool = True,
+    precision: str = "auto",
 ) -> tuple[list[str], np.ndarray]:
     """Slide ids and unprojected embeddings [N, E] from a `vlm embed-slides` parquet or a features folder.
 
     A features folder is embedded with the model's own slide encoder into `out/slide_embeddings.parquet`
     (resumable); a model trained on cached embeddings has none, and the error says what to run instead.
+    An in-memory `SlideEmbeddings` (from `load_slide_embeddings`) is used as it is.
     """
     from vlm.slide_embedding import load_slide_embeddings
 
+    if isinstance(slides, SlideEmbeddings):
+        return list(slides.ids), slides.embeddings.float().numpy()
     path = Path(slides)
     if path.is_dir():
         from vlm.features import feature_files
@@ -235,6 +240,7 @@ def read_slides(
             model.slide_encoder,
             pool=model.config.pool,
             device=device,
+            precision=precision,
             progress=progress,
         )
         if report.failed:
@@ -346,7 +352,7 @@ def _prompt_set_summary(
 
 def run_zeroshot(
     model: str | os.PathLike[str] | SlideTextModel,
-    slides: str | os.PathLike[str],
+    slides: str | os.PathLike[str] | SlideEmbeddings,
     out: str | os.PathLike[str],
     *,
     task: str | os.PathLike[str] | PromptTask | None = None,
@@ -361,6 +367,7 @@ def run_zeroshot(
     seed: int = 0,
     device: str | torch.device | None = "auto",
     progress: bool = True,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """The `vlm zeroshot` job: score slides against a prompt task and write the run folder `out`.
 
@@ -397,7 +404,7 @@ def run_zeroshot(
         model_source = "<in memory>"
     raw_labels = read_labels(labels, prompt_task, label_column) if labels is not None else None
 
-    slide_ids, embeddings = read_slides(slides, model, out, resolved, progress=progress)
+    slide_ids, embeddings = read_slides(slides, model, out, resolved, progress=progress, precision=precision)
     if raw_labels is not None:
         targets, label_report = match_labels(slide_ids, raw_labels[0], prompt_task, allow_missing_slides)
     classifier = ZeroShotClassifier(model, prompt_task, cache_dir=cache_dir, use_cache=use_cache)
@@ -449,7 +456,7 @@ def run_zeroshot(
     run = {
         "vlm_version": __version__,
         "model": model_source,
-        "slides": str(slides),
+        "slides": "<in memory>" if isinstance(slides, SlideEmbeddings) else str(slides),
         "task": prompt_task.source,
         "task_name": prompt_task.name,
         "classes": list(prompt_task.classes),

@@ -76,7 +76,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, help="model folder written by `vlm train` (…/model)")
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--task", help="prompt file: vlm task YAML, CONCH / MI-Zero JSON or TITAN YAML")
+    what.add_argument(
+        "--task",
+        help="prompt file (vlm task YAML, CONCH / MI-Zero JSON or TITAN YAML) or the name of a task shipped "
+        "with vlm, e.g. nsclc_subtyping (the files of prompts/)",
+    )
     what.add_argument(
         "--classes",
         nargs="+",
