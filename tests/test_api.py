@@ -107,6 +107,8 @@ def test_the_library_never_reads_tests() -> None:
     assert ROOT / "tests" not in REAL_SLIDE.resolve().parents
     for module in (ROOT / "vlm").rglob("*.py"):
         assert "tests" not in {
-            part for node in ast.walk(ast.parse(module.read_text())) if isinstance(node, ast.Constant)
-            and isinstance(node.value, str) for part in node.value.split("/")
+            part
+            for node in ast.walk(ast.parse(module.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            for part in node.value.split("/")
         }, module
