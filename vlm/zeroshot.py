@@ -29,6 +29,7 @@ from vlm.io import atomic_path
 from vlm.model.clip import SlideTextModel
 from vlm.prompts import DEFAULT_TEMPLATES, PromptTask, load_prompt_task, task_from_classes
 from vlm.slide_embedding import SlideEmbeddings
+from vlm.weights import update_state_digest
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,7 @@ def text_fingerprint(model: SlideTextModel) -> str:
     digest = hashlib.sha256()
     digest.update(f"vlm-prompt-cache-{CACHE_VERSION}\n{model.config.digest()}\n".encode())
     digest.update(json.dumps(sorted(model.tokenizer.get_vocab().items())).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.startswith(("text.", "text_proj.")):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return update_state_digest(digest, model, ("text.", "text_proj.")).hexdigest()
 
 
 def embed_prompts(
