@@ -112,3 +112,15 @@ def test_the_library_never_reads_tests() -> None:
             if isinstance(node, ast.Constant) and isinstance(node.value, str)
             for part in node.value.split("/")
         }, module
+
+
+def test_no_reference_to_documents_that_do_not_exist() -> None:
+    """Section marks of design/style documents the repository does not have point a reader nowhere."""
+    documents = [name for name in ("DESIGN", "STYLE") if not (ROOT / f"{name}.md").exists()]
+    files = [ROOT / "README.md", *ROOT.glob("prompts/*"), *ROOT.glob("notebooks/*.ipynb")]
+    files += [p for folder in ("vlm", "tests", "bench") for p in (ROOT / folder).rglob("*.py")]
+    for path in files:
+        text = path.read_text()
+        for name in documents:
+            for mark in (f"{name} \u00a7", f"{name}.md"):
+                assert mark not in text, f"{path.relative_to(ROOT)} refers to {mark!r}"

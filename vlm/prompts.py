@@ -1,6 +1,6 @@
 """Zero-shot prompt files: one schema, validation on load, readers for peers' formats, expansion.
 
-Prompts are data (STYLE §9). Every format loads into the same `PromptTask`: class codes in order, one or
+Prompts are data, not code. Every format loads into the same `PromptTask`: class codes in order, one or
 more `PromptSet`s (synonyms per class × templates with the literal `CLASSNAME` placeholder), an optional
 positive class (binary tasks) and how to read the labels table. Formats (schema in prompts/README.md):
 

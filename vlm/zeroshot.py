@@ -1,4 +1,4 @@
-"""Zero-shot classification: prompt files -> class prototypes -> slide probabilities (DESIGN §7).
+"""Zero-shot classification: prompt files -> class prototypes -> slide probabilities.
 
 Prototype (CONCH/TITAN ensembling): embed every synonym × template, L2-normalise each, average, and
 renormalise. Scoring (`zero_shot_probabilities`, the one scoring function): project + L2-normalise the
