@@ -31,13 +31,14 @@ def embed_grid(
     slide_path: str | os.PathLike[str],
     grid: TileGrid,
     encoder: TileEncoder,
-    device: torch.device,
+    device: str | torch.device = "auto",
     precision: str = "auto",
     batch_size: int = 64,
     workers: int = 2,
     progress: bool = False,
 ) -> np.ndarray:
-    """Features [N, D] (float32) for the tiles of `grid`, in grid order."""
+    """Features [N, D] (float32) for the tiles of `grid`, in grid order (`encoder` already on `device`)."""
+    device = resolve_device(device)
     with open_slide(slide_path, mpp=grid.mpp) as slide:
         plan = read_plan(slide, grid.tile_size_level0, grid.tile_size)
     dataset = TileDataset(slide_path, grid.coords, plan, grid.mpp, transform=encoder.transform)
