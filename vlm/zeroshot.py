@@ -372,8 +372,8 @@ def run_zeroshot(
     prompts_used.json, run.json and, with `labels`, metrics.json, roc.png and confusion.png. Every input
     is checked and every result computed before the first file is written (each atomically), so a bad
     input leaves no partial output; only a features folder given as `slides` is first embedded into
-    `out/slide_embeddings.parquet`, which a re-run resumes. Returns the metrics (or, without labels, the
-    run settings).
+    `out/slide_embeddings.parquet`, which a re-run resumes. `slides` may also be a `SlideEmbeddings` already
+    in memory; `task` a shipped task's name. Returns the metrics (or, without labels, the run settings).
     """
     from vlm import __version__
     from vlm.device import resolve_device
