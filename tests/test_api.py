@@ -124,3 +124,16 @@ def test_no_reference_to_documents_that_do_not_exist() -> None:
         for name in documents:
             for mark in (f"{name} \u00a7", f"{name}.md"):
                 assert mark not in text, f"{path.relative_to(ROOT)} refers to {mark!r}"
+
+
+def test_prompts_check_without_paths_checks_every_shipped_task(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from vlm.cli import main
+
+    assert main(["prompts", "check"]) == 0
+    checked = {Path(line.split()[1]).stem for line in capsys.readouterr().out.splitlines() if line.startswith("ok")}
+    assert checked == set(shipped_tasks())
+    assert main(["prompts", "check", "rcc_subtyping"]) == 0
+    assert main(["prompts", "check", "rcc_subtypin"]) == 2
+    assert "did you mean rcc_subtyping" in caplog.text

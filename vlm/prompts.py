@@ -228,15 +228,14 @@ def load_prompt_task(path: str | os.PathLike[str]) -> PromptTask:
 
 
 def prompt_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Prompt files named directly or found (non-recursively) in folders, sorted; READMEs are skipped."""
+    """Prompt files named directly, by shipped task name, or found (non-recursively) in folders, sorted; READMEs
+    are skipped."""
     found: list[Path] = []
     for entry in map(Path, paths):
         if entry.is_dir():
             found.extend(sorted(p for p in entry.iterdir() if p.suffix.lower() in PROMPT_SUFFIXES))
-        elif entry.exists():
-            found.append(entry)
         else:
-            raise FileNotFoundError(f"{entry}: no such prompt file or folder")
+            found.append(resolve_task(entry))  # a file, or a shipped task by name
     return found
 
 
