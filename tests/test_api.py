@@ -137,3 +137,13 @@ def test_prompts_check_without_paths_checks_every_shipped_task(
     assert main(["prompts", "check", "rcc_subtyping"]) == 0
     assert main(["prompts", "check", "rcc_subtypin"]) == 2
     assert "did you mean rcc_subtyping" in caplog.text
+
+
+def test_test_modules_import_neither_each_other_nor_conftest() -> None:
+    """pytest imports test modules and conftest itself; shared helpers live in tests/support."""
+    for path in (ROOT / "tests").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        relative = {f".{n.module or ''}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+        for module in _imports(path.read_text()) | relative:
+            last = module.rsplit(".", 1)[-1]
+            assert last != "conftest" and not last.startswith("test_"), f"{path.relative_to(ROOT)} imports {module}"
