@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +23,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from vlm.model.clip import build_tiny_model
-from vlm.retrieval import SlideIndex
-from vlm.retrieval.kinds import threads_for
-from vlm.retrieval.synthetic import clustered_embeddings
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: its tests/support generators
+from tests.support.synthetic import clustered_embeddings  # noqa: E402
+from vlm.model.clip import build_tiny_model  # noqa: E402
+from vlm.retrieval import SlideIndex  # noqa: E402
+from vlm.retrieval.kinds import threads_for  # noqa: E402
 
 log = logging.getLogger("bench.retrieval")
 

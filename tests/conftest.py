@@ -21,28 +21,9 @@ def _seed() -> None:
 
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
-
+from tests.support.synthetic import TISSUE_025, TISSUE_05, tissue_image  # noqa: E402
+from vlm.resources import REAL_SLIDE  # noqa: E402
 from vlm.wsi.synthetic import write_pyramidal_tiff  # noqa: E402
-
-DATA = Path(__file__).parent / "data"
-REAL_SLIDE = DATA / "cmu_small_region.svs"
-
-# Synthetic slides: white glass with one rectangle of textured pink "tissue" at a known place.
-# At 0.5 mpp a tile is 256 level-0 px; at 0.25 mpp it is 512. The rectangle spans 4 x 2 tiles.
-TISSUE_05 = (512, 768, 1536, 1280)  # x0, y0, x1, y1 in level-0 px
-TISSUE_025 = (1024, 1536, 3072, 2560)
-
-
-def tissue_image(width: int, height: int, box: tuple[int, int, int, int], seed: int = 0) -> np.ndarray:
-    """White background with H&E-like pink/purple noise inside `box` (level-0 px)."""
-    rng = np.random.default_rng(seed)
-    image = np.full((height, width, 3), 245, np.uint8)
-    x0, y0, x1, y1 = box
-    noise = rng.integers(-25, 25, size=(y1 - y0, x1 - x0, 1))
-    base = np.array([200, 110, 170])
-    image[y0:y1, x0:x1] = np.clip(base + noise, 0, 255).astype(np.uint8)
-    return image
 
 
 @pytest.fixture(scope="session")

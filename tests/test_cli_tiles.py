@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support.synthetic import TISSUE_05, tissue_image
 from vlm.batch import Shard
 from vlm.cli import main
 from vlm.features import read_features, read_tile_grid
 from vlm.wsi.synthetic import write_pyramidal_tiff
-
-from .conftest import TISSUE_05, tissue_image
 
 
 def failures(folder: Path, suffix: str = "") -> dict[str, str]:

@@ -131,3 +131,31 @@ def test_model_with_slide_encoder_round_trip(tmp_path: Path) -> None:
     expected = model.encode_slides(features, coords, mask)
     assert expected.shape == (2, 16)
     torch.testing.assert_close(loaded.encode_slides(features, coords, mask), expected, rtol=0, atol=0)
+
+
+def test_the_config_a_model_is_built_from_is_not_changed(tmp_path: Path) -> None:
+    """The model fills in the text and slide-encoder configs on its own copy, never on the caller's."""
+    import dataclasses
+
+    from vlm.encoders.slide import create_slide_encoder
+    from vlm.encoders.text import build_tiny_text_encoder, load_text_encoder
+    from vlm.model.clip import SlideTextConfig
+
+    text_dir = build_tiny_text_encoder(tmp_path / "text")
+    config = SlideTextConfig(slide_embed_dim=64, proj_dim=8, slide_encoder="tiny")
+    before = dataclasses.asdict(config)
+    model = SlideTextModel(config, load_text_encoder(text_dir, max_length=32), create_slide_encoder("tiny"))
+    assert dataclasses.asdict(config) == before
+    assert model.config is not config and model.config.text_config and model.config.slide_encoder_config
+    assert model.config.slide_encoder_config["embed_dim"] == 64
+
+
+def test_strict_loading_names_every_key_that_does_not_fit() -> None:
+    from vlm.weights import load_state_strict
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    state = {"0.weight": torch.zeros(2, 4), "0.bias": torch.zeros(2), "2.weight": torch.zeros(1, 2)}
+    with pytest.raises(ValueError, match=r"w\.pt does not fit the Sequential: missing keys \['1\.bias', '1\.weight'\], "
+                       r"unexpected keys \['2\.weight'\], wrong shapes \['0\.weight \(2, 4\) != \(2, 3\)'\]; retrain"):
+        load_state_strict(model, state, "w.pt", "retrain")
+    load_state_strict(model, model.state_dict(), "w.pt", "retrain")

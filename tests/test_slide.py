@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.synthetic import tissue_image
 from vlm.wsi.inputs import collect_slides
 from vlm.wsi.slide import ImplausibleMppError, MissingMppError, SlideReadError, open_slide
 from vlm.wsi.synthetic import write_pyramidal_tiff
-
-from .conftest import tissue_image
 
 
 def test_real_aperio_slide_metadata(real_slide: Path) -> None:

@@ -79,3 +79,23 @@ def test_hub_weights_offline_fail_with_the_fix(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="huggingface-cli login.*--checkpoint"):
         create_tile_encoder("gigapath")
+
+
+def test_a_timm_name_with_a_pretrained_tag_is_known() -> None:
+    """`arch.tag` names (timm's own listing) are models too; the tag picks that weight's data config."""
+    encoder = create_tile_encoder("timm:resnet10t.c3_in1k", pretrained=False)
+    assert encoder.name == "timm:resnet10t.c3_in1k" and encoder.output_dim == 512
+    assert encoder.transform.transforms[1].size == (176, 176)  # resnet10t.c3_in1k is trained at 176 px
+
+
+def test_gigapath_is_timm_configuration_and_its_transform_is_timm_s() -> None:
+    """The registry entry is a timm data config; the model carries it, and the transform comes from it."""
+    from timm.data import create_transform, resolve_model_data_config
+
+    encoder = create_tile_encoder("gigapath", pretrained=False, **TINY)
+    config = resolve_model_data_config(encoder.model)
+    assert config["input_size"] == (3, 224, 224) and config["crop_pct"] == 224 / 256
+    assert config["mean"] == IMAGENET_MEAN and config["std"] == IMAGENET_STD
+    image = Image.new("RGB", (300, 260), (200, 100, 150))
+    expected = create_transform(**config, is_training=False)(image)
+    assert torch.equal(encoder.transform(image), expected)

@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.support.synthetic import TISSUE_025, TISSUE_05, tissue_image
 from vlm.wsi.dataset import TileDataset
 from vlm.wsi.slide import open_slide
 from vlm.wsi.synthetic import write_pyramidal_tiff
 from vlm.wsi.tiling import NoTissueError, TilingParams, read_plan, tile_slide
 from vlm.wsi.tissue import tissue_mask_from_rgb
-
-from .conftest import TISSUE_025, TISSUE_05, tissue_image
 
 
 def expected_tiles(box: tuple[int, int, int, int], size: int) -> set[tuple[int, int]]:

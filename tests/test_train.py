@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.support.synthetic import DIAGNOSES, DIM, GRADES, write_synthetic
 from vlm.cli import main as cli_main
 from vlm.encoders.text import build_tiny_text_encoder, load_text_encoder
 from vlm.model import SlideTextModel, build_tiny_model
@@ -20,34 +21,6 @@ from vlm.train import loop
 from vlm.train.data import Pairs, assign_splits, load_pairs
 from vlm.train.gradcache import contrastive_backward
 from vlm.train.loop import TrainConfig, train
-
-DIAGNOSES = "carcinoma adenocarcinoma squamous benign necrosis metastasis lobular papillary".split()
-GRADES = "high low well poorly moderately clear".split()
-DIM = 16
-
-
-def write_synthetic(root: Path, test_rows: int = 0) -> tuple[Path, Path]:
-    """48 separable pairs: report "<grade> grade <diagnosis>", slide embedding = sum of two prototypes.
-
-    `test_rows` extra pairs get split=test and NaN embeddings: training on one would make the loss NaN.
-    """
-    rng = np.random.default_rng(0)
-    diag, grade = rng.normal(size=(len(DIAGNOSES), DIM)), rng.normal(size=(len(GRADES), DIM))
-    rows, slides = [], []
-    for i, (a, b) in enumerate((a, b) for a in range(len(DIAGNOSES)) for b in range(len(GRADES))):
-        split = "val" if i % 4 == 0 else "train"
-        report = f"{GRADES[b]} grade {DIAGNOSES[a]}" + (" with necrosis" * 10 if i == 1 else "")  # truncated
-        rows.append({"slide_id": f"s{i}", "report": report, "patient_id": f"p{i}", "split": split})
-        slides.append({"slide_id": f"s{i}", "embedding": diag[a] + grade[b] + 0.1 * rng.normal(size=DIM)})
-    for j in range(test_rows):
-        rows.append({"slide_id": f"t{j}", "report": "benign", "patient_id": f"t{j}", "split": "test"})
-        slides.append({"slide_id": f"t{j}", "embedding": np.full(DIM, np.nan)})
-    pairs, embeddings = root / "pairs.csv", root / "slides.parquet"
-    pd.DataFrame(rows).to_csv(pairs, index=False)
-    frame = pd.DataFrame(slides).assign(n_tiles=10, encoder="tiny", pool="mean")
-    frame["embedding"] = frame["embedding"].map(lambda e: [float(x) for x in e])
-    frame.to_parquet(embeddings)
-    return pairs, embeddings
 
 
 @pytest.fixture(scope="module")

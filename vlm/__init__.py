@@ -1,2 +1,86 @@
-"""vlm: align whole-slide images and pathology reports."""
+"""vlm: align whole-slide images and pathology reports.
+
+The public API is flat and lazy: `from vlm import embed_tiles` imports the module that defines it on first
+use, so `import vlm` (and `vlm --help`) loads no torch, FAISS or transformers. `_EXPORTS` is the one table
+from public name to `module:attribute`; moving a function means changing its row here, nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # slides and tiles
+    "open_slide": "vlm.wsi.slide:open_slide",
+    "tile_slides": "vlm.tiles:tile_slides",
+    "TilingParams": "vlm.wsi.tiling:TilingParams",
+    # tile features
+    "create_tile_encoder": "vlm.encoders.tile:create_tile_encoder",
+    "embed_tiles": "vlm.tile_embedding:embed_tiles",
+    "read_features": "vlm.features:read_features",
+    "feature_files": "vlm.features:feature_files",
+    # slide embeddings
+    "create_slide_encoder": "vlm.encoders.slide:create_slide_encoder",
+    "to_gigapath_coords": "vlm.encoders.positions:to_gigapath_coords",
+    "load_slide_inputs": "vlm.encoders.inputs:load_slide_inputs",
+    "pad_batch": "vlm.encoders.inputs:pad_batch",
+    "embed_slides": "vlm.slide_embedding:embed_slides",
+    "load_slide_embeddings": "vlm.slide_embedding:load_slide_embeddings",
+    # alignment model and training
+    "SlideTextModel": "vlm.model.clip:SlideTextModel",
+    "create_model": "vlm.model.clip:create_model",
+    "TrainConfig": "vlm.train.loop:TrainConfig",
+    "train": "vlm.train.loop:train",
+    # zero-shot
+    "load_prompt_task": "vlm.prompts:load_prompt_task",
+    "ZeroShotClassifier": "vlm.zeroshot:ZeroShotClassifier",
+    "run_zeroshot": "vlm.zeroshot:run_zeroshot",
+    # retrieval
+    "SlideIndex": "vlm.retrieval.index:SlideIndex",
+    "ReportIndex": "vlm.retrieval.reports:ReportIndex",
+    # metrics and figures
+    "classification_metrics": "vlm.metrics:classification_metrics",
+    "retrieval_recalls": "vlm.metrics:retrieval_recalls",
+    "roc_png": "vlm.plots:roc_png",
+    # shipped data, devices, demo
+    "shipped_tasks": "vlm.resources:shipped_tasks",
+    "resolve_device": "vlm.device:resolve_device",
+    "DemoSettings": "vlm.demo.run:DemoSettings",
+    "run_demo": "vlm.demo.run:run_demo",
+    "demo_text_encoder": "vlm.demo.run:minilm_path",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'vlm' has no attribute {name!r}")
+    module, attribute = target.split(":")
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+class _PublicAPI(types.ModuleType):
+    """Importing a subpackage binds it on its parent; `vlm.train` (the package) must not shadow `vlm.train`
+    (the function), so a submodule is never bound under an exported name (reach it with `from vlm.train import
+    loop`, which reads `sys.modules`)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _PublicAPI

@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN §8). Retrieval: Recall@K between paired queries and gallery items.
+"""Evaluation metrics. Retrieval: Recall@K between paired queries and gallery items.
 Classification: scikit-learn metrics with seeded percentile-bootstrap CIs (`bootstrap_ci` is shared).
 """
 
@@ -49,7 +49,7 @@ def retrieval_recalls(slide: Tensor, text: Tensor, ks: Sequence[int] = (1, 5, 10
     return out
 
 
-# --- Classification: scikit-learn metrics with percentile-bootstrap confidence intervals (DESIGN §8) ---
+# --- Classification: scikit-learn metrics with percentile-bootstrap confidence intervals ---
 
 
 def bootstrap_indices(

@@ -1,6 +1,6 @@
 """Zero-shot prompt files: one schema, validation on load, readers for peers' formats, expansion.
 
-Prompts are data (STYLE §9). Every format loads into the same `PromptTask`: class codes in order, one or
+Prompts are data, not code. Every format loads into the same `PromptTask`: class codes in order, one or
 more `PromptSet`s (synonyms per class × templates with the literal `CLASSNAME` placeholder), an optional
 positive class (binary tasks) and how to read the labels table. Formats (schema in prompts/README.md):
 
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from vlm.resources import resolve_task
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +206,9 @@ def _read(path: Path) -> Any:
 
 
 def load_prompt_task(path: str | os.PathLike[str]) -> PromptTask:
-    """Read and validate a prompt file of any supported format (detected from its content)."""
-    path = Path(path)
+    """Read and validate a prompt file of any supported format (detected from its content), or a task shipped
+    with vlm by name (`nsclc_subtyping`)."""
+    path = resolve_task(path)
     data = _read(path)
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected a mapping at the top level (see prompts/README.md)")
@@ -218,15 +221,14 @@ def load_prompt_task(path: str | os.PathLike[str]) -> PromptTask:
 
 
 def prompt_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Prompt files named directly or found (non-recursively) in folders, sorted; READMEs are skipped."""
+    """Prompt files named directly, by shipped task name, or found (non-recursively) in folders, sorted; READMEs
+    are skipped."""
     found: list[Path] = []
     for entry in map(Path, paths):
         if entry.is_dir():
             found.extend(sorted(p for p in entry.iterdir() if p.suffix.lower() in PROMPT_SUFFIXES))
-        elif entry.exists():
-            found.append(entry)
         else:
-            raise FileNotFoundError(f"{entry}: no such prompt file or folder")
+            found.append(resolve_task(entry))  # a file, or a shipped task by name
     return found
 
 

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlm.batch import BatchReport, Shard, write_failures
-from vlm.device import autocast
+from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.inputs import SlideInputs, load_slide_inputs, pad_batch
 from vlm.encoders.slide import SLIDE_ENCODER_PRESETS, GigaPathSlideEncoder
 from vlm.features import MPP_FROM_FILE
@@ -157,7 +157,7 @@ def embed_slides(
     out: str | os.PathLike[str],
     encoder: GigaPathSlideEncoder,
     pool: str = "mean",
-    device: torch.device | str = "cpu",
+    device: str | torch.device = "auto",
     batch_size: int = 1,
     shard: Shard = Shard(),
     progress: bool = True,
@@ -174,9 +174,11 @@ def embed_slides(
     this helps for many small slides, on CPU 1 is as fast. `mpp` overrides the files' level-0 µm/px;
     `patches` is CLAM's patches folder (see `vlm.features.read_tile_grid`). Every slide goes through
     `vlm.encoders.inputs.load_slide_inputs`, as in training and zero-shot.
-    `checkpoint` is only recorded in the file's metadata.
+    `checkpoint` is only recorded in the file's metadata. `device` and `precision` are names ("auto", "cuda:1",
+    "bf16", …) resolved by `vlm.device`; an impossible pair (fp16 on CPU) is refused before any work.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
+    autocast_dtype(device, precision)
     encoder = encoder.to(device).eval()
     encoder.pooled_dim(pool)  # validates pool before any work
     name = next((key for key, config in SLIDE_ENCODER_PRESETS.items() if config == encoder.config), "custom")

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlm.batch import BatchReport, Shard, run_batch
-from vlm.device import autocast
+from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.tile import TileEncoder
 from vlm.features import TileFeatures, TileGrid, read_tile_grid, write_features
 from vlm.io import slide_id_from_path
@@ -31,13 +31,14 @@ def embed_grid(
     slide_path: str | os.PathLike[str],
     grid: TileGrid,
     encoder: TileEncoder,
-    device: torch.device,
+    device: str | torch.device = "auto",
     precision: str = "auto",
     batch_size: int = 64,
     workers: int = 2,
     progress: bool = False,
 ) -> np.ndarray:
-    """Features [N, D] (float32) for the tiles of `grid`, in grid order."""
+    """Features [N, D] (float32) for the tiles of `grid`, in grid order (`encoder` already on `device`)."""
+    device = resolve_device(device)
     with open_slide(slide_path, mpp=grid.mpp) as slide:
         plan = read_plan(slide, grid.tile_size_level0, grid.tile_size)
     dataset = TileDataset(slide_path, grid.coords, plan, grid.mpp, transform=encoder.transform)
@@ -84,7 +85,7 @@ def embed_tiles(
     slides: Sequence[Path],
     out_dir: str | os.PathLike[str],
     encoder: TileEncoder,
-    device: torch.device,
+    device: str | torch.device = "auto",
     precision: str = "auto",
     batch_size: int = 64,
     workers: int = 2,
@@ -96,7 +97,13 @@ def embed_tiles(
     progress: bool = True,
     overwrite: bool = False,
 ) -> BatchReport:
-    """Embed the tiles of each slide whose `<slide_id>.h5` is not yet in `out_dir`."""
+    """Embed the tiles of each slide whose `<slide_id>.h5` is not yet in `out_dir`.
+
+    `device` ("auto", "cpu", "cuda:1", …) and `precision` ("auto", "fp32", "fp16", "bf16") are resolved by
+    `vlm.device`; an impossible pair (fp16 on CPU) is refused before any slide is read.
+    """
+    device = resolve_device(device)
+    autocast_dtype(device, precision)
     if dtype not in ("float32", "float16"):
         raise ValueError(f"feature dtype must be float32 or float16, got {dtype!r}")
     out = Path(out_dir)

@@ -1,4 +1,4 @@
-"""Zero-shot classification: prompt files -> class prototypes -> slide probabilities (DESIGN §7).
+"""Zero-shot classification: prompt files -> class prototypes -> slide probabilities.
 
 Prototype (CONCH/TITAN ensembling): embed every synonym × template, L2-normalise each, average, and
 renormalise. Scoring (`zero_shot_probabilities`, the one scoring function): project + L2-normalise the
@@ -31,6 +31,8 @@ from torch import Tensor
 from vlm.io import atomic_path
 from vlm.model.clip import SlideTextModel
 from vlm.prompts import DEFAULT_TEMPLATES, PromptTask, load_prompt_task, task_from_classes
+from vlm.slide_embedding import SlideEmbeddings
+from vlm.weights import update_state_digest
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,7 @@ def text_fingerprint(model: SlideTextModel) -> str:
     digest = hashlib.sha256()
     digest.update(f"{CACHE_FORMAT}-{CACHE_VERSION}\n{json.dumps(text_config, sort_keys=True)}\n".encode())
     digest.update(tokenizer_fingerprint(model.tokenizer)["sha256"].encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.startswith(("text.", "text_proj.")):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return update_state_digest(digest, model, ("text.", "text_proj.")).hexdigest()
 
 
 def _tensor_sha256(tensor: Tensor) -> str:
@@ -301,11 +299,12 @@ LABEL_OUTPUTS = ("metrics.json", "roc.png", "confusion.png")
 
 
 def read_slides(
-    slides: str | os.PathLike[str],
+    slides: str | os.PathLike[str] | SlideEmbeddings,
     model: SlideTextModel,
     out: Path,
     device: torch.device,
     progress: bool = True,
+    precision: str = "auto",
     mpp: float | None = None,
     patches: str | os.PathLike[str] | None = None,
 ) -> tuple[list[str], np.ndarray]:
@@ -314,9 +313,12 @@ def read_slides(
     A features folder is embedded with the model's own slide encoder into `out/slide_embeddings.parquet`
     (resumable); a model trained on cached embeddings has none, and the error says what to run instead.
     `mpp` / `patches` are `vlm embed-slides`' `--mpp` / `--patches` for that folder.
+    An in-memory `SlideEmbeddings` (from `load_slide_embeddings`) is used as it is.
     """
     from vlm.slide_embedding import load_slide_embeddings
 
+    if isinstance(slides, SlideEmbeddings):
+        return list(slides.ids), slides.embeddings.float().numpy()
     path = Path(slides)
     if path.is_dir():
         from vlm.features import feature_files
@@ -337,6 +339,7 @@ def read_slides(
             model.slide_encoder,
             pool=model.config.pool,
             device=device,
+            precision=precision,
             progress=progress,
             mpp=mpp,
             patches=patches,
@@ -464,7 +467,7 @@ def _median_metrics(sets: dict[str, Any], pooled: dict[str, Any]) -> dict[str, A
 
 def run_zeroshot(
     model: str | os.PathLike[str] | SlideTextModel,
-    slides: str | os.PathLike[str],
+    slides: str | os.PathLike[str] | SlideEmbeddings,
     out: str | os.PathLike[str],
     *,
     task: str | os.PathLike[str] | PromptTask | None = None,
@@ -479,6 +482,7 @@ def run_zeroshot(
     seed: int = 0,
     device: str | torch.device | None = "auto",
     progress: bool = True,
+    precision: str = "auto",
     mpp: float | None = None,
     patches: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
@@ -488,8 +492,8 @@ def run_zeroshot(
     prompts_used.json, run.json and, with `labels`, metrics.json, roc.png and confusion.png. Every input
     is checked and every result computed before the first file is written (each atomically), so a bad
     input leaves no partial output; only a features folder given as `slides` is first embedded into
-    `out/slide_embeddings.parquet`, which a re-run resumes. Returns the metrics (or, without labels, the
-    run settings).
+    `out/slide_embeddings.parquet`, which a re-run resumes. `slides` may also be a `SlideEmbeddings` already
+    in memory; `task` a shipped task's name. Returns the metrics (or, without labels, the run settings).
     """
     from vlm import __version__
     from vlm.device import resolve_device
@@ -517,7 +521,9 @@ def run_zeroshot(
         model_source = "<in memory>"
     raw_labels = read_labels(labels, prompt_task, label_column) if labels is not None else None
 
-    slide_ids, embeddings = read_slides(slides, model, out, resolved, progress=progress, mpp=mpp, patches=patches)
+    slide_ids, embeddings = read_slides(
+        slides, model, out, resolved, progress=progress, precision=precision, mpp=mpp, patches=patches
+    )
     _refuse_non_finite(torch.as_tensor(embeddings), slide_ids, "slide embedding", source=str(slides))
     if raw_labels is not None:
         targets, label_report = match_labels(slide_ids, raw_labels[0], prompt_task, allow_missing_slides)
@@ -579,7 +585,7 @@ def run_zeroshot(
     run = {
         "vlm_version": __version__,
         "model": model_source,
-        "slides": str(slides),
+        "slides": "<in memory>" if isinstance(slides, SlideEmbeddings) else str(slides),
         "task": prompt_task.source,
         "task_name": prompt_task.name,
         "classes": list(prompt_task.classes),

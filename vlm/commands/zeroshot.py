@@ -54,9 +54,10 @@ def _print_metrics(metrics: dict) -> None:
 
 def _prompts_check(args: argparse.Namespace) -> int:
     from vlm.prompts import load_prompt_task, prompt_files
+    from vlm.resources import PROMPTS_DIR
 
     status = 0
-    for path in prompt_files(args.paths):
+    for path in prompt_files(args.paths or [PROMPTS_DIR]):
         try:
             summary = load_prompt_task(path).summary()
         except ValueError as error:
@@ -94,7 +95,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, help="model folder written by `vlm train` (…/model)")
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--task", help="prompt file: vlm task YAML, CONCH / MI-Zero JSON or TITAN YAML")
+    what.add_argument(
+        "--task",
+        help="prompt file (vlm task YAML, CONCH / MI-Zero JSON or TITAN YAML) or the name of a task shipped "
+        "with vlm, e.g. nsclc_subtyping (the files of prompts/)",
+    )
     what.add_argument(
         "--classes",
         nargs="+",
@@ -142,5 +147,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="validate prompt files and print classes × synonyms × templates",
         description="Exit status 1 if any file is invalid; each error names the file and the field.",
     )
-    check.add_argument("paths", nargs="+", help="prompt files and/or folders of them (e.g. prompts/)")
+    check.add_argument(
+        "paths",
+        nargs="*",
+        help="prompt files, folders of them (e.g. prompts/) or shipped task names; none: every shipped task",
+    )
     check.set_defaults(func=_prompts_check)

@@ -1,8 +1,8 @@
 """`vlm demo`: every stage of the pipeline, offline, on a synthetic cohort, in a few minutes on 2 CPU cores.
 
 Stages (each a real code path of the library, timed):
-1. cohort — procedurally drawn pyramidal TIFFs (3 morphology classes, 0.5 µm/px) + the real H&E slide from
-   `tests/data/` when present, and one report per synthetic slide; train / val / test split by patient;
+1. cohort — procedurally drawn pyramidal TIFFs (3 morphology classes, 0.5 µm/px) + the real H&E slide shipped
+   in `vlm/_data/`, and one report per synthetic slide; train / val / test split by patient;
 2. tiling (OpenSlide, tissue mask, grid) and tile features from timm's ResNet-10-T with random weights:
    no pretrained image weights can be had offline, and random convolutional features keep colour and
    texture statistics well enough to tell the classes apart (a random ViT's do not survive the random slide
@@ -35,12 +35,11 @@ import torch
 
 from vlm.demo.cohort import CLASSES, CohortSlide, make_cohort
 from vlm.io import atomic_path
+from vlm.resources import PROMPTS_DIR, REAL_SLIDE
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-PROMPT_FILE = REPO / "prompts" / "demo_morphology.yaml"
-REAL_SLIDE = REPO / "tests" / "data" / "cmu_small_region.svs"
+PROMPT_FILE = PROMPTS_DIR / "demo_morphology.yaml"
 SEARCH_QUERY = "branching papillary fronds with fibrovascular cores"
 DEMO_TILE_ENCODER = "timm:resnet10t"
 # Zero-shot must beat chance (1/3) by this much in balanced accuracy, or the demo fails.
@@ -119,7 +118,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     from vlm.encoders.tile import create_tile_encoder
     from vlm.features import feature_files
     from vlm.retrieval import SlideIndex
-    from vlm.slide_embedding import embed_slides, read_slide_embeddings
+    from vlm.slide_embedding import SlideEmbeddings, embed_slides, load_slide_embeddings
     from vlm.tile_embedding import embed_tiles
     from vlm.tiles import tile_slides
     from vlm.train.loop import TrainConfig, train
@@ -130,7 +129,6 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     result = DemoResult(settings)
     timings = result.timings
     torch.manual_seed(settings.seed)
-    cpu = torch.device("cpu")
 
     with _timed(timings, "cohort (draw slides, write reports)"):
         cohort = make_cohort(out / "slides", settings.per_class, settings.test_per_class, settings.slide_size,
@@ -147,7 +145,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     with _timed(timings, "tile features (timm ResNet-10-T, random weights)"):
         torch.manual_seed(settings.seed)
         tile_encoder = create_tile_encoder(DEMO_TILE_ENCODER, pretrained=False)
-        report = embed_tiles(slide_paths, out / "features", tile_encoder, cpu, batch_size=64, workers=2,
+        report = embed_tiles(slide_paths, out / "features", tile_encoder, "cpu", batch_size=64, workers=2,
                              tiles_dir=out / "tiles", progress=settings.progress)
         _check_batch(report, "tile features")
 
@@ -156,7 +154,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         slide_encoder = create_slide_encoder("tiny", in_dim=tile_encoder.output_dim)
         slides_parquet = out / "slides.parquet"
         report = embed_slides(feature_files(out / "features"), slides_parquet, slide_encoder, pool="mean",
-                              device=cpu, batch_size=8, progress=settings.progress)
+                              device="cpu", batch_size=8, progress=settings.progress)
         _check_batch(report, "slide embeddings")
 
     with _timed(timings, "alignment training (MiniLM text tower, frozen slide embeddings)"):
@@ -172,19 +170,18 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         result.model_dir = train(config, progress=settings.progress)
 
     with _timed(timings, "zero-shot on held-out slides"):
-        frame = read_slide_embeddings(slides_parquet)
-        test_ids = set(pd.read_csv(labels_csv)["slide_id"])
-        test_parquet = out / "test_slides.parquet"
-        with atomic_path(test_parquet) as tmp:
-            frame[frame["slide_id"].isin(test_ids)].to_parquet(tmp, index=False)
-        result.zeroshot = run_zeroshot(result.model_dir, test_parquet, out / "zeroshot", task=PROMPT_FILE,
+        slides = load_slide_embeddings(slides_parquet)
+        labelled = set(pd.read_csv(labels_csv, dtype=str)["slide_id"])
+        test_ids = [slide_id for slide_id in slides.ids if slide_id in labelled]
+        held_out = SlideEmbeddings(test_ids, slides.lookup(test_ids), slides.encoder, slides.pool)
+        result.zeroshot = run_zeroshot(result.model_dir, held_out, out / "zeroshot", task=PROMPT_FILE,
                                        labels=labels_csv, cache_dir=out / "cache", seed=settings.seed,
                                        device="cpu", progress=settings.progress)
 
     with _timed(timings, "index + text search"):
         metadata = pd.DataFrame({"slide_id": [s.slide_id for s in cohort], "label": [s.label for s in cohort]})
         metadata.loc[len(metadata)] = {"slide_id": REAL_SLIDE.stem, "label": "real H&E (no class)"}
-        index = SlideIndex.build(result.model_dir, np.stack(frame["embedding"]), list(frame["slide_id"]),
+        index = SlideIndex.build(result.model_dir, slides.embeddings.numpy(), slides.ids,
                                  metadata=metadata, kind="flat")
         index.save(out / "index")
         result.search = index.search_text(SEARCH_QUERY, k=5)

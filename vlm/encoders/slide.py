@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from vlm.encoders.longnet import LongNetEncoder
 from vlm.encoders.positions import sincos_positions, to_gigapath_coords
+from vlm.weights import load_state_strict
 
 __all__ = [
     "POOLS",
@@ -207,21 +208,9 @@ def load_slide_encoder_weights(model: GigaPathSlideEncoder, checkpoint: str | Pa
         state = state["model"]
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}, got {type(state).__name__}")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [
-        f"{key} {tuple(state[key].shape)} != {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state and tuple(state[key].shape) != tuple(value.shape)
-    ]
-    if missing or unexpected or wrong_shape:
-        raise ValueError(
-            f"{path} does not match the slide encoder ({model.config}): missing keys {missing}, "
-            f"unexpected keys {unexpected}, wrong shapes {wrong_shape}; pick the preset the checkpoint was "
-            "trained with"
-        )
-    model.load_state_dict(state, strict=True)
+    load_state_strict(
+        model, state, str(path), f"pick the preset the checkpoint was trained with (this one: {model.config})"
+    )
     log.info("loaded slide encoder weights from %s", path)
 
 

@@ -5,7 +5,9 @@
   (needs `huggingface-cli login`) or from a local file with `checkpoint=`.
 - `timm:<model_name>`: any timm model, with its own pretrained weights or a local checkpoint.
 
-Architecture and preprocessing travel together in `TileEncoderSpec`, so a model cannot be paired with
+Both are timm configuration: a registry entry is a timm architecture, its arguments and its data config
+(`pretrained_cfg`: input size, interpolation, crop, mean, std), and every encoder takes its transform from
+timm's data config (`resolve_model_data_config` + `create_transform`), so a model cannot be paired with
 the wrong normalisation. Tests build the very same classes small with `pretrained=False` and
 architecture overrides (e.g. `embed_dim=32, depth=2, num_heads=2`).
 """
@@ -27,25 +29,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class TileEncoderSpec:
-    """A named tile encoder: timm architecture + arguments, weight source and preprocessing."""
+    """A named tile encoder as timm configuration: architecture + arguments, weight source, data config."""
 
     timm_name: str
     hub_id: str | None
     model_args: dict[str, Any] = field(default_factory=dict)
-    resize_size: int = 256
-    crop_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    pretrained_cfg: dict[str, Any] = field(default_factory=dict)  # timm data config keys
 
 
 TILE_ENCODERS: dict[str, TileEncoderSpec] = {
-    # DESIGN §4; matches the hub repo's config.json.
+    # Matches the hub repo's config.json; its README preprocesses with Resize(256, bicubic) + CenterCrop(224).
     "gigapath": TileEncoderSpec(
         timm_name="vit_giant_patch14_dinov2",
         hub_id="prov-gigapath/prov-gigapath",
         model_args=dict(
             img_size=224, patch_size=16, embed_dim=1536, depth=40, num_heads=24,
             init_values=1e-5, mlp_ratio=5.33334, num_classes=0,
+        ),
+        pretrained_cfg=dict(
+            input_size=(3, 224, 224), interpolation="bicubic", crop_pct=224 / 256, crop_mode="center",
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,
         ),
     ),
 }
@@ -69,13 +72,11 @@ class TileEncoder(nn.Module):
         return self.model(images)
 
 
-def _spec_transform(spec: TileEncoderSpec) -> transforms.Compose:
-    return transforms.Compose([
-        transforms.Resize(spec.resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(spec.crop_size),
-        transforms.ToTensor(),
-        transforms.Normalize(spec.mean, spec.std),
-    ])
+def _timm_transform(model: nn.Module) -> Any:
+    """The eval transform timm derives from the model's data config (its own or the registry's)."""
+    from timm.data import create_transform, resolve_model_data_config
+
+    return create_transform(**resolve_model_data_config(model), is_training=False)
 
 
 def _hub_error(name: str, error: Exception) -> OSError:
@@ -97,15 +98,17 @@ def _create_named(name: str, checkpoint: str | None, pretrained: bool, overrides
         except Exception as error:  # hub errors come in many types (offline, gated, 401, ...)
             raise _hub_error(name, error) from error
     else:
-        model = timm.create_model(spec.timm_name, pretrained=False, checkpoint_path=checkpoint, **model_args)
-    return TileEncoder(name, model.eval(), _spec_transform(spec))
+        model = timm.create_model(
+            spec.timm_name, pretrained=False, checkpoint_path=checkpoint, pretrained_cfg_overlay=spec.pretrained_cfg,
+            **model_args,
+        )
+    return TileEncoder(name, model.eval(), _timm_transform(model))
 
 
 def _create_timm(model_name: str, checkpoint: str | None, pretrained: bool, overrides: dict[str, Any]) -> TileEncoder:
     import timm
-    from timm.data import create_transform, resolve_model_data_config
 
-    if model_name not in timm.list_models() and not model_name.startswith("hf_hub:"):
+    if not model_name.startswith("hf_hub:") and not timm.is_model(model_name):  # knows `arch.pretrained_tag`
         close = difflib.get_close_matches(model_name, timm.list_models(), n=5)
         raise ValueError(f"unknown timm model {model_name!r}; close matches: {', '.join(close) or 'none'}")
     try:
@@ -120,8 +123,7 @@ def _create_timm(model_name: str, checkpoint: str | None, pretrained: bool, over
         if pretrained and checkpoint is None:
             raise _hub_error(f"timm:{model_name}", error) from error
         raise
-    transform = create_transform(**resolve_model_data_config(model), is_training=False)
-    return TileEncoder(f"timm:{model_name}", model.eval(), transform)
+    return TileEncoder(f"timm:{model_name}", model.eval(), _timm_transform(model))
 
 
 def create_tile_encoder(

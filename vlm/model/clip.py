@@ -42,6 +42,7 @@ from vlm.encoders.text import (
 )
 from vlm.io import atomic_dir
 from vlm.model.projection import ProjectionHead
+from vlm.weights import load_state_strict
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "vlm-slide-text"
 FORMAT_VERSION = 1
+
+
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07, as a log logit scale
 
 
 @dataclass
@@ -65,7 +69,7 @@ class SlideTextConfig:
     pool: str = "mean"  # slide encoder pooling (GigaPath authors recommend mean over CLS)
     slide_proj: str = "linear"
     text_proj: str = "mlp"
-    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_scale: float = CLIP_INIT_LOGIT_SCALE
     max_logit_scale: float = math.log(100)
     init_logit_bias: float | None = None  # set (SigLIP: -10) to learn a logit bias
     # {vocab_size, sha256, files} of the tokenizer saved beside the weights; checked on load. Not part of
@@ -120,8 +124,14 @@ class SlideTextModel(nn.Module):
                 raise ValueError(
                     f"slide encoder outputs {embed_dim}-d but config.slide_embed_dim is {config.slide_embed_dim}"
                 )
-            config.slide_encoder_config = dataclasses.asdict(slide_encoder.config)
-        config.text_config = text.model.config.to_dict()
+        # A copy: the caller's config is theirs (building two models from one config must not couple them).
+        config = dataclasses.replace(
+            config,
+            text_config=text.model.config.to_dict(),
+            slide_encoder_config=(
+                config.slide_encoder_config if slide_encoder is None else dataclasses.asdict(slide_encoder.config)
+            ),
+        )
         text.max_length = config.max_length
         self.config = config
         self.slide_encoder = slide_encoder
@@ -260,7 +270,8 @@ class SlideTextModel(nn.Module):
         check_tokenizer(text.tokenizer, config.tokenizer, path)
         slide_encoder = _build_slide_encoder(config) if config.slide_encoder is not None else None
         model = cls(config, text, slide_encoder)
-        _load_state_strict(model, load_file(str(weights_file)), str(weights_file))
+        fix = "the weights and config.json are of different models"
+        load_state_strict(model, load_file(str(weights_file)), str(weights_file), fix)
         if device is not None:
             model.to(device)
         return model.eval()
@@ -269,21 +280,6 @@ class SlideTextModel(nn.Module):
 def _normalize(x: Tensor) -> Tensor:
     """L2-normalise in fp32: norms stay full precision under autocast."""
     return F.normalize(x.float(), dim=-1)
-
-
-def _load_state_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        details = "; ".join(
-            f"{label}: {keys[:5]}{' …' if len(keys) > 5 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if keys
-        )
-        raise ValueError(f"{source}: weights do not fit the configured architecture ({details})")
-    model.load_state_dict(state, strict=True)
 
 
 def _build_slide_encoder(config: SlideTextConfig, checkpoint: str | os.PathLike[str] | None = None) -> nn.Module:
@@ -304,7 +300,7 @@ def create_model(
     proj_dim: int = 512,
     max_length: int = DEFAULT_MAX_LENGTH,
     pool: str = "mean",
-    init_logit_scale: float = math.log(1 / 0.07),
+    init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
     init_logit_bias: float | None = None,
 ) -> SlideTextModel:
     """A fresh model for training: pretrained text weights, and either cached slide embeddings of

@@ -1,6 +1,6 @@
 """Projection heads: map a tower's output into the shared slide–text space.
 
-Kept separate from the towers because slide embeddings are stored unprojected (DESIGN §1): a retrained
+Kept separate from the towers because slide embeddings are stored unprojected: a retrained
 head changes every score without re-encoding a single slide.
 """
 

@@ -2,7 +2,7 @@
 
 Scores are exact (brute-force dot products of the projected, normalised embeddings): evaluation measures the
 model, not an ANN index's approximation. Evaluate on the `test` split; choosing K or a model on it would make
-the figures optimistic (DESIGN §8).
+the figures optimistic.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from vlm import __version__
 from vlm.io import atomic_dir, duplicate_ids
 from vlm.model.clip import SlideTextModel
 from vlm.retrieval import kinds
+from vlm.weights import update_state_digest
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,7 @@ def project_slides(model: SlideTextModel, embeddings: np.ndarray | torch.Tensor,
 def model_fingerprint(model: SlideTextModel) -> dict[str, str]:
     """The architecture digest, and a hash of the projection heads: two trainings of one architecture
     share the digest but not the projections, and an index must not mix their spaces."""
-    projections = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.startswith(("slide_proj.", "text_proj.")):
-            projections.update(name.encode())
-            projections.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    projections = update_state_digest(hashlib.sha256(), model, ("slide_proj.", "text_proj."))
     return {"digest": model.config.digest(), "projections": projections.hexdigest()}
 
 

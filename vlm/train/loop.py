@@ -37,7 +37,7 @@ from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.text import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER
 from vlm.io import atomic_path
 from vlm.metrics import retrieval_recalls
-from vlm.model.clip import SlideTextModel, create_model
+from vlm.model.clip import CLIP_INIT_LOGIT_SCALE, SlideTextModel, create_model
 from vlm.model.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, contrastive_loss, create_loss
 from vlm.slide_embedding import load_slide_embeddings
 from vlm.train import data as pairs_data
@@ -310,7 +310,7 @@ def _build_model(config: TrainConfig, slide_dim: int | None, resume_dir: Path | 
         proj_dim=config.proj_dim,
         max_length=config.max_length,
         pool=config.pool,
-        init_logit_scale=SIGLIP_INIT_LOGIT_SCALE if siglip else math.log(1 / 0.07),
+        init_logit_scale=SIGLIP_INIT_LOGIT_SCALE if siglip else CLIP_INIT_LOGIT_SCALE,
         init_logit_bias=SIGLIP_INIT_LOGIT_BIAS if siglip else None,
     )
 
