@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.peers import (
+from tests.support.peers import (
     clam_contour_grid,
     trident_grid,
     write_clam_features,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.peers import MIZERO_POOL, write_mizero_file
 from vlm.cli import main
 from vlm.prompts import (
     DEFAULT_TEMPLATES,
@@ -257,32 +258,6 @@ def test_conch_real_file_reads_as_conch_uses_it() -> None:
     assert task.label_column == "OncoTreeCode"
     expected = [t.replace("CLASSNAME", name) for name in raw["classnames"]["LUAD"] for t in raw["templates"]]
     assert task.expand()["LUAD"] == expected and len(expected) == 4 * 22
-
-
-# MI-Zero's real files (src/prompts/nsclc_prompts.json) are written by src/presample_prompts.py: 50 sets keyed
-# 0..49 (json.dump of an int-keyed dict, indent=4), each ONE synonym per class drawn from a pool
-# (`np.random.choice(v, size=1)`) and a random subset of a 16-template pool. Same writer calls here.
-MIZERO_POOL = {
-    "LUAD": ["adenocarcinoma", "lung adenocarcinoma", "adenocarcinoma of the lung", "pulmonary adenocarcinoma"],
-    "LUSC": ["squamous cell carcinoma", "lung squamous cell carcinoma", "squamous cell carcinoma of the lung"],
-}
-MIZERO_TEMPLATES = ["CLASSNAME.", "an image of CLASSNAME.", "this is CLASSNAME.", "presence of CLASSNAME.",
-                    "CLASSNAME is shown.", "a photomicrograph of CLASSNAME."]  # fmt: skip
-
-
-def write_mizero_file(path: Path, iters: int = 12, seed: int = 0) -> Path:
-    """A prompt file written the way MI-Zero's presample_prompts.py `main` writes one (lines 60-75)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    sampled = {}
-    for i in range(iters):
-        size = rng.choice(range(1, len(MIZERO_TEMPLATES) + 1))
-        classnames = {k: str(rng.choice(v, size=1, replace=False)[0]) for k, v in MIZERO_POOL.items()}
-        templates = rng.choice(MIZERO_TEMPLATES, size=size, replace=False).tolist()
-        sampled[i] = {"classnames": classnames, "templates": templates}
-    path.write_text(json.dumps(sampled, indent=4))
-    return path
 
 
 def test_mizero_prompts_check_counts_distinct_synonyms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

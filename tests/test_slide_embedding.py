@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.peers import clam_contour_grid, trident_grid, write_clam_features, write_clam_patches, write_trident_features
+from tests.support.peers import (
+    clam_contour_grid,
+    trident_grid,
+    write_clam_features,
+    write_clam_patches,
+    write_trident_features,
+)
 from vlm.batch import Shard
 from vlm.cli import main
 from vlm.encoders.slide import create_slide_encoder

@@ -317,7 +317,7 @@ def test_mizero_headline_is_the_median_over_prompt_sets(
     labels come from `OncoTreeCode`, MI-Zero's `target_col` (its src/data_csvs/tcga_rcc_zeroshot_example.csv)."""
     from sklearn.metrics import balanced_accuracy_score
 
-    from tests.test_prompts import write_mizero_file
+    from tests.support.peers import write_mizero_file
     from vlm.prompts import load_prompt_task, task_from_classes
 
     prompt_file = write_mizero_file(tmp_path / "nsclc_prompts.json", iters=9, seed=3)

@@ -22,6 +22,7 @@ Followed (read with the `fetch` tool):
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -142,3 +143,28 @@ def write_clam_features(path: Path, coords: np.ndarray, features: np.ndarray, ba
             chunk=32,
         )
         mode = "a"
+
+
+# MI-Zero's real files (src/prompts/nsclc_prompts.json) are written by src/presample_prompts.py: 50 sets keyed
+# 0..49 (json.dump of an int-keyed dict, indent=4), each ONE synonym per class drawn from a pool
+# (`np.random.choice(v, size=1)`) and a random subset of a 16-template pool. Same writer calls here.
+MIZERO_POOL = {
+    "LUAD": ["adenocarcinoma", "lung adenocarcinoma", "adenocarcinoma of the lung", "pulmonary adenocarcinoma"],
+    "LUSC": ["squamous cell carcinoma", "lung squamous cell carcinoma", "squamous cell carcinoma of the lung"],
+}
+MIZERO_TEMPLATES = ["CLASSNAME.", "an image of CLASSNAME.", "this is CLASSNAME.", "presence of CLASSNAME.",
+                    "CLASSNAME is shown.", "a photomicrograph of CLASSNAME."]  # fmt: skip
+
+
+def write_mizero_file(path: Path, iters: int = 12, seed: int = 0) -> Path:
+    """A prompt file written the way MI-Zero's presample_prompts.py `main` writes one (lines 60-75)."""
+
+    rng = np.random.default_rng(seed)
+    sampled = {}
+    for i in range(iters):
+        size = rng.choice(range(1, len(MIZERO_TEMPLATES) + 1))
+        classnames = {k: str(rng.choice(v, size=1, replace=False)[0]) for k, v in MIZERO_POOL.items()}
+        templates = rng.choice(MIZERO_TEMPLATES, size=size, replace=False).tolist()
+        sampled[i] = {"classnames": classnames, "templates": templates}
+    path.write_text(json.dumps(sampled, indent=4))
+    return path
