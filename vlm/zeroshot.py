@@ -213,7 +213,7 @@ def read_slides(
     A features folder is embedded with the model's own slide encoder into `out/slide_embeddings.parquet`
     (resumable); a model trained on cached embeddings has none, and the error says what to run instead.
     """
-    from vlm.slide_embedding import load_slide_embeddings
+    from vlm.formats.embeddings import load_slide_embeddings
 
     path = Path(slides)
     if path.is_dir():

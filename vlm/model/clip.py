@@ -37,7 +37,7 @@ from vlm.encoders.text import (
     load_text_encoder,
     text_encoder_from_config,
 )
-from vlm.io import atomic_dir
+from vlm.io import atomic_dir, recover_dir
 from vlm.model.projection import ProjectionHead
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,7 @@ class SlideTextModel(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
+        recover_dir(path)  # finish a save that a kill interrupted (`atomic_dir`)
         config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
         for required in (config_file, weights_file):
             if not required.is_file():

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import pandas as pd
 
-from vlm.retrieval.index import ModelArg, SlideIndex, read_manifest, resolve_model
-from vlm.slide_embedding import SlideEmbeddings, load_slide_embeddings
-from vlm.train.data import Pairs, load_pairs
+from vlm.formats.embeddings import SlideEmbeddings, load_slide_embeddings
+from vlm.io import folder_lock
+from vlm.retrieval.index import ModelArg, SlideIndex, check_index_folder, read_manifest, resolve_model
+from vlm.retrieval.pairs import Pairs, load_pairs
 
 log = logging.getLogger(__name__)
+IndexT = TypeVar("IndexT", bound=SlideIndex)
 
 _TABLE_READERS = {".csv": pd.read_csv, ".tsv": lambda p, **kw: pd.read_csv(p, sep="\t", **kw),
                   ".parquet": pd.read_parquet, ".jsonl": lambda p, **kw: pd.read_json(p, lines=True, **kw)}  # fmt: skip
@@ -96,14 +98,31 @@ def build_slide_index(
     slides: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
     metadata: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
     **options: Any,
 ) -> SlideIndex:
-    """`vlm index build`: index every slide of a `vlm embed-slides` parquet, saved to `out` when given."""
-    embeddings = load_slide_embeddings(slides)
-    source = {"slides": str(Path(slides).resolve()), "encoder": embeddings.encoder, "pool": embeddings.pool}
-    index = SlideIndex.build(model, embeddings.embeddings, embeddings.ids, read_metadata(metadata),
-                             source=source, **options)  # fmt: skip
-    if out is not None:
+    """`vlm index build`: index every slide of a `vlm embed-slides` parquet, saved to `out` when given.
+
+    `out` must be new or empty, or an index to replace with `overwrite` (see `check_index_folder`).
+    """
+
+    def build() -> SlideIndex:
+        embeddings = load_slide_embeddings(slides)
+        source = {"slides": str(Path(slides).resolve()), "encoder": embeddings.encoder, "pool": embeddings.pool}
+        return SlideIndex.build(model, embeddings.embeddings, embeddings.ids, read_metadata(metadata),
+                                source=source, **options)  # fmt: skip
+
+    return _build_into(out, overwrite, build)
+
+
+def _build_into(out: str | os.PathLike[str] | None, overwrite: bool, build: Callable[[], IndexT]) -> IndexT:
+    """Build, and save to `out` under its lock, refusing before any work a folder that must not be replaced."""
+    if out is None:
+        return build()
+    check_index_folder(out, overwrite)
+    with folder_lock(out, create=True):
+        check_index_folder(out, overwrite)  # again: another process may have written it meanwhile
+        index = build()
         index.save(out)
     return index
 
@@ -129,14 +148,15 @@ def add_slides(
 
 
 def build_report_index(
-    model: ModelArg, pairs: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, **options: Any
+    model: ModelArg,
+    pairs: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    **options: Any,
 ) -> ReportIndex:
     """`vlm index build-reports`: index every report of a pairs table, saved to `out` when given."""
-    index = ReportIndex.build_reports(model, load_pairs(pairs), source={"pairs": str(Path(pairs).resolve())},
-                                      **options)  # fmt: skip
-    if out is not None:
-        index.save(out)
-    return index
+    return _build_into(out, overwrite, lambda: ReportIndex.build_reports(
+        model, load_pairs(pairs), source={"pairs": str(Path(pairs).resolve())}, **options))  # fmt: skip
 
 
 def load_index(path: str | os.PathLike[str], model: ModelArg | None = None, gpu: bool = False) -> SlideIndex:
