@@ -54,8 +54,9 @@ def _copy_index(world: dict[str, Path], tmp_path: Path) -> Path:
     return Path(shutil.copytree(world["index"], tmp_path / "index"))
 
 
-def test_index_build_never_replaces_a_folder_that_is_not_an_index(world: dict[str, Path], tmp_path: Path,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+def test_index_build_never_replaces_a_folder_that_is_not_an_index(
+    world: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Today `--out DIR` deleted DIR, input parquet included."""
     data = tmp_path / "data"
     data.mkdir()
@@ -68,8 +69,9 @@ def test_index_build_never_replaces_a_folder_that_is_not_an_index(world: dict[st
         assert parquet.read_bytes() == before and sorted(p.name for p in data.iterdir()) == ["slides.parquet"]
 
 
-def test_index_build_replaces_an_index_only_with_overwrite(world: dict[str, Path], tmp_path: Path,
-                                                           caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+def test_index_build_replaces_an_index_only_with_overwrite(
+    world: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     index = _copy_index(world, tmp_path)
     manifest = (index / "manifest.json").read_text()
     assert _build(world, index) == 2 and "--overwrite" in caplog.text
@@ -78,8 +80,9 @@ def test_index_build_replaces_an_index_only_with_overwrite(world: dict[str, Path
     assert json.loads((index / "manifest.json").read_text())["kind"] == "hnsw"
 
 
-def test_index_build_into_the_current_folder(world: dict[str, Path], tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_index_build_into_the_current_folder(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`--out .` crashed (a folder name of "")."""
     from vlm.retrieval import SlideIndex
 
@@ -92,9 +95,13 @@ def test_index_build_into_the_current_folder(world: dict[str, Path], tmp_path: P
 
 
 @pytest.mark.parametrize("damage", ["flip-vector", "flip-id", "truncate", "flip-metadata-id"])
-def test_a_damaged_index_is_refused_naming_the_file(world: dict[str, Path], tmp_path: Path, damage: str,
-                                                    capsys: pytest.CaptureFixture[str],
-                                                    caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+def test_a_damaged_index_is_refused_naming_the_file(
+    world: dict[str, Path],
+    tmp_path: Path,
+    damage: str,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Flipped vector bytes gave a slide a score of 40 (true score -0.16); a flipped id made a slide vanish;
     a truncated file gave a FAISS traceback."""
     import faiss
@@ -236,8 +243,10 @@ def _vlm_python(code: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
 
-def test_non_finite_slide_embeddings_are_refused_by_id(tmp_path: Path) -> None:
-    """A NaN row was indexed, trained on or scored like any other."""
+def test_non_finite_slide_embeddings_are_refused_by_id(
+    world: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NaN row was indexed (and scored like any other slide)."""
     from vlm.formats.embeddings import load_slide_embeddings
 
     path = _slides(tmp_path / "s.parquet", ["A", "B", "C", "D"])
@@ -245,8 +254,13 @@ def test_non_finite_slide_embeddings_are_refused_by_id(tmp_path: Path) -> None:
     table.at[1, "embedding"] = [float("nan")] * 64
     table.at[3, "embedding"] = [float("inf")] + [0.0] * 63
     table.to_parquet(path)
-    with pytest.raises(ValueError, match=r"2 slide\(s\) have NaN or infinite .*\['B', 'D'\]"):
-        load_slide_embeddings(path)
+    slides = load_slide_embeddings(path)
+    slides.check_finite(["C", "A"])  # unused broken rows do not block the others
+    with pytest.raises(ValueError, match=r"s\.parquet: 2 slide\(s\) have NaN or infinite .*\['B', 'D'\]"):
+        slides.check_finite(["A", "B", "D"])
+    assert main(["index", "build", "--model", str(world["model"]), "--slides", str(path), "--out",
+                 str(tmp_path / "index")]) == 2  # fmt: skip
+    assert "['B', 'D']" in caplog.text and not (tmp_path / "index" / "manifest.json").exists()
 
 
 def test_retrieval_does_not_import_training() -> None:

@@ -6,7 +6,9 @@ pool, checkpoint) are JSON under the parquet metadata key `vlm`. A run split in 
 `<stem>.shard-i-of-n<suffix>` beside the named file; readers take the file or, if it is absent, its shards.
 
 Every consumer (training, zero-shot, retrieval) loads through `load_slide_embeddings`, which refuses what
-would give a silent wrong answer: a slide twice, mixed widths, encoders or poolings, non-finite values.
+would give a silent wrong answer: a slide twice, mixed widths, encoders or poolings; and `check_finite`
+refuses the slides whose embedding holds NaN or infinite values, by id (a NaN row would otherwise be
+indexed, trained on or scored like any other). Unused broken rows do not block the others.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class SlideEmbeddings:
     embeddings: torch.Tensor  # [N, D] float32
     encoder: str = "unknown"
     pool: str = "unknown"
+    source: str = "slide embeddings"  # the file, for error messages
+    non_finite: frozenset[str] = frozenset()  # ids whose embedding holds NaN or inf
 
     def __post_init__(self) -> None:
         self.row = {slide_id: i for i, slide_id in enumerate(self.ids)}
@@ -98,15 +102,25 @@ class SlideEmbeddings:
         return int(self.embeddings.shape[1])
 
     def lookup(self, slide_ids: list[str]) -> torch.Tensor:  # [len(slide_ids), D]
+        """The embeddings of `slide_ids`, in that order (call `check_finite` on the ids a result uses)."""
         return self.embeddings[[self.row[s] for s in slide_ids]]
+
+    def check_finite(self, slide_ids: list[str] | None = None) -> None:
+        """Refuse, naming them, the slides (of `slide_ids`, default all) whose embedding is NaN or infinite."""
+        broken = sorted(self.non_finite if slide_ids is None else self.non_finite.intersection(slide_ids))
+        if broken:
+            raise ValueError(
+                f"{self.source}: {len(broken)} slide(s) have NaN or infinite embedding values, e.g. {broken[:10]}; "
+                "re-embed them (`vlm embed-slides --overwrite`) or leave them out"
+            )
 
 
 def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
     """`read_slide_embeddings` (one file or its shards) plus the checks every consumer needs.
 
     Refused, with the fix in the message: missing columns, an empty table, a slide id twice, embeddings of
-    different widths, non-finite values (listed by slide id), and a mix of encoders or poolings (vectors
-    from different spaces are not comparable).
+    different widths, and a mix of encoders or poolings (vectors from different spaces are not comparable).
+    Rows with non-finite values are recorded (`non_finite`) and refused where used (`check_finite`).
     """
     import torch
 
@@ -125,14 +139,11 @@ def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
     if len(widths) > 1:
         raise ValueError(f"{path}: embeddings have different widths {widths}; re-run `vlm embed-slides`")
     matrix = np.stack(frame["embedding"])
-    bad = [ids[i] for i in np.flatnonzero(~np.isfinite(matrix).all(axis=1))]
-    if bad:
-        raise ValueError(f"{path}: {len(bad)} slide(s) have NaN or infinite embedding values, e.g. {bad[:10]}; "
-                         "re-embed them (`vlm embed-slides --overwrite`) or drop their rows")  # fmt: skip
+    bad = frozenset(ids[i] for i in np.flatnonzero(~np.isfinite(matrix).all(axis=1)))
     provenance = {}
     for column in ("encoder", "pool"):
         values = sorted({str(v) for v in frame[column]}) if column in frame.columns else ["unknown"]
         if len(values) > 1:
             raise ValueError(f"{path}: mixed {column} values {values}; use one kind of slide embedding at a time")
         provenance[column] = values[0]
-    return SlideEmbeddings(ids, torch.from_numpy(matrix), **provenance)
+    return SlideEmbeddings(ids, torch.from_numpy(matrix), **provenance, source=str(path), non_finite=bad)

@@ -58,6 +58,7 @@ def evaluate_retrieval(
         raise ValueError(f"{len(missing)} slide id(s) of {pairs} have no embedding in {slides}, e.g. {missing[:10]}; "
                          "embed them first (`vlm embed-slides`) or fix the ids")  # fmt: skip
     slide_ids = list(dict.fromkeys(table.slide_ids))  # unique, in pairs order
+    embeddings.check_finite(slide_ids)
     slide_vectors = project_slides(model, embeddings.lookup(slide_ids))  # [S, D]
     text_vectors = model.encode_text(table.reports, device="cpu").numpy()  # [R, D]
     column = {s: i for i, s in enumerate(slide_ids)}

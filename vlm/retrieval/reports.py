@@ -60,6 +60,7 @@ class ReportIndex(SlideIndex):
         missing = [s for s in slide_ids if s not in slides.row]
         if missing:
             raise ValueError(f"slide id(s) {missing[:10]} have no embedding in the slide-embeddings file given")
+        slides.check_finite(slide_ids)
         return self.search_embeddings(slides.lookup(slide_ids), k)
 
     def search_report(self, report_ids: str | Sequence[str], k: int = 10, include_self: bool = False) -> pd.DataFrame:
@@ -109,6 +110,7 @@ def build_slide_index(
     def build() -> SlideIndex:
         embeddings = load_slide_embeddings(slides)
         source = {"slides": str(Path(slides).resolve()), "encoder": embeddings.encoder, "pool": embeddings.pool}
+        embeddings.check_finite()
         return SlideIndex.build(model, embeddings.embeddings, embeddings.ids, read_metadata(metadata),
                                 source=source, **options)  # fmt: skip
 
@@ -143,6 +145,7 @@ def add_slides(
                 f"{slides}: slide embeddings made with {column}={getattr(embeddings, column)!r}, but the index "
                 f"holds {column}={source[column]!r}; embed the new slides the same way"
             )
+    embeddings.check_finite()
     index.add(embeddings.embeddings, embeddings.ids, read_metadata(metadata))
     return embeddings.ids
 
