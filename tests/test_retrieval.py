@@ -141,7 +141,10 @@ def test_save_load_round_trip_add_remove(kind: str, tiny: SlideTextModel, tmp_pa
     before = index.search_slide(["s1", "s2"], k=5)
     index.save(tmp_path / "index")
     assert {p.name for p in (tmp_path / "index").iterdir() if not p.name.startswith(".vlm")} == {
-        "index.faiss", "metadata.parquet", "manifest.json"}
+        "index.faiss",
+        "metadata.parquet",
+        "manifest.json",
+    }
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert manifest["count"] == 300 and manifest["dim"] == 32 and manifest["kind"] == kind
     assert manifest["model"]["digest"] == tiny.config.digest() and "vlm_version" in manifest

@@ -40,6 +40,7 @@ from vlm.io import duplicate_ids, output_lock, slide_id_from_path
 
 log = logging.getLogger(__name__)
 
+
 def _existing_rows(path: Path, settings: dict) -> list[dict]:
     """Rows of a previous run to resume from; refuses a file made with another encoder or pool."""
     if not path.is_file():

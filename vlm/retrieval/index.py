@@ -362,9 +362,7 @@ class SlideIndex:
         scores, found = self.search_vectors(vectors, k + (0 if include_self else 1))
         return self.results(scores, found, k=k, exclude=None if include_self else ids)
 
-    def results(
-        self, scores: np.ndarray, ids: np.ndarray, k: int, exclude: np.ndarray | None = None
-    ) -> pd.DataFrame:
+    def results(self, scores: np.ndarray, ids: np.ndarray, k: int, exclude: np.ndarray | None = None) -> pd.DataFrame:
         """One row per hit: query (0-based), rank (1-based), the key, score, then the metadata columns."""
         frames = []
         for q, (row_scores, row_ids) in enumerate(zip(scores, ids, strict=True)):

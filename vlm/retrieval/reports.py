@@ -166,4 +166,3 @@ def load_index(path: str | os.PathLike[str], model: ModelArg | None = None, gpu:
     """A slide or report index folder, whichever it holds."""
     cls = ReportIndex if read_manifest(Path(path)).get("content") == "reports" else SlideIndex
     return cls.load(path, model=model, gpu=gpu)
-
