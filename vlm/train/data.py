@@ -12,12 +12,10 @@ import csv
 import logging
 import os
 import random
-import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -186,34 +184,28 @@ def feature_slide_ids(folder: str | os.PathLike[str]) -> set[str]:
 
 
 def load_slide_features(
-    folder: Path, slide_ids: list[str], max_tiles: int | None = None, seed: int = 0
+    folder: Path,
+    slide_ids: list[str],
+    max_tiles: int | None = None,
+    seed: int = 0,
+    mpp: float | None = None,
+    patches: str | os.PathLike[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tile features [B, L, D], 0.5-mpp coords [B, L, 2] and padding mask [B, L] (True = pad) for a batch.
 
-    `max_tiles` subsamples larger slides at random, bounding memory per slide. The draw depends only on
-    `seed` and the slide id, so GradCache's second pass (and a resumed run) picks the same tiles.
+    Each slide goes through `vlm.encoders.inputs.load_slide_inputs`, the path `vlm embed-slides` and
+    zero-shot use, so a fine-tuned model is trained on the positions it is later given. `max_tiles`
+    subsamples larger slides at random (after positions are fixed), bounding memory per slide; the draw
+    depends only on `seed` and the slide id, so GradCache's second pass (and a resumed run) picks the same
+    tiles. `mpp` and `patches` are as for `vlm embed-slides` (`--mpp`, `--patches`).
     """
-    from vlm.encoders.slide import to_gigapath_coords
-    from vlm.features import read_features
+    from vlm.encoders.inputs import load_slide_inputs, pad_batch
 
-    feats, coords = [], []
-    for slide_id in slide_ids:
-        tiles = read_features(folder / f"{slide_id}.h5")
-        f = torch.from_numpy(np.asarray(tiles.features, dtype=np.float32))
-        c = torch.from_numpy(np.asarray(to_gigapath_coords(tiles.coords, tiles.mpp, slide_id), dtype=np.float32))
-        if max_tiles is not None and len(f) > max_tiles:
-            generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(slide_id.encode())) % 2**62)
-            keep = torch.randperm(len(f), generator=generator)[:max_tiles].sort().values
-            f, c = f[keep], c[keep]
-        feats.append(f)
-        coords.append(c)
-    length = max(len(f) for f in feats)
-    batch_f = torch.zeros(len(feats), length, feats[0].shape[1])
-    batch_c = torch.zeros(len(feats), length, 2)
-    mask = torch.ones(len(feats), length, dtype=torch.bool)
-    for i, (f, c) in enumerate(zip(feats, coords, strict=True)):
-        batch_f[i, : len(f)], batch_c[i, : len(c)], mask[i, : len(f)] = f, c, False
-    return batch_f, batch_c, mask
+    slides = [
+        load_slide_inputs(Path(folder) / f"{slide_id}.h5", mpp=mpp, patches=patches, max_tiles=max_tiles, seed=seed)
+        for slide_id in slide_ids
+    ]
+    return pad_batch(slides)
 
 
 _Load = tuple[tuple[str, ...], int | None, int]  # slide ids, max_tiles, seed
@@ -228,10 +220,13 @@ class PrefetchingFeatureLoader:
     never depend on it. At most one chunk is loaded ahead, which bounds the extra memory.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(
+        self, folder: Path, mpp: float | None = None, patches: str | os.PathLike[str] | None = None
+    ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.folder = folder
+        self.options = {"mpp": mpp, "patches": patches}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-features")
         self._plan: list[_Load] = []
         self._pending: tuple[_Load, Future[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
@@ -246,7 +241,10 @@ class PrefetchingFeatureLoader:
         self._pending = None
         if self._plan:
             key = self._plan.pop(0)
-            self._pending = (key, self._executor.submit(load_slide_features, self.folder, list(key[0]), *key[1:]))
+            self._pending = (
+                key,
+                self._executor.submit(load_slide_features, self.folder, list(key[0]), *key[1:], **self.options),
+            )
 
     def load(
         self, slide_ids: list[str], max_tiles: int | None = None, seed: int = 0
@@ -257,4 +255,4 @@ class PrefetchingFeatureLoader:
             self._submit_next()
             return result
         self._plan, self._pending = [], None
-        return load_slide_features(self.folder, slide_ids, max_tiles, seed)
+        return load_slide_features(self.folder, slide_ids, max_tiles, seed, **self.options)

@@ -58,6 +58,8 @@ class TrainConfig:
     slide_embeddings: str | None = None  # frozen slide tower: `vlm embed-slides` parquet
     features: str | None = None  # full fine-tuning: folder of `<slide_id>.h5` tile features
     slide_encoder: str = "gigapath"  # preset used with `features`
+    mpp: float | None = None  # with `features`: level-0 µm/px overriding the files' (CLAM files need it)
+    patches: str | None = None  # with `features`: CLAM `patches/` folder holding the tile geometry
     slide_checkpoint: str | None = None
     pool: str = "mean"
     max_tiles: int | None = None  # subsample longer slides in training (None = all tiles)
@@ -222,7 +224,11 @@ class _Inputs:
                 table.pool,
             )
         self.features = Path(config.features) if config.features is not None else None
-        self.loader = pairs_data.PrefetchingFeatureLoader(self.features) if self.features is not None else None
+        self.loader = (
+            pairs_data.PrefetchingFeatureLoader(self.features, config.mpp, config.patches)
+            if self.features is not None
+            else None
+        )
 
     def encode_slides(self, model: SlideTextModel, rows: Sequence[int], seed: int = 0) -> Tensor:
         if self.embeddings is not None:
