@@ -260,7 +260,7 @@ def test_non_finite_slide_embeddings_are_refused_by_id(
         slides.check_finite(["A", "B", "D"])
     assert main(["index", "build", "--model", str(world["model"]), "--slides", str(path), "--out",
                  str(tmp_path / "index")]) == 2  # fmt: skip
-    assert "['B', 'D']" in caplog.text and not (tmp_path / "index" / "manifest.json").exists()
+    assert "['B', 'D']" in caplog.text and not (tmp_path / "index").exists()
 
 
 def test_retrieval_does_not_import_training() -> None:

@@ -123,6 +123,13 @@ def test_a_failed_block_leaves_the_old_contents(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "x").iterdir() if p.name.startswith(".vlm-staging")] == []
 
 
+def test_a_failed_first_write_leaves_no_folder(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "new" / "model") as tmp:
+        (tmp / "a").write_text("half")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == []
+
+
 def test_current_folder_can_be_the_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     with atomic_dir(".") as tmp:

@@ -64,12 +64,19 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     `path` may be the current folder. Writers hold the folder's lock (`folder_lock`) throughout.
     """
     folder = Path(path).absolute()
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder):
         recover_dir(folder)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
         try:
-            yield staging
+            try:
+                yield staging
+            except BaseException:
+                if created:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    remove_if_unused(folder)
+                raise
             names = sorted(entry.name for entry in staging.iterdir())
             internal = [name for name in names if name.startswith(INTERNAL_PREFIX)]
             if internal:
@@ -80,6 +87,12 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             _apply_commit(folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_if_unused(folder: Path) -> None:
+    """Remove a folder holding nothing but vlm's bookkeeping (e.g. created for an output that then failed)."""
+    if folder.is_dir() and all(e.name in (LOCK_NAME, TRASH_NAME) for e in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def recover_dir(path: str | os.PathLike[str]) -> bool:

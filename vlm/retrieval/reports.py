@@ -11,7 +11,7 @@ from typing import Any, ClassVar, TypeVar
 import pandas as pd
 
 from vlm.formats.embeddings import SlideEmbeddings, load_slide_embeddings
-from vlm.io import folder_lock
+from vlm.io import folder_lock, remove_if_unused
 from vlm.retrieval.index import ModelArg, SlideIndex, check_index_folder, read_manifest, resolve_model
 from vlm.retrieval.pairs import Pairs, load_pairs
 
@@ -122,10 +122,16 @@ def _build_into(out: str | os.PathLike[str] | None, overwrite: bool, build: Call
     if out is None:
         return build()
     check_index_folder(out, overwrite)
-    with folder_lock(out, create=True):
-        check_index_folder(out, overwrite)  # again: another process may have written it meanwhile
-        index = build()
-        index.save(out)
+    created = not Path(out).exists()
+    try:
+        with folder_lock(out, create=True):
+            check_index_folder(out, overwrite)  # again: another process may have written it meanwhile
+            index = build()
+            index.save(out)
+    except BaseException:
+        if created:
+            remove_if_unused(Path(out).absolute())  # a failed build leaves no empty folder behind
+        raise
     return index
 
 
