@@ -15,12 +15,12 @@ import torch
 
 from tests.support.synthetic import clustered_embeddings, write_synthetic
 from vlm.encoders.text import build_tiny_text_encoder
+from vlm.formats.embeddings import load_slide_embeddings
 from vlm.metrics import first_relevant_rank, label_retrieval
 from vlm.model.clip import SlideTextModel, build_tiny_model
 from vlm.retrieval import ReportIndex, SlideIndex, build_slide_index
 from vlm.retrieval.evaluate import evaluate_retrieval
 from vlm.retrieval.kinds import choose_kind
-from vlm.slide_embedding import load_slide_embeddings
 from vlm.train.data import load_pairs
 from vlm.train.loop import TrainConfig, train
 
@@ -139,7 +139,11 @@ def test_save_load_round_trip_add_remove(kind: str, tiny: SlideTextModel, tmp_pa
     index = SlideIndex.build(tiny, x, ids(300), meta, kind=kind)
     before = index.search_slide(["s1", "s2"], k=5)
     index.save(tmp_path / "index")
-    assert {p.name for p in (tmp_path / "index").iterdir()} == {"index.faiss", "metadata.parquet", "manifest.json"}
+    assert {p.name for p in (tmp_path / "index").iterdir() if not p.name.startswith(".vlm")} == {
+        "index.faiss",
+        "metadata.parquet",
+        "manifest.json",
+    }
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert manifest["count"] == 300 and manifest["dim"] == 32 and manifest["kind"] == kind
     assert manifest["model"]["digest"] == tiny.config.digest() and "vlm_version" in manifest

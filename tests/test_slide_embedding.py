@@ -21,7 +21,8 @@ from vlm.batch import Shard
 from vlm.cli import main
 from vlm.encoders.slide import create_slide_encoder
 from vlm.features import TileFeatures, TileGrid, write_features
-from vlm.slide_embedding import embed_slides, read_slide_embeddings
+from vlm.formats.embeddings import read_slide_embeddings
+from vlm.slide_embedding import embed_slides
 
 
 def _write_slide(folder: Path, name: str, n: int, seed: int, dim: int = 32, mpp: float = 0.25) -> Path:

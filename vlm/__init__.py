@@ -30,7 +30,7 @@ _EXPORTS: dict[str, str] = {
     "load_slide_inputs": "vlm.encoders.inputs:load_slide_inputs",
     "pad_batch": "vlm.encoders.inputs:pad_batch",
     "embed_slides": "vlm.slide_embedding:embed_slides",
-    "load_slide_embeddings": "vlm.slide_embedding:load_slide_embeddings",
+    "load_slide_embeddings": "vlm.formats.embeddings:load_slide_embeddings",
     # alignment model and training
     "SlideTextModel": "vlm.model.clip:SlideTextModel",
     "create_model": "vlm.model.clip:create_model",

@@ -1,19 +1,35 @@
-"""Small file helpers shared by every stage: atomic writes and slide ids.
+"""Small file helpers shared by every stage: atomic writes, output locks and slide ids.
 
 Every output of `vlm` is written to a temporary name in the destination folder and renamed into place
 only when complete, so an interrupted run never leaves a file that looks finished (resume relies on it).
+Folder outputs (`atomic_dir`) commit with one rename and are finished by the next reader or writer if a
+kill interrupts them. Outputs that several processes could write at once are locked (`folder_lock`,
+`output_lock`): a second writer waits or is refused, never silently loses the first one's work.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import json
+import logging
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import filelock
+
+log = logging.getLogger(__name__)
+
+INTERNAL_PREFIX = ".vlm"  # names of vlm's bookkeeping inside folder outputs
+LOCK_NAME = ".vlm.lock"
+COMMIT_NAME = ".vlm-commit"  # a complete new version, being moved into place
+FILES_NAME = ".vlm-files"  # the entries the last commit wrote (JSON list)
+STAGING_PREFIX = ".vlm-staging-"
+TRASH_NAME = ".vlm-trash"
+LOCK_TIMEOUT_S = 600.0
 
 
 @contextlib.contextmanager
@@ -37,25 +53,173 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; swap it into place only if the block succeeds.
+    """Yield an empty staging folder; when the block succeeds, its files become the contents of `path`.
 
-    For outputs that are folders (a model, an index): an existing folder is replaced only once the new one
-    is complete, so a crash leaves either the old or the new folder, never a mix.
+    For outputs that are folders (a model, an index). Crash-safe at every instant, including a kill during
+    the swap: the staging folder is renamed to `path/.vlm-commit` in one atomic step (the commit point), and
+    its entries are then moved into `path` one by one, replacing the files the previous commit wrote. A
+    process killed after the commit point leaves `.vlm-commit` behind, which `recover_dir` (called by every
+    reader and by the next writer) finishes moving; killed before it, the old contents stay untouched. Only
+    files a previous `atomic_dir` wrote are replaced or removed, never other files of the folder, so
+    `path` may be the current folder. Writers hold the folder's lock (`folder_lock`) throughout.
     """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+    folder = Path(path).absolute()
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    with folder_lock(folder):
+        recover_dir(folder)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+        try:
+            try:
+                yield staging
+            except BaseException:
+                if created:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    remove_if_unused(folder)
+                raise
+            names = sorted(entry.name for entry in staging.iterdir())
+            internal = [name for name in names if name.startswith(INTERNAL_PREFIX)]
+            if internal:
+                raise ValueError(f"{folder}: output file names {internal} are reserved for vlm's bookkeeping")
+            (staging / FILES_NAME).write_text(json.dumps(names) + "\n")
+            _fsync_tree(staging)
+            os.replace(staging, folder / COMMIT_NAME)  # the commit point
+            _apply_commit(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_if_unused(folder: Path) -> None:
+    """Remove a folder holding nothing but vlm's bookkeeping (e.g. created for an output that then failed)."""
+    if folder.is_dir() and all(e.name in (LOCK_NAME, TRASH_NAME) for e in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def recover_dir(path: str | os.PathLike[str]) -> bool:
+    """Finish a folder write that a crash interrupted (see `atomic_dir`); True when there was one.
+
+    Leftovers of writes killed before their commit point (staging folders) are removed too. Cheap when there
+    is nothing to do (two `stat` calls), so every reader of a folder output calls it first.
+    """
+    folder = Path(path).absolute()
+    if not folder.is_dir():
+        return False
+    leftovers = [entry for entry in folder.iterdir() if entry.name.startswith((STAGING_PREFIX, TRASH_NAME))]
+    if not (folder / COMMIT_NAME).exists() and not leftovers:
+        return False
+    with folder_lock(folder):  # a writer still at work finishes first
+        committed = _apply_commit(folder)
+        for entry in folder.iterdir():
+            if entry.name.startswith((STAGING_PREFIX, TRASH_NAME)):
+                shutil.rmtree(entry, ignore_errors=True)
+    if committed:
+        log.warning("%s: finished a write that an interrupted run had committed", folder)
+    return committed
+
+
+def _apply_commit(folder: Path) -> bool:
+    """Move the entries of `folder/.vlm-commit` into `folder`. Idempotent: a re-run after a kill at any
+    step ends in the same state, because the list of the previous commit's files is replaced last."""
+    commit = folder / COMMIT_NAME
+    if not commit.is_dir():
+        return False
+    new_list = commit / FILES_NAME
+    if not new_list.is_file():  # the list itself was moved: only the empty commit folder is left
+        shutil.rmtree(commit)
+        return True
+    new = json.loads(new_list.read_text())
+    old_list = folder / FILES_NAME
+    old = json.loads(old_list.read_text()) if old_list.is_file() else []
+    trash = folder / TRASH_NAME
+    trash.mkdir(exist_ok=True)
+    for name in old:
+        if name not in new and os.path.lexists(folder / name):
+            _move_aside(folder / name, trash)
+    for name in new:
+        source, target = commit / name, folder / name
+        if not os.path.lexists(source):
+            continue  # moved before the interruption
+        if target.is_dir() and not target.is_symlink():
+            _move_aside(target, trash)  # os.replace cannot replace a non-empty folder
+        os.replace(source, target)
+    os.replace(new_list, old_list)
+    commit.rmdir()
+    shutil.rmtree(trash, ignore_errors=True)
+    return True
+
+
+def _move_aside(path: Path, trash: Path) -> None:
+    aside = trash / path.name
+    if os.path.lexists(aside):
+        shutil.rmtree(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
+    os.replace(path, aside)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush the staged files to disk before the commit, so that a power cut cannot commit empty files."""
+    for entry in folder.rglob("*"):
+        if entry.is_file():
+            fd = os.open(entry, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+_LOCKS: dict[str, filelock.FileLock] = {}
+
+
+@contextlib.contextmanager
+def file_lock(lock_file: Path, what: str, wait: bool = True, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (flock: released by the OS if the holder dies).
+
+    With `wait`, a second process waits for the first (up to `timeout` s); without, it is refused at once.
+    Re-entrant within one process (one lock object per file).
+    """
+    key = str(lock_file.absolute())
+    lock = _LOCKS.setdefault(key, filelock.FileLock(key))
     try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        if not wait:
+            raise BlockingIOError(
+                f"{what} is being written by another vlm process (it holds {lock_file}); wait for it to finish "
+                "or write to another place"
+            ) from None
+        log.warning("waiting for another vlm process that is writing %s (lock %s)", what, lock_file)
+        try:
+            lock.acquire(timeout=timeout)
+        except filelock.Timeout:
+            raise TimeoutError(
+                f"{what}: another vlm process has held {lock_file} for over {timeout:.0f} s; try again when it "
+                "has finished"
+            ) from None
+    try:
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()
+
+
+def folder_lock(
+    path: str | os.PathLike[str], wait: bool = True, create: bool = False
+) -> contextlib.AbstractContextManager[None]:
+    """The lock of a folder output (`path/.vlm.lock`): hold it around read-modify-write of the folder.
+
+    The folder must exist unless `create`.
+    """
+    folder = Path(path).absolute()
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    elif not folder.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder")
+    return file_lock(folder / LOCK_NAME, str(folder), wait=wait)
+
+
+def output_lock(path: str | os.PathLike[str], wait: bool = False) -> contextlib.AbstractContextManager[None]:
+    """The lock of a file output (`.<name>.lock` beside it); by default a second writer is refused at once."""
+    file = Path(path).absolute()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    return file_lock(file.with_name(f".{file.name}.lock"), str(file), wait=wait)
 
 
 def slide_id_from_path(path: str | os.PathLike[str]) -> str:

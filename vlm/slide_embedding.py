@@ -1,10 +1,8 @@
 """`vlm embed-slides`: tile features of many slides -> one slide embedding each, in one parquet file.
 
-Output `slides.parquet`: one row per slide with columns `slide_id`, `embedding` (list of float32; for
-`pool="all-layers"` the 13 vectors `h_0 … h_12` concatenated in that order), `n_tiles`, `encoder`, `pool`.
-The run's settings (encoder config, pool, checkpoint) are stored as JSON under the parquet metadata key
-`vlm`. With `n > 1` shards (`--shard i/n` or torchrun), shard i writes `<stem>.shard-i-of-n.parquet`
-beside `out`; `read_slide_embeddings(out)` reads either the single file or all shard files.
+Output: the slide-embeddings parquet of `vlm.formats.embeddings` (one row per slide; with `n > 1` shards,
+shard i writes `<stem>.shard-i-of-n.parquet` beside `out`). One run at a time writes a given file: a
+second one is refused (it would overwrite the first one's rows).
 
 Resume: slides already in the output file are skipped (unless `overwrite`); the file is rewritten
 atomically every `save_every` slides, so an interrupted run keeps what it finished. A slide that fails
@@ -14,17 +12,17 @@ atomically every `save_every` slides, so an interrupted run keeps what it finish
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
@@ -33,108 +31,39 @@ from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.inputs import SlideInputs, load_slide_inputs, pad_batch
 from vlm.encoders.slide import SLIDE_ENCODER_PRESETS, GigaPathSlideEncoder
 from vlm.features import MPP_FROM_FILE
-from vlm.io import atomic_path, duplicate_ids, slide_id_from_path
+from vlm.formats.embeddings import read_settings_and_rows, shard_output, write_slide_embeddings
+from vlm.io import duplicate_ids, output_lock, slide_id_from_path
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("slide_id", "embedding", "n_tiles", "encoder", "pool")
 
+def _one_writer(function: Callable[..., BatchReport]) -> Callable[..., BatchReport]:
+    """Hold the output file's lock during the run: a second run writing the same file is refused
+    (`BlockingIOError`), as it would rewrite the file without the first one's rows."""
+    signature = inspect.signature(function)
 
-def shard_output(out: str | os.PathLike[str], shard: Shard) -> Path:
-    """The file shard `shard` writes: `out` itself, or `<stem>.shard-i-of-n<suffix>` beside it."""
-    out = Path(out)
-    return out if shard.count == 1 else out.with_name(f"{out.stem}{shard.suffix}{out.suffix}")
+    @functools.wraps(function)
+    def locked(*args: Any, **kwargs: Any) -> BatchReport:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with output_lock(shard_output(bound.arguments["out"], bound.arguments["shard"])):
+            return function(*args, **kwargs)
 
-
-def read_slide_embeddings(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Slide embeddings as a DataFrame (`embedding` holds 1-D float32 arrays), from one file or its shards.
-
-    `np.stack(df["embedding"])` gives the [n_slides, dim] matrix.
-    """
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(path.parent.glob(f"{path.stem}.shard-*-of-*{path.suffix}"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no slide-embedding parquet (nor shard files beside it)")
-    frame = pd.concat([pq.read_table(file).to_pandas() for file in files], ignore_index=True)
-    frame["embedding"] = [np.asarray(value, dtype=np.float32) for value in frame["embedding"]]
-    return frame
-
-
-@dataclass
-class SlideEmbeddings:
-    """Validated, unprojected slide embeddings (`vlm embed-slides` output), looked up by slide id."""
-
-    ids: list[str]
-    embeddings: torch.Tensor  # [N, D] float32
-    encoder: str = "unknown"
-    pool: str = "unknown"
-
-    def __post_init__(self) -> None:
-        self.row = {slide_id: i for i, slide_id in enumerate(self.ids)}
-
-    @property
-    def dim(self) -> int:
-        return int(self.embeddings.shape[1])
-
-    def lookup(self, slide_ids: list[str]) -> torch.Tensor:  # [len(slide_ids), D]
-        return self.embeddings[[self.row[s] for s in slide_ids]]
-
-
-def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
-    """`read_slide_embeddings` (one file or its shards) plus the checks every consumer needs.
-
-    Refused, with the fix in the message: missing columns, an empty table, a slide id twice, embeddings of
-    different widths, and a mix of encoders or poolings (vectors from different spaces are not comparable).
-    """
-    frame = read_slide_embeddings(path)
-    missing = [c for c in ("slide_id", "embedding") if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {list(frame.columns)} "
-                         "(expected the output of `vlm embed-slides`)")
-    if len(frame) == 0:
-        raise ValueError(f"{path}: no slide embeddings in the file; run `vlm embed-slides` first")
-    ids = [str(s) for s in frame["slide_id"]]
-    duplicates = duplicate_ids(ids)
-    if duplicates:
-        raise ValueError(f"{path}: slide ids {duplicates[:5]} appear more than once; keep one embedding per slide")
-    widths = sorted({len(e) for e in frame["embedding"]})
-    if len(widths) > 1:
-        raise ValueError(f"{path}: embeddings have different widths {widths}; re-run `vlm embed-slides`")
-    provenance = {}
-    for column in ("encoder", "pool"):
-        values = sorted({str(v) for v in frame[column]}) if column in frame.columns else ["unknown"]
-        if len(values) > 1:
-            raise ValueError(f"{path}: mixed {column} values {values}; use one kind of slide embedding at a time")
-        provenance[column] = values[0]
-    return SlideEmbeddings(ids, torch.from_numpy(np.stack(frame["embedding"])), **provenance)
-
-
-def _write_parquet(path: Path, rows: list[dict], settings: dict) -> None:
-    table = pa.Table.from_pylist(
-        rows,
-        schema=pa.schema(
-            [("slide_id", pa.string()), ("embedding", pa.list_(pa.float32())), ("n_tiles", pa.int64()),
-             ("encoder", pa.string()), ("pool", pa.string())],
-            metadata={"vlm": json.dumps(settings)},
-        ),
-    )  # fmt: skip
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    return locked
 
 
 def _existing_rows(path: Path, settings: dict) -> list[dict]:
     """Rows of a previous run to resume from; refuses a file made with another encoder or pool."""
     if not path.is_file():
         return []
-    table = pq.read_table(path)
-    previous = json.loads((table.schema.metadata or {}).get(b"vlm", b"{}"))
+    previous, rows = read_settings_and_rows(path)
     for key in ("encoder", "pool", "config"):
         if previous.get(key) != settings[key]:
             raise ValueError(
                 f"{path} was written with {key}={previous.get(key)!r}, this run uses {settings[key]!r}; "
                 "pass --overwrite to replace it or choose another --out"
             )
-    return table.to_pylist()
+    return rows
 
 
 @torch.inference_mode()
@@ -152,6 +81,7 @@ def _embed_batch(
     return output.float().cpu().numpy()
 
 
+@_one_writer
 def embed_slides(
     feature_paths: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -221,7 +151,7 @@ def embed_slides(
             unsaved += 1
         pending.clear()
         if unsaved >= save_every:
-            _write_parquet(target, rows, settings)
+            write_slide_embeddings(target, rows, settings)
             unsaved = 0
 
     for path in tqdm(mine, desc="embed-slides", unit="slide", disable=not progress):
@@ -246,7 +176,7 @@ def embed_slides(
             flush()
     flush()
     if report.done or not target.exists():
-        _write_parquet(target, rows, settings)
+        write_slide_embeddings(target, rows, settings)
     write_failures(target.parent / f"failures{shard.suffix}.csv", report.failed)
     log.info("embed-slides: %s -> %s", report.summary(), target)
     return report

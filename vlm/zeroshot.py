@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlm.formats.embeddings import SlideEmbeddings
 from vlm.io import atomic_path
 from vlm.model.clip import SlideTextModel
 from vlm.prompts import DEFAULT_TEMPLATES, PromptTask, load_prompt_task, task_from_classes
-from vlm.slide_embedding import SlideEmbeddings
 from vlm.weights import update_state_digest
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ def read_slides(
     `mpp` / `patches` are `vlm embed-slides`' `--mpp` / `--patches` for that folder.
     An in-memory `SlideEmbeddings` (from `load_slide_embeddings`) is used as it is.
     """
-    from vlm.slide_embedding import load_slide_embeddings
+    from vlm.formats.embeddings import load_slide_embeddings
 
     if isinstance(slides, SlideEmbeddings):
         return list(slides.ids), slides.embeddings.float().numpy()

@@ -36,7 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder from `vlm train` (<run>/model)")
-    parser.add_argument("--out", required=True, help="index folder to write (replaced atomically if it exists)")
+    parser.add_argument("--out", required=True, help="index folder to write: new, empty (e.g. `.`), or an index "
+                        "to replace with --overwrite")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing index at --out (any other non-empty folder is refused)")  # fmt: skip
     # Validated by the library (an unknown kind is an error listing the kinds): importing it here would
     # load torch and FAISS for every `vlm --help`.
     parser.add_argument("--kind", default="auto", help=_KIND_HELP)
@@ -109,8 +112,8 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 def _index_build(args: argparse.Namespace) -> int:
     from vlm.retrieval import build_slide_index
 
-    index = build_slide_index(args.model, args.slides, args.out, metadata=args.metadata, kind=args.kind,
-                              target_recall=args.target_recall, seed=args.seed)  # fmt: skip
+    index = build_slide_index(args.model, args.slides, args.out, metadata=args.metadata, overwrite=args.overwrite,
+                              kind=args.kind, target_recall=args.target_recall, seed=args.seed)  # fmt: skip
     print(_summary(index, args.out))
     return 0
 
@@ -118,18 +121,20 @@ def _index_build(args: argparse.Namespace) -> int:
 def _index_build_reports(args: argparse.Namespace) -> int:
     from vlm.retrieval import build_report_index
 
-    index = build_report_index(args.model, args.pairs, args.out, kind=args.kind,
+    index = build_report_index(args.model, args.pairs, args.out, overwrite=args.overwrite, kind=args.kind,
                                target_recall=args.target_recall, seed=args.seed)  # fmt: skip
     print(_summary(index, args.out))
     return 0
 
 
 def _index_add(args: argparse.Namespace) -> int:
+    from vlm.io import folder_lock
     from vlm.retrieval import SlideIndex, add_slides
 
-    index = SlideIndex.load(args.index, model=args.model)
-    added = add_slides(index, args.slides, args.metadata)
-    index.save(args.index)
+    with folder_lock(args.index):  # load-add-save as one step: a concurrent add waits, then adds to this result
+        index = SlideIndex.load(args.index, model=args.model)
+        added = add_slides(index, args.slides, args.metadata)
+        index.save(args.index)
     print(f"added {len(added)} slides -> {_summary(index, args.index)}")
     return 0
 
@@ -137,21 +142,23 @@ def _index_add(args: argparse.Namespace) -> int:
 def _index_remove(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from vlm.io import folder_lock
     from vlm.retrieval import load_index
 
     ids = list(args.ids)
     if args.ids_file:
         ids += [line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()]
-    index = load_index(args.index)
-    index.remove(ids)
-    index.save(args.index)
+    with folder_lock(args.index):
+        index = load_index(args.index)
+        index.remove(ids)
+        index.save(args.index)
     print(f"removed {len(set(ids))} -> {_summary(index, args.index)}")
     return 0
 
 
 def _search(args: argparse.Namespace) -> int:
+    from vlm.formats.embeddings import load_slide_embeddings
     from vlm.retrieval import ReportIndex, load_index
-    from vlm.slide_embedding import load_slide_embeddings
 
     if (args.text is None) == (args.slide_id is None):
         raise ValueError("give either a query text or --slide-id (not both)")

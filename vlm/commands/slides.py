@@ -29,7 +29,8 @@ def _embed_slides(args: argparse.Namespace) -> int:
     from vlm.device import resolve_shard_device
     from vlm.encoders.slide import create_slide_encoder
     from vlm.features import feature_files
-    from vlm.slide_embedding import embed_slides, shard_output
+    from vlm.formats.embeddings import shard_output
+    from vlm.slide_embedding import embed_slides
 
     if args.checkpoint is None and args.slide_encoder != "gigapath":
         raise ValueError(f"--slide-encoder {args.slide_encoder} has no published weights; pass --checkpoint")

@@ -117,8 +117,9 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     from vlm.encoders.slide import create_slide_encoder
     from vlm.encoders.tile import create_tile_encoder
     from vlm.features import feature_files
+    from vlm.formats.embeddings import SlideEmbeddings, load_slide_embeddings
     from vlm.retrieval import SlideIndex
-    from vlm.slide_embedding import SlideEmbeddings, embed_slides, load_slide_embeddings
+    from vlm.slide_embedding import embed_slides
     from vlm.tile_embedding import embed_tiles
     from vlm.tiles import tile_slides
     from vlm.train.loop import TrainConfig, train

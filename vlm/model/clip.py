@@ -40,7 +40,7 @@ from vlm.encoders.text import (
     text_encoder_from_config,
     tokenizer_fingerprint,
 )
-from vlm.io import atomic_dir
+from vlm.io import atomic_dir, recover_dir
 from vlm.model.projection import ProjectionHead
 from vlm.weights import load_state_strict
 
@@ -247,6 +247,7 @@ class SlideTextModel(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
+        recover_dir(path)  # finish a save that a kill interrupted (`atomic_dir`)
         config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
         for required in (config_file, weights_file):
             if not required.is_file():

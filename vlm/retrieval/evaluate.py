@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from vlm.formats.embeddings import load_slide_embeddings
 from vlm.metrics import bootstrap_ci, first_relevant_rank, label_retrieval
 from vlm.retrieval.index import ModelArg, project_slides, resolve_model
+from vlm.retrieval.pairs import load_pairs
 from vlm.retrieval.reports import read_table
-from vlm.slide_embedding import load_slide_embeddings
-from vlm.train.data import check_slides_available, load_pairs
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,12 @@ def evaluate_retrieval(
     if len(table) == 0:
         raise ValueError(f"{pairs}: no pairs in split {split!r}")
     embeddings = load_slide_embeddings(slides)
-    check_slides_available(table, set(embeddings.ids), str(slides))
+    missing = sorted(set(table.slide_ids) - set(embeddings.ids))
+    if missing:
+        raise ValueError(f"{len(missing)} slide id(s) of {pairs} have no embedding in {slides}, e.g. {missing[:10]}; "
+                         "embed them first (`vlm embed-slides`) or fix the ids")  # fmt: skip
     slide_ids = list(dict.fromkeys(table.slide_ids))  # unique, in pairs order
+    embeddings.check_finite(slide_ids)
     slide_vectors = project_slides(model, embeddings.lookup(slide_ids))  # [S, D]
     text_vectors = model.encode_text(table.reports, device="cpu").numpy()  # [R, D]
     column = {s: i for i, s in enumerate(slide_ids)}

@@ -4,8 +4,11 @@
 runs/index/
   index.faiss       FAISS IndexIDMap2 over the kind's index; ids are stable row ids (never reused)
   metadata.parquet  faiss_id, slide_id and the user's metadata columns, one row per indexed slide
-  manifest.json     format, model config digest and folder, kind, params, dim, count, measured recall, version
+  manifest.json     format, model config digest and folder, kind, params, dim, count, measured recall, version,
+                    and the SHA-256 of index.faiss and metadata.parquet (checked on every load)
 ```
+The folder is written with `vlm.io.atomic_dir` (crash-safe, under the folder's lock), so a reader sees the
+old or the new index, never a mix; damaged or mixed files are refused with the file named.
 Slide embeddings are stored unprojected (`vlm embed-slides`); the index holds them projected by one model.
 The manifest names that model by its config digest and a hash of its projection heads, and an index refuses
 a model that differs in either: its vectors would live in another space and every score would be meaningless.
@@ -32,7 +35,7 @@ import pandas as pd
 import torch
 
 from vlm import __version__
-from vlm.io import atomic_dir, duplicate_ids
+from vlm.io import INTERNAL_PREFIX, atomic_dir, duplicate_ids, recover_dir
 from vlm.model.clip import SlideTextModel
 from vlm.retrieval import kinds
 from vlm.weights import update_state_digest
@@ -40,7 +43,7 @@ from vlm.weights import update_state_digest
 log = logging.getLogger(__name__)
 
 FORMAT = "vlm-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest["files"] holds the SHA-256 of each data file
 INDEX_FILE, METADATA_FILE, MANIFEST_FILE = "index.faiss", "metadata.parquet", "manifest.json"
 ID_COLUMN = "faiss_id"
 RESULT_COLUMNS = ("query", "rank", "score")
@@ -212,11 +215,18 @@ class SlideIndex:
 
     # --- persistence ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the folder atomically: files go to a temporary folder that replaces `path` when complete."""
+        """Write the folder atomically (`atomic_dir`), the manifest recording each data file's SHA-256.
+
+        `path` must be new, empty, or a vlm index folder: any other folder is refused, so that a mistyped
+        `--out` never replaces a folder of data.
+        """
+        check_index_folder(path, overwrite=True)
         with atomic_dir(path) as tmp:
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             self.metadata.to_parquet(tmp / METADATA_FILE, index=False)
-            (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2) + "\n")  # last
+            self.manifest.update(format_version=FORMAT_VERSION,
+                                 files={name: _sha256(tmp / name) for name in (INDEX_FILE, METADATA_FILE)})  # fmt: skip
+            (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2) + "\n")
         return Path(path)
 
     @classmethod
@@ -227,14 +237,14 @@ class SlideIndex:
         if manifest.get("content") != cls.content:
             other = "ReportIndex" if manifest.get("content") == "reports" else "SlideIndex"
             raise ValueError(f"{path} indexes {manifest.get('content')}, not {cls.content}; load it with {other}")
-        index = faiss.read_index(str(path / INDEX_FILE))
-        metadata = pd.read_parquet(path / METADATA_FILE)
+        index, metadata = _read_data_files(path, manifest)
         if index.d != manifest["dim"] or len(metadata) != manifest["count"]:
             raise ValueError(
                 f"{path}: index.faiss ({index.d}-d) / metadata.parquet ({len(metadata)} rows) do not match "
                 f"manifest.json ({manifest['dim']}-d, {manifest['count']} items); the folder mixes files of "
                 "different builds: rebuild it"
             )
+        _check_ids(path, index, metadata, manifest["kind"])
         loaded = cls(index, metadata, manifest, gpu=gpu)
         if model is not None:
             model_object, _ = resolve_model(model)
@@ -319,6 +329,11 @@ class SlideIndex:
     def search_text(self, texts: str | Sequence[str], k: int = 10) -> pd.DataFrame:
         """Items nearest to each text (a report phrase), as a table (see `results`)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
+        empty = [i for i, text in enumerate(texts) if not str(text).strip()]
+        if empty or not texts:
+            raise ValueError(
+                f"empty query text (query {empty[:5] or 'list'}): give words to search for, e.g. a report phrase"
+            )
         vectors = self.model.encode_text(texts, device="cpu").numpy()
         return self.results(*self.search_vectors(vectors, k), k=k)
 
@@ -344,9 +359,7 @@ class SlideIndex:
         scores, found = self.search_vectors(vectors, k + (0 if include_self else 1))
         return self.results(scores, found, k=k, exclude=None if include_self else ids)
 
-    def results(
-        self, scores: np.ndarray, ids: np.ndarray, k: int, exclude: np.ndarray | None = None
-    ) -> pd.DataFrame:
+    def results(self, scores: np.ndarray, ids: np.ndarray, k: int, exclude: np.ndarray | None = None) -> pd.DataFrame:
         """One row per hit: query (0-based), rank (1-based), the key, score, then the metadata columns."""
         frames = []
         for q, (row_scores, row_ids) in enumerate(zip(scores, ids, strict=True)):
@@ -367,7 +380,8 @@ class SlideIndex:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of an index folder, checked to be one this vlm reads."""
+    """The manifest of an index folder, checked to be one this vlm reads (finishing an interrupted write)."""
+    recover_dir(path)
     file = path / MANIFEST_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path}: not an index folder (no {MANIFEST_FILE}); build one with `vlm index build`")
@@ -382,6 +396,84 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{file}: format_version {manifest.get('format_version')!r} is newer than this vlm reads; upgrade vlm"
         )
     return manifest
+
+
+def check_index_folder(path: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Refuse to write an index where it would replace something else.
+
+    A missing or empty folder is fine (`.` included); an existing vlm index is replaced only with
+    `overwrite`; any other folder is refused, whatever `overwrite` says (it may hold the user's data).
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path}: exists and is a file, not an index folder; choose another --out")
+    entries = sorted(entry.name for entry in path.iterdir() if not entry.name.startswith(INTERNAL_PREFIX))
+    if not entries:
+        return
+    try:
+        read_manifest(path)
+    except (FileNotFoundError, ValueError):
+        shown = ", ".join(entries[:5]) + (", …" if len(entries) > 5 else "")
+        raise FileExistsError(
+            f"{path}: exists and is not a vlm index (it holds {shown}); nothing was written. Choose a new or "
+            "empty folder for --out"
+        ) from None
+    if not overwrite:
+        raise FileExistsError(f"{path}: a vlm index is already there; pass --overwrite to replace it")
+
+
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _read_data_files(path: Path, manifest: dict[str, Any]) -> tuple[faiss.Index, pd.DataFrame]:
+    """index.faiss and metadata.parquet, each checked against its SHA-256 in the manifest before parsing."""
+    recorded = manifest.get("files")
+    if recorded is None:
+        log.warning("%s: an index written before checksums were recorded; damage cannot be detected. Rebuild it "
+                    "(or `vlm index add` / `remove` once) to add them", path)  # fmt: skip
+    for name in (INDEX_FILE, METADATA_FILE):
+        file = path / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: missing from the index folder; rebuild the index")
+        if recorded is not None and _sha256(file) != recorded.get(name):
+            raise ValueError(
+                f"{file}: damaged or changed since the index was written (its SHA-256 differs from the one in "
+                f"{MANIFEST_FILE}); rebuild the index with `vlm index build`"
+            )
+    try:
+        index = faiss.read_index(str(path / INDEX_FILE))
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+        raise ValueError(f"{path / INDEX_FILE}: not a readable FAISS index ({first}); rebuild the index") from error
+    try:
+        metadata = pd.read_parquet(path / METADATA_FILE)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path / METADATA_FILE}: not a readable parquet file ({error}); rebuild the index") from error
+    return index, metadata
+
+
+def _check_ids(path: Path, index: faiss.Index, metadata: pd.DataFrame, kind: str) -> None:
+    """Every metadata row has exactly one vector; a flat index (which deletes) holds nothing else."""
+    stored = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else np.zeros(0, np.int64)
+    rows = metadata[ID_COLUMN].to_numpy(np.int64) if ID_COLUMN in metadata.columns else np.zeros(0, np.int64)
+    problems = []
+    if not hasattr(index, "id_map") or len(stored) != index.ntotal:
+        problems.append("the id map does not cover the vectors")
+    if len(np.unique(stored)) != len(stored):
+        problems.append("an id is stored twice")
+    if len(np.unique(rows)) != len(rows):
+        problems.append(f"metadata.parquet repeats a {ID_COLUMN}")
+    lost = np.setdiff1d(rows, stored)
+    if len(lost):
+        problems.append(f"{len(lost)} indexed item(s) have no vector (e.g. {ID_COLUMN} {lost[:3].tolist()})")
+    if kind == "flat" and len(np.setdiff1d(stored, rows)):
+        problems.append("a flat index holds vectors of no item (it deletes removed ones)")
+    if problems:
+        raise ValueError(f"{path}: index.faiss and metadata.parquet disagree: {'; '.join(problems)}; rebuild it")
 
 
 def _check_vectors(vectors: np.ndarray, n: int, dim: int) -> np.ndarray:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import pandas as pd
 
-from vlm.retrieval.index import ModelArg, SlideIndex, read_manifest, resolve_model
-from vlm.slide_embedding import SlideEmbeddings, load_slide_embeddings
-from vlm.train.data import Pairs, load_pairs
+from vlm.formats.embeddings import SlideEmbeddings, load_slide_embeddings
+from vlm.io import folder_lock, remove_if_unused
+from vlm.retrieval.index import ModelArg, SlideIndex, check_index_folder, read_manifest, resolve_model
+from vlm.retrieval.pairs import Pairs, load_pairs
 
 log = logging.getLogger(__name__)
+IndexT = TypeVar("IndexT", bound=SlideIndex)
 
 _TABLE_READERS = {".csv": pd.read_csv, ".tsv": lambda p, **kw: pd.read_csv(p, sep="\t", **kw),
                   ".parquet": pd.read_parquet, ".jsonl": lambda p, **kw: pd.read_json(p, lines=True, **kw)}  # fmt: skip
@@ -58,6 +60,7 @@ class ReportIndex(SlideIndex):
         missing = [s for s in slide_ids if s not in slides.row]
         if missing:
             raise ValueError(f"slide id(s) {missing[:10]} have no embedding in the slide-embeddings file given")
+        slides.check_finite(slide_ids)
         return self.search_embeddings(slides.lookup(slide_ids), k)
 
     def search_report(self, report_ids: str | Sequence[str], k: int = 10, include_self: bool = False) -> pd.DataFrame:
@@ -96,15 +99,39 @@ def build_slide_index(
     slides: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
     metadata: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
     **options: Any,
 ) -> SlideIndex:
-    """`vlm index build`: index every slide of a `vlm embed-slides` parquet, saved to `out` when given."""
-    embeddings = load_slide_embeddings(slides)
-    source = {"slides": str(Path(slides).resolve()), "encoder": embeddings.encoder, "pool": embeddings.pool}
-    index = SlideIndex.build(model, embeddings.embeddings, embeddings.ids, read_metadata(metadata),
-                             source=source, **options)  # fmt: skip
-    if out is not None:
-        index.save(out)
+    """`vlm index build`: index every slide of a `vlm embed-slides` parquet, saved to `out` when given.
+
+    `out` must be new or empty, or an index to replace with `overwrite` (see `check_index_folder`).
+    """
+
+    def build() -> SlideIndex:
+        embeddings = load_slide_embeddings(slides)
+        source = {"slides": str(Path(slides).resolve()), "encoder": embeddings.encoder, "pool": embeddings.pool}
+        embeddings.check_finite()
+        return SlideIndex.build(model, embeddings.embeddings, embeddings.ids, read_metadata(metadata),
+                                source=source, **options)  # fmt: skip
+
+    return _build_into(out, overwrite, build)
+
+
+def _build_into(out: str | os.PathLike[str] | None, overwrite: bool, build: Callable[[], IndexT]) -> IndexT:
+    """Build, and save to `out` under its lock, refusing before any work a folder that must not be replaced."""
+    if out is None:
+        return build()
+    check_index_folder(out, overwrite)
+    created = not Path(out).exists()
+    try:
+        with folder_lock(out, create=True):
+            check_index_folder(out, overwrite)  # again: another process may have written it meanwhile
+            index = build()
+            index.save(out)
+    except BaseException:
+        if created:
+            remove_if_unused(Path(out).absolute())  # a failed build leaves no empty folder behind
+        raise
     return index
 
 
@@ -124,23 +151,24 @@ def add_slides(
                 f"{slides}: slide embeddings made with {column}={getattr(embeddings, column)!r}, but the index "
                 f"holds {column}={source[column]!r}; embed the new slides the same way"
             )
+    embeddings.check_finite()
     index.add(embeddings.embeddings, embeddings.ids, read_metadata(metadata))
     return embeddings.ids
 
 
 def build_report_index(
-    model: ModelArg, pairs: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, **options: Any
+    model: ModelArg,
+    pairs: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    **options: Any,
 ) -> ReportIndex:
     """`vlm index build-reports`: index every report of a pairs table, saved to `out` when given."""
-    index = ReportIndex.build_reports(model, load_pairs(pairs), source={"pairs": str(Path(pairs).resolve())},
-                                      **options)  # fmt: skip
-    if out is not None:
-        index.save(out)
-    return index
+    return _build_into(out, overwrite, lambda: ReportIndex.build_reports(
+        model, load_pairs(pairs), source={"pairs": str(Path(pairs).resolve())}, **options))  # fmt: skip
 
 
 def load_index(path: str | os.PathLike[str], model: ModelArg | None = None, gpu: bool = False) -> SlideIndex:
     """A slide or report index folder, whichever it holds."""
     cls = ReportIndex if read_manifest(Path(path)).get("content") == "reports" else SlideIndex
     return cls.load(path, model=model, gpu=gpu)
-

@@ -35,11 +35,11 @@ from tqdm.auto import tqdm
 
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.text import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER
+from vlm.formats.embeddings import load_slide_embeddings
 from vlm.io import atomic_path
 from vlm.metrics import retrieval_recalls
 from vlm.model.clip import CLIP_INIT_LOGIT_SCALE, SlideTextModel, create_model
 from vlm.model.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, contrastive_loss, create_loss
-from vlm.slide_embedding import load_slide_embeddings
 from vlm.train import data as pairs_data
 from vlm.train.gradcache import chunks_of, contrastive_backward
 
