@@ -90,7 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="slide embeddings parquet from `vlm embed-slides`, or a folder of tile-feature .h5 files "
         "(embedded with the model's own slide encoder)",
     )
-    parser.add_argument("--labels", help="CSV with slide_id and a label column (default column: label)")
+    parser.add_argument(
+        "--labels", help="table (CSV/TSV/Parquet/JSONL) with slide_id and a label column (default column: label)"
+    )
     parser.add_argument(
         "--label-column", help="label column in --labels (overrides the task's labels.column)"
     )

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from vlm.formats.tables import read_table
 from vlm.metrics import bootstrap_ci, first_relevant_rank, label_retrieval
 from vlm.retrieval.index import ModelArg, project_slides, resolve_model
-from vlm.retrieval.reports import read_table
 from vlm.slide_embedding import load_slide_embeddings
 from vlm.train.data import check_slides_available, load_pairs
 
@@ -79,10 +79,8 @@ def _label_metrics(
     slide_ids: list[str], vectors: np.ndarray, labels_path: str | os.PathLike[str], ks: Sequence[int], **boot: Any
 ) -> dict[str, Any]:
     """Leave-one-out slide → slide Acc@K / MVAcc@K / mAP@K over the evaluated slides that have a label."""
-    table = read_table(labels_path)
-    if not {"slide_id", "label"} <= set(table.columns):
-        raise ValueError(f"{labels_path}: needs slide_id and label columns; found {list(table.columns)}")
-    label_of = dict(zip(table["slide_id"].astype(str), table["label"].astype(str), strict=True))
+    table = read_table(labels_path, required=("slide_id", "label"), what="labels", all_text=True)
+    label_of = {s: label for s, label in zip(table["slide_id"], table["label"], strict=True) if label.strip()}
     keep = [i for i, s in enumerate(slide_ids) if s in label_of]
     if len(keep) < len(slide_ids):
         log.warning("%d of %d evaluated slides have no label in %s and are left out of slide → slide",

@@ -1,4 +1,4 @@
-"""Training data: slide–report pairs (via `datasets`), their splits, and the slide inputs they point to.
+"""Training data: slide–report pairs, their splits, and the slide inputs they point to.
 
 Splits are made by patient when a `patient_id` column exists (else by slide), so no patient's slides or
 reports appear in two splits: a model that saw one slide of a patient in training would look better on
@@ -8,7 +8,6 @@ trained on nor used to pick a checkpoint.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import random
@@ -20,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlm.formats.tables import read_table
+
 log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 REQUIRED_COLUMNS: tuple[str, ...] = ("slide_id", "report")
-_FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 
 
 @dataclass
@@ -62,35 +62,16 @@ class Pairs:
 
 
 def load_pairs(path: str | os.PathLike[str]) -> Pairs:
-    """Read a CSV / TSV / Parquet / JSONL table of pairs with `datasets`, checking columns and values."""
-    from datasets import Features, Value, load_dataset
-
+    """Read a CSV / TSV / Parquet / JSONL table of pairs (`vlm.formats.tables`), checking columns and values."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such pairs file (expected CSV, Parquet or JSONL)")
-    builder = _FORMATS.get(path.suffix.lower())
-    if builder is None:
-        raise ValueError(f"{path}: unknown pairs format {path.suffix!r}; use one of {', '.join(sorted(_FORMATS))}")
-    kwargs: dict[str, object] = {}
-    if builder == "csv":
-        # Read every column as text: type inference would turn slide ids like "001" into the number 1.
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        with open(path, newline="") as handle:
-            header = next(csv.reader(handle, delimiter=delimiter), [])
-        kwargs = {"delimiter": delimiter, "features": Features({name: Value("string") for name in header})}
-    table = load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True, **kwargs)
-    columns = set(table.column_names)
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ValueError(
-            f"{path}: missing column(s) {missing}; found {sorted(columns)}. Rename them to slide_id, report"
-        )
-    slide_ids = _strings(table["slide_id"], "slide_id", path)
-    reports = _strings(table["report"], "report", path)
-    patients = _strings(table["patient_id"], "patient_id", path) if "patient_id" in columns else None
+    table = read_table(path, required=REQUIRED_COLUMNS, what="pairs", all_text=True)
+    columns = set(table.columns)
+    slide_ids = _strings(table["slide_id"].tolist(), "slide_id", path)
+    reports = _strings(table["report"].tolist(), "report", path)
+    patients = _strings(table["patient_id"].tolist(), "patient_id", path) if "patient_id" in columns else None
     splits = None
     if "split" in columns:
-        splits = [str(s).strip().lower() if s is not None else "" for s in table["split"]]
+        splits = [s.strip().lower() for s in table["split"]]
         bad = sorted({s for s in splits if s not in SPLITS})
         if bad:
             rows = [i + 2 for i, s in enumerate(splits) if s not in SPLITS][:5]
