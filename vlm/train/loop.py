@@ -147,20 +147,46 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors, lists and numbers: what `torch.load(weights_only=True)` accepts, no pickle."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """`checkpoints/last.pt` read with `weights_only=True`: tensors and plain values only, never code.
+
+    A checkpoint holding any other pickled object (crafted, or written by a vlm that stored RNG states as
+    numpy objects) is refused rather than unpickled, since unpickling can run arbitrary code.
+    """
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{path}: refused: not a vlm training checkpoint of tensors and plain values ({first}); "
+            "it is not unpickled because that could run code. Restart the run without --resume"
+        ) from error
+    if not isinstance(state, dict) or not {"model", "optimizer", "rng", "global_step"} <= set(state):
+        raise ValueError(f"{path}: not a vlm training checkpoint (keys model, optimizer, rng, ... missing)")
+    return state
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -408,8 +434,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
 
     epoch, step_in_epoch, global_step, best = 0, 0, 0, -math.inf
     if resume:
-        # our own file (it holds numpy/python RNG states, which weights_only=True refuses)
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        state = _load_checkpoint(checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
