@@ -113,7 +113,8 @@ def test_a_bad_jsonl_line_is_named(tmp_path: Path) -> None:
 
 def test_missing_column_lists_what_was_found(tmp_path: Path) -> None:
     path = write(tmp_path / "labels.parquet", [{"slide": "a", "label": "LUAD"}])
-    with pytest.raises(ValueError, match=r"labels\.parquet: missing column\(s\) \['slide_id'\]; found \['slide', 'label'\]"):
+    expected = r"labels\.parquet: missing column\(s\) \['slide_id'\]; found \['slide', 'label'\]"
+    with pytest.raises(ValueError, match=expected):
         labels(path)
 
 

@@ -248,7 +248,7 @@ def read_slides(
 def read_labels(
     path: str | os.PathLike[str], task: PromptTask, column: str | None = None
 ) -> tuple[pd.Series, str]:
-    """slide_id -> raw label (str) from a table (`vlm.formats.tables`), using `column`, else the task's label column, else `label`."""
+    """slide_id -> raw label (str) from a table (`vlm.formats.tables`): `column`, else the task's, else `label`."""
     path = Path(path)
     frame = read_table(path, required=("slide_id",), what="labels", all_text=True)
     if column is None:

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,7 +180,8 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        first = next((line for line in lines if "Unsupported global" in line), lines[0])
         raise ValueError(
             f"{path}: refused: not a vlm training checkpoint of tensors and plain values ({first}); "
             "it is not unpickled because that could run code. Restart the run without --resume"
@@ -240,6 +242,13 @@ class _Inputs:
             table = load_slide_embeddings(config.slide_embeddings)
             self.embeddings = table.lookup(pairs.slide_ids).to(device)  # [N_pairs, D]
             self.slide_dim = table.dim
+            used = pairs.indices("train") + pairs.indices("val")  # test rows are never read by training
+            broken = sorted({pairs.slide_ids[i] for i in used if not torch.isfinite(self.embeddings[i]).all()})
+            if broken:
+                raise ValueError(
+                    f"{config.slide_embeddings}: {len(broken)} slide(s) of the training/validation pairs have "
+                    f"non-finite (NaN or inf) embeddings, e.g. {broken[:10]}; re-embed them or drop their pairs"
+                )
             log.info(
                 "slide embeddings: %d slides, %d-d, encoder=%s pool=%s",
                 len(table.ids),
@@ -341,13 +350,28 @@ class _MetricsLog:
     def __init__(self, path: Path, enabled: bool, keep_until_step: int | None) -> None:
         self.path, self.enabled = path, enabled
         if enabled and keep_until_step is not None and path.exists():
-            kept = [
-                line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= keep_until_step
-            ]
+            kept = [line for line in self._records(path) if json.loads(line)["step"] <= keep_until_step]
             with atomic_path(path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in kept))
         elif enabled and keep_until_step is None:
             path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _records(path: Path) -> list[str]:
+        """The file's JSON lines; a final line cut short by a kill is dropped with a warning, any other bad
+        line is an error naming it (the log was edited or damaged, not interrupted)."""
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                    raise ValueError("no integer 'step'")
+            except ValueError as error:
+                if number == len(lines):
+                    log.warning("%s: dropping an unfinished last line (%s) left by an interrupted run", path, error)
+                    return lines[:-1]
+                raise ValueError(f"{path}: line {number} is not a metrics record ({error}); fix or remove it") from None
+        return lines
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -380,6 +404,26 @@ def evaluate(
     return metrics
 
 
+def _remove_unfinished(out: Path) -> None:
+    """Delete the `.*.part` files and folders an interrupted run left in its folder (a checkpoint is ~0.2 GB).
+
+    `atomic_path` / `atomic_dir` write under those names and rename only when complete, so a `.part` is never
+    a finished output; the run about to start owns the folder.
+    """
+    removed, size = 0, 0
+    for folder in (out, out / CHECKPOINT.parent):
+        for part in folder.glob(".*.part") if folder.is_dir() else ():
+            if part.is_dir():
+                size += sum(f.stat().st_size for f in part.rglob("*") if f.is_file())
+                shutil.rmtree(part, ignore_errors=True)
+            else:
+                size += part.stat().st_size
+                part.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.warning("%s: removed %d unfinished file(s) (%.1f MB) left by an interrupted run", out, removed, size / 1e6)
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -400,6 +444,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
     if device.type == "cuda" and dist_.world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    if dist_.main:
+        _remove_unfinished(out)
     _seed_everything(config.seed)
 
     pairs = _prepare_pairs(config)
@@ -486,7 +532,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
             lr = scheduler.get_last_lr()[0]
             tile_seed = config.seed * 1_000_003 + global_step
             started = time.perf_counter()
-            loss = _train_step(model, inputs, mine, loss_fn, optimizer, scaler, config, device, tile_seed, dist_)
+            try:
+                loss = _train_step(model, inputs, mine, loss_fn, optimizer, scaler, config, device, tile_seed, dist_)
+            except FloatingPointError as error:
+                raise FloatingPointError(
+                    f"{out}: epoch {epoch}, step {global_step + 1}: {error}. Training stopped; nothing of this "
+                    f"step was saved (`model/`, `last/` and the checkpoint hold step {global_step} or earlier)"
+                ) from None
             loss["step_seconds"] = round(time.perf_counter() - started, 4)
             scheduler.step()
             global_step += 1
@@ -497,6 +549,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
         record: dict[str, Any] = {"step": global_step, "epoch": epoch}
         if val_rows:
             record.update(evaluate(model, inputs, val_rows, create_loss(config.loss), config))
+            if not math.isfinite(record["val/loss"]):
+                raise FloatingPointError(
+                    f"{out}: epoch {epoch}: non-finite validation loss ({record['val/loss']}); training stopped and "
+                    "this epoch's model was not saved"
+                )
             log.info(
                 "epoch %d: %s",
                 epoch,
@@ -551,6 +608,9 @@ def _train_step(
         _average_gradients(model, dist_.world_size)
         torch.distributed.all_reduce(loss)
         loss = loss / dist_.world_size
+    if not torch.isfinite(loss):  # before the optimizer step: the weights stay those of the last finite step
+        ids = [inputs.pairs.slide_ids[i] for i in rows]
+        raise FloatingPointError(f"non-finite training loss ({float(loss)}) on a batch of slides {ids[:10]}")
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)

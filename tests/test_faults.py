@@ -1,0 +1,155 @@
+"""Fault campaign: damaged, hostile and interrupted inputs give the right result or one clear error.
+
+Each test injects one fault the way it happens in practice (a kill mid-write, a crafted file, a NaN row, a
+spreadsheet export) and checks that nothing wrong is written and nothing foreign is run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vlm.cli import main as cli_main
+from vlm.encoders.text import build_tiny_text_encoder
+from vlm.train import loop
+from vlm.train.loop import TrainConfig, train
+
+# --- training ---------------------------------------------------------------------------------------------
+
+DIM = 8
+
+
+def _write_pairs(root: Path, embeddings: np.ndarray) -> tuple[Path, Path]:
+    """Pairs "report k" <-> slide k (k < 16, 12 train + 4 val) with the given [16, DIM] slide embeddings."""
+    rows = [{"slide_id": f"s{k}", "report": f"report {k}", "split": "val" if k % 4 == 0 else "train"} for k in range(16)]
+    pairs, slides = root / "pairs.csv", root / "slides.parquet"
+    pd.DataFrame(rows).to_csv(pairs, index=False)
+    frame = pd.DataFrame({"slide_id": [r["slide_id"] for r in rows], "embedding": [list(map(float, e)) for e in
+                          embeddings], "n_tiles": 10, "encoder": "tiny", "pool": "mean"})  # fmt: skip
+    frame.to_parquet(slides)
+    return pairs, slides
+
+
+def _config(root: Path, out: Path, embeddings: np.ndarray | None = None, **overrides: object) -> TrainConfig:
+    if embeddings is None:
+        embeddings = np.random.default_rng(0).normal(size=(16, DIM))
+    root.mkdir(parents=True, exist_ok=True)
+    pairs, slides = _write_pairs(root, embeddings)
+    text = root / "text"
+    if not text.exists():
+        build_tiny_text_encoder(text)
+    values: dict[str, object] = dict(pairs=str(pairs), out=str(out), slide_embeddings=str(slides),
+                                     text_encoder=str(text), max_length=8, proj_dim=8, epochs=1, batch_size=4)
+    values.update(overrides)
+    return TrainConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete 1-epoch run (3 steps, checkpoint at the end); tests copy it before damaging it."""
+    root = tmp_path_factory.mktemp("faults-train")
+    out = root / "run"
+    train(_config(root / "data", out))
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def _resume(run: Path) -> Path:
+    """`train --resume` on a copied run folder (its config still names the original folder)."""
+    return train(dataclasses.replace(TrainConfig.load(run / loop.CONFIG_FILE), out=str(run)), resume=True)
+
+
+class _WritesMarker:
+    """Unpickling this object calls open(marker, "w"): what a crafted checkpoint would do with os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_crafted_checkpoint_is_refused_and_runs_nothing(finished_run: Path, tmp_path: Path) -> None:
+    """`--resume` used to unpickle `checkpoints/last.pt` with weights_only=False: any code in it ran."""
+    run = _copy(finished_run, tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"model": _WritesMarker(marker), "optimizer": {}, "rng": {}, "global_step": 0}, run / loop.CHECKPOINT)
+    assert cli_main(["train", "--resume", str(run), "--no-progress"]) == 2
+    assert not marker.exists()
+    with pytest.raises(ValueError, match=r"last\.pt: refused: not a vlm training checkpoint"):
+        _resume(run)
+    assert not marker.exists()
+
+
+def test_checkpoint_holds_no_pickled_objects(finished_run: Path) -> None:
+    """The project's own checkpoint loads with weights_only=True (RNG states stored as tensors and lists)."""
+    state = torch.load(finished_run / loop.CHECKPOINT, weights_only=True)
+    assert state["global_step"] == 3 and isinstance(state["rng"]["numpy"][1], torch.Tensor)
+
+
+def test_torn_last_metrics_line_is_dropped_on_resume(
+    finished_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kill while appending to metrics.jsonl leaves half a line; --resume used to die on json.loads."""
+    run = _copy(finished_run, tmp_path)
+    log = run / "metrics.jsonl"
+    kept = log.read_text()
+    log.write_text(kept + '{"step": 4, "epoch": 1, "train/lo')
+    with caplog.at_level(logging.WARNING):
+        _resume(run)
+    assert log.read_text() == kept
+    assert "unfinished last line" in caplog.text
+    log.write_text('{"step": 0\n' + kept)  # damage in the middle is not an interruption: named, not dropped
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 1 is not a metrics record"):
+        _resume(run)
+
+
+def test_orphan_part_files_are_removed_on_the_next_run(finished_run: Path, tmp_path: Path) -> None:
+    """A kill during a checkpoint or model write leaves `.last.pt.*.part` (0.2 GB each) that nothing removed."""
+    run = _copy(finished_run, tmp_path)
+    orphans = [run / "checkpoints" / ".last.pt.k2j3.part", run / ".metrics.jsonl.x9.part"]
+    for orphan in orphans:
+        orphan.write_bytes(b"\0" * 1000)
+    (run / ".model.abc.part").mkdir()
+    (run / ".model.abc.part" / "model.safetensors").write_bytes(b"\0" * 1000)
+    _resume(run)
+    assert not [p.name for p in run.rglob("*.part")]
+    assert (run / "model" / "model.safetensors").is_file()  # finished outputs untouched
+
+
+def test_nan_slide_embedding_is_refused_by_id(tmp_path: Path) -> None:
+    """A NaN row used to train a NaN model that was saved as `model/` (NaN recall counted as 1.0)."""
+    embeddings = np.random.default_rng(0).normal(size=(16, DIM))
+    embeddings[5, 3] = np.nan
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"slides\.parquet: 1 slide\(s\) .* non-finite .*\['s5'\]"):
+        train(_config(tmp_path / "data", out, embeddings))
+    assert not (out / "model").exists()
+
+
+def test_non_finite_loss_stops_training_and_saves_nothing(tmp_path: Path) -> None:
+    """A diverging run (lr 1e30: the first step throws the weights far out) used to go on and save NaNs."""
+    out = tmp_path / "run"
+    config = _config(tmp_path / "data", out, lr=1e30, warmup_steps=0)
+    with pytest.raises(FloatingPointError, match=r"epoch 0, step [23]: non-finite training loss .*'s"):
+        train(config)
+    assert not (out / "model").exists() and not (out / loop.CHECKPOINT).exists()
+    shutil.rmtree(out)
+    argv = ["train", "--pairs", config.pairs, "--slide-embeddings", str(config.slide_embeddings), "--out", str(out),
+            "--text-encoder", config.text_encoder, "--max-length", "8", "--proj-dim", "8", "--epochs", "1",
+            "--batch-size", "4", "--lr", "1e30", "--warmup-steps", "0", "--no-progress"]  # fmt: skip
+    assert cli_main(argv) == 1
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 0  # only the header line
