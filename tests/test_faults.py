@@ -29,7 +29,9 @@ DIM = 8
 
 def _write_pairs(root: Path, embeddings: np.ndarray) -> tuple[Path, Path]:
     """Pairs "report k" <-> slide k (k < 16, 12 train + 4 val) with the given [16, DIM] slide embeddings."""
-    rows = [{"slide_id": f"s{k}", "report": f"report {k}", "split": "val" if k % 4 == 0 else "train"} for k in range(16)]
+    rows = [
+        {"slide_id": f"s{k}", "report": f"report {k}", "split": "val" if k % 4 == 0 else "train"} for k in range(16)
+    ]
     pairs, slides = root / "pairs.csv", root / "slides.parquet"
     pd.DataFrame(rows).to_csv(pairs, index=False)
     frame = pd.DataFrame({"slide_id": [r["slide_id"] for r in rows], "embedding": [list(map(float, e)) for e in
