@@ -155,3 +155,39 @@ def test_non_finite_loss_stops_training_and_saves_nothing(tmp_path: Path) -> Non
             "--batch-size", "4", "--lr", "1e30", "--warmup-steps", "0", "--no-progress"]  # fmt: skip
     assert cli_main(argv) == 1
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 0  # only the header line
+
+
+def _write_feature_files(folder: Path, n: int = 8) -> Path:
+    """Feature files as `vlm embed-tiles` writes them (`vlm.features.write_features`), for the "tiny" encoder."""
+    from vlm.features import TileFeatures, TileGrid, write_features
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(n):
+        coords = np.stack([np.arange(6) * 512, np.full(6, k * 512)], axis=1)  # 6 tiles of 256 px at 0.5 mpp
+        grid = TileGrid(coords=coords, mpp=0.25, tile_size=256, target_mpp=0.5, tile_size_level0=512)
+        write_features(folder / f"s{k}.h5", TileFeatures(grid, rng.normal(size=(6, 32)).astype(np.float32), "x"))
+        rows.append({"slide_id": f"s{k}", "report": f"report {k}", "split": "val" if k % 4 == 0 else "train"})
+    pd.DataFrame(rows).to_csv(folder.parent / "pairs.csv", index=False)
+    return folder.parent / "pairs.csv"
+
+
+def test_bad_feature_files_are_all_listed_before_training(tmp_path: Path) -> None:
+    """`train --features` used to stop at the first bad file, mid-run, naming only that one."""
+    import h5py
+
+    features = tmp_path / "features"
+    pairs = _write_feature_files(features)
+    with h5py.File(features / "s3.h5", "a") as h5:
+        del h5.attrs["mpp"]  # a file that cannot be placed on a physical scale
+    (features / "s6.h5").write_bytes((features / "s6.h5").read_bytes()[:300])  # a copy cut short
+    out = tmp_path / "run"
+    config = _config(tmp_path / "data", out, pairs=str(pairs), slide_embeddings=None, features=str(features),
+                     slide_encoder="tiny", batch_size=2)  # fmt: skip
+    expected = r"2 feature file\(s\).*\n  s3: .*'mpp'.*\n  s6: .*not a readable HDF5[^\n]*\n.*--drop-missing"
+    with pytest.raises(ValueError, match=expected):
+        train(config)
+    assert not out.exists()  # refused before anything was written
+    train(dataclasses.replace(config, drop_missing=True))
+    splits = pd.read_csv(out / "splits.csv", dtype=str)
+    assert sorted(splits["slide_id"]) == ["s0", "s1", "s2", "s4", "s5", "s7"]

@@ -166,6 +166,51 @@ def feature_slide_ids(folder: str | os.PathLike[str]) -> set[str]:
     return {p.stem for p in folder.glob("*.h5")}
 
 
+def check_feature_files(pairs: Pairs, folder: Path, drop_bad: bool = False) -> Pairs:
+    """Open every paired slide's feature file before training and list all that cannot be used.
+
+    A bad file found mid-run (hours in, at the first batch that holds it) would stop training with one name;
+    here only the headers are read (grid attributes, dataset shapes), so the check is quick. With
+    `drop_bad` the pairs of those slides are dropped with a warning, as `--drop-missing` does.
+    """
+    import h5py
+
+    from vlm.features import read_tile_grid
+
+    bad: dict[str, str] = {}
+    dims: dict[str, int] = {}
+    for slide_id in sorted(set(pairs.slide_ids)):
+        path = folder / f"{slide_id}.h5"
+        try:
+            grid = read_tile_grid(path)
+            with h5py.File(path, "r") as h5:
+                if "features" not in h5:
+                    raise ValueError(f"{path}: no 'features' dataset; run `vlm embed-tiles` on this tile grid")
+                shape = h5["features"].shape
+            shape = shape[1:] if len(shape) == 3 and shape[0] == 1 else shape
+            if len(shape) != 2 or shape[0] != len(grid) or len(grid) == 0:
+                raise ValueError(f"{path}: 'features' has shape {shape} but 'coords' has {len(grid)} rows")
+            dims[slide_id] = int(shape[1])
+        except (ValueError, OSError) as error:
+            bad[slide_id] = str(error)
+    if len(set(dims.values())) > 1:  # one slide encoder takes one feature width: the rarer widths are wrong
+        common = max(set(dims.values()), key=list(dims.values()).count)
+        for slide_id, dim in dims.items():
+            if dim != common:
+                bad[slide_id] = f"{folder / slide_id}.h5: {dim}-d features, but most files have {common}-d"
+    if not bad:
+        return pairs
+    listing = "\n".join(f"  {slide_id}: {why}" for slide_id, why in sorted(bad.items())[:20])
+    more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+    if not drop_bad:
+        raise ValueError(
+            f"{folder}: {len(bad)} feature file(s) of paired slides cannot be used:\n{listing}{more}\n"
+            "fix or re-make them, or pass --drop-missing to train without these slides"
+        )
+    log.warning("dropping pairs of %d slide(s) whose feature files cannot be used:\n%s%s", len(bad), listing, more)
+    return pairs.select([i for i, s in enumerate(pairs.slide_ids) if s not in bad])
+
+
 def load_slide_features(
     folder: Path, slide_ids: list[str], max_tiles: int | None = None, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -306,6 +306,8 @@ def _prepare_pairs(config: TrainConfig) -> pairs_data.Pairs:
         ids = pairs_data.feature_slide_ids(config.features or "")
         source = str(config.features)
     pairs = pairs_data.check_slides_available(pairs, ids, source, drop_missing=config.drop_missing)
+    if config.features is not None:
+        pairs = pairs_data.check_feature_files(pairs, Path(config.features), drop_bad=config.drop_missing)
     counts = {s: len(pairs.indices(s)) for s in pairs_data.SPLITS}
     log.info("pairs: %s (test pairs are never trained on)", ", ".join(f"{n} {s}" for s, n in counts.items()))
     if counts["train"] < 2:
