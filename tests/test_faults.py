@@ -191,3 +191,52 @@ def test_bad_feature_files_are_all_listed_before_training(tmp_path: Path) -> Non
     train(dataclasses.replace(config, drop_missing=True))
     splits = pd.read_csv(out / "splits.csv", dtype=str)
     assert sorted(splits["slide_id"]) == ["s0", "s1", "s2", "s4", "s5", "s7"]
+
+
+# --- library errors at the command line -------------------------------------------------------------------
+
+
+def _damaged_model(tmp_path: Path) -> Path:
+    from vlm.model import build_tiny_model
+
+    folder = tmp_path / "model"
+    build_tiny_model(tmp_path / "text", slide_embed_dim=DIM, proj_dim=8).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])  # header length field flipped
+    return folder
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_damaged_safetensors_is_one_line_naming_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, verbose: bool
+) -> None:
+    """A flipped byte in model.safetensors used to reach the user as a SafetensorError traceback."""
+    model = _damaged_model(tmp_path)
+    argv = ["eval", "retrieval", "--model", str(model), "--pairs", "p.csv", "--slides", "s.parquet"]
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(["-v", *argv] if verbose else argv) == 2
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "model.safetensors: not a readable safetensors file" in record.getMessage()
+    assert bool(record.exc_info) == verbose  # -v shows the traceback, otherwise one line
+
+
+def test_library_errors_are_told_from_bugs(tmp_path: Path) -> None:
+    """FAISS raises a bare RuntimeError on a damaged index: it is an input error; a RuntimeError of vlm is a bug."""
+    import pickle
+
+    import faiss
+
+    from vlm.cli import _is_library_error
+
+    index = faiss.IndexFlatIP(4)
+    index.add(np.eye(4, dtype=np.float32))
+    path = tmp_path / "index.faiss"
+    faiss.write_index(index, str(path))
+    path.write_bytes(path.read_bytes()[:30])
+    with pytest.raises(RuntimeError) as faiss_error:
+        faiss.read_index(str(path))
+    assert _is_library_error(faiss_error.value)
+    assert _is_library_error(pickle.UnpicklingError("bad"))
+    with pytest.raises(RuntimeError) as bug:
+        torch.zeros(2) @ torch.zeros(3)  # a shape bug inside vlm's own code path is not an input error
+    assert not _is_library_error(bug.value) and not _is_library_error(KeyError("x"))
