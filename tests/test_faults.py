@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,14 @@ from vlm.train.loop import TrainConfig, train
 # --- training ---------------------------------------------------------------------------------------------
 
 DIM = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _token_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The report-token cache of these runs goes to a temporary folder, not the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLM_CACHE", str(tmp_path_factory.mktemp("vlm-cache")))
+        yield
 
 
 def _write_pairs(root: Path, embeddings: np.ndarray) -> tuple[Path, Path]:

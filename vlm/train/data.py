@@ -8,13 +8,17 @@ trained on nor used to pick a checkpoint.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,6 +142,81 @@ def assign_splits(pairs: Pairs, val_fraction: float = 0.1, test_fraction: float 
     split_of.update({g: "val" for g in groups[n_test : n_test + n_val]})
     splits = [split_of.get(g, "train") for g in pairs.groups()]
     return Pairs(pairs.slide_ids, pairs.reports, pairs.patient_ids, splits)
+
+
+def tokens_cache_dir() -> Path:
+    """`$VLM_CACHE/tokens` when VLM_CACHE is set, else `~/.cache/vlm/tokens`."""
+    root = os.environ.get("VLM_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "vlm") / "tokens"
+
+
+class ReportTokens:
+    """Every report tokenised once, through `datasets.Dataset.map` and its on-disk Arrow cache.
+
+    Tokenising a corpus of 100k reports takes minutes; the cache file is keyed by the reports, the tokenizer
+    and `max_length`, so a re-run, a resumed run or another run on the same reports reads the tokens back
+    instead (memory-mapped, not held in RAM). `batch` pads rows to the longest of the batch, exactly as
+    `TextEncoder.tokenize` does; the untruncated length is kept to count truncated reports.
+    """
+
+    def __init__(self, reports: list[str], tokenizer: Any, max_length: int, cache_dir: Path | None = None) -> None:
+        from datasets import Dataset
+
+        self.tokenizer, self.max_length = tokenizer, max_length
+        key = _tokens_key(reports, tokenizer, max_length)
+        folder = cache_dir if cache_dir is not None else tokens_cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.cache_file = folder / f"reports-{key[:32]}.arrow"
+        self.cached = self.cache_file.is_file()
+
+        def tokenize(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
+            out = dict(tokenizer(batch["report"], truncation=True, max_length=max_length))
+            out["length"] = [len(ids) for ids in tokenizer(batch["report"], truncation=False)["input_ids"]]
+            return out
+
+        self.table = Dataset.from_dict({"report": reports}).map(
+            tokenize,
+            batched=True,
+            batch_size=1000,
+            remove_columns=["report"],
+            cache_file_name=str(self.cache_file),
+            new_fingerprint=key[:32],
+            desc="tokenising reports",
+        )
+        if len(self.table) != len(reports):  # a cache file of other reports would pair texts with wrong rows
+            raise ValueError(f"{self.cache_file}: holds {len(self.table)} rows for {len(reports)} reports; delete it")
+        self.columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in self.table.column_names]
+        log.info("%d reports' tokens %s %s", len(reports), "read from" if self.cached else "cached in", self.cache_file)
+
+    def count_truncated(self, rows: Sequence[int]) -> int:
+        """How many of these rows' reports are longer than `max_length` tokens and get cut."""
+        lengths = self.table.select_columns(["length"])[list(rows)]["length"] if rows else []
+        return sum(n > self.max_length for n in lengths)
+
+    def batch(self, rows: Sequence[int], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Padded tensors of these rows, as `TextEncoder.tokenize` returns for their texts."""
+        picked = self.table.select_columns(self.columns)[list(rows)]
+        length = max(len(ids) for ids in picked["input_ids"])
+        fill = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0,
+                "token_type_ids": getattr(self.tokenizer, "pad_token_type_id", 0)}  # fmt: skip
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        out = {}
+        for column in self.columns:
+            padded = [[fill[column]] * (length - len(r)) + r if left else r + [fill[column]] * (length - len(r))
+                      for r in picked[column]]  # fmt: skip
+            out[column] = torch.tensor(padded, dtype=torch.long, device=device)
+        return out
+
+
+def _tokens_key(reports: list[str], tokenizer: Any, max_length: int) -> str:
+    """SHA-256 of what the tokens depend on: the reports, the tokenizer's full definition and `max_length`."""
+    digest = hashlib.sha256(f"vlm-report-tokens-1|{type(tokenizer).__name__}|{max_length}|".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    digest.update(hashlib.sha256(definition.encode()).digest())
+    for report in reports:
+        digest.update(hashlib.sha256(report.encode()).digest())
+    return digest.hexdigest()
 
 
 def check_slides_available(pairs: Pairs, available: set[str], source: str, drop_missing: bool = False) -> Pairs:

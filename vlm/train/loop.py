@@ -256,6 +256,7 @@ class _Inputs:
                 table.encoder,
                 table.pool,
             )
+        self.tokens: pairs_data.ReportTokens | None = None  # set by `tokenize` once the text tower is known
         self.features = Path(config.features) if config.features is not None else None
         self.loader = pairs_data.PrefetchingFeatureLoader(self.features) if self.features is not None else None
 
@@ -273,10 +274,19 @@ class _Inputs:
             max_tiles = self.config.max_tiles if training else None
             self.loader.plan([([self.pairs.slide_ids[i] for i in c], max_tiles, seed) for c in chunks])
 
+    def tokenize(self, model: SlideTextModel) -> None:
+        """Tokenise every report once (`datasets` on-disk cache: re-runs and resumed runs read it back)."""
+        self.tokens = pairs_data.ReportTokens(self.pairs.reports, model.text.tokenizer, model.text.max_length)
+
+    def _tokens(self, model: SlideTextModel, rows: Sequence[int]) -> dict[str, Tensor]:
+        if self.tokens is not None:
+            return self.tokens.batch(rows, self.device)
+        return model.text.tokenize([self.pairs.reports[i] for i in rows], device=self.device)
+
     def encode_texts(self, model: SlideTextModel, rows: Sequence[int]) -> Tensor:
         if not any(p.requires_grad for p in model.text.parameters()):
             return F.normalize(model.text_proj(self._frozen_text_features(model)[list(rows)]), dim=-1)
-        return model.encode_tokens(model.text.tokenize([self.pairs.reports[i] for i in rows], device=self.device))
+        return model.encode_tokens(self._tokens(model, rows))
 
     def _frozen_text_features(self, model: SlideTextModel) -> Tensor:
         """A fully frozen text tower is a fixed function: run it once per report (eval mode) and reuse it.
@@ -286,11 +296,10 @@ class _Inputs:
         if self._text_features is None:
             was_training = model.text.training
             model.text.eval()
-            reports = self.pairs.reports
+            n = len(self.pairs.reports)
             with torch.no_grad():
                 self._text_features = torch.cat([
-                    model.text(**model.text.tokenize(reports[i : i + 64], device=self.device)).float()
-                    for i in range(0, len(reports), 64)
+                    model.text(**self._tokens(model, range(i, min(i + 64, n)))).float() for i in range(0, n, 64)
                 ])  # [N_pairs, text width]
             model.text.train(was_training)
         return self._text_features
@@ -455,7 +464,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
     train_rows, val_rows = pairs.indices("train"), pairs.indices("val")
     model = _build_model(config, getattr(inputs, "slide_dim", None), out if resume else None).to(device)
     _apply_freezing(model, config)
-    truncated = model.text.count_truncated([pairs.reports[i] for i in train_rows + val_rows])
+    inputs.tokenize(model)
+    assert inputs.tokens is not None
+    truncated = inputs.tokens.count_truncated(train_rows + val_rows)
     if truncated:
         log.warning(
             "%d of %d reports exceed %d tokens and are truncated",
