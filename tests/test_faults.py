@@ -57,8 +57,16 @@ def _config(root: Path, out: Path, embeddings: np.ndarray | None = None, **overr
     text = root / "text"
     if not text.exists():
         build_tiny_text_encoder(text)
-    values: dict[str, object] = dict(pairs=str(pairs), out=str(out), slide_embeddings=str(slides),
-                                     text_encoder=str(text), max_length=8, proj_dim=8, epochs=1, batch_size=4)
+    values: dict[str, object] = dict(
+        pairs=str(pairs),
+        out=str(out),
+        slide_embeddings=str(slides),
+        text_encoder=str(text),
+        max_length=8,
+        proj_dim=8,
+        epochs=1,
+        batch_size=4,
+    )
     values.update(overrides)
     return TrainConfig(**values)  # type: ignore[arg-type]
 
@@ -201,6 +209,21 @@ def test_bad_feature_files_are_all_listed_before_training(tmp_path: Path) -> Non
     splits = pd.read_csv(out / "splits.csv", dtype=str)
     assert sorted(splits["slide_id"]) == ["s0", "s1", "s2", "s4", "s5", "s7"]
 
+
+
+def test_nan_tile_features_are_refused_by_slide(tmp_path: Path) -> None:
+    """One NaN tile used to make the loss NaN and the saved model NaN; now the slide is named."""
+    import h5py
+
+    features = tmp_path / "features"
+    pairs = _write_feature_files(features)
+    with h5py.File(features / "s2.h5", "a") as h5:
+        h5["features"][3, 5] = np.nan
+    config = _config(tmp_path / "data", tmp_path / "run", pairs=str(pairs), slide_embeddings=None,
+                     features=str(features), slide_encoder="tiny", batch_size=6)  # fmt: skip
+    with pytest.raises(ValueError, match=r"non-finite \(NaN or inf\) tile features in slide\(s\) \['s2'\]"):
+        train(config)
+    assert not (tmp_path / "run" / "model").exists()
 
 # --- library errors at the command line -------------------------------------------------------------------
 

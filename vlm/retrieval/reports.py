@@ -17,6 +17,7 @@ from vlm.train.data import Pairs, load_pairs
 
 log = logging.getLogger(__name__)
 
+
 class ReportIndex(SlideIndex):
     """Report texts in the joint space, for slide → report search (and text → report).
 

@@ -360,6 +360,13 @@ class PrefetchingFeatureLoader:
         if self._pending is not None and self._pending[0] == key:
             result = self._pending[1].result()
             self._submit_next()
-            return result
-        self._plan, self._pending = [], None
-        return load_slide_features(self.folder, slide_ids, max_tiles, seed)
+        else:
+            self._plan, self._pending = [], None
+            result = load_slide_features(self.folder, slide_ids, max_tiles, seed)
+        broken = [s for s, f in zip(slide_ids, result[0], strict=True) if not torch.isfinite(f).all()]
+        if broken:  # one NaN tile makes the slide embedding, the loss and then the whole model NaN
+            raise ValueError(
+                f"{self.folder}: non-finite (NaN or inf) tile features in slide(s) {broken}; re-embed their "
+                "tiles or drop their pairs"
+            )
+        return result
