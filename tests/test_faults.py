@@ -212,7 +212,7 @@ def test_bad_feature_files_are_all_listed_before_training(tmp_path: Path) -> Non
 
 
 def test_nan_tile_features_are_refused_by_slide(tmp_path: Path) -> None:
-    """One NaN tile used to make the loss NaN and the saved model NaN; now the slide is named."""
+    """One NaN tile stopped training with "features contain NaN or inf", naming neither the slide nor the file."""
     import h5py
 
     features = tmp_path / "features"
