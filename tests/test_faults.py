@@ -108,8 +108,26 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(finished_run: Path, tmp_
     torch.save({"model": _WritesMarker(marker), "optimizer": {}, "rng": {}, "global_step": 0}, run / loop.CHECKPOINT)
     assert cli_main(["train", "--resume", str(run), "--no-progress"]) == 2
     assert not marker.exists()
-    with pytest.raises(ValueError, match=r"last\.pt: refused: not a vlm training checkpoint"):
+    expected = r"last\.pt: refused: not a readable vlm training checkpoint.*without --resume"
+    with pytest.raises(ValueError, match=expected):
         _resume(run)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["crafted", "truncated"])
+def test_damaged_slide_encoder_checkpoint_names_the_file(tmp_path: Path, damage: str) -> None:
+    """`--slide-checkpoint` gave torch's UnpicklingError / zip-reader traceback without the file's name."""
+    from vlm.encoders.slide import create_slide_encoder, load_slide_encoder_weights
+
+    encoder = create_slide_encoder("tiny")
+    path, marker = tmp_path / "slide_encoder.pth", tmp_path / "pwned"
+    torch.save({"model": encoder.state_dict()}, path)
+    if damage == "crafted":
+        torch.save({"model": _WritesMarker(marker)}, path)
+    else:
+        path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"slide_encoder\.pth: refused: not a readable slide-encoder checkpoint"):
+        load_slide_encoder_weights(encoder, path)
     assert not marker.exists()
 
 
@@ -210,7 +228,6 @@ def test_bad_feature_files_are_all_listed_before_training(tmp_path: Path) -> Non
     assert sorted(splits["slide_id"]) == ["s0", "s1", "s2", "s4", "s5", "s7"]
 
 
-
 def test_nan_tile_features_are_refused_by_slide(tmp_path: Path) -> None:
     """One NaN tile stopped training with "features contain NaN or inf", naming neither the slide nor the file."""
     import h5py
@@ -224,6 +241,7 @@ def test_nan_tile_features_are_refused_by_slide(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"non-finite \(NaN or inf\) tile features in slide\(s\) \['s2'\]"):
         train(config)
     assert not (tmp_path / "run" / "model").exists()
+
 
 # --- library errors at the command line -------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.text import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER
-from vlm.io import atomic_path
+from vlm.io import atomic_path, load_torch_file
 from vlm.metrics import retrieval_recalls
 from vlm.model.clip import SlideTextModel, create_model
 from vlm.model.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, contrastive_loss, create_loss
@@ -175,17 +175,7 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     A checkpoint holding any other pickled object (crafted, or written by a vlm that stored RNG states as
     numpy objects) is refused rather than unpickled, since unpickling can run arbitrary code.
     """
-    import pickle
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        first = next((line for line in lines if "Unsupported global" in line), lines[0])
-        raise ValueError(
-            f"{path}: refused: not a vlm training checkpoint of tensors and plain values ({first}); "
-            "it is not unpickled because that could run code. Restart the run without --resume"
-        ) from error
+    state = load_torch_file(path, "vlm training checkpoint", fix="restart the run without --resume")
     if not isinstance(state, dict) or not {"model", "optimizer", "rng", "global_step"} <= set(state):
         raise ValueError(f"{path}: not a vlm training checkpoint (keys model, optimizer, rng, ... missing)")
     return state
