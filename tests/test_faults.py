@@ -164,6 +164,9 @@ def test_orphan_part_files_are_removed_on_the_next_run(finished_run: Path, tmp_p
     (run / ".model.abc.part" / "model.safetensors").write_bytes(b"\0" * 1000)
     _resume(run)
     assert not [p.name for p in run.rglob("*.part")]
+    (run / ".best.q1.part").mkdir()  # a folder whose target is missing may be an interrupted swap: kept
+    _resume(run)
+    assert (run / ".best.q1.part").is_dir()
     assert (run / "model" / "model.safetensors").is_file()  # finished outputs untouched
 
 

@@ -415,6 +415,10 @@ def _remove_unfinished(out: Path) -> None:
     for folder in (out, out / CHECKPOINT.parent):
         for part in folder.glob(".*.part") if folder.is_dir() else ():
             if part.is_dir():
+                target = folder / part.name[1:].rsplit(".", 2)[0]  # `.model.<random>.part` -> `model`
+                if not target.exists():  # a kill between atomic_dir's renames: this may be the only copy
+                    log.warning("%s: kept %s (no %s beside it to replace it)", out, part.name, target.name)
+                    continue
                 size += sum(f.stat().st_size for f in part.rglob("*") if f.is_file())
                 shutil.rmtree(part, ignore_errors=True)
             else:
