@@ -8,6 +8,13 @@ import h5py
 import numpy as np
 import pytest
 
+from tests.peers import (
+    clam_contour_grid,
+    trident_grid,
+    write_clam_features,
+    write_clam_patches,
+    write_trident_features,
+)
 from vlm import __version__
 from vlm.features import (
     FeatureFileError,
@@ -55,27 +62,78 @@ def test_tile_grid_file_has_no_features(tmp_path: Path) -> None:
         read_features(tmp_path / "g.h5")
 
 
-def write_trident_style(path: Path, features: np.ndarray, with_mpp: bool) -> None:
-    """As TRIDENT/CLAM write them: patch sizes as attributes of `coords`, features maybe [1, N, D]."""
-    with h5py.File(path, "w") as h5:
-        coords = h5.create_dataset("coords", data=np.array([[0, 0], [448, 0], [0, 448]], dtype=np.int32))
-        coords.attrs["patch_size"] = 224
-        coords.attrs["patch_size_level0"] = 448
-        if with_mpp:
-            coords.attrs["mpp"] = 0.25
-        h5.create_dataset("features", data=features)
-
-
-def test_trident_and_clam_files_read(tmp_path: Path) -> None:
-    features = np.random.default_rng(1).normal(size=(3, 6)).astype(np.float32)
-    write_trident_style(tmp_path / "trident.h5", features, with_mpp=True)
-    loaded = read_features(tmp_path / "trident.h5")
-    assert (loaded.mpp, loaded.grid.tile_size, loaded.grid.tile_size_level0) == (0.25, 224, 448)
+def test_trident_file_without_mpp_uses_its_magnification(tmp_path: Path) -> None:
+    """TRIDENT writes no mpp: level-0 µm/px is 10 / level0_magnification, and the provenance says so."""
+    coords = trident_grid(4, 12, level0_magnification=40)
+    features = np.random.default_rng(1).normal(size=(len(coords), 6)).astype(np.float32)
+    write_trident_features(tmp_path / "t40.h5", coords, features, level0_magnification=40)
+    loaded = read_features(tmp_path / "t40.h5")
+    assert (loaded.mpp, loaded.grid.tile_size, loaded.grid.tile_size_level0) == (0.25, 256, 512)
     assert loaded.grid.target_mpp == pytest.approx(0.5)
-    write_trident_style(tmp_path / "clam.h5", features[None], with_mpp=False)
-    with pytest.raises(FeatureFileError, match=r"clam\.h5.*--mpp"):
-        read_features(tmp_path / "clam.h5")
-    np.testing.assert_array_equal(read_features(tmp_path / "clam.h5", mpp=0.5).features, features)
+    assert "level0_magnification 40" in loaded.grid.mpp_source and "TRIDENT" in loaded.grid.mpp_source
+    assert loaded.encoder == "conch_v15"  # kept on `features` by TRIDENT
+    np.testing.assert_array_equal(loaded.features, features)
+    # A --mpp within 25 % of the magnification's value is taken (a 0.2263-µm/px 40× scan) ...
+    assert read_features(tmp_path / "t40.h5", mpp=0.2263).mpp == 0.2263
+    # ... one that contradicts it is refused, naming the file and both values.
+    with pytest.raises(FeatureFileError, match=r"t40\.h5: --mpp 0\.5 contradicts .*level0_magnification 40"):
+        read_features(tmp_path / "t40.h5", mpp=0.5)
+
+
+def test_clam_feature_file_is_read_with_its_patches_file(tmp_path: Path) -> None:
+    """CLAM: geometry from patches/<slide>.h5 (two contours, each grid at its bounding box), scale from --mpp."""
+    (tmp_path / "patches").mkdir()
+    (tmp_path / "h5_files").mkdir()
+    contours = [clam_contour_grid((1000, 3000), (2048, 1024), 256, downsample=2),
+                clam_contour_grid((9001, 3007), (1536, 2048), 256, downsample=2)]  # fmt: skip
+    coords = write_clam_patches(tmp_path / "patches" / "s1.h5", contours, patch_size=256, patch_level=1,
+                                downsample=2.0)  # fmt: skip
+    features = np.random.default_rng(2).normal(size=(len(coords), 6)).astype(np.float32)
+    write_clam_features(tmp_path / "h5_files" / "s1.h5", coords, features)
+    path = tmp_path / "h5_files" / "s1.h5"
+    with pytest.raises(FeatureFileError, match=r"s1\.h5: no tile size attribute.*--patches"):
+        read_features(path, mpp=0.25)
+    with pytest.raises(FeatureFileError, match=r"s1\.h5: no level-0 'mpp'.*--mpp"):
+        read_features(path, patches=tmp_path / "patches")
+    loaded = read_features(path, mpp=0.25, patches=tmp_path / "patches")
+    assert (loaded.grid.tile_size, loaded.grid.tile_size_level0, loaded.mpp) == (256, 512, 0.25)
+    assert loaded.grid.target_mpp == pytest.approx(0.5) and loaded.grid.mpp_source == "--mpp"
+    np.testing.assert_array_equal(loaded.coords, coords)
+    np.testing.assert_array_equal(loaded.features, features)
+    # Features from another patching run (other coords) are refused, naming both files.
+    write_clam_patches(tmp_path / "patches" / "s1.h5", contours[:1], patch_size=256, downsample=2.0)
+    with pytest.raises(FeatureFileError, match=r"s1\.h5: its coords do not match .*patches"):
+        read_features(path, mpp=0.25, patches=tmp_path / "patches")
+    with pytest.raises(FeatureFileError, match="no CLAM patch file"):
+        read_features(path, mpp=0.25, patches=tmp_path / "h5_files" / "absent")
+
+
+def _vlm_file(path: Path, **attrs: object) -> Path:
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("coords", data=np.array([[0, 0], [512, 0]], np.int64))
+        h5.create_dataset("features", data=np.zeros((2, 4), np.float32))
+        h5.attrs.update({"mpp": 0.25, "tile_size": 256, "tile_size_level0": 512, "target_mpp": 0.5, **attrs})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("attrs", "message"),
+    [
+        ({"mpp": "0.25"}, r"s\.h5: attribute 'mpp' is '0\.25' \(str\)"),
+        ({"tile_size_level0": 0}, r"s\.h5: attribute 'tile_size_level0' is 0"),
+        ({"tile_size_level0": -512}, r"s\.h5: attribute 'tile_size_level0' is -512"),
+        ({"mpp": float("nan")}, r"s\.h5: attribute 'mpp' is nan"),
+        ({"mpp": 352.8}, r"s\.h5: level-0 scale 352\.8 µm/px .*plausible range.*--mpp"),
+    ],
+)
+def test_bad_geometry_attributes_name_the_file_and_attribute(tmp_path: Path, attrs: dict, message: str) -> None:
+    with pytest.raises(FeatureFileError, match=message):
+        read_features(_vlm_file(tmp_path / "s.h5", **attrs))
+
+
+def test_an_implausible_recorded_scale_is_taken_when_given_explicitly(tmp_path: Path) -> None:
+    path = _vlm_file(tmp_path / "s.h5", mpp=352.8)
+    assert read_features(path, mpp=0.25).mpp == 0.25
 
 
 def test_inconsistent_or_unreadable_files_refused(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vlm.wsi.inputs import collect_slides
-from vlm.wsi.slide import MissingMppError, SlideReadError, open_slide
+from vlm.wsi.slide import ImplausibleMppError, MissingMppError, SlideReadError, open_slide
 from vlm.wsi.synthetic import write_pyramidal_tiff
 
 from .conftest import tissue_image
@@ -70,3 +70,50 @@ def test_collect_slides_errors(tmp_path: Path) -> None:
         collect_slides([tmp_path / "empty"])
     with pytest.raises(FileNotFoundError, match="no such slide"):
         collect_slides([tmp_path / "nope.svs"])
+
+
+OPENSLIDE_FIXTURES = Path(__file__).parent / "fixtures" / "openslide-python"
+
+
+def test_a_dicom_series_of_several_files_is_one_slide(tmp_path: Path) -> None:
+    """openslide-python's boxes_0.dcm + boxes_1.dcm are one series: one slide, whichever way it is named."""
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        (folder / name).write_bytes((OPENSLIDE_FIXTURES / name).read_bytes())
+    (folder / "other.svs").write_bytes((OPENSLIDE_FIXTURES / "boxes.tiff").read_bytes())
+    assert collect_slides([folder]) == [folder / "boxes_0.dcm", folder / "other.svs"]
+    assert collect_slides([folder / "boxes_1.dcm", folder / "boxes_0.dcm"]) == [folder / "boxes_0.dcm"]
+    with open_slide(folder / "boxes_0.dcm") as slide:
+        assert slide.info().mpp == pytest.approx(0.499)
+
+
+def test_an_implausible_recorded_scale_is_refused_unless_given() -> None:
+    """boxes.tiff records 352.8 µm/px (a placeholder): refused, not tiled into one-pixel tiles."""
+    with pytest.raises(ImplausibleMppError, match=r"boxes\.tiff: level-0 scale 352\.778 µm/px .*--mpp"):
+        open_slide(OPENSLIDE_FIXTURES / "boxes.tiff")
+    with open_slide(OPENSLIDE_FIXTURES / "boxes.tiff", mpp=0.25) as slide:
+        assert slide.info().mpp_source == "user"
+
+
+def test_tiling_never_upsamples() -> None:
+    from vlm.wsi.tiling import TilingParams, tile_size_level0, tile_slide
+
+    with open_slide(OPENSLIDE_FIXTURES / "boxes.tiff", mpp=352.78) as slide:
+        with pytest.raises(ValueError, match=r"boxes\.tiff: .*0\.363 level-0 px and would be upsampled"):
+            tile_slide(slide)
+    with open_slide(OPENSLIDE_FIXTURES / "boxes.tiff", mpp=1.0) as slide:
+        with pytest.raises(ValueError, match="would be upsampled"):
+            tile_slide(slide)
+    # At its own scale, or a coarser one, it is read without upsampling; a 20× scan at 0.504 µm/px still tiles.
+    assert tile_size_level0(1.0, TilingParams(target_mpp=1.0)) == 256
+    assert tile_size_level0(1.0, TilingParams(target_mpp=2.0)) == 512
+    assert tile_size_level0(0.504, TilingParams()) == 254
+
+
+def test_info_reports_each_slide_and_exits_1_when_one_fails(real_slide: Path, capsys: pytest.CaptureFixture) -> None:
+    from vlm.cli import main
+
+    assert main(["info", str(OPENSLIDE_FIXTURES / "boxes.tiff"), str(real_slide)]) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and '"mpp": 0.499' in printed[0]

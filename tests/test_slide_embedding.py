@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.peers import clam_contour_grid, trident_grid, write_clam_features, write_clam_patches, write_trident_features
 from vlm.batch import Shard
 from vlm.cli import main
 from vlm.encoders.slide import create_slide_encoder
@@ -85,7 +86,7 @@ def test_batched_run_equals_one_slide_at_a_time(features_dir: Path, tmp_path: Pa
 
 def test_bad_slides_are_recorded_with_a_clear_reason(features_dir: Path, tmp_path: Path) -> None:
     _write_slide(features_dir, "wide", 12, seed=5, dim=48)
-    _write_slide(features_dir, "huge", 12, seed=6, mpp=5.0)  # level-0 px far outside the position grid
+    _write_slide(features_dir, "huge", 12, seed=6, mpp=2.0)  # level-0 px far outside the position grid
     nan_path = _write_slide(features_dir, "nan", 12, seed=7)
     with h5py.File(nan_path, "r+") as h5:
         h5["features"][0, 0] = np.nan
@@ -122,3 +123,119 @@ def test_tiny_encoder_without_checkpoint_is_refused(features_dir: Path, tmp_path
         "tiny",
     ]
     assert main(argv) == 2
+
+
+def _clam_cohort(root: Path, dim: int = 32) -> tuple[Path, Path]:
+    """A CLAM slide on an inexact scale: 513-px level-0 tiles (0.2495 µm/px), grid at the tissue's box."""
+    (root / "patches").mkdir(parents=True)
+    (root / "h5_files").mkdir()
+    coords = write_clam_patches(root / "patches" / "s1.h5", [clam_contour_grid((1000, 3000), (6 * 513, 6 * 513), 513)],
+                                patch_size=513)  # fmt: skip
+    features = np.random.default_rng(3).standard_normal((len(coords), dim)).astype(np.float32)
+    write_clam_features(root / "h5_files" / "s1.h5", coords, features)
+    return root / "h5_files", root / "patches"
+
+
+def test_one_feature_file_gives_one_embedding_through_every_path(tmp_path: Path) -> None:
+    """embed-slides, the training loader and zero-shot on a features folder see identical encoder inputs."""
+    from vlm.encoders.inputs import load_slide_inputs
+    from vlm.model.clip import build_tiny_model
+    from vlm.train.data import PrefetchingFeatureLoader, load_slide_features
+    from vlm.zeroshot import read_slides
+
+    features, patches = _clam_cohort(tmp_path / "clam")
+    model = build_tiny_model(tmp_path / "model", slide_encoder="tiny").eval()
+    encoder, pool = model.slide_encoder, model.config.pool
+    assert encoder is not None
+    slide = load_slide_inputs(features / "s1.h5", mpp=0.2495, patches=patches)
+    assert len({tuple(c) for c in slide.coords.tolist()}) == 36  # one cell per tile
+
+    report = embed_slides([features / "s1.h5"], tmp_path / "e.parquet", encoder, pool=pool, progress=False,
+                          mpp=0.2495, patches=patches)  # fmt: skip
+    assert report.done == ["s1"]
+    embedded = np.stack(read_slide_embeddings(tmp_path / "e.parquet")["embedding"])
+    f, c, mask = load_slide_features(features, ["s1"], mpp=0.2495, patches=patches)
+    np.testing.assert_array_equal(c[0].numpy(), slide.coords)
+    f2, c2, _ = PrefetchingFeatureLoader(features, 0.2495, str(patches)).load(["s1"])
+    assert torch.equal(f, f2) and torch.equal(c, c2)
+    with torch.no_grad():
+        trained = encoder(f, c, padding_mask=mask, pool=pool).numpy()
+    ids, zero_shot = read_slides(features, model, tmp_path / "zs", torch.device("cpu"), progress=False,
+                                 mpp=0.2495, patches=patches)  # fmt: skip
+    assert ids == ["s1"]
+    np.testing.assert_allclose(trained, embedded, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(zero_shot, embedded, rtol=0, atol=1e-6)
+
+
+def test_cli_reads_clam_files_with_patches_and_mpp(tmp_path: Path, checkpoint: Path) -> None:
+    features, patches = _clam_cohort(tmp_path / "clam")
+    base = ["embed-slides", str(features), "--slide-encoder", "tiny", "--checkpoint", str(checkpoint),
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "a.parquet")]) == 1  # no geometry: listed with the fix
+    with open(tmp_path / "failures.csv") as handle:
+        assert "--patches" in next(csv.DictReader(handle))["error"]
+    assert main([*base, "--out", str(tmp_path / "b.parquet"), "--patches", str(patches), "--mpp", "0.2495"]) == 0
+    assert read_slide_embeddings(tmp_path / "b.parquet")["n_tiles"].tolist() == [36]
+
+
+def test_mixed_trident_cohort_embeds_without_mpp_and_a_contradicting_mpp_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TRIDENT records magnification, not mpp: 20× and 40× slides embed in one run, one cell per tile."""
+    from vlm.encoders.inputs import load_slide_inputs
+
+    folder = tmp_path / "trident"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for name, magnification in (("s20", 20), ("s40", 40)):
+        coords = trident_grid(4, 12, level0_magnification=magnification)
+        write_trident_features(folder / f"{name}.h5", coords, rng.standard_normal((48, 32)).astype(np.float32),
+                               level0_magnification=magnification)  # fmt: skip
+        cells = load_slide_inputs(folder / f"{name}.h5").coords
+        assert len({tuple(c) for c in cells.tolist()}) == 48
+    encoder = create_slide_encoder("tiny")
+    with caplog.at_level("INFO", logger="vlm.slide_embedding"):
+        report = embed_slides(sorted(folder.glob("*.h5")), tmp_path / "s.parquet", encoder, progress=False)
+    assert report.done == ["s20", "s40"] and not report.failed
+    assert "s20: level-0 0.5 µm/px from level0_magnification 20× (10 / magnification" in caplog.text
+    # --mpp 0.25 on a 20× file would put its 48 tiles onto 12 cells: that slide fails, the 40× one is fine.
+    report = embed_slides(sorted(folder.glob("*.h5")), tmp_path / "m.parquet", encoder, progress=False, mpp=0.25)
+    assert report.done == ["s40"]
+    assert [slide for slide, _ in report.failed] == ["s20"] and "contradicts" in report.failed[0][1]
+
+
+@pytest.mark.slow
+def test_cli_train_and_zeroshot_read_clam_features_with_patches_and_mpp(tmp_path: Path) -> None:
+    """`vlm train --features` and `vlm zeroshot --slides <folder>` take `--patches` / `--mpp` too."""
+    import pandas as pd
+
+    from vlm.encoders.text import build_tiny_text_encoder
+    from vlm.train.loop import TrainConfig
+
+    root = tmp_path / "clam"
+    (root / "patches").mkdir(parents=True)
+    (root / "h5_files").mkdir()
+    rng = np.random.default_rng(5)
+    rows = []
+    for index in range(6):
+        origin = (int(rng.integers(0, 5000)), int(rng.integers(0, 5000)))
+        coords = write_clam_patches(root / "patches" / f"s{index}.h5",
+                                    [clam_contour_grid(origin, (4 * 513, 3 * 513), 513)], patch_size=513)  # fmt: skip
+        features = rng.standard_normal((len(coords), 32)).astype(np.float32)
+        write_clam_features(root / "h5_files" / f"s{index}.h5", coords, features)
+        rows.append({"slide_id": f"s{index}", "report": f"report number {index}"})
+    pd.DataFrame(rows).to_csv(tmp_path / "pairs.csv", index=False)
+    text = build_tiny_text_encoder(tmp_path / "text")
+    geometry = ["--patches", str(root / "patches"), "--mpp", "0.2495"]
+    argv = ["train", "--pairs", str(tmp_path / "pairs.csv"), "--features", str(root / "h5_files"), "--out",
+            str(tmp_path / "run"), "--slide-encoder", "tiny", "--text-encoder", str(text), "--max-length", "16",
+            "--proj-dim", "8", "--epochs", "1", "--batch-size", "3", "--val-fraction", "0.34", "--device", "cpu",
+            "--no-progress", *geometry]  # fmt: skip
+    assert main(argv) == 0
+    saved = TrainConfig.load(tmp_path / "run" / "train_config.json")
+    assert (saved.mpp, saved.patches) == (0.2495, str(root / "patches"))
+    out = tmp_path / "zs"
+    argv = ["zeroshot", "--model", str(tmp_path / "run" / "model"), "--slides", str(root / "h5_files"),
+            "--out", str(out), "--classes", "a=first kind", "b=second kind", "--no-progress", *geometry]  # fmt: skip
+    assert main(argv) == 0
+    assert read_slide_embeddings(out / "slide_embeddings.parquet")["n_tiles"].tolist() == [12] * 6

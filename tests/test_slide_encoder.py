@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from vlm.encoders.longnet import attend, attend_chunked, dilated_attention
-from vlm.encoders.positions import sincos_positions
+from vlm.encoders.positions import gigapath_cells, sincos_positions
 from vlm.encoders.slide import (
     GigaPathSlideEncoder,
     create_slide_encoder,
@@ -278,15 +278,61 @@ def test_bad_inputs_raise_clear_errors() -> None:
 def test_to_gigapath_coords_converts_and_names_the_slide() -> None:
     level0 = np.array([[0, 0], [1000, 2048]], dtype=np.int64)
     np.testing.assert_allclose(to_gigapath_coords(level0, mpp=0.25), [[0, 0], [500, 1024]])
-    # 513-px level-0 tiles at 0.2495 mpp are 255.99 px at 0.5 mpp: corners would put tiles 0 and 1 in one
-    # cell, centres keep one cell per tile.
-    corners = np.stack([np.arange(900) * 513, np.zeros(900)], axis=1)
-    cells = np.floor(to_gigapath_coords(corners, 0.2495, tile_size_level0=513)[:, 0] / 256)
-    np.testing.assert_array_equal(cells, np.arange(900))
     with pytest.raises(ValueError, match="slide 'TCGA-XY': 1 tile"):
         to_gigapath_coords(np.array([[0, 0], [600_000, 0]]), mpp=0.25, slide_id="TCGA-XY")
+    with pytest.raises(ValueError, match="slide 'TCGA-XY': 1 tile"):
+        to_gigapath_coords(np.array([[0, 0], [600_000, 0]]), mpp=0.25, slide_id="TCGA-XY", tile_size_level0=512)
     with pytest.raises(ValueError, match="mpp must be a positive"):
         to_gigapath_coords(level0, mpp=float("nan"), slide_id="s")
+
+
+def _official_cells(coords_level0: np.ndarray, mpp: float) -> np.ndarray:
+    """Prov-GigaPath's cell of a tile: floor(top-left in 0.5-mpp px / 256) (gigapath/slide_encoder.py)."""
+    return np.floor(coords_level0 * (mpp / 0.5) / 256).astype(np.int64)
+
+
+def _grid(origin: tuple[int, int], step: int, rows: int = 30, cols: int = 40) -> np.ndarray:
+    y, x = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    return np.stack([origin[0] + x.ravel() * step, origin[1] + y.ravel() * step], axis=1)
+
+
+def test_cells_equal_the_official_ones_for_exact_tiles_at_any_origin() -> None:
+    # CLAM starts each contour's grid at the tissue's bounding box, e.g. level-0 (1000, 3000) at 0.5 µm/px:
+    # the official cell is (3, 11); tile centres (the previous rule) gave (4, 12).
+    corner = np.array([[1000, 3000]])
+    np.testing.assert_array_equal(gigapath_cells(corner, 0.5, 256), [[3, 11]])
+    np.testing.assert_array_equal(to_gigapath_coords(corner, 0.5, tile_size_level0=256), [[3 * 256, 11 * 256]])
+    rng = np.random.default_rng(0)
+    for mpp, step in ((0.5, 256), (0.25, 512), (0.125, 1024)):
+        for origin in [(0, 0), (1000, 3000), *rng.integers(0, 5000, size=(20, 2)).tolist()]:
+            coords = _grid(tuple(origin), step)
+            np.testing.assert_array_equal(gigapath_cells(coords, mpp, step), _official_cells(coords, mpp))
+    # Tiles of two cells (512 px at 0.5 µm/px) too.
+    coords = _grid((777, 1234), 512)
+    np.testing.assert_array_equal(gigapath_cells(coords, 0.5, 512), _official_cells(coords, 0.5))
+
+
+@pytest.mark.parametrize("mpp", [0.2495, 0.2520, 0.2263, 0.499, 0.5034])
+def test_no_two_tiles_of_an_inexact_grid_share_a_cell(mpp: float) -> None:
+    step = round(256 * 0.5 / mpp)  # vlm tile's level-0 tile size, e.g. 513 px at 0.2495 µm/px
+    rng = np.random.default_rng(1)
+    for origin in [(0, 0), (1000, 3000), *rng.integers(0, 20_000, size=(10, 2)).tolist()]:
+        coords = _grid(tuple(origin), step, rows=60, cols=400)
+        cells = gigapath_cells(coords, mpp, step)
+        assert len({tuple(c) for c in cells.tolist()}) == len(coords)
+        # Neighbours stay neighbours: one grid step is one cell.
+        assert set(np.diff(cells[:400, 0]).tolist()) == {1}
+    # The official floor(top-left) does merge tiles here (what the rule exists to avoid).
+    coords = _grid((0, 0), step, rows=1, cols=400)
+    if mpp == 0.2495:
+        assert len(np.unique(_official_cells(coords, mpp)[:, 0])) < 400
+
+
+def test_a_cell_does_not_depend_on_the_other_tiles() -> None:
+    coords = _grid((1000, 3000), 513, rows=20, cols=20)
+    full = gigapath_cells(coords, 0.2495, 513)
+    keep = np.random.default_rng(2).permutation(len(coords))[:37]
+    np.testing.assert_array_equal(gigapath_cells(coords[keep], 0.2495, 513), full[keep])
 
 
 @pytest.mark.gpu

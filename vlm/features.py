@@ -1,6 +1,6 @@
 """Tile grids and tile features on disk: one `<slide_id>.h5` per slide, with provenance.
 
-Layout (TRIDENT/CLAM convention, so files from those tools read too):
+Layout (vlm's own; TRIDENT's and CLAM's files are read too, see `read_tile_grid`):
 - dataset `coords`   [N, 2] int64, level-0 pixel (x, y) of each tile's top-left corner;
 - dataset `features` [N, D] float32 (or float16), absent in a tile-grid file written by `vlm tile`;
 - attributes `mpp` (level-0 µm/px), `tile_size` (px at `target_mpp`), `tile_size_level0`, `target_mpp`,
@@ -38,6 +38,7 @@ class TileGrid:
     target_mpp: float
     tile_size_level0: int  # pixels at level 0 covered by one tile
     slide_path: str = ""
+    mpp_source: str = "given"  # where `mpp` came from (provenance; not written to files)
 
     def __post_init__(self) -> None:
         self.coords = np.asarray(self.coords, dtype=np.int64).reshape(-1, 2)
@@ -96,6 +97,27 @@ def write_features(path: str | os.PathLike[str], tile_features: TileFeatures, dt
         h5.attrs["encoder"] = tile_features.encoder
 
 
+# Level-0 µm/px a slide or feature file may record without --mpp. 0.08 is below any brightfield scan
+# (100× oil objectives give ~0.1); 2.4 is where TRIDENT stops (its coarsest bin, 5×, is < 2.4 µm/px).
+# Outside this range the value is a placeholder (openslide-python's boxes.tiff records 352 µm/px).
+PLAUSIBLE_MPP = (0.08, 2.4)
+MPP_FROM_FILE = "the file's 'mpp' attribute"  # TileGrid.mpp_source of a file that records its own scale
+# A --mpp more than this far from the magnification a TRIDENT file records contradicts it.
+MAGNIFICATION_TOLERANCE = 0.25
+
+
+def check_plausible_mpp(mpp: float, where: str, source: str) -> float:
+    """`mpp` if it is a plausible level-0 µm/px, else a ValueError naming `where`, the source and the fix."""
+    low, high = PLAUSIBLE_MPP
+    if not (math.isfinite(mpp) and low <= mpp < high):
+        raise ValueError(
+            f"{where}: level-0 scale {mpp:g} µm/px (from {source}) is outside the plausible range "
+            f"[{low}, {high}) µm/px of brightfield scans; if it is really right, or to supply the true "
+            "value, pass --mpp"
+        )
+    return mpp
+
+
 def _attr(h5: h5py.File, name: str) -> object | None:
     """An attribute from the file or from its `coords` dataset (where CLAM/TRIDENT keep patch info)."""
     for holder in (h5.attrs, h5["coords"].attrs):
@@ -105,12 +127,69 @@ def _attr(h5: h5py.File, name: str) -> object | None:
     return None
 
 
-def read_tile_grid(path: str | os.PathLike[str], mpp: float | None = None) -> TileGrid:
-    """Read the tile grid of a `vlm`, TRIDENT or CLAM h5 file.
+def _number(path: Path, name: str, value: object, integer: bool = False) -> float | None:
+    """A positive finite number from an attribute, or an error naming the file and the attribute."""
+    if value is None:
+        return None
+    if isinstance(value, bytes | str | np.ndarray) or not isinstance(value, int | float):
+        raise FeatureFileError(
+            f"{path}: attribute {name!r} is {value!r} ({type(value).__name__}), expected a positive number; "
+            "rewrite the attribute as a number"
+        )
+    number = float(value)
+    if not math.isfinite(number) or number <= 0 or (integer and number != round(number)):
+        kind = "a positive integer" if integer else "a positive number"
+        raise FeatureFileError(f"{path}: attribute {name!r} is {value!r}, expected {kind}")
+    return number
 
-    `mpp` overrides (or supplies) the level-0 µm/px; without it and without an `mpp` attribute the file
-    cannot be placed on a physical scale, which is an error. TRIDENT/CLAM files keep the tile size in
-    `patch_size_level0` / `patch_size` (on `coords`); both are understood.
+
+def _clam_geometry(path: Path, patches: Path, coords: np.ndarray) -> tuple[int, int]:
+    """(tile_size, tile_size_level0) of a CLAM slide from its `patches/<slide>.h5`.
+
+    CLAM's `create_patches_fp.py` stores `patch_size` (px at `patch_level`) and `downsample` (that level's
+    downsample) on `coords`; a patch spans `patch_size * int(downsample)` level-0 pixels
+    (wsi_core/WholeSlideImage.py, `process_contour`). Its feature files repeat the coords, in order.
+    """
+    geometry = patches / f"{path.stem}.h5" if patches.is_dir() else patches
+    if not geometry.is_file():
+        raise FeatureFileError(f"{path}: no CLAM patch file {geometry} (from create_patches_fp.py) for this slide")
+    try:
+        with h5py.File(geometry, "r") as h5:
+            if "coords" not in h5:
+                raise FeatureFileError(f"{geometry}: no 'coords' dataset; is it a CLAM patches/<slide>.h5 file?")
+            attrs = dict(h5["coords"].attrs)
+            patch_coords = np.asarray(h5["coords"][:])
+    except OSError as error:
+        raise FeatureFileError(f"{geometry}: not a readable HDF5 file ({error})") from error
+    missing = [name for name in ("patch_size", "downsample") if name not in attrs]
+    if missing:
+        raise FeatureFileError(f"{geometry}: 'coords' lacks CLAM attribute(s) {missing}")
+    patch_size = _number(geometry, "patch_size", np.asarray(attrs["patch_size"]).item(), integer=True)
+    downsample = np.atleast_1d(np.asarray(attrs["downsample"], dtype=np.float64))
+    if not np.isfinite(downsample).all() or (downsample <= 0).any() or len(set(downsample.tolist())) != 1:
+        raise FeatureFileError(f"{geometry}: attribute 'downsample' is {downsample.tolist()}, expected (d, d) > 0")
+    if patch_coords.shape != coords.shape or not np.array_equal(patch_coords, coords):
+        raise FeatureFileError(
+            f"{path}: its coords do not match the {len(patch_coords)} coords of {geometry}; "
+            "the features were extracted from another patching run"
+        )
+    return int(patch_size), int(patch_size) * max(1, int(downsample[0]))
+
+
+def read_tile_grid(
+    path: str | os.PathLike[str], mpp: float | None = None, patches: str | os.PathLike[str] | None = None
+) -> TileGrid:
+    """Read the tile grid of a `vlm`, TRIDENT or CLAM h5 file, as each writer means its attributes.
+
+    - vlm: attributes `mpp`, `tile_size`, `tile_size_level0`, `target_mpp`.
+    - TRIDENT: no mpp; `level0_magnification`, `target_magnification`, `patch_size`, `patch_size_level0`
+      on `coords`. Level-0 µm/px is `10 / level0_magnification`, TRIDENT's own definition
+      (trident/wsi_objects/WSIPatcher.py); a `mpp` contradicting it by more than 25 % is refused.
+    - CLAM (`extract_features_fp.py`): no attributes at all; the geometry is in the `patches/<slide>.h5`
+      file of `create_patches_fp.py` (`patches`: that folder or file) and the scale must come from `mpp`.
+
+    `mpp` overrides (or supplies) the level-0 µm/px. A recorded mpp outside `PLAUSIBLE_MPP` is refused
+    unless `mpp` is given; so is a string or non-positive value in any geometry attribute.
     """
     path = Path(path)
     if not path.is_file():
@@ -120,53 +199,96 @@ def read_tile_grid(path: str | os.PathLike[str], mpp: float | None = None) -> Ti
             if "coords" not in h5:
                 raise FeatureFileError(f"{path}: no 'coords' dataset (datasets present: {sorted(h5.keys())})")
             coords = np.asarray(h5["coords"][:])
-            file_mpp = _attr(h5, "mpp")
-            tile_size_level0 = _attr(h5, "tile_size_level0") or _attr(h5, "patch_size_level0")
-            tile_size = _attr(h5, "tile_size") or _attr(h5, "patch_size") or tile_size_level0
-            target_mpp = _attr(h5, "target_mpp")
+            raw = {
+                name: _attr(h5, name)
+                for name in ("mpp", "tile_size_level0", "patch_size_level0", "tile_size", "patch_size",
+                             "target_mpp", "level0_magnification", "target_magnification")
+            }  # fmt: skip
             slide_path = _attr(h5, "slide_path") or ""
     except OSError as error:
         raise FeatureFileError(f"{path}: not a readable HDF5 file ({error})") from error
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise FeatureFileError(f"{path}: 'coords' has shape {coords.shape}, expected [N, 2]")
-    resolved_mpp = mpp if mpp is not None else file_mpp
-    if resolved_mpp is None or not math.isfinite(float(resolved_mpp)) or float(resolved_mpp) <= 0:
-        raise FeatureFileError(f"{path}: no level-0 'mpp' attribute; pass the slide's µm/px with --mpp")
-    resolved_mpp = float(resolved_mpp)
+    values = {name: _number(path, name, value) for name, value in raw.items()}
+    if mpp is not None and not (math.isfinite(float(mpp)) and float(mpp) > 0):
+        raise FeatureFileError(f"{path}: --mpp must be a positive number of µm per level-0 pixel, got {mpp}")
+    tile_size_level0 = values["tile_size_level0"] or values["patch_size_level0"]
+    tile_size = values["tile_size"] or values["patch_size"]
+    target_mpp = values["target_mpp"]
+    magnification = values["level0_magnification"]
+    if tile_size_level0 is None and patches is not None:
+        tile_size, tile_size_level0 = _clam_geometry(path, Path(patches), coords)
     if tile_size_level0 is None:
-        raise FeatureFileError(f"{path}: no tile size attribute (tile_size_level0 or patch_size_level0)")
+        raise FeatureFileError(
+            f"{path}: no tile size attribute (vlm's tile_size_level0 or TRIDENT's patch_size_level0); a CLAM "
+            "feature file keeps its geometry in the patches/<slide>.h5 of create_patches_fp.py: pass "
+            "--patches DIR (and --mpp)"
+        )
+    if mpp is not None:
+        resolved, source = float(mpp), "--mpp"
+        if magnification is not None:
+            nominal = 10.0 / magnification
+            if abs(resolved / nominal - 1) > MAGNIFICATION_TOLERANCE:
+                raise FeatureFileError(
+                    f"{path}: --mpp {resolved:g} contradicts the file's level0_magnification "
+                    f"{magnification:g}× ({nominal:g} µm/px, TRIDENT's 10 / magnification) by more than "
+                    f"{MAGNIFICATION_TOLERANCE:.0%}; drop --mpp for this cohort or fix the value"
+                )
+    elif values["mpp"] is not None:
+        resolved, source = values["mpp"], MPP_FROM_FILE
+    elif magnification is not None:
+        resolved = 10.0 / magnification
+        source = f"level0_magnification {magnification:g}× (10 / magnification, TRIDENT's definition)"
+    else:
+        raise FeatureFileError(f"{path}: no level-0 'mpp' attribute; pass the slide's µm/px with --mpp")
+    if mpp is None:
+        try:
+            check_plausible_mpp(resolved, str(path), source)
+        except ValueError as error:
+            raise FeatureFileError(str(error)) from None
+    if tile_size is None:
+        tile_size = tile_size_level0
     if target_mpp is None:
-        target_mpp = resolved_mpp * float(tile_size_level0) / float(tile_size)
+        magnification_target = values["target_magnification"]
+        if magnification_target is not None and mpp is None:
+            target_mpp = 10.0 / magnification_target
+        else:
+            target_mpp = resolved * tile_size_level0 / tile_size
     return TileGrid(
         coords=coords,
-        mpp=resolved_mpp,
+        mpp=resolved,
         tile_size=int(tile_size),
         target_mpp=float(target_mpp),
-        tile_size_level0=int(tile_size_level0),
+        tile_size_level0=int(round(tile_size_level0)),
         slide_path=str(slide_path),
+        mpp_source=source,
     )
 
 
-def read_features(path: str | os.PathLike[str], mpp: float | None = None) -> TileFeatures:
-    """Read tile features (from `vlm embed-tiles`, TRIDENT or CLAM) with their grid.
+def read_features(
+    path: str | os.PathLike[str], mpp: float | None = None, patches: str | os.PathLike[str] | None = None
+) -> TileFeatures:
+    """Read tile features (from `vlm embed-tiles`, TRIDENT or CLAM) with their grid (see `read_tile_grid`).
 
-    CLAM stores `features` as [N, D] or [1, N, D]; both are accepted. Mismatched lengths of `features`
-    and `coords` are refused: silently pairing the wrong rows would corrupt every downstream position.
+    `features` must be [N, D] with one row per `coords` row (CLAM's and TRIDENT's writers both write
+    that); mismatched lengths are refused: silently pairing the wrong rows would corrupt every position.
     """
     path = Path(path)
-    grid = read_tile_grid(path, mpp=mpp)
+    grid = read_tile_grid(path, mpp=mpp, patches=patches)
     with h5py.File(path, "r") as h5:
         if "features" not in h5:
             raise FeatureFileError(f"{path}: no 'features' dataset; run `vlm embed-tiles` on this tile grid first")
         features = np.asarray(h5["features"][:])
-        encoder = str(_attr(h5, "encoder") or "unknown")
-    if features.ndim == 3 and features.shape[0] == 1:
-        features = features[0]
+        encoder = _attr(h5, "encoder")
+        if encoder is None and "encoder" in h5["features"].attrs:  # TRIDENT keeps it on `features`
+            encoder = h5["features"].attrs["encoder"]
+    if isinstance(encoder, bytes):
+        encoder = encoder.decode("utf-8", "replace")
     if features.ndim != 2 or len(features) != len(grid):
         raise FeatureFileError(
             f"{path}: 'features' has shape {features.shape} but 'coords' has {len(grid)} rows"
         )
-    return TileFeatures(grid=grid, features=features, encoder=encoder)
+    return TileFeatures(grid=grid, features=features, encoder=str(encoder or "unknown"))
 
 
 def feature_files(folder: str | os.PathLike[str]) -> list[Path]:

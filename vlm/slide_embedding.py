@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from vlm.batch import BatchReport, Shard, write_failures
 from vlm.device import autocast
-from vlm.encoders.slide import SLIDE_ENCODER_PRESETS, GigaPathSlideEncoder, to_gigapath_coords
-from vlm.features import read_features
+from vlm.encoders.inputs import SlideInputs, load_slide_inputs, pad_batch
+from vlm.encoders.slide import SLIDE_ENCODER_PRESETS, GigaPathSlideEncoder
+from vlm.features import MPP_FROM_FILE
 from vlm.io import atomic_path, duplicate_ids, slide_id_from_path
 
 log = logging.getLogger(__name__)
@@ -136,45 +137,16 @@ def _existing_rows(path: Path, settings: dict) -> list[dict]:
     return table.to_pylist()
 
 
-def _load_slide(path: Path, encoder: GigaPathSlideEncoder, mpp: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """Features [N, in_dim] float32 and 0.5-mpp coords [N, 2] of one slide, checked before batching."""
-    slide_id = slide_id_from_path(path)
-    tile_features = read_features(path, mpp=mpp)
-    features = np.asarray(tile_features.features, dtype=np.float32)
-    if len(features) == 0:
-        raise ValueError(f"slide {slide_id!r}: {path} has no tiles; re-run `vlm tile` / `vlm embed-tiles`")
-    if features.shape[1] != encoder.config.in_dim:
-        raise ValueError(
-            f"slide {slide_id!r}: features are {features.shape[1]}-d (from {tile_features.encoder!r}) "
-            f"but the slide encoder expects {encoder.config.in_dim}-d tile features"
-        )
-    if not np.isfinite(features).all():
-        raise ValueError(f"slide {slide_id!r}: {path} has NaN/inf features; re-extract them")
-    config, grid = encoder.config, tile_features.grid
-    coords = to_gigapath_coords(
-        grid.coords, grid.mpp, slide_id, config.tile_size, config.grid_size, grid.tile_size_level0
-    )
-    return features, coords
-
-
 @torch.inference_mode()
 def _embed_batch(
-    slides: list[tuple[np.ndarray, np.ndarray]],
+    slides: list[SlideInputs],
     encoder: GigaPathSlideEncoder,
     pool: str,
     device: torch.device,
     precision: str,
 ) -> np.ndarray:
     """Right-pad a list of slides into one batch; returns [len(slides), dim] float32."""
-    length = max(len(features) for features, _ in slides)
-    features = torch.zeros(len(slides), length, encoder.config.in_dim)
-    coords = torch.zeros(len(slides), length, 2, dtype=torch.float64)
-    mask = torch.ones(len(slides), length, dtype=torch.bool)
-    for row, (slide_features, slide_coords) in enumerate(slides):
-        n = len(slide_features)
-        features[row, :n] = torch.from_numpy(slide_features)
-        coords[row, :n] = torch.from_numpy(slide_coords)
-        mask[row, :n] = False
+    features, coords, mask = pad_batch(slides)
     with autocast(device, precision):
         output = encoder(features.to(device), coords.to(device), padding_mask=mask.to(device), pool=pool)
     return output.float().cpu().numpy()
@@ -191,6 +163,7 @@ def embed_slides(
     progress: bool = True,
     overwrite: bool = False,
     mpp: float | None = None,
+    patches: str | os.PathLike[str] | None = None,
     precision: str = "auto",
     checkpoint: str | None = None,
     save_every: int = 50,
@@ -198,7 +171,9 @@ def embed_slides(
     """Embed each feature file's slide and write the rows to `out` (or this shard's file).
 
     `batch_size` slides are padded into one forward pass (each gets the numbers it gets alone); on GPU
-    this helps for many small slides, on CPU 1 is as fast. `mpp` overrides the files' level-0 µm/px.
+    this helps for many small slides, on CPU 1 is as fast. `mpp` overrides the files' level-0 µm/px;
+    `patches` is CLAM's patches folder (see `vlm.features.read_tile_grid`). Every slide goes through
+    `vlm.encoders.inputs.load_slide_inputs`, as in training and zero-shot.
     `checkpoint` is only recorded in the file's metadata.
     """
     device = torch.device(device)
@@ -216,7 +191,7 @@ def embed_slides(
     duplicates = duplicate_ids(ids)
     if duplicates:
         raise ValueError(f"several feature files share the slide id(s) {duplicates}; rename them")
-    pending: list[tuple[str, np.ndarray, np.ndarray]] = []
+    pending: list[SlideInputs] = []
     unsaved = 0
 
     def flush() -> None:
@@ -224,11 +199,11 @@ def embed_slides(
         if not pending:
             return
         try:
-            embeddings = _embed_batch([(f, c) for _, f, c in pending], encoder, pool, device, precision)
+            embeddings = _embed_batch(pending, encoder, pool, device, precision)
         except (RuntimeError, ValueError) as error:  # e.g. out of memory: retry alone to isolate the slide
             if len(pending) == 1:
-                report.failed.append((pending[0][0], f"{type(error).__name__}: {error}"))
-                log.error("%s failed: %s", pending[0][0], error)
+                report.failed.append((pending[0].slide_id, f"{type(error).__name__}: {error}"))
+                log.error("%s failed: %s", pending[0].slide_id, error)
                 pending.clear()
                 return
             batch = list(pending)
@@ -237,10 +212,10 @@ def embed_slides(
                 pending.append(item)
                 flush()
             return
-        for (slide_id, features, _), embedding in zip(pending, embeddings, strict=True):
-            rows.append({"slide_id": slide_id, "embedding": embedding.tolist(), "n_tiles": len(features),
+        for slide, embedding in zip(pending, embeddings, strict=True):
+            rows.append({"slide_id": slide.slide_id, "embedding": embedding.tolist(), "n_tiles": len(slide),
                          "encoder": name, "pool": pool})  # fmt: skip
-            report.done.append(slide_id)
+            report.done.append(slide.slide_id)
             unsaved += 1
         pending.clear()
         if unsaved >= save_every:
@@ -253,7 +228,12 @@ def embed_slides(
             report.skipped.append(slide_id)
             continue
         try:
-            pending.append((slide_id, *_load_slide(path, encoder, mpp)))
+            config = encoder.config
+            slide = load_slide_inputs(path, config.in_dim, mpp, patches, config.tile_size, config.grid_size)
+            if slide.provenance["mpp_source"] != MPP_FROM_FILE:  # say where else the scale came from
+                log.info("%s: level-0 %.4g µm/px from %s", slide_id, slide.provenance["mpp"],
+                         slide.provenance["mpp_source"])  # fmt: skip
+            pending.append(slide)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as error:  # one bad file must not stop a batch of thousands

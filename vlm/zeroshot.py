@@ -208,11 +208,14 @@ def read_slides(
     out: Path,
     device: torch.device,
     progress: bool = True,
+    mpp: float | None = None,
+    patches: str | os.PathLike[str] | None = None,
 ) -> tuple[list[str], np.ndarray]:
     """Slide ids and unprojected embeddings [N, E] from a `vlm embed-slides` parquet or a features folder.
 
     A features folder is embedded with the model's own slide encoder into `out/slide_embeddings.parquet`
     (resumable); a model trained on cached embeddings has none, and the error says what to run instead.
+    `mpp` / `patches` are `vlm embed-slides`' `--mpp` / `--patches` for that folder.
     """
     from vlm.slide_embedding import load_slide_embeddings
 
@@ -237,6 +240,8 @@ def read_slides(
             pool=model.config.pool,
             device=device,
             progress=progress,
+            mpp=mpp,
+            patches=patches,
         )
         if report.failed:
             log.error("%d slides failed to embed (listed in %s) and are not scored", len(report.failed), out)
@@ -358,6 +363,8 @@ def run_zeroshot(
     seed: int = 0,
     device: str | torch.device | None = "auto",
     progress: bool = True,
+    mpp: float | None = None,
+    patches: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """The `vlm zeroshot` job: score slides against a prompt task and write the run folder `out`.
 
@@ -394,7 +401,7 @@ def run_zeroshot(
         model_source = "<in memory>"
     raw_labels = read_labels(labels, prompt_task, label_column) if labels is not None else None
 
-    slide_ids, embeddings = read_slides(slides, model, out, resolved, progress=progress)
+    slide_ids, embeddings = read_slides(slides, model, out, resolved, progress=progress, mpp=mpp, patches=patches)
     if raw_labels is not None:
         targets, label_report = match_labels(slide_ids, raw_labels[0], prompt_task, allow_missing_slides)
     classifier = ZeroShotClassifier(model, prompt_task, cache_dir=cache_dir, use_cache=use_cache)

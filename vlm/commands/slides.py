@@ -10,6 +10,20 @@ from vlm.commands import finish_batch
 log = logging.getLogger(__name__)
 
 
+def add_feature_file_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--mpp` and `--patches`, for every command that reads a folder of tile-feature files."""
+    parser.add_argument(
+        "--mpp", type=float, default=None,
+        help="level-0 µm/px of the feature files' slides, overriding theirs (CLAM files record none; a "
+        "value contradicting a TRIDENT file's magnification by > 25%% fails that slide)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--patches", default=None, metavar="DIR",
+        help="CLAM's patches/ folder (create_patches_fp.py), whose <slide>.h5 holds the tile geometry that "
+        "CLAM's feature files lack",
+    )  # fmt: skip
+
+
 def _embed_slides(args: argparse.Namespace) -> int:
     from vlm.batch import Shard
     from vlm.device import resolve_shard_device
@@ -27,7 +41,7 @@ def _embed_slides(args: argparse.Namespace) -> int:
     report = embed_slides(
         feature_files(args.features), args.out, encoder, pool=args.pool, device=device,
         batch_size=args.batch_size, shard=shard, progress=not args.no_progress, overwrite=args.overwrite,
-        mpp=args.mpp, precision=args.precision, checkpoint=args.checkpoint,
+        mpp=args.mpp, patches=args.patches, precision=args.precision, checkpoint=args.checkpoint,
     )  # fmt: skip
     target = shard_output(args.out, shard)
     return finish_batch(report, target, target.parent / f"failures{shard.suffix}.csv")
@@ -62,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="autocast on CUDA ('auto' = bf16 where supported); CPU runs fp32",
     )
     parser.add_argument("--batch-size", type=int, default=1, help="slides per forward pass (default 1)")
-    parser.add_argument("--mpp", type=float, default=None, help="level-0 µm/px, overriding the files' value")
+    add_feature_file_options(parser)
     parser.add_argument(
         "--shard",
         default=None,

@@ -44,9 +44,9 @@ def _info(args: argparse.Namespace) -> int:
         try:
             with open_slide(path, mpp=args.mpp) as slide:
                 print(json.dumps(asdict(slide.info())))
-        except ValueError as error:
+        except ValueError as error:  # this slide fails; the others are still shown
             log.error("%s", error)
-            status = 2
+            status = 1
     return status
 
 

@@ -17,6 +17,8 @@ _EPILOG = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from vlm.commands.slides import add_feature_file_options
+
     p = subparsers.add_parser(
         "train", help="train slide–report alignment (CLIP-style)", epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -27,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slides = data.add_mutually_exclusive_group()
     slides.add_argument("--slide-embeddings", help="slide embeddings parquet from `vlm embed-slides` (frozen tower)")
     slides.add_argument("--features", help="folder of <slide_id>.h5 tile features (fine-tunes the slide encoder)")
+    add_feature_file_options(data)
     data.add_argument("--out", help="run folder (model/, metrics.jsonl, checkpoints/)")
     data.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     data.add_argument(
@@ -114,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"vlm train needs {', '.join(missing)} (or --resume RUN)")
         config = TrainConfig(
             pairs=args.pairs, out=args.out, slide_embeddings=args.slide_embeddings, features=args.features,
-            slide_encoder=args.slide_encoder, slide_checkpoint=args.slide_checkpoint, pool=args.pool,
+            mpp=args.mpp, patches=args.patches, slide_encoder=args.slide_encoder,
+            slide_checkpoint=args.slide_checkpoint, pool=args.pool,
             max_tiles=args.max_tiles, text_encoder=args.text_encoder or DEFAULT_TEXT_ENCODER,
             max_length=args.max_length, proj_dim=args.proj_dim, loss=args.loss, epochs=args.epochs or 10,
             batch_size=args.batch_size,

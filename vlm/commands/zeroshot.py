@@ -27,6 +27,8 @@ def _zeroshot(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
+        mpp=args.mpp,
+        patches=args.patches,
     )
     if "metrics" in result:
         for name, metric in result["metrics"].items():
@@ -68,6 +70,8 @@ def _prompts_check(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from vlm.commands.slides import add_feature_file_options
+
     parser = subparsers.add_parser(
         "zeroshot",
         help="zero-shot classify slides with a prompt task; with labels, metrics with bootstrap CIs",
@@ -90,6 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="slide embeddings parquet from `vlm embed-slides`, or a folder of tile-feature .h5 files "
         "(embedded with the model's own slide encoder)",
     )
+    add_feature_file_options(parser)
     parser.add_argument(
         "--labels", help="table (CSV/TSV/Parquet/JSONL) with slide_id and a label column (default column: label)"
     )

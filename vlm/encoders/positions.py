@@ -39,7 +39,7 @@ def grid_cells(coords: torch.Tensor, tile_size: int, grid_size: int) -> tuple[to
         raise ValueError(
             f"tile coordinate {coords[tuple(where)].tolist()} (0.5-mpp px) is outside the "
             f"{grid_size}×{grid_size} grid of {tile_size}-px tiles (0 <= x, y < {limit}); coordinates "
-            "must be 0.5-mpp pixels — convert level-0 coordinates with to_gigapath_coords(coords, mpp)"
+            "must be 0.5-mpp pixels — build them with vlm.encoders.inputs.load_slide_inputs"
         )
     return cells[..., 0], cells[..., 1]
 
@@ -59,6 +59,73 @@ def sincos_positions(coords: torch.Tensor, dim: int, tile_size: int = 256, grid_
     return rows.to(coords.device)
 
 
+# A tile whose physical size is within this factor of one position cell (256 px at 0.5 µm/px) takes one
+# cell per grid step: this covers scanners' inexact scales (513 px at 0.2495 µm/px is 255.99 px) and
+# TRIDENT's nominal magnifications (its 40× bin spans 0.2-0.3 µm/px).
+ONE_CELL_PER_TILE = (0.8, 1.25)
+
+
+def _check_scale(name: str, mpp: float, coords_level0: np.ndarray) -> np.ndarray:
+    if not np.isfinite(mpp) or mpp <= 0:
+        raise ValueError(f"{name}mpp must be a positive number of µm per level-0 pixel, got {mpp!r}")
+    coords = np.asarray(coords_level0, dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise ValueError(f"{name}coords must have shape [N, 2], got {coords.shape}")
+    return coords
+
+
+def _outside_error(name: str, outside: np.ndarray, coords: np.ndarray, mpp: float, grid_size: int, tile_size: int):
+    first = int(np.flatnonzero(outside)[0])
+    limit = grid_size * tile_size
+    return ValueError(
+        f"{name}{int(outside.sum())} tile(s) fall outside the slide encoder's {grid_size}×{grid_size} "
+        f"grid (0 <= x, y < {limit} px at {GIGAPATH_MPP} mpp), e.g. level-0 {coords[first].tolist()} "
+        f"at mpp {mpp}; check the file's mpp attribute (override with --mpp); the slide may also be "
+        "too large for the encoder"
+    )
+
+
+def gigapath_cells(
+    coords_level0: np.ndarray,
+    mpp: float,
+    tile_size_level0: float,
+    slide_id: str = "",
+    tile_size: int = 256,
+    grid_size: int = 1000,
+) -> np.ndarray:
+    """Position cell (i, j) [N, 2] int64 of each tile, from level-0 top-left corners on a regular grid.
+
+    The rule: a corner `p` lies on its grid's own lattice, `p = phase + k · tile_size_level0` with
+    `k = floor(p / tile_size_level0)`; the lattice's origin `phase` (< one tile) is placed physically,
+    `floor(phase at 0.5 µm/px / 256)`, and each lattice step is one cell (when a tile is 0.8-1.25 cells
+    wide, `ONE_CELL_PER_TILE`), else `round(k · cells per tile)`. For exact 256-px tiles at 0.5 µm/px
+    this is the official `floor(top-left at 0.5 µm/px / 256)` whatever the grid's origin (CLAM starts
+    grids at the tissue's bounding box); for inexact scales (513 px at 0.2495 µm/px is 255.99 px) no two
+    tiles of one grid share a cell. The cell depends only on the tile itself, so subsampling tiles never
+    moves the others.
+    """
+    name = f"slide {slide_id!r}: " if slide_id else ""
+    coords = _check_scale(name, mpp, coords_level0)
+    step = float(tile_size_level0)
+    if not np.isfinite(step) or step <= 0:
+        raise ValueError(f"{name}tile_size_level0 must be a positive number of level-0 px, got {tile_size_level0!r}")
+    if not np.isfinite(coords).all() or (coords < 0).any():
+        raise ValueError(f"{name}tile coordinates must be finite and >= 0 (level-0 pixels)")
+    scale = float(mpp) / GIGAPATH_MPP  # level-0 px -> 0.5-mpp px
+    k = np.floor(coords / step)
+    phase = coords - k * step
+    origin_cell = np.floor(phase * scale / tile_size)
+    cells_per_tile = step * scale / tile_size
+    if ONE_CELL_PER_TILE[0] <= cells_per_tile <= ONE_CELL_PER_TILE[1]:
+        cells = origin_cell + k
+    else:
+        cells = origin_cell + np.floor(k * cells_per_tile + 0.5)
+    outside = ((cells < 0) | (cells >= grid_size)).any(1)
+    if outside.any():
+        raise _outside_error(name, outside, coords, mpp, grid_size, tile_size)
+    return cells.astype(np.int64)
+
+
 def to_gigapath_coords(
     coords_level0: np.ndarray,
     mpp: float,
@@ -71,27 +138,17 @@ def to_gigapath_coords(
 
     Feeding level-0 pixels of a 0.25-mpp scan straight to the encoder doubles every position (a common
     mistake, prov-gigapath #57/#65/#116), which is why the unit conversion lives next to the model.
-    With `tile_size_level0`, tile centres are converted instead of top-left corners: same grid cells for
-    exact 256-px tiles, but a level-0 tile size rounded down (513 px at 0.2495 mpp is 255.99 px at 0.5
-    mpp) can no longer put two neighbouring tiles into one cell.
+    With `tile_size_level0` (tiles of a grid, the way every vlm path calls it) the result is the corner
+    of each tile's position cell, `gigapath_cells(...) * tile_size`; without it, points are only scaled.
     """
-    name = f"slide {slide_id!r}: " if slide_id else ""
-    if not np.isfinite(mpp) or mpp <= 0:
-        raise ValueError(f"{name}mpp must be a positive number of µm per level-0 pixel, got {mpp!r}")
-    coords = np.asarray(coords_level0, dtype=np.float64)
-    if coords.ndim != 2 or coords.shape[1] != 2:
-        raise ValueError(f"{name}coords must have shape [N, 2], got {coords.shape}")
     if tile_size_level0 is not None:
-        coords = coords + float(tile_size_level0) / 2
+        cells = gigapath_cells(coords_level0, mpp, tile_size_level0, slide_id, tile_size, grid_size)
+        return cells.astype(np.float64) * tile_size
+    name = f"slide {slide_id!r}: " if slide_id else ""
+    coords = _check_scale(name, mpp, coords_level0)
     scaled = coords * (float(mpp) / GIGAPATH_MPP)
     limit = grid_size * tile_size
     outside = ~np.isfinite(scaled).all(1) | (scaled < 0).any(1) | (scaled >= limit).any(1)
     if outside.any():
-        first = int(np.flatnonzero(outside)[0])
-        raise ValueError(
-            f"{name}{int(outside.sum())} tile(s) fall outside the slide encoder's {grid_size}×{grid_size} "
-            f"grid (0 <= x, y < {limit} px at {GIGAPATH_MPP} mpp), e.g. level-0 {coords[first].tolist()} "
-            f"at mpp {mpp}; check the file's mpp attribute (override with --mpp); the slide may also be "
-            "too large for the encoder"
-        )
+        raise _outside_error(name, outside, coords, mpp, grid_size, tile_size)
     return scaled

@@ -13,14 +13,12 @@ import json
 import logging
 import os
 import random
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from vlm.formats.tables import read_table
@@ -245,15 +243,23 @@ def feature_slide_ids(folder: str | os.PathLike[str]) -> set[str]:
     return {p.stem for p in folder.glob("*.h5")}
 
 
-def check_feature_files(pairs: Pairs, folder: Path, drop_bad: bool = False) -> Pairs:
+def check_feature_files(
+    pairs: Pairs,
+    folder: Path,
+    drop_bad: bool = False,
+    mpp: float | None = None,
+    patches: str | os.PathLike[str] | None = None,
+) -> Pairs:
     """Open every paired slide's feature file before training and list all that cannot be used.
 
     A bad file found mid-run (hours in, at the first batch that holds it) would stop training with one name;
-    here only the headers are read (grid attributes, dataset shapes), so the check is quick. With
-    `drop_bad` the pairs of those slides are dropped with a warning, as `--drop-missing` does.
+    here only the grid and the dataset shapes are read (not the features), with the rules of
+    `vlm.encoders.inputs.load_slide_inputs` (same `mpp`, `patches`, position grid), so the check is quick.
+    With `drop_bad` the pairs of those slides are dropped with a warning, as `--drop-missing` does.
     """
     import h5py
 
+    from vlm.encoders.positions import to_gigapath_coords
     from vlm.features import read_tile_grid
 
     bad: dict[str, str] = {}
@@ -261,14 +267,14 @@ def check_feature_files(pairs: Pairs, folder: Path, drop_bad: bool = False) -> P
     for slide_id in sorted(set(pairs.slide_ids)):
         path = folder / f"{slide_id}.h5"
         try:
-            grid = read_tile_grid(path)
+            grid = read_tile_grid(path, mpp=mpp, patches=patches)
             with h5py.File(path, "r") as h5:
                 if "features" not in h5:
                     raise ValueError(f"{path}: no 'features' dataset; run `vlm embed-tiles` on this tile grid")
                 shape = h5["features"].shape
-            shape = shape[1:] if len(shape) == 3 and shape[0] == 1 else shape
             if len(shape) != 2 or shape[0] != len(grid) or len(grid) == 0:
                 raise ValueError(f"{path}: 'features' has shape {shape} but 'coords' has {len(grid)} rows")
+            to_gigapath_coords(grid.coords, grid.mpp, slide_id, tile_size_level0=grid.tile_size_level0)
             dims[slide_id] = int(shape[1])
         except (ValueError, OSError) as error:
             bad[slide_id] = str(error)
@@ -291,34 +297,28 @@ def check_feature_files(pairs: Pairs, folder: Path, drop_bad: bool = False) -> P
 
 
 def load_slide_features(
-    folder: Path, slide_ids: list[str], max_tiles: int | None = None, seed: int = 0
+    folder: Path,
+    slide_ids: list[str],
+    max_tiles: int | None = None,
+    seed: int = 0,
+    mpp: float | None = None,
+    patches: str | os.PathLike[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tile features [B, L, D], 0.5-mpp coords [B, L, 2] and padding mask [B, L] (True = pad) for a batch.
 
-    `max_tiles` subsamples larger slides at random, bounding memory per slide. The draw depends only on
-    `seed` and the slide id, so GradCache's second pass (and a resumed run) picks the same tiles.
+    Each slide goes through `vlm.encoders.inputs.load_slide_inputs`, the path `vlm embed-slides` and
+    zero-shot use, so a fine-tuned model is trained on the positions it is later given. `max_tiles`
+    subsamples larger slides at random (after positions are fixed), bounding memory per slide; the draw
+    depends only on `seed` and the slide id, so GradCache's second pass (and a resumed run) picks the same
+    tiles. `mpp` and `patches` are as for `vlm embed-slides` (`--mpp`, `--patches`).
     """
-    from vlm.encoders.slide import to_gigapath_coords
-    from vlm.features import read_features
+    from vlm.encoders.inputs import load_slide_inputs, pad_batch
 
-    feats, coords = [], []
-    for slide_id in slide_ids:
-        tiles = read_features(folder / f"{slide_id}.h5")
-        f = torch.from_numpy(np.asarray(tiles.features, dtype=np.float32))
-        c = torch.from_numpy(np.asarray(to_gigapath_coords(tiles.coords, tiles.mpp, slide_id), dtype=np.float32))
-        if max_tiles is not None and len(f) > max_tiles:
-            generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(slide_id.encode())) % 2**62)
-            keep = torch.randperm(len(f), generator=generator)[:max_tiles].sort().values
-            f, c = f[keep], c[keep]
-        feats.append(f)
-        coords.append(c)
-    length = max(len(f) for f in feats)
-    batch_f = torch.zeros(len(feats), length, feats[0].shape[1])
-    batch_c = torch.zeros(len(feats), length, 2)
-    mask = torch.ones(len(feats), length, dtype=torch.bool)
-    for i, (f, c) in enumerate(zip(feats, coords, strict=True)):
-        batch_f[i, : len(f)], batch_c[i, : len(c)], mask[i, : len(f)] = f, c, False
-    return batch_f, batch_c, mask
+    slides = [
+        load_slide_inputs(Path(folder) / f"{slide_id}.h5", mpp=mpp, patches=patches, max_tiles=max_tiles, seed=seed)
+        for slide_id in slide_ids
+    ]
+    return pad_batch(slides)
 
 
 _Load = tuple[tuple[str, ...], int | None, int]  # slide ids, max_tiles, seed
@@ -333,10 +333,13 @@ class PrefetchingFeatureLoader:
     never depend on it. At most one chunk is loaded ahead, which bounds the extra memory.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(
+        self, folder: Path, mpp: float | None = None, patches: str | os.PathLike[str] | None = None
+    ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.folder = folder
+        self.options = {"mpp": mpp, "patches": patches}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-features")
         self._plan: list[_Load] = []
         self._pending: tuple[_Load, Future[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
@@ -351,7 +354,10 @@ class PrefetchingFeatureLoader:
         self._pending = None
         if self._plan:
             key = self._plan.pop(0)
-            self._pending = (key, self._executor.submit(load_slide_features, self.folder, list(key[0]), *key[1:]))
+            self._pending = (
+                key,
+                self._executor.submit(load_slide_features, self.folder, list(key[0]), *key[1:], **self.options),
+            )
 
     def load(
         self, slide_ids: list[str], max_tiles: int | None = None, seed: int = 0
@@ -360,13 +366,6 @@ class PrefetchingFeatureLoader:
         if self._pending is not None and self._pending[0] == key:
             result = self._pending[1].result()
             self._submit_next()
-        else:
-            self._plan, self._pending = [], None
-            result = load_slide_features(self.folder, slide_ids, max_tiles, seed)
-        broken = [s for s, f in zip(slide_ids, result[0], strict=True) if not torch.isfinite(f).all()]
-        if broken:  # one NaN tile makes the slide embedding, the loss and then the whole model NaN
-            raise ValueError(
-                f"{self.folder}: non-finite (NaN or inf) tile features in slide(s) {broken}; re-embed their "
-                "tiles or drop their pairs"
-            )
-        return result
+            return result
+        self._plan, self._pending = [], None
+        return load_slide_features(self.folder, slide_ids, max_tiles, seed, **self.options)

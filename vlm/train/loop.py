@@ -59,6 +59,8 @@ class TrainConfig:
     slide_embeddings: str | None = None  # frozen slide tower: `vlm embed-slides` parquet
     features: str | None = None  # full fine-tuning: folder of `<slide_id>.h5` tile features
     slide_encoder: str = "gigapath"  # preset used with `features`
+    mpp: float | None = None  # with `features`: level-0 µm/px overriding the files' (CLAM files need it)
+    patches: str | None = None  # with `features`: CLAM `patches/` folder holding the tile geometry
     slide_checkpoint: str | None = None
     pool: str = "mean"
     max_tiles: int | None = None  # subsample longer slides in training (None = all tiles)
@@ -248,7 +250,11 @@ class _Inputs:
             )
         self.tokens: pairs_data.ReportTokens | None = None  # set by `tokenize` once the text tower is known
         self.features = Path(config.features) if config.features is not None else None
-        self.loader = pairs_data.PrefetchingFeatureLoader(self.features) if self.features is not None else None
+        self.loader = (
+            pairs_data.PrefetchingFeatureLoader(self.features, config.mpp, config.patches)
+            if self.features is not None
+            else None
+        )
 
     def encode_slides(self, model: SlideTextModel, rows: Sequence[int], seed: int = 0) -> Tensor:
         if self.embeddings is not None:
@@ -306,7 +312,9 @@ def _prepare_pairs(config: TrainConfig) -> pairs_data.Pairs:
         source = str(config.features)
     pairs = pairs_data.check_slides_available(pairs, ids, source, drop_missing=config.drop_missing)
     if config.features is not None:
-        pairs = pairs_data.check_feature_files(pairs, Path(config.features), drop_bad=config.drop_missing)
+        pairs = pairs_data.check_feature_files(
+            pairs, Path(config.features), config.drop_missing, mpp=config.mpp, patches=config.patches
+        )
     counts = {s: len(pairs.indices(s)) for s in pairs_data.SPLITS}
     log.info("pairs: %s (test pairs are never trained on)", ", ".join(f"{n} {s}" for s, n in counts.items()))
     if counts["train"] < 2:

@@ -3,6 +3,11 @@
 Each argument is a slide file, a folder (searched recursively for slide extensions), or a text file
 (`.txt`/`.lst`) listing one path per line (blank lines and `#` comments ignored; relative paths are
 relative to the list file). Duplicates are dropped, order is kept.
+
+A DICOM slide is usually stored as several `.dcm` files (one per pyramid level, plus label and overview
+images), and OpenSlide opens the whole series from any of them: the files of one series (same folder,
+same `SeriesInstanceUID`) are one slide, listed once by its first file in sorted order (whose name is
+then the slide id).
 """
 
 from __future__ import annotations
@@ -28,6 +33,27 @@ def _from_list_file(path: Path) -> list[Path]:
     return entries
 
 
+def _dicom_series(path: Path) -> str | None:
+    """The SeriesInstanceUID OpenSlide reports for a DICOM file, or None if it cannot open it."""
+    import openslide
+
+    try:
+        with openslide.OpenSlide(str(path)) as slide:
+            return slide.properties.get("dicom.SeriesInstanceUID")
+    except (openslide.OpenSlideError, OSError):
+        return None  # reported with its reason when the slide is opened
+
+
+def group_dicom_series(paths: list[Path]) -> list[Path]:
+    """`paths` with each DICOM series reduced to one entry (its first file in sorted order), order kept."""
+    groups: dict[object, list[Path]] = {}
+    for path in paths:
+        series = _dicom_series(path) if path.suffix.lower() == ".dcm" else None
+        key = (path.parent.resolve(), series) if series else path
+        groups.setdefault(key, []).append(path)
+    return [min(members) for members in groups.values()]
+
+
 def collect_slides(arguments: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Expand files, folders and list files into slide paths; raise if an argument yields nothing."""
     slides: dict[Path, None] = {}
@@ -51,4 +77,4 @@ def collect_slides(arguments: Iterable[str | os.PathLike[str]]) -> list[Path]:
             raise FileNotFoundError(f"{path}: no such slide, folder or list file")
     if not slides:
         raise FileNotFoundError("no slides given")
-    return list(slides)
+    return group_dicom_series(list(slides))

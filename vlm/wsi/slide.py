@@ -1,8 +1,9 @@
 """Open a whole-slide image with OpenSlide and establish its physical scale (µm per level-0 pixel).
 
 Every later stage works in physical units (tiles at 0.5 µm/px, GigaPath positions in 0.5-µm pixels), so
-a slide without a trustworthy mpp is refused here, with the fix (`--mpp`) in the message, rather than
-surfacing as a wrong scale or a `NoneType` error deep inside a later stage.
+a slide without a trustworthy mpp (none, or one outside `vlm.features.PLAUSIBLE_MPP`) is refused here,
+with the fix (`--mpp`) in the message, rather than surfacing as a wrong scale or a `NoneType` error deep
+inside a later stage.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from vlm.features import check_plausible_mpp
+
 # µm per unit of the TIFF ResolutionUnit tag, for slides where OpenSlide reports no openslide.mpp-x
 _TIFF_UNIT_UM = {"centimeter": 1e4, "inch": 25_400.0}
 
@@ -26,6 +29,10 @@ class SlideReadError(ValueError):
 
 class MissingMppError(ValueError):
     """The slide records no µm/px, and none was given."""
+
+
+class ImplausibleMppError(ValueError):
+    """The slide records a µm/px no brightfield scan has (a placeholder), and none was given."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,11 @@ class Slide:
                     "resolution); pass it with --mpp (e.g. --mpp 0.25 for 40x, 0.5 for 20x scans)"
                 )
             self.mpp, self.mpp_source = found
+            try:
+                check_plausible_mpp(self.mpp, str(self.path), f"{self.mpp_source} metadata")
+            except ValueError as error:
+                self._slide.close()
+                raise ImplausibleMppError(str(error)) from None
 
     @property
     def dimensions(self) -> tuple[int, int]:

@@ -58,8 +58,22 @@ class ReadPlan:
         return self.read_size != self.tile_size
 
 
-def tile_size_level0(mpp: float, params: TilingParams) -> int:
-    return max(1, round(params.tile_size * params.target_mpp / mpp))
+# A tile may be read from up to this much fewer level-0 pixels than it has (a 20× scan at 0.504 µm/px gives
+# 254-px tiles for 256 px at 0.5 µm/px); anything coarser would be upsampled, which `vlm tile` never does.
+MAX_UPSAMPLE = 1.05
+
+
+def tile_size_level0(mpp: float, params: TilingParams, where: str = "slide") -> int:
+    """Level-0 pixels per tile; a slide coarser than the target (its tiles would be upsampled) is refused."""
+    exact = params.tile_size * params.target_mpp / mpp
+    size0 = round(exact)
+    if size0 * MAX_UPSAMPLE < params.tile_size:
+        raise ValueError(
+            f"{where}: at {mpp:g} µm/px a {params.tile_size}-px tile at {params.target_mpp} µm/px spans only "
+            f"{exact:.3g} level-0 px and would be upsampled; tile it at its own scale (--target-mpp {mpp:g} or "
+            "coarser), or check its µm/px (--mpp)"
+        )
+    return size0
 
 
 def read_plan(slide: Slide, tile_size_at_level0: int, tile_size: int) -> ReadPlan:
@@ -84,7 +98,7 @@ class TilingResult:
 
 def tile_slide(slide: Slide, params: TilingParams = TilingParams()) -> TilingResult:
     """Detect tissue and lay the tile grid on one slide; raises NoTissueError when nothing qualifies."""
-    size0 = tile_size_level0(slide.mpp, params)
+    size0 = tile_size_level0(slide.mpp, params, str(slide.path))
     tissue = detect_tissue(slide, downsample=size0 / MASK_PX_PER_TILE, params=params.tissue)
     width, height = slide.dimensions
     fractions = tissue_fraction_per_tile(tissue.mask)
