@@ -45,7 +45,7 @@ def test_every_export_resolves_to_what_its_module_defines() -> None:
 def test_train_is_the_function_even_after_its_package_is_imported() -> None:
     """Importing `vlm.train.loop` binds the package `vlm.train` on `vlm`; the export must win."""
     from vlm.train import loop
-    from vlm.train.data import load_pairs  # noqa: F401 - imports another submodule of the package
+    from vlm.train.data import assign_splits  # noqa: F401 - imports another submodule of the package
 
     assert vlm.train is loop.train
     from vlm import train

@@ -121,3 +121,20 @@ def test_fast_replicate_metrics_equal_sklearn_with_ties(n_classes: int) -> None:
         fast = _fast_point(labels, probs, positive, n_classes)
         reference = classification_point_metrics(labels, probs, positive)
         assert fast == pytest.approx(reference, nan_ok=True), trial
+
+
+def test_a_nan_pair_is_a_miss_not_a_hit() -> None:
+    """NaN >= NaN is false: without care a NaN row ranks its own pair first, and a NaN model scores recall 1.0."""
+    import torch
+
+    from vlm.metrics import first_relevant_rank, recall_at_k, retrieval_recalls
+
+    similarity = torch.eye(4)
+    similarity[1, 1] = float("nan")
+    assert recall_at_k(similarity, ks=(1, 4)) == {1: 0.75, 4: 0.75}
+    nan_model = torch.full((4, 8), float("nan"))
+    assert retrieval_recalls(nan_model, nan_model)["mean_recall"] == 0.0
+    sim = np.eye(3)
+    sim[2] = np.nan
+    ranks = first_relevant_rank(sim, np.eye(3, dtype=bool))
+    assert ranks[:2].tolist() == [0, 0] and ranks[2] >= 1000  # a miss at every K, even K > gallery size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,22 @@ import torch
 from tests.support.synthetic import DIAGNOSES, DIM, GRADES, write_synthetic
 from vlm.cli import main as cli_main
 from vlm.encoders.text import build_tiny_text_encoder, load_text_encoder
+from vlm.formats.pairs import Pairs, load_pairs
 from vlm.model import SlideTextModel, build_tiny_model
 from vlm.model.loss import contrastive_loss, create_loss
 from vlm.train import loop
-from vlm.train.data import Pairs, assign_splits, load_pairs
+from vlm.train.data import assign_splits
 from vlm.train.gradcache import contrastive_backward
 from vlm.train.loop import TrainConfig, train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _token_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The report-token cache of these runs goes to a temporary folder, not the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLM_CACHE", str(tmp_path_factory.mktemp("vlm-cache")))
+        yield
+
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +323,49 @@ def test_prefetching_loader_matches_direct_reads(tmp_path: Path) -> None:
         direct = load_slide_features(features, ids, max_tiles, seed)
         for got, expected in zip(loader.load(ids, max_tiles, seed), direct, strict=True):
             assert torch.equal(got, expected)
+
+
+class _CountingTokenizer:
+    """A real tokenizer that counts its tokenising calls (everything else is passed through)."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        self.calls += 1
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.tokenizer, name)
+
+
+def test_reports_are_tokenised_once_across_runs(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`datasets` earns its place: the report corpus is tokenised by `Dataset.map` into an on-disk cache that a
+    re-run or a resumed run reads back instead of tokenising again."""
+    import logging
+
+    from vlm.train.data import ReportTokens
+
+    text = load_text_encoder(data["text"], max_length=8)
+    reports = load_pairs(data["pairs"]).reports
+    spy = _CountingTokenizer(text.tokenizer)
+    first = ReportTokens(reports, spy, 8, cache_dir=tmp_path)
+    assert spy.calls > 0 and not first.cached
+    spy.calls = 0
+    again = ReportTokens(reports, spy, 8, cache_dir=tmp_path)
+    assert spy.calls == 0 and again.cached  # read back, not tokenised
+    rows = [1, 0, 7]  # row 1 is the long report: truncated to 8 tokens, the others padded to it
+    expected = text.tokenize([reports[i] for i in rows])
+    got = again.batch(rows)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert again.count_truncated(range(len(reports))) == text.count_truncated(reports)
+    assert not ReportTokens(reports[:-1], spy, 8, cache_dir=tmp_path).cached  # other reports: another file
+    assert not ReportTokens(reports, spy, 9, cache_dir=tmp_path).cached  # another max_length: another file
+
+    monkeypatch.setenv("VLM_CACHE", str(tmp_path / "cache"))
+    train(config(data, tmp_path / "one", epochs=1))
+    with caplog.at_level(logging.INFO, logger="vlm.train.data"):
+        train(config(data, tmp_path / "two", epochs=1))
+    assert "reports' tokens read from" in caplog.text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from vlm import __version__
@@ -41,9 +42,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ValueError, FileNotFoundError, ImportError, OSError) as error:
-        # User-facing errors carry their fix in the message; a traceback would only hide it.
-        log.error("%s", error)
+        # User-facing errors carry their fix in the message; a traceback would only hide it (-v shows it).
+        log.error("%s", error, exc_info=args.verbose)
         return 2
+    except FloatingPointError as error:  # training diverged on these data: the run failed, not its usage
+        log.error("%s", error, exc_info=args.verbose)
+        return 1
+    except Exception as error:
+        if not _is_library_error(error):
+            raise  # a bug of vlm: keep the whole traceback
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        log.error("%s: %s (a damaged or foreign input file; -v shows the traceback)", type(error).__name__, first,
+                  exc_info=args.verbose)  # fmt: skip
+        return 2
+
+
+# Errors the file-reading libraries raise on damaged or foreign files, by class name so that this module
+# imports none of them (`vlm --help` stays light).
+_LIBRARY_ERRORS = frozenset({"SafetensorError", "UnpicklingError", "DatasetGenerationError", "HDF5ExtError"})
+
+
+def _is_library_error(error: BaseException) -> bool:
+    """True for a known library's error about its input file; FAISS raises a bare RuntimeError from its core."""
+    if any(cls.__name__ in _LIBRARY_ERRORS for cls in type(error).__mro__):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    return isinstance(error, RuntimeError) and bool(frames) and "/faiss/" in frames[-1].filename.replace("\\", "/")
 
 
 if __name__ == "__main__":

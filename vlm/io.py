@@ -234,3 +234,24 @@ def slide_id_from_path(path: str | os.PathLike[str]) -> str:
 def duplicate_ids(ids: Iterable[str]) -> list[str]:
     """The ids that occur more than once, sorted (every input that keys outputs by id must refuse these)."""
     return sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+
+
+def load_torch_file(path: str | os.PathLike[str], what: str, fix: str = "") -> object:
+    """`torch.load(weights_only=True)` of a `what` file (tensors and plain values only, never code).
+
+    A damaged file, or one holding other pickled objects (which unpickling could use to run code), is one
+    `ValueError` naming the file (and `fix`, what to do) instead of torch's traceback.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0])
+        raise ValueError(
+            f"{path}: refused: not a readable {what} of tensors and plain values ({reason}); it is not unpickled "
+            f"because that could run code{'; ' + fix if fix else ''}"
+        ) from error

@@ -20,7 +20,8 @@ def recall_at_k(similarity: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int,
     """Fraction of queries whose paired item (same index: row i pairs with column i) is in the top K.
 
     `similarity` is [N_query, N_gallery] with N_gallery >= N_query. Ties are broken against the query
-    (an item scoring equal to the pair counts as ranked above it), so a constant score gets no credit.
+    (an item scoring equal to the pair counts as ranked above it), so a constant score gets no credit; a
+    non-finite (NaN, inf) pair score counts as a miss.
     """
     if similarity.ndim != 2 or similarity.shape[1] < similarity.shape[0]:
         raise ValueError(
@@ -31,6 +32,8 @@ def recall_at_k(similarity: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int,
         raise ValueError("recall_at_k needs at least one query")
     paired = similarity.diagonal()[:, None]  # [N, 1]
     rank = (similarity >= paired).sum(dim=1) - 1  # items other than the pair scoring at least as high
+    # NaN >= NaN is false, which would rank a NaN pair first: a non-finite pair score is a miss at every K.
+    rank = torch.where(torch.isfinite(paired[:, 0]), rank, torch.iinfo(rank.dtype).max)
     return {int(k): float((rank < k).float().mean()) for k in ks}
 
 
@@ -320,7 +323,8 @@ def first_relevant_rank(similarity: np.ndarray, relevant: np.ndarray) -> np.ndar
     """[Q] 0-based rank of each query's best-scoring relevant item among the gallery.
 
     `similarity` and `relevant` are [Q, G]; rank = number of non-relevant items scoring at least as high as
-    that item, so ties count against the query (as in `recall_at_k`) and Recall@K = mean(rank < K). Used
+    that item, so ties count against the query (as in `recall_at_k`) and Recall@K = mean(rank < K); a query
+    whose relevant scores are not finite gets the largest int64 (a miss at every K). Used
     when a query may have several relevant items (a slide with two reports).
     """
     similarity, relevant = np.asarray(similarity, dtype=np.float64), np.asarray(relevant, dtype=bool)
@@ -332,7 +336,9 @@ def first_relevant_rank(similarity: np.ndarray, relevant: np.ndarray) -> np.ndar
     if lonely.size:
         raise ValueError(f"queries {lonely[:10].tolist()} have no relevant item in the gallery; drop them")
     best = np.where(relevant, similarity, -np.inf).max(axis=1, keepdims=True)  # [Q, 1]
-    return ((similarity >= best) & ~relevant).sum(axis=1)
+    rank = ((similarity >= best) & ~relevant).sum(axis=1)
+    # NaN >= NaN is false, which would rank a NaN query first: a non-finite best score is a miss at every K.
+    return np.where(np.isfinite(best[:, 0]), rank, np.iinfo(np.int64).max)
 
 
 def label_retrieval(

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlm.formats.embeddings import SlideEmbeddings
+from vlm.formats.tables import read_table
 from vlm.io import atomic_path
 from vlm.model.clip import SlideTextModel
 from vlm.prompts import DEFAULT_TEMPLATES, PromptTask, load_prompt_task, task_from_classes
@@ -352,17 +353,14 @@ def read_slides(
 
 
 def read_labels(path: str | os.PathLike[str], task: PromptTask, column: str | None = None) -> tuple[pd.Series, str]:
-    """slide_id -> raw label (str) from a CSV, using `column`, else the task's label column, else `label`.
+    """slide_id -> raw label (str) from a table (`vlm.formats.tables`): `column`, else the task's label column,
+    else `label`.
 
     The task's column is a vlm task's `labels.column`, a TITAN config's `target`, or `OncoTreeCode` for
     CONCH / MI-Zero files (the column their code reads).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: labels file not found (a CSV with columns slide_id,label)")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if "slide_id" not in frame.columns:
-        raise ValueError(f"{path}: no 'slide_id' column (columns: {list(frame.columns)})")
+    frame = read_table(path, required=("slide_id",), what="labels", all_text=True)
     if column is None:
         column = task.label_column if task.label_column in frame.columns else "label"
         if column != task.label_column and column in frame.columns:

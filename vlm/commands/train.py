@@ -36,7 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--val-fraction", type=float, default=0.1, help="validation share of patients without a split column"
     )
     data.add_argument("--test-fraction", type=float, default=0.0, help="test share of patients without a split column")
-    data.add_argument("--drop-missing", action="store_true", help="drop pairs whose slide has no embedding/features")
+    data.add_argument(
+        "--drop-missing",
+        action="store_true",
+        help="drop pairs whose slide has no embedding, or no usable feature file (all are listed first)",
+    )
     data.add_argument("--max-tiles", type=int, default=None, help="subsample slides to this many tiles in training")
 
     model = p.add_argument_group("model")

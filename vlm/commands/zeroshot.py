@@ -116,8 +116,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_feature_file_options(parser)
     parser.add_argument(
         "--labels",
-        help="CSV with slide_id and a label column (default: the task's column, e.g. a TITAN config's target or "
-        "OncoTreeCode for CONCH / MI-Zero files, else label)",
+        help="table (CSV/TSV/Parquet/JSONL) with slide_id and a label column (default: the task's column, e.g. "
+        "a TITAN config's target or OncoTreeCode for CONCH / MI-Zero files, else label)",
     )
     parser.add_argument(
         "--label-column", help="label column in --labels (overrides the task's label column)"

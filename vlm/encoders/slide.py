@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from vlm.encoders.longnet import LongNetEncoder
 from vlm.encoders.positions import sincos_positions, to_gigapath_coords
+from vlm.io import load_torch_file
 from vlm.weights import load_state_strict
 
 __all__ = [
@@ -203,7 +204,7 @@ def load_slide_encoder_weights(model: GigaPathSlideEncoder, checkpoint: str | Pa
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such slide-encoder checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, "slide-encoder checkpoint")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):

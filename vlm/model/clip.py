@@ -243,7 +243,7 @@ class SlideTextModel(nn.Module):
 
         The weights file must match config.json: same architecture hash, same tensor names and shapes.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -259,8 +259,14 @@ class SlideTextModel(nn.Module):
         except json.JSONDecodeError as error:
             raise ValueError(f"{config_file}: not valid JSON ({error})") from error
         config = SlideTextConfig.from_dict(values, source=str(config_file))
-        with safe_open(str(weights_file), framework="pt") as handle:
-            saved_digest = (handle.metadata() or {}).get("vlm_config_sha256")
+        try:
+            with safe_open(str(weights_file), framework="pt") as handle:
+                saved_digest = (handle.metadata() or {}).get("vlm_config_sha256")
+            state = load_file(str(weights_file))
+        except SafetensorError as error:  # damaged or cut short: one line naming the file, not a Rust traceback
+            raise ValueError(
+                f"{weights_file}: not a readable safetensors file ({error}); re-save or re-copy the model folder"
+            ) from error
         if saved_digest != config.digest():
             raise ValueError(
                 f"{weights_file} was not saved with this {CONFIG_NAME} (architecture hash differs); the "
@@ -272,7 +278,7 @@ class SlideTextModel(nn.Module):
         slide_encoder = _build_slide_encoder(config) if config.slide_encoder is not None else None
         model = cls(config, text, slide_encoder)
         fix = "the weights and config.json are of different models"
-        load_state_strict(model, load_file(str(weights_file)), str(weights_file), fix)
+        load_state_strict(model, state, str(weights_file), fix)
         if device is not None:
             model.to(device)
         return model.eval()

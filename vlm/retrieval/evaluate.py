@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from vlm.formats.embeddings import load_slide_embeddings
+from vlm.formats.pairs import check_slides_available, load_pairs
+from vlm.formats.tables import read_table
 from vlm.metrics import bootstrap_ci, first_relevant_rank, label_retrieval
 from vlm.retrieval.index import ModelArg, project_slides, resolve_model
-from vlm.retrieval.pairs import load_pairs
-from vlm.retrieval.reports import read_table
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,7 @@ def evaluate_retrieval(
     if len(table) == 0:
         raise ValueError(f"{pairs}: no pairs in split {split!r}")
     embeddings = load_slide_embeddings(slides)
-    missing = sorted(set(table.slide_ids) - set(embeddings.ids))
-    if missing:
-        raise ValueError(f"{len(missing)} slide id(s) of {pairs} have no embedding in {slides}, e.g. {missing[:10]}; "
-                         "embed them first (`vlm embed-slides`) or fix the ids")  # fmt: skip
+    check_slides_available(table, set(embeddings.ids), str(slides))
     slide_ids = list(dict.fromkeys(table.slide_ids))  # unique, in pairs order
     embeddings.check_finite(slide_ids)
     slide_vectors = project_slides(model, embeddings.lookup(slide_ids))  # [S, D]
@@ -83,10 +80,8 @@ def _label_metrics(
     slide_ids: list[str], vectors: np.ndarray, labels_path: str | os.PathLike[str], ks: Sequence[int], **boot: Any
 ) -> dict[str, Any]:
     """Leave-one-out slide → slide Acc@K / MVAcc@K / mAP@K over the evaluated slides that have a label."""
-    table = read_table(labels_path)
-    if not {"slide_id", "label"} <= set(table.columns):
-        raise ValueError(f"{labels_path}: needs slide_id and label columns; found {list(table.columns)}")
-    label_of = dict(zip(table["slide_id"].astype(str), table["label"].astype(str), strict=True))
+    table = read_table(labels_path, required=("slide_id", "label"), what="labels", all_text=True)
+    label_of = {s: label for s, label in zip(table["slide_id"], table["label"], strict=True) if label.strip()}
     keep = [i for i, s in enumerate(slide_ids) if s in label_of]
     if len(keep) < len(slide_ids):
         log.warning("%d of %d evaluated slides have no label in %s and are left out of slide → slide",

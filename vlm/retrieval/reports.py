@@ -11,15 +11,13 @@ from typing import Any, ClassVar, TypeVar
 import pandas as pd
 
 from vlm.formats.embeddings import SlideEmbeddings, load_slide_embeddings
+from vlm.formats.pairs import Pairs, load_pairs
+from vlm.formats.tables import read_table
 from vlm.io import folder_lock, remove_if_unused
 from vlm.retrieval.index import ModelArg, SlideIndex, check_index_folder, read_manifest, resolve_model
-from vlm.retrieval.pairs import Pairs, load_pairs
 
 log = logging.getLogger(__name__)
 IndexT = TypeVar("IndexT", bound=SlideIndex)
-
-_TABLE_READERS = {".csv": pd.read_csv, ".tsv": lambda p, **kw: pd.read_csv(p, sep="\t", **kw),
-                  ".parquet": pd.read_parquet, ".jsonl": lambda p, **kw: pd.read_json(p, lines=True, **kw)}  # fmt: skip
 
 
 class ReportIndex(SlideIndex):
@@ -78,20 +76,8 @@ def _report_ids(slide_ids: Sequence[str]) -> list[str]:
 
 
 def read_metadata(path: str | os.PathLike[str] | None) -> pd.DataFrame | None:
-    """A user metadata table with a `slide_id` column (see `read_table`), or None without a path."""
-    return None if path is None else read_table(path)
-
-
-def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """A CSV / TSV / Parquet / JSONL table; `slide_id` is read as text (ids like 0001 keep their zeros)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such table")
-    reader = _TABLE_READERS.get(path.suffix.lower())
-    if reader is None:
-        raise ValueError(f"{path}: unknown table format {path.suffix!r}; use one of {', '.join(_TABLE_READERS)}")
-    kwargs = {} if path.suffix.lower() == ".parquet" else {"dtype": {"slide_id": str}}
-    return reader(path, **kwargs)
+    """A user metadata table with a `slide_id` column (`vlm.formats.tables`), or None without a path."""
+    return None if path is None else read_table(path, required=("slide_id",), what="metadata")
 
 
 def build_slide_index(

@@ -1,4 +1,4 @@
-"""Training data: slide–report pairs (via `datasets`), their splits, and the slide inputs they point to.
+"""Training data: slide–report pairs, their splits, and the slide inputs they point to.
 
 Splits are made by patient when a `patient_id` column exists (else by slide), so no patient's slides or
 reports appear in two splits: a model that saw one slide of a patient in training would look better on
@@ -8,129 +8,21 @@ trained on nor used to pick a checkpoint.
 
 from __future__ import annotations
 
-import csv
+import hashlib
+import json
 import logging
 import os
 import random
+from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from vlm.formats.pairs import Pairs
+
 log = logging.getLogger(__name__)
-
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-REQUIRED_COLUMNS: tuple[str, ...] = ("slide_id", "report")
-_FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json"}
-
-
-@dataclass
-class Pairs:
-    """Slide–report pairs, row-aligned lists; `split` is filled in by `assign_splits` when not given."""
-
-    slide_ids: list[str]
-    reports: list[str]
-    patient_ids: list[str] | None = None
-    splits: list[str] | None = None
-
-    def __len__(self) -> int:
-        return len(self.slide_ids)
-
-    def indices(self, split: str) -> list[int]:
-        """Row numbers of one split."""
-        if self.splits is None:
-            raise ValueError("splits are not assigned yet; call assign_splits first")
-        return [i for i, s in enumerate(self.splits) if s == split]
-
-    def groups(self) -> list[str]:
-        """The unit a split must not cut: the patient when known, else the slide."""
-        return self.patient_ids if self.patient_ids is not None else self.slide_ids
-
-    def select(self, rows: list[int]) -> Pairs:
-        def pick(values: list[str] | None) -> list[str] | None:
-            return None if values is None else [values[i] for i in rows]
-
-        return Pairs(
-            [self.slide_ids[i] for i in rows],
-            [self.reports[i] for i in rows],
-            pick(self.patient_ids),
-            pick(self.splits),
-        )
-
-
-def load_pairs(path: str | os.PathLike[str]) -> Pairs:
-    """Read a CSV / TSV / Parquet / JSONL table of pairs with `datasets`, checking columns and values."""
-    from datasets import Features, Value, load_dataset
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such pairs file (expected CSV, Parquet or JSONL)")
-    builder = _FORMATS.get(path.suffix.lower())
-    if builder is None:
-        raise ValueError(f"{path}: unknown pairs format {path.suffix!r}; use one of {', '.join(sorted(_FORMATS))}")
-    kwargs: dict[str, object] = {}
-    if builder == "csv":
-        # Read every column as text: type inference would turn slide ids like "001" into the number 1.
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        with open(path, newline="") as handle:
-            header = next(csv.reader(handle, delimiter=delimiter), [])
-        kwargs = {"delimiter": delimiter, "features": Features({name: Value("string") for name in header})}
-    table = load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True, **kwargs)
-    columns = set(table.column_names)
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ValueError(
-            f"{path}: missing column(s) {missing}; found {sorted(columns)}. Rename them to slide_id, report"
-        )
-    slide_ids = _strings(table["slide_id"], "slide_id", path)
-    reports = _strings(table["report"], "report", path)
-    patients = _strings(table["patient_id"], "patient_id", path) if "patient_id" in columns else None
-    splits = None
-    if "split" in columns:
-        splits = [str(s).strip().lower() if s is not None else "" for s in table["split"]]
-        bad = sorted({s for s in splits if s not in SPLITS})
-        if bad:
-            rows = [i + 2 for i, s in enumerate(splits) if s not in SPLITS][:5]
-            raise ValueError(
-                f"{path}: unknown split value(s) {bad} (first data rows {rows}); use train, val or test, "
-                "or drop the split column to split automatically by patient"
-            )
-    pairs = Pairs(slide_ids, reports, patients, splits)
-    if splits is not None:
-        check_no_leak(pairs, source=str(path))
-    duplicated = len(slide_ids) - len(set(slide_ids))
-    if duplicated:
-        log.warning("%s: %d slide ids appear in more than one pair", path, duplicated)
-    return pairs
-
-
-def _strings(values: list[object], column: str, path: Path) -> list[str]:
-    """Column as stripped strings; empty or missing cells are an error naming the rows (1 = header)."""
-    out = ["" if v is None else str(v).strip() for v in values]
-    empty = [i + 2 for i, v in enumerate(out) if not v]
-    if empty:
-        raise ValueError(
-            f"{path}: empty {column!r} in {len(empty)} row(s), first data rows {empty[:5]}; fill or drop them"
-        )
-    return out
-
-
-def check_no_leak(pairs: Pairs, source: str = "pairs") -> None:
-    """Refuse a split in which one patient (or slide) falls in two splits."""
-    if pairs.splits is None:
-        return
-    seen: dict[str, set[str]] = {}
-    for group, split in zip(pairs.groups(), pairs.splits, strict=True):
-        seen.setdefault(group, set()).add(split)
-    leaking = sorted(g for g, s in seen.items() if len(s) > 1)
-    if leaking:
-        unit = "patient" if pairs.patient_ids is not None else "slide"
-        raise ValueError(
-            f"{source}: {len(leaking)} {unit}(s) appear in more than one split, e.g. {leaking[:5]}; "
-            f"put each {unit} in a single split"
-        )
-
 
 def assign_splits(pairs: Pairs, val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0) -> Pairs:
     """Split by patient (or slide) when no split is given; a given split is returned unchanged.
@@ -157,22 +49,79 @@ def assign_splits(pairs: Pairs, val_fraction: float = 0.1, test_fraction: float 
     return Pairs(pairs.slide_ids, pairs.reports, pairs.patient_ids, splits)
 
 
-def check_slides_available(pairs: Pairs, available: set[str], source: str, drop_missing: bool = False) -> Pairs:
-    """Every paired slide must have an input (embedding or feature file); list those that do not.
+def tokens_cache_dir() -> Path:
+    """`$VLM_CACHE/tokens` when VLM_CACHE is set, else `~/.cache/vlm/tokens`."""
+    root = os.environ.get("VLM_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "vlm") / "tokens"
 
-    With `drop_missing`, those pairs are dropped with a warning instead (e.g. slides that failed tiling).
+
+class ReportTokens:
+    """Every report tokenised once, through `datasets.Dataset.map` and its on-disk Arrow cache.
+
+    Tokenising a corpus of 100k reports takes minutes; the cache file is keyed by the reports, the tokenizer
+    and `max_length`, so a re-run, a resumed run or another run on the same reports reads the tokens back
+    instead (memory-mapped, not held in RAM). `batch` pads rows to the longest of the batch, exactly as
+    `TextEncoder.tokenize` does; the untruncated length is kept to count truncated reports.
     """
-    missing = sorted({s for s in pairs.slide_ids if s not in available})
-    if not missing:
-        return pairs
-    if not drop_missing:
-        raise ValueError(
-            f"{len(missing)} slide id(s) in the pairs have no input in {source}, e.g. {missing[:10]}; embed them "
-            "first, fix the ids, or pass --drop-missing to train without them"
+
+    def __init__(self, reports: list[str], tokenizer: Any, max_length: int, cache_dir: Path | None = None) -> None:
+        from datasets import Dataset
+
+        self.tokenizer, self.max_length = tokenizer, max_length
+        key = _tokens_key(reports, tokenizer, max_length)
+        folder = cache_dir if cache_dir is not None else tokens_cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.cache_file = folder / f"reports-{key[:32]}.arrow"
+        self.cached = self.cache_file.is_file()
+
+        def tokenize(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
+            out = dict(tokenizer(batch["report"], truncation=True, max_length=max_length))
+            out["length"] = [len(ids) for ids in tokenizer(batch["report"], truncation=False)["input_ids"]]
+            return out
+
+        self.table = Dataset.from_dict({"report": reports}).map(
+            tokenize,
+            batched=True,
+            batch_size=1000,
+            remove_columns=["report"],
+            cache_file_name=str(self.cache_file),
+            new_fingerprint=key[:32],
+            desc="tokenising reports",
         )
-    log.warning("dropping pairs of %d slide(s) missing from %s, e.g. %s", len(missing), source, missing[:5])
-    keep = [i for i, s in enumerate(pairs.slide_ids) if s in available]
-    return pairs.select(keep)
+        if len(self.table) != len(reports):  # a cache file of other reports would pair texts with wrong rows
+            raise ValueError(f"{self.cache_file}: holds {len(self.table)} rows for {len(reports)} reports; delete it")
+        self.columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in self.table.column_names]
+        log.info("%d reports' tokens %s %s", len(reports), "read from" if self.cached else "cached in", self.cache_file)
+
+    def count_truncated(self, rows: Sequence[int]) -> int:
+        """How many of these rows' reports are longer than `max_length` tokens and get cut."""
+        lengths = self.table.select_columns(["length"])[list(rows)]["length"] if rows else []
+        return sum(n > self.max_length for n in lengths)
+
+    def batch(self, rows: Sequence[int], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Padded tensors of these rows, as `TextEncoder.tokenize` returns for their texts."""
+        picked = self.table.select_columns(self.columns)[list(rows)]
+        length = max(len(ids) for ids in picked["input_ids"])
+        fill = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0,
+                "token_type_ids": getattr(self.tokenizer, "pad_token_type_id", 0)}  # fmt: skip
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        out = {}
+        for column in self.columns:
+            padded = [[fill[column]] * (length - len(r)) + r if left else r + [fill[column]] * (length - len(r))
+                      for r in picked[column]]  # fmt: skip
+            out[column] = torch.tensor(padded, dtype=torch.long, device=device)
+        return out
+
+
+def _tokens_key(reports: list[str], tokenizer: Any, max_length: int) -> str:
+    """SHA-256 of what the tokens depend on: the reports, the tokenizer's full definition and `max_length`."""
+    digest = hashlib.sha256(f"vlm-report-tokens-1|{type(tokenizer).__name__}|{max_length}|".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    digest.update(hashlib.sha256(definition.encode()).digest())
+    for report in reports:
+        digest.update(hashlib.sha256(report.encode()).digest())
+    return digest.hexdigest()
 
 
 def feature_slide_ids(folder: str | os.PathLike[str]) -> set[str]:
@@ -181,6 +130,59 @@ def feature_slide_ids(folder: str | os.PathLike[str]) -> set[str]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder of tile-feature files; make it with `vlm embed-tiles`")
     return {p.stem for p in folder.glob("*.h5")}
+
+
+def check_feature_files(
+    pairs: Pairs,
+    folder: Path,
+    drop_bad: bool = False,
+    mpp: float | None = None,
+    patches: str | os.PathLike[str] | None = None,
+) -> Pairs:
+    """Open every paired slide's feature file before training and list all that cannot be used.
+
+    A bad file found mid-run (hours in, at the first batch that holds it) would stop training with one name;
+    here only the grid and the dataset shapes are read (not the features), with the rules of
+    `vlm.encoders.inputs.load_slide_inputs` (same `mpp`, `patches`, position grid), so the check is quick.
+    With `drop_bad` the pairs of those slides are dropped with a warning, as `--drop-missing` does.
+    """
+    import h5py
+
+    from vlm.encoders.positions import to_gigapath_coords
+    from vlm.features import read_tile_grid
+
+    bad: dict[str, str] = {}
+    dims: dict[str, int] = {}
+    for slide_id in sorted(set(pairs.slide_ids)):
+        path = folder / f"{slide_id}.h5"
+        try:
+            grid = read_tile_grid(path, mpp=mpp, patches=patches)
+            with h5py.File(path, "r") as h5:
+                if "features" not in h5:
+                    raise ValueError(f"{path}: no 'features' dataset; run `vlm embed-tiles` on this tile grid")
+                shape = h5["features"].shape
+            if len(shape) != 2 or shape[0] != len(grid) or len(grid) == 0:
+                raise ValueError(f"{path}: 'features' has shape {shape} but 'coords' has {len(grid)} rows")
+            to_gigapath_coords(grid.coords, grid.mpp, slide_id, tile_size_level0=grid.tile_size_level0)
+            dims[slide_id] = int(shape[1])
+        except (ValueError, OSError) as error:
+            bad[slide_id] = str(error)
+    if len(set(dims.values())) > 1:  # one slide encoder takes one feature width: the rarer widths are wrong
+        common = max(set(dims.values()), key=list(dims.values()).count)
+        for slide_id, dim in dims.items():
+            if dim != common:
+                bad[slide_id] = f"{folder / slide_id}.h5: {dim}-d features, but most files have {common}-d"
+    if not bad:
+        return pairs
+    listing = "\n".join(f"  {slide_id}: {why}" for slide_id, why in sorted(bad.items())[:20])
+    more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+    if not drop_bad:
+        raise ValueError(
+            f"{folder}: {len(bad)} feature file(s) of paired slides cannot be used:\n{listing}{more}\n"
+            "fix or re-make them, or pass --drop-missing to train without these slides"
+        )
+    log.warning("dropping pairs of %d slide(s) whose feature files cannot be used:\n%s%s", len(bad), listing, more)
+    return pairs.select([i for i, s in enumerate(pairs.slide_ids) if s not in bad])
 
 
 def load_slide_features(

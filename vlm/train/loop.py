@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ from tqdm.auto import tqdm
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.text import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER
 from vlm.formats.embeddings import load_slide_embeddings
-from vlm.io import atomic_path
+from vlm.formats.pairs import SPLITS, Pairs, check_slides_available, load_pairs
+from vlm.io import atomic_path, load_torch_file
 from vlm.metrics import retrieval_recalls
 from vlm.model.clip import CLIP_INIT_LOGIT_SCALE, SlideTextModel, create_model
 from vlm.model.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, contrastive_loss, create_loss
@@ -149,20 +151,37 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors, lists and numbers: what `torch.load(weights_only=True)` accepts, no pickle."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """`checkpoints/last.pt` read with `weights_only=True`: tensors and plain values only, never code.
+
+    A checkpoint holding any other pickled object (crafted, or written by a vlm that stored RNG states as
+    numpy objects) is refused rather than unpickled, since unpickling can run arbitrary code.
+    """
+    state = load_torch_file(path, "vlm training checkpoint", fix="restart the run without --resume")
+    if not isinstance(state, dict) or not {"model", "optimizer", "rng", "global_step"} <= set(state):
+        raise ValueError(f"{path}: not a vlm training checkpoint (keys model, optimizer, rng, ... missing)")
+    return state
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -208,7 +227,7 @@ def _apply_freezing(model: SlideTextModel, config: TrainConfig) -> None:
 class _Inputs:
     """Slide inputs of the pairs (cached embeddings or feature files) and their reports, by row."""
 
-    def __init__(self, config: TrainConfig, pairs: pairs_data.Pairs, device: torch.device) -> None:
+    def __init__(self, config: TrainConfig, pairs: Pairs, device: torch.device) -> None:
         self.config, self.pairs, self.device = config, pairs, device
         self.embeddings: Tensor | None = None
         self._text_features: Tensor | None = None
@@ -216,6 +235,8 @@ class _Inputs:
             table = load_slide_embeddings(config.slide_embeddings)
             self.embeddings = table.lookup(pairs.slide_ids).to(device)  # [N_pairs, D]
             self.slide_dim = table.dim
+            used = pairs.indices("train") + pairs.indices("val")  # test rows are never read by training
+            table.check_finite([pairs.slide_ids[i] for i in used])
             log.info(
                 "slide embeddings: %d slides, %d-d, encoder=%s pool=%s",
                 len(table.ids),
@@ -223,6 +244,7 @@ class _Inputs:
                 table.encoder,
                 table.pool,
             )
+        self.tokens: pairs_data.ReportTokens | None = None  # set by `tokenize` once the text tower is known
         self.features = Path(config.features) if config.features is not None else None
         self.loader = (
             pairs_data.PrefetchingFeatureLoader(self.features, config.mpp, config.patches)
@@ -244,10 +266,19 @@ class _Inputs:
             max_tiles = self.config.max_tiles if training else None
             self.loader.plan([([self.pairs.slide_ids[i] for i in c], max_tiles, seed) for c in chunks])
 
+    def tokenize(self, model: SlideTextModel) -> None:
+        """Tokenise every report once (`datasets` on-disk cache: re-runs and resumed runs read it back)."""
+        self.tokens = pairs_data.ReportTokens(self.pairs.reports, model.text.tokenizer, model.text.max_length)
+
+    def _tokens(self, model: SlideTextModel, rows: Sequence[int]) -> dict[str, Tensor]:
+        if self.tokens is not None:
+            return self.tokens.batch(rows, self.device)
+        return model.text.tokenize([self.pairs.reports[i] for i in rows], device=self.device)
+
     def encode_texts(self, model: SlideTextModel, rows: Sequence[int]) -> Tensor:
         if not any(p.requires_grad for p in model.text.parameters()):
             return F.normalize(model.text_proj(self._frozen_text_features(model)[list(rows)]), dim=-1)
-        return model.encode_tokens(model.text.tokenize([self.pairs.reports[i] for i in rows], device=self.device))
+        return model.encode_tokens(self._tokens(model, rows))
 
     def _frozen_text_features(self, model: SlideTextModel) -> Tensor:
         """A fully frozen text tower is a fixed function: run it once per report (eval mode) and reuse it.
@@ -257,18 +288,17 @@ class _Inputs:
         if self._text_features is None:
             was_training = model.text.training
             model.text.eval()
-            reports = self.pairs.reports
+            n = len(self.pairs.reports)
             with torch.no_grad():
                 self._text_features = torch.cat([
-                    model.text(**model.text.tokenize(reports[i : i + 64], device=self.device)).float()
-                    for i in range(0, len(reports), 64)
+                    model.text(**self._tokens(model, range(i, min(i + 64, n)))).float() for i in range(0, n, 64)
                 ])  # [N_pairs, text width]
             model.text.train(was_training)
         return self._text_features
 
 
-def _prepare_pairs(config: TrainConfig) -> pairs_data.Pairs:
-    pairs = pairs_data.load_pairs(config.pairs)
+def _prepare_pairs(config: TrainConfig) -> Pairs:
+    pairs = load_pairs(config.pairs)
     pairs = pairs_data.assign_splits(pairs, config.val_fraction, config.test_fraction, config.seed)
     if config.slide_embeddings is not None:
         ids = set(load_slide_embeddings(config.slide_embeddings).ids)
@@ -276,15 +306,19 @@ def _prepare_pairs(config: TrainConfig) -> pairs_data.Pairs:
     else:
         ids = pairs_data.feature_slide_ids(config.features or "")
         source = str(config.features)
-    pairs = pairs_data.check_slides_available(pairs, ids, source, drop_missing=config.drop_missing)
-    counts = {s: len(pairs.indices(s)) for s in pairs_data.SPLITS}
+    pairs = check_slides_available(pairs, ids, source, drop_missing=config.drop_missing)
+    if config.features is not None:
+        pairs = pairs_data.check_feature_files(
+            pairs, Path(config.features), config.drop_missing, mpp=config.mpp, patches=config.patches
+        )
+    counts = {s: len(pairs.indices(s)) for s in SPLITS}
     log.info("pairs: %s (test pairs are never trained on)", ", ".join(f"{n} {s}" for s, n in counts.items()))
     if counts["train"] < 2:
         raise ValueError(f"{config.pairs}: {counts['train']} training pair(s); contrastive training needs at least 2")
     return pairs
 
 
-def _write_splits(path: Path, pairs: pairs_data.Pairs) -> None:
+def _write_splits(path: Path, pairs: Pairs) -> None:
     import pandas as pd
 
     frame = pd.DataFrame(
@@ -321,13 +355,28 @@ class _MetricsLog:
     def __init__(self, path: Path, enabled: bool, keep_until_step: int | None) -> None:
         self.path, self.enabled = path, enabled
         if enabled and keep_until_step is not None and path.exists():
-            kept = [
-                line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= keep_until_step
-            ]
+            kept = [line for line in self._records(path) if json.loads(line)["step"] <= keep_until_step]
             with atomic_path(path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in kept))
         elif enabled and keep_until_step is None:
             path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _records(path: Path) -> list[str]:
+        """The file's JSON lines; a final line cut short by a kill is dropped with a warning, any other bad
+        line is an error naming it (the log was edited or damaged, not interrupted)."""
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                    raise ValueError("no integer 'step'")
+            except ValueError as error:
+                if number == len(lines):
+                    log.warning("%s: dropping an unfinished last line (%s) left by an interrupted run", path, error)
+                    return lines[:-1]
+                raise ValueError(f"{path}: line {number} is not a metrics record ({error}); fix or remove it") from None
+        return lines
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -360,6 +409,30 @@ def evaluate(
     return metrics
 
 
+def _remove_unfinished(out: Path) -> None:
+    """Delete the `.*.part` files and folders an interrupted run left in its folder (a checkpoint is ~0.2 GB).
+
+    `atomic_path` / `atomic_dir` write under those names and rename only when complete, so a `.part` is never
+    a finished output; the run about to start owns the folder.
+    """
+    removed, size = 0, 0
+    for folder in (out, out / CHECKPOINT.parent):
+        for part in folder.glob(".*.part") if folder.is_dir() else ():
+            if part.is_dir():
+                target = folder / part.name[1:].rsplit(".", 2)[0]  # `.model.<random>.part` -> `model`
+                if not target.exists():  # a kill between atomic_dir's renames: this may be the only copy
+                    log.warning("%s: kept %s (no %s beside it to replace it)", out, part.name, target.name)
+                    continue
+                size += sum(f.stat().st_size for f in part.rglob("*") if f.is_file())
+                shutil.rmtree(part, ignore_errors=True)
+            else:
+                size += part.stat().st_size
+                part.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.warning("%s: removed %d unfinished file(s) (%.1f MB) left by an interrupted run", out, removed, size / 1e6)
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -380,6 +453,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
     if device.type == "cuda" and dist_.world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    if dist_.main:
+        _remove_unfinished(out)
     _seed_everything(config.seed)
 
     pairs = _prepare_pairs(config)
@@ -387,7 +462,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
     train_rows, val_rows = pairs.indices("train"), pairs.indices("val")
     model = _build_model(config, getattr(inputs, "slide_dim", None), out if resume else None).to(device)
     _apply_freezing(model, config)
-    truncated = model.text.count_truncated([pairs.reports[i] for i in train_rows + val_rows])
+    inputs.tokenize(model)
+    assert inputs.tokens is not None
+    truncated = inputs.tokens.count_truncated(train_rows + val_rows)
     if truncated:
         log.warning(
             "%d of %d reports exceed %d tokens and are truncated",
@@ -414,8 +491,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
 
     epoch, step_in_epoch, global_step, best = 0, 0, 0, -math.inf
     if resume:
-        # our own file (it holds numpy/python RNG states, which weights_only=True refuses)
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        state = _load_checkpoint(checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -434,7 +510,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
         _write_splits(out / "splits.csv", pairs)
     metrics = _MetricsLog(out / "metrics.jsonl", dist_.main, global_step if resume else None)
     if not resume:
-        counts = {f"pairs/{split}": len(pairs.indices(split)) for split in pairs_data.SPLITS}
+        counts = {f"pairs/{split}": len(pairs.indices(split)) for split in SPLITS}
         metrics.write({"step": 0, **counts, "truncated_reports": truncated, "max_length": config.max_length})
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info(
@@ -467,7 +543,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
             lr = scheduler.get_last_lr()[0]
             tile_seed = config.seed * 1_000_003 + global_step
             started = time.perf_counter()
-            loss = _train_step(model, inputs, mine, loss_fn, optimizer, scaler, config, device, tile_seed, dist_)
+            try:
+                loss = _train_step(model, inputs, mine, loss_fn, optimizer, scaler, config, device, tile_seed, dist_)
+            except FloatingPointError as error:
+                raise FloatingPointError(
+                    f"{out}: epoch {epoch}, step {global_step + 1}: {error}. Training stopped; nothing of this "
+                    f"step was saved (`model/`, `last/` and the checkpoint hold step {global_step} or earlier)"
+                ) from None
             loss["step_seconds"] = round(time.perf_counter() - started, 4)
             scheduler.step()
             global_step += 1
@@ -478,6 +560,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
         record: dict[str, Any] = {"step": global_step, "epoch": epoch}
         if val_rows:
             record.update(evaluate(model, inputs, val_rows, create_loss(config.loss), config))
+            if not math.isfinite(record["val/loss"]):
+                raise FloatingPointError(
+                    f"{out}: epoch {epoch}: non-finite validation loss ({record['val/loss']}); training stopped and "
+                    "this epoch's model was not saved"
+                )
             log.info(
                 "epoch %d: %s",
                 epoch,
@@ -532,6 +619,9 @@ def _train_step(
         _average_gradients(model, dist_.world_size)
         torch.distributed.all_reduce(loss)
         loss = loss / dist_.world_size
+    if not torch.isfinite(loss):  # before the optimizer step: the weights stay those of the last finite step
+        ids = [inputs.pairs.slide_ids[i] for i in rows]
+        raise FloatingPointError(f"non-finite training loss ({float(loss)}) on a batch of slides {ids[:10]}")
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)

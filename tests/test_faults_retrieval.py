@@ -1,4 +1,4 @@
-"""Fault campaign: damaged, hostile and concurrent inputs give the right result or one clear error.
+"""Fault campaign, retrieval and outputs: damaged, hostile and concurrent inputs give a right answer or one error.
 
 Each test names the silent wrong answer (or loss) it guards against.
 """

@@ -1,0 +1,297 @@
+"""Fault campaign, training, tables and library errors: damaged, hostile or interrupted inputs, one clear error.
+
+Each test injects one fault the way it happens in practice (a kill mid-write, a crafted file, a NaN row, a
+spreadsheet export) and checks that nothing wrong is written and nothing foreign is run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vlm.cli import main as cli_main
+from vlm.encoders.text import build_tiny_text_encoder
+from vlm.train import loop
+from vlm.train.loop import TrainConfig, train
+
+# --- training ---------------------------------------------------------------------------------------------
+
+DIM = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _token_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The report-token cache of these runs goes to a temporary folder, not the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLM_CACHE", str(tmp_path_factory.mktemp("vlm-cache")))
+        yield
+
+
+def _write_pairs(root: Path, embeddings: np.ndarray) -> tuple[Path, Path]:
+    """Pairs "report k" <-> slide k (k < 16, 12 train + 4 val) with the given [16, DIM] slide embeddings."""
+    rows = [
+        {"slide_id": f"s{k}", "report": f"report {k}", "split": "val" if k % 4 == 0 else "train"} for k in range(16)
+    ]
+    pairs, slides = root / "pairs.csv", root / "slides.parquet"
+    pd.DataFrame(rows).to_csv(pairs, index=False)
+    frame = pd.DataFrame({"slide_id": [r["slide_id"] for r in rows], "embedding": [list(map(float, e)) for e in
+                          embeddings], "n_tiles": 10, "encoder": "tiny", "pool": "mean"})  # fmt: skip
+    frame.to_parquet(slides)
+    return pairs, slides
+
+
+def _config(root: Path, out: Path, embeddings: np.ndarray | None = None, **overrides: object) -> TrainConfig:
+    if embeddings is None:
+        embeddings = np.random.default_rng(0).normal(size=(16, DIM))
+    root.mkdir(parents=True, exist_ok=True)
+    pairs, slides = _write_pairs(root, embeddings)
+    text = root / "text"
+    if not text.exists():
+        build_tiny_text_encoder(text)
+    values: dict[str, object] = dict(
+        pairs=str(pairs),
+        out=str(out),
+        slide_embeddings=str(slides),
+        text_encoder=str(text),
+        max_length=8,
+        proj_dim=8,
+        epochs=1,
+        batch_size=4,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete 1-epoch run (3 steps, checkpoint at the end); tests copy it before damaging it."""
+    root = tmp_path_factory.mktemp("faults-train")
+    out = root / "run"
+    train(_config(root / "data", out))
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def _resume(run: Path) -> Path:
+    """`train --resume` on a copied run folder (its config still names the original folder)."""
+    return train(dataclasses.replace(TrainConfig.load(run / loop.CONFIG_FILE), out=str(run)), resume=True)
+
+
+class _WritesMarker:
+    """Unpickling this object calls open(marker, "w"): what a crafted checkpoint would do with os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_crafted_checkpoint_is_refused_and_runs_nothing(finished_run: Path, tmp_path: Path) -> None:
+    """`--resume` used to unpickle `checkpoints/last.pt` with weights_only=False: any code in it ran."""
+    run = _copy(finished_run, tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"model": _WritesMarker(marker), "optimizer": {}, "rng": {}, "global_step": 0}, run / loop.CHECKPOINT)
+    assert cli_main(["train", "--resume", str(run), "--no-progress"]) == 2
+    assert not marker.exists()
+    expected = r"last\.pt: refused: not a readable vlm training checkpoint.*without --resume"
+    with pytest.raises(ValueError, match=expected):
+        _resume(run)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["crafted", "truncated"])
+def test_damaged_slide_encoder_checkpoint_names_the_file(tmp_path: Path, damage: str) -> None:
+    """`--slide-checkpoint` gave torch's UnpicklingError / zip-reader traceback without the file's name."""
+    from vlm.encoders.slide import create_slide_encoder, load_slide_encoder_weights
+
+    encoder = create_slide_encoder("tiny")
+    path, marker = tmp_path / "slide_encoder.pth", tmp_path / "pwned"
+    torch.save({"model": encoder.state_dict()}, path)
+    if damage == "crafted":
+        torch.save({"model": _WritesMarker(marker)}, path)
+    else:
+        path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"slide_encoder\.pth: refused: not a readable slide-encoder checkpoint"):
+        load_slide_encoder_weights(encoder, path)
+    assert not marker.exists()
+
+
+def test_checkpoint_holds_no_pickled_objects(finished_run: Path) -> None:
+    """The project's own checkpoint loads with weights_only=True (RNG states stored as tensors and lists)."""
+    state = torch.load(finished_run / loop.CHECKPOINT, weights_only=True)
+    assert state["global_step"] == 3 and isinstance(state["rng"]["numpy"][1], torch.Tensor)
+
+
+def test_torn_last_metrics_line_is_dropped_on_resume(
+    finished_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kill while appending to metrics.jsonl leaves half a line; --resume used to die on json.loads."""
+    run = _copy(finished_run, tmp_path)
+    log = run / "metrics.jsonl"
+    kept = log.read_text()
+    log.write_text(kept + '{"step": 4, "epoch": 1, "train/lo')
+    with caplog.at_level(logging.WARNING):
+        _resume(run)
+    assert log.read_text() == kept
+    assert "unfinished last line" in caplog.text
+    log.write_text('{"step": 0\n' + kept)  # damage in the middle is not an interruption: named, not dropped
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 1 is not a metrics record"):
+        _resume(run)
+
+
+def test_orphan_part_files_are_removed_on_the_next_run(finished_run: Path, tmp_path: Path) -> None:
+    """A kill during a checkpoint or model write leaves `.last.pt.*.part` (0.2 GB each) that nothing removed."""
+    run = _copy(finished_run, tmp_path)
+    orphans = [run / "checkpoints" / ".last.pt.k2j3.part", run / ".metrics.jsonl.x9.part"]
+    for orphan in orphans:
+        orphan.write_bytes(b"\0" * 1000)
+    (run / ".model.abc.part").mkdir()
+    (run / ".model.abc.part" / "model.safetensors").write_bytes(b"\0" * 1000)
+    _resume(run)
+    assert not [p.name for p in run.rglob("*.part")]
+    (run / ".best.q1.part").mkdir()  # a folder whose target is missing may be an interrupted swap: kept
+    _resume(run)
+    assert (run / ".best.q1.part").is_dir()
+    assert (run / "model" / "model.safetensors").is_file()  # finished outputs untouched
+
+
+def test_nan_slide_embedding_is_refused_by_id(tmp_path: Path) -> None:
+    """A NaN row used to train a NaN model that was saved as `model/` (NaN recall counted as 1.0)."""
+    embeddings = np.random.default_rng(0).normal(size=(16, DIM))
+    embeddings[5, 3] = np.nan
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"slides\.parquet: 1 slide\(s\) .* non-finite .*\['s5'\]"):
+        train(_config(tmp_path / "data", out, embeddings))
+    assert not (out / "model").exists()
+
+
+def test_non_finite_loss_stops_training_and_saves_nothing(tmp_path: Path) -> None:
+    """A diverging run (lr 1e30: the first step throws the weights far out) used to go on and save NaNs."""
+    out = tmp_path / "run"
+    config = _config(tmp_path / "data", out, lr=1e30, warmup_steps=0)
+    with pytest.raises(FloatingPointError, match=r"epoch 0, step [23]: non-finite training loss .*'s"):
+        train(config)
+    assert not (out / "model").exists() and not (out / loop.CHECKPOINT).exists()
+    shutil.rmtree(out)
+    argv = ["train", "--pairs", config.pairs, "--slide-embeddings", str(config.slide_embeddings), "--out", str(out),
+            "--text-encoder", config.text_encoder, "--max-length", "8", "--proj-dim", "8", "--epochs", "1",
+            "--batch-size", "4", "--lr", "1e30", "--warmup-steps", "0", "--no-progress"]  # fmt: skip
+    assert cli_main(argv) == 1
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 0  # only the header line
+
+
+def _write_feature_files(folder: Path, n: int = 8) -> Path:
+    """Feature files as `vlm embed-tiles` writes them (`vlm.features.write_features`), for the "tiny" encoder."""
+    from vlm.features import TileFeatures, TileGrid, write_features
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(n):
+        coords = np.stack([np.arange(6) * 512, np.full(6, k * 512)], axis=1)  # 6 tiles of 256 px at 0.5 mpp
+        grid = TileGrid(coords=coords, mpp=0.25, tile_size=256, target_mpp=0.5, tile_size_level0=512)
+        write_features(folder / f"s{k}.h5", TileFeatures(grid, rng.normal(size=(6, 32)).astype(np.float32), "x"))
+        rows.append({"slide_id": f"s{k}", "report": f"report {k}", "split": "val" if k % 4 == 0 else "train"})
+    pd.DataFrame(rows).to_csv(folder.parent / "pairs.csv", index=False)
+    return folder.parent / "pairs.csv"
+
+
+def test_bad_feature_files_are_all_listed_before_training(tmp_path: Path) -> None:
+    """`train --features` used to stop at the first bad file, mid-run, naming only that one."""
+    import h5py
+
+    features = tmp_path / "features"
+    pairs = _write_feature_files(features)
+    with h5py.File(features / "s3.h5", "a") as h5:
+        del h5.attrs["mpp"]  # a file that cannot be placed on a physical scale
+    (features / "s6.h5").write_bytes((features / "s6.h5").read_bytes()[:300])  # a copy cut short
+    out = tmp_path / "run"
+    config = _config(tmp_path / "data", out, pairs=str(pairs), slide_embeddings=None, features=str(features),
+                     slide_encoder="tiny", batch_size=2)  # fmt: skip
+    expected = r"2 feature file\(s\).*\n  s3: .*'mpp'.*\n  s6: .*not a readable HDF5[^\n]*\n.*--drop-missing"
+    with pytest.raises(ValueError, match=expected):
+        train(config)
+    assert not out.exists()  # refused before anything was written
+    train(dataclasses.replace(config, drop_missing=True))
+    splits = pd.read_csv(out / "splits.csv", dtype=str)
+    assert sorted(splits["slide_id"]) == ["s0", "s1", "s2", "s4", "s5", "s7"]
+
+
+def test_nan_tile_features_are_refused_by_slide(tmp_path: Path) -> None:
+    """One NaN tile stopped training with "features contain NaN or inf", naming neither the slide nor the file.
+
+    (The slide inputs' one loader, `vlm.encoders.inputs`, now names both; this holds it for training.)"""
+    import h5py
+
+    features = tmp_path / "features"
+    pairs = _write_feature_files(features)
+    with h5py.File(features / "s2.h5", "a") as h5:
+        h5["features"][3, 5] = np.nan
+    config = _config(tmp_path / "data", tmp_path / "run", pairs=str(pairs), slide_embeddings=None,
+                     features=str(features), slide_encoder="tiny", batch_size=6)  # fmt: skip
+    with pytest.raises(ValueError, match=r"slide 's2' \(.*s2\.h5\): 1 of 6 tiles have NaN/inf features"):
+        train(config)
+    assert not (tmp_path / "run" / "model").exists()
+
+
+# --- library errors at the command line -------------------------------------------------------------------
+
+
+def _damaged_model(tmp_path: Path) -> Path:
+    from vlm.model import build_tiny_model
+
+    folder = tmp_path / "model"
+    build_tiny_model(tmp_path / "text", slide_embed_dim=DIM, proj_dim=8).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])  # header length field flipped
+    return folder
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_damaged_safetensors_is_one_line_naming_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, verbose: bool
+) -> None:
+    """A flipped byte in model.safetensors used to reach the user as a SafetensorError traceback."""
+    model = _damaged_model(tmp_path)
+    argv = ["eval", "retrieval", "--model", str(model), "--pairs", "p.csv", "--slides", "s.parquet"]
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(["-v", *argv] if verbose else argv) == 2
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "model.safetensors: not a readable safetensors file" in record.getMessage()
+    assert bool(record.exc_info) == verbose  # -v shows the traceback, otherwise one line
+
+
+def test_library_errors_are_told_from_bugs(tmp_path: Path) -> None:
+    """FAISS raises a bare RuntimeError on a damaged index: it is an input error; a RuntimeError of vlm is a bug."""
+    import pickle
+
+    import faiss
+
+    from vlm.cli import _is_library_error
+
+    index = faiss.IndexFlatIP(4)
+    index.add(np.eye(4, dtype=np.float32))
+    path = tmp_path / "index.faiss"
+    faiss.write_index(index, str(path))
+    path.write_bytes(path.read_bytes()[:30])
+    with pytest.raises(RuntimeError) as faiss_error:
+        faiss.read_index(str(path))
+    assert _is_library_error(faiss_error.value)
+    assert _is_library_error(pickle.UnpicklingError("bad"))
+    with pytest.raises(RuntimeError) as bug:
+        torch.zeros(2) @ torch.zeros(3)  # a shape bug inside vlm's own code path is not an input error
+    assert not _is_library_error(bug.value) and not _is_library_error(KeyError("x"))
