@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.text import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER
 from vlm.formats.embeddings import load_slide_embeddings
 from vlm.formats.pairs import SPLITS, Pairs, check_slides_available, load_pairs
-from vlm.io import atomic_path, load_torch_file
+from vlm.io import atomic_path, load_torch_file, recover_dir
 from vlm.metrics import retrieval_recalls
 from vlm.model.clip import CLIP_INIT_LOGIT_SCALE, SlideTextModel, create_model
 from vlm.model.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, contrastive_loss, create_loss
@@ -410,27 +409,21 @@ def evaluate(
 
 
 def _remove_unfinished(out: Path) -> None:
-    """Delete the `.*.part` files and folders an interrupted run left in its folder (a checkpoint is ~0.2 GB).
+    """Delete the `.*.part` files an interrupted run left in its folder (a checkpoint is ~0.2 GB).
 
-    `atomic_path` / `atomic_dir` write under those names and rename only when complete, so a `.part` is never
-    a finished output; the run about to start owns the folder.
+    `atomic_path` writes under those names and renames only when complete, so a `.part` is never a finished
+    output; the run about to start owns the folder. Folder outputs (`model/`, ...) stage inside themselves:
+    `recover_dir` finishes a committed write there and removes what a kill left before the commit.
     """
-    removed, size = 0, 0
-    for folder in (out, out / CHECKPOINT.parent):
-        for part in folder.glob(".*.part") if folder.is_dir() else ():
-            if part.is_dir():
-                target = folder / part.name[1:].rsplit(".", 2)[0]  # `.model.<random>.part` -> `model`
-                if not target.exists():  # a kill between atomic_dir's renames: this may be the only copy
-                    log.warning("%s: kept %s (no %s beside it to replace it)", out, part.name, target.name)
-                    continue
-                size += sum(f.stat().st_size for f in part.rglob("*") if f.is_file())
-                shutil.rmtree(part, ignore_errors=True)
-            else:
-                size += part.stat().st_size
-                part.unlink(missing_ok=True)
-            removed += 1
-    if removed:
-        log.warning("%s: removed %d unfinished file(s) (%.1f MB) left by an interrupted run", out, removed, size / 1e6)
+    for folder in (p for p in out.iterdir() if p.is_dir()) if out.is_dir() else ():
+        recover_dir(folder)
+    parts = [p for folder in (out, out / CHECKPOINT.parent) if folder.is_dir() for p in folder.glob(".*.part")]
+    parts = [p for p in parts if p.is_file()]
+    size = sum(p.stat().st_size for p in parts)
+    for part in parts:
+        part.unlink(missing_ok=True)
+    if parts:
+        log.warning("%s: removed %d unfinished file(s) (%.1f MB) left by a killed run", out, len(parts), size / 1e6)
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
