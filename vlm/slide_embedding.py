@@ -108,6 +108,48 @@ def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
     return SlideEmbeddings(ids, torch.from_numpy(np.stack(frame["embedding"])), **provenance)
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, bytes): which weights made an embedding.
+
+    Recorded with the embeddings (and carried into models trained on them) so that the slide encoder can be
+    rebuilt later, e.g. for tile heatmaps, and a different checkpoint is refused instead of silently used.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes (a slide-encoder checkpoint), read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_embedding_settings(path: str | os.PathLike[str]) -> dict:
+    """The run settings stored with slide embeddings (encoder preset, config, pool, checkpoint, weights hash).
+
+    Shard files must agree; a file written before settings were recorded gives `{}`.
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.parent.glob(f"{path.stem}.shard-*-of-*{path.suffix}"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no slide-embedding parquet (nor shard files beside it)")
+    found = [json.loads((pq.read_schema(file).metadata or {}).get(b"vlm", b"{}")) for file in files]
+    if any(settings != found[0] for settings in found[1:]):
+        raise ValueError(f"{path}: its shard files were written with different slide-encoder settings")
+    return found[0]
+
+
 def _write_parquet(path: Path, rows: list[dict], settings: dict) -> None:
     table = pa.Table.from_pylist(
         rows,
@@ -127,7 +169,7 @@ def _existing_rows(path: Path, settings: dict) -> list[dict]:
         return []
     table = pq.read_table(path)
     previous = json.loads((table.schema.metadata or {}).get(b"vlm", b"{}"))
-    for key in ("encoder", "pool", "config"):
+    for key in ("encoder", "pool", "config", "weights_sha256"):
         if previous.get(key) != settings[key]:
             raise ValueError(
                 f"{path} was written with {key}={previous.get(key)!r}, this run uses {settings[key]!r}; "
@@ -199,13 +241,16 @@ def embed_slides(
 
     `batch_size` slides are padded into one forward pass (each gets the numbers it gets alone); on GPU
     this helps for many small slides, on CPU 1 is as fast. `mpp` overrides the files' level-0 µm/px.
-    `checkpoint` is only recorded in the file's metadata.
+    `checkpoint` is only recorded in the file's metadata (path and sha256), with a hash of the encoder's
+    weights, so that a model trained on these embeddings knows which encoder made them.
     """
     device = torch.device(device)
     encoder = encoder.to(device).eval()
     encoder.pooled_dim(pool)  # validates pool before any work
     name = next((key for key, config in SLIDE_ENCODER_PRESETS.items() if config == encoder.config), "custom")
-    settings = {"encoder": name, "pool": pool, "config": asdict(encoder.config), "checkpoint": checkpoint}
+    settings = {"encoder": name, "pool": pool, "config": asdict(encoder.config), "checkpoint": checkpoint,
+                "checkpoint_sha256": file_digest(checkpoint) if checkpoint else None,
+                "weights_sha256": weights_digest(encoder)}  # fmt: skip
     settings["config"] = json.loads(json.dumps(settings["config"]))  # tuples -> lists, as read back
     target = shard_output(out, shard)
     rows = [] if overwrite else _existing_rows(target, settings)

@@ -65,6 +65,10 @@ class SlideTextConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)
     init_logit_bias: float | None = None  # set (SigLIP: -10) to learn a logit bias
+    # Frozen path: the slide encoder that made the cached embeddings (from the embeddings parquet: encoder,
+    # config, pool, checkpoint, checkpoint_sha256, weights_sha256), so tile heatmaps can rebuild it.
+    # Provenance, not architecture: left out of `digest`.
+    slide_source: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,7 +97,9 @@ class SlideTextConfig:
 
     def digest(self) -> str:
         """A hash of the architecture, stored in the weights file so a mismatched pair is refused."""
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
+        values = dataclasses.asdict(self)
+        values.pop("slide_source")
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
 class SlideTextModel(nn.Module):

@@ -39,7 +39,7 @@ from vlm.io import atomic_path
 from vlm.metrics import retrieval_recalls
 from vlm.model.clip import SlideTextModel, create_model
 from vlm.model.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, contrastive_loss, create_loss
-from vlm.slide_embedding import load_slide_embeddings
+from vlm.slide_embedding import load_slide_embeddings, read_embedding_settings
 from vlm.train import data as pairs_data
 from vlm.train.gradcache import chunks_of, contrastive_backward
 
@@ -296,7 +296,7 @@ def _build_model(config: TrainConfig, slide_dim: int | None, resume_dir: Path | 
     if resume_dir is not None:  # architecture from the run's last saved model; weights from the checkpoint
         return SlideTextModel.from_pretrained(resume_dir / "last")
     siglip = config.loss == "siglip"
-    return create_model(
+    model = create_model(
         text_encoder=config.text_encoder,
         slide_embed_dim=slide_dim,
         slide_encoder=None if config.frozen else config.slide_encoder,
@@ -307,6 +307,9 @@ def _build_model(config: TrainConfig, slide_dim: int | None, resume_dir: Path | 
         init_logit_scale=SIGLIP_INIT_LOGIT_SCALE if siglip else math.log(1 / 0.07),
         init_logit_bias=SIGLIP_INIT_LOGIT_BIAS if siglip else None,
     )
+    if config.frozen:  # which slide encoder made the embeddings: tile heatmaps rebuild it from this
+        model.config.slide_source = read_embedding_settings(config.slide_embeddings) or None
+    return model
 
 
 class _MetricsLog:
