@@ -155,8 +155,13 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         torch.manual_seed(settings.seed)
         slide_encoder = create_slide_encoder("tiny", in_dim=tile_encoder.output_dim)
         slides_parquet = out / "slides.parquet"
+        # saved, and recorded in the parquet, so that tile heatmaps can rebuild the encoder later
+        slide_checkpoint = (out / "encoders" / "slide_encoder.pt").resolve()
+        slide_checkpoint.parent.mkdir(exist_ok=True)
+        torch.save(slide_encoder.state_dict(), slide_checkpoint)
         report = embed_slides(feature_files(out / "features"), slides_parquet, slide_encoder, pool="mean",
-                              device=cpu, batch_size=8, progress=settings.progress)
+                              device=cpu, batch_size=8, progress=settings.progress,
+                              checkpoint=str(slide_checkpoint))
         _check_batch(report, "slide embeddings")
 
     with _timed(timings, "alignment training (MiniLM text tower, frozen slide embeddings)"):
