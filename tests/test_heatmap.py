@@ -43,31 +43,43 @@ def test_tile_scores_average_to_the_slide_score(tmp_path: Path, projection: str)
     assert scores.std(0).min() > 1e-3  # tiles differ: not the slide score copied to every tile
 
 
-@pytest.fixture
-def frozen_run(tmp_path: Path, slide_05: Path) -> dict[str, Path]:
+def build_frozen_run(tmp_path: Path, slides: list[Path]) -> dict:
     """A tiny frozen-tower model made the way `vlm train --slide-embeddings` makes it (its `_build_model`),
-    on embeddings from `embed_slides` with a saved tiny slide encoder, plus a feature file of `slide_05`."""
+    on embeddings from `embed_slides` with a saved tiny slide encoder, and a feature file per slide (random
+    32-d features on a full tile grid; 0.5-mpp tiles whatever the slide's level-0 µm/px)."""
     from vlm.encoders.text import build_tiny_text_encoder
     from vlm.train.loop import TrainConfig, _build_model
+    from vlm.wsi.slide import open_slide
 
-    xs, ys = np.meshgrid(np.arange(0, 2048, 256), np.arange(0, 1536, 256))
-    coords = np.stack([xs.ravel(), ys.ravel()], 1)
-    features = np.random.default_rng(0).normal(size=(len(coords), 32)).astype(np.float32)
-    feature_file = tmp_path / "features" / f"{slide_05.stem}.h5"
-    feature_file.parent.mkdir()
-    grid = TileGrid(coords, mpp=0.5, tile_size=256, target_mpp=0.5, tile_size_level0=256, slide_path=str(slide_05))
-    write_features(feature_file, TileFeatures(grid, features, encoder="test"))
+    (tmp_path / "features").mkdir()
+    feature_files = []
+    for seed, slide in enumerate(slides):
+        with open_slide(slide) as opened:
+            (width, height), mpp = opened.dimensions, opened.mpp
+        step = int(round(256 * 0.5 / mpp))
+        xs, ys = np.meshgrid(np.arange(0, width - step + 1, step), np.arange(0, height - step + 1, step))
+        coords = np.stack([xs.ravel(), ys.ravel()], 1)
+        features = np.random.default_rng(seed).normal(size=(len(coords), 32)).astype(np.float32)
+        path = tmp_path / "features" / f"{slide.stem}.h5"
+        grid = TileGrid(coords, mpp=mpp, tile_size=256, target_mpp=0.5, tile_size_level0=step, slide_path=str(slide))
+        write_features(path, TileFeatures(grid, features, encoder="test"))
+        feature_files.append(path)
     encoder = create_slide_encoder("tiny")
     checkpoint = tmp_path / "slide_encoder.pt"
     torch.save(encoder.state_dict(), checkpoint)
     parquet = tmp_path / "slides.parquet"
-    embed_slides([feature_file], parquet, encoder, progress=False, checkpoint=str(checkpoint))
+    embed_slides(feature_files, parquet, encoder, progress=False, checkpoint=str(checkpoint))
     text = build_tiny_text_encoder(tmp_path / "text")
     config = TrainConfig(pairs="unused.csv", out=str(tmp_path / "run"), slide_embeddings=str(parquet),
                          text_encoder=str(text), proj_dim=32, max_length=64)  # fmt: skip
     model_dir = _build_model(config, 64, None).save_pretrained(tmp_path / "model")
-    return {"model": model_dir, "features": feature_file, "slide": slide_05, "parquet": parquet,
-            "checkpoint": checkpoint, "out": tmp_path / "heat"}  # fmt: skip
+    return {"model": model_dir, "features": feature_files[0], "slide": slides[0], "parquet": parquet,
+            "checkpoint": checkpoint, "out": tmp_path / "heat", "feature_files": feature_files}  # fmt: skip
+
+
+@pytest.fixture
+def frozen_run(tmp_path: Path, slide_05: Path) -> dict:
+    return build_frozen_run(tmp_path, [slide_05])
 
 
 def test_heatmap_cli_writes_png_qupath_geojson_and_csv(frozen_run: dict[str, Path]) -> None:
