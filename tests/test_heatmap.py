@@ -253,3 +253,27 @@ def test_stitched_slide_each_class_phrase_is_hotter_on_its_own_half(demo_out: Pa
             if not own.mean() > other.mean():
                 failures.append(f"{a}|{b}: {phrases[name]!r} {own.mean():.3f} on its half vs {other.mean():.3f}")
     assert not failures, failures
+
+
+def test_zeroshot_heatmaps_use_each_slides_predicted_class(frozen_run: dict, tmp_path: Path) -> None:
+    run = frozen_run
+    out = tmp_path / "zs"
+    code = main(["zeroshot", "--model", str(run["model"]), "--slides", str(run["parquet"]), "--classes",
+                 "papillary=papillary carcinoma", "solid=solid carcinoma", "--out", str(out), "--no-cache",
+                 "--heatmaps", str(out / "heat"), "--heatmap-features", str(run["features"].parent)])  # fmt: skip
+    assert code == 0
+    predicted = pd.read_csv(out / "predictions.csv").set_index("slide_id")["predicted"]
+    slide_id = run["features"].stem
+    geojson = json.loads((out / "heat" / f"{slide_id}.geojson").read_text())
+    assert geojson["properties"]["queries"][0].startswith(f"{predicted[slide_id]} (predicted")
+    # the heat of the predicted class averages to that class's cosine score, which zero-shot turned into p
+    from vlm.zeroshot import ZeroShotClassifier
+
+    model = SlideTextModel.from_pretrained(run["model"])
+    classifier = ZeroShotClassifier.from_classes(
+        model, {"papillary": ["papillary carcinoma"], "solid": ["solid carcinoma"]}, use_cache=False)
+    embedding = torch.from_numpy(np.stack(read_slide_embeddings(run["parquet"])["embedding"]))
+    cosine = (model.encode_slide_embeddings(embedding) @ classifier.prototypes.T)[0]
+    row = list(classifier.classes).index(predicted[slide_id])
+    table = pd.read_csv(out / "heat" / f"{slide_id}.csv")
+    assert table["score"].mean() == pytest.approx(float(cosine[row].detach()), abs=1e-4)

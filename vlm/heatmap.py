@@ -237,7 +237,7 @@ def _figure_png(heat: SlideHeat, slide_path: Path) -> bytes:
         thumbnail = slide.read_level_rgb(level)
     extent = (0, dimensions[0], dimensions[1], 0)
     count = len(heat.queries)
-    figure, axes = plt.subplots(1, count, figsize=(5.5 * count, 5.5 * dimensions[1] / dimensions[0] + 1.2))
+    figure, axes = plt.subplots(1, count, figsize=(5.5 * count, 5 * dimensions[1] / dimensions[0] + 0.8))
     for column, axis in enumerate(np.atleast_1d(axes)):
         grid = heat_grid(heat, column, dimensions, downsample)
         valid = grid[np.isfinite(grid)]
@@ -246,9 +246,8 @@ def _figure_png(heat: SlideHeat, slide_path: Path) -> bytes:
         mappable = plt.cm.ScalarMappable(Normalize(float(valid.min()), float(valid.max())), cmap="inferno")
         figure.colorbar(mappable, ax=axis, fraction=0.046, pad=0.02, label="tile score")
         title = textwrap.fill(f'"{heat.queries[column]}"', 48)
-        axis.set_title(f"{title}\nslide score {heat.slide_scores[column]:.3f}", fontsize=9)
+        axis.set_title(f"{heat.slide_id}: {title}\nslide score {heat.slide_scores[column]:.3f}", fontsize=9)
         axis.axis("off")
-    figure.suptitle(heat.slide_id, fontsize=10)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(figure)
@@ -331,3 +330,39 @@ def run_heatmaps(
             continue
         report.done.append(slide_id)
     return report
+
+
+def zeroshot_heatmaps(
+    model: str | os.PathLike[str],
+    predictions: str | os.PathLike[str],
+    task: str | os.PathLike[str] | None,
+    classes: Sequence[str] | None,
+    features: str | os.PathLike[str],
+    slides: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    slide_checkpoint: str | os.PathLike[str] | None = None,
+) -> BatchReport:
+    """`vlm zeroshot --heatmaps`: each scored slide's heat for its predicted class, whose prototype (the
+    class's prompt ensemble, as zero-shot scored it) is the query. `features` is a folder of .h5 files."""
+    import pandas as pd
+
+    from vlm.features import feature_files
+    from vlm.prompts import load_prompt_task, task_from_classes
+    from vlm.zeroshot import ZeroShotClassifier
+
+    loaded = SlideTextModel.from_pretrained(model)
+    prompt_task = load_prompt_task(task) if task is not None else task_from_classes(classes)
+    classifier = ZeroShotClassifier(loaded, prompt_task, cache_dir=cache_dir)
+    table = pd.read_csv(predictions)
+    files = {p.stem: p for p in feature_files(features)}
+    missing = sorted(set(table["slide_id"].astype(str)) - set(files))
+    if missing:
+        raise FileNotFoundError(f"{features}: no tile features for scored slide(s) {missing[:5]}; pass their folder")
+    per_slide = {}
+    for slide_id, predicted in zip(table["slide_id"].astype(str), table["predicted"], strict=True):
+        row = list(classifier.classes).index(predicted)
+        per_slide[slide_id] = ([f"{predicted} (predicted; prompts of {prompt_task.name})"],
+                               classifier.prototypes[row : row + 1])  # fmt: skip
+    return run_heatmaps(loaded, [files[s] for s in per_slide], slides, out, per_slide=per_slide,
+                        slide_checkpoint=slide_checkpoint)  # fmt: skip
