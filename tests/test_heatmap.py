@@ -83,9 +83,29 @@ def frozen_run(tmp_path: Path, slide_05: Path) -> dict:
 
 
 def test_heatmap_cli_writes_png_qupath_geojson_and_csv(frozen_run: dict[str, Path]) -> None:
+    """GeoJSON as QuPath reads it (qupath/qupath, qupath-core/src/main/java/qupath/lib/io/
+    PathObjectTypeAdapters.java, `PathObjectTypeAdapter.read`): `properties.objectType` "tile" makes a tile
+    object, `properties.measurements` may be a name -> number object (v0.4+), `id` is parsed as a UUID."""
+    import uuid
+
     run = frozen_run
-    code = main(["heatmap", "--model", str(run["model"]), "--features", str(run["features"]), "--slide",
-                 str(run["slide"]), "--query", QUERIES[0], "--query", QUERIES[1], "--out", str(run["out"])])
+    code = main(
+        [
+            "heatmap",
+            "--model",
+            str(run["model"]),
+            "--features",
+            str(run["features"]),
+            "--slide",
+            str(run["slide"]),
+            "--query",
+            QUERIES[0],
+            "--query",
+            QUERIES[1],
+            "--out",
+            str(run["out"]),
+        ]
+    )
     assert code == 0
     slide_id = run["features"].stem
     # the model carries the encoder's provenance from the parquet
@@ -106,6 +126,7 @@ def test_heatmap_cli_writes_png_qupath_geojson_and_csv(frozen_run: dict[str, Pat
     x, y = grid.coords[0]
     assert ring[0] == ring[-1] == [x, y] and [x + 256, y + 256] in ring  # level-0 px, closed ring
     assert first["properties"]["objectType"] == "tile"
+    uuid.UUID(first["id"])
     assert set(first["properties"]["measurements"]) == {f"score: {q}" for q in QUERIES}
 
     table = pd.read_csv(run["out"] / f"{slide_id}.csv")
@@ -120,8 +141,22 @@ def test_heatmap_cli_writes_png_qupath_geojson_and_csv(frozen_run: dict[str, Pat
 
 def test_one_query_is_measured_as_score(frozen_run: dict[str, Path]) -> None:
     run = frozen_run
-    assert main(["heatmap", "--model", str(run["model"]), "--features", str(run["features"]),
-                 "--query", QUERIES[0], "--out", str(run["out"])]) == 0  # slide from the .h5's slide_path
+    assert (
+        main(
+            [
+                "heatmap",
+                "--model",
+                str(run["model"]),
+                "--features",
+                str(run["features"]),
+                "--query",
+                QUERIES[0],
+                "--out",
+                str(run["out"]),
+            ]
+        )
+        == 0
+    )  # slide from the .h5's slide_path
     geojson = json.loads((run["out"] / f"{run['features'].stem}.geojson").read_text())
     assert list(geojson["features"][0]["properties"]["measurements"]) == ["score"]
 
@@ -131,8 +166,21 @@ def test_other_slide_encoder_weights_are_refused(frozen_run: dict[str, Path], tm
     torch.manual_seed(123)
     other = tmp_path / "other.pt"
     torch.save(create_slide_encoder("tiny").state_dict(), other)
-    code = main(["heatmap", "--model", str(run["model"]), "--features", str(run["features"]), "--slide-checkpoint",
-                 str(other), "--query", QUERIES[0], "--out", str(run["out"])])
+    code = main(
+        [
+            "heatmap",
+            "--model",
+            str(run["model"]),
+            "--features",
+            str(run["features"]),
+            "--slide-checkpoint",
+            str(other),
+            "--query",
+            QUERIES[0],
+            "--out",
+            str(run["out"]),
+        ]
+    )
     assert code == 2
     assert "not the slide encoder that made this model's" in caplog.text
     assert not run["out"].exists() or not list(run["out"].glob("*.png"))
@@ -141,8 +189,19 @@ def test_other_slide_encoder_weights_are_refused(frozen_run: dict[str, Path], tm
 def test_model_without_provenance_is_refused(tmp_path: Path, frozen_run: dict[str, Path], caplog) -> None:
     run = frozen_run
     model_dir = build_tiny_model(tmp_path / "old").save_pretrained(tmp_path / "old_model")
-    code = main(["heatmap", "--model", str(model_dir), "--features", str(run["features"]),
-                 "--query", QUERIES[0], "--out", str(run["out"])])
+    code = main(
+        [
+            "heatmap",
+            "--model",
+            str(model_dir),
+            "--features",
+            str(run["features"]),
+            "--query",
+            QUERIES[0],
+            "--out",
+            str(run["out"]),
+        ]
+    )
     assert code == 2 and "does not record which slide encoder" in caplog.text
 
 
@@ -150,8 +209,20 @@ def test_a_broken_feature_file_fails_that_slide_only(frozen_run: dict[str, Path]
     run = frozen_run
     broken = tmp_path / "broken.h5"
     broken.write_bytes(b"not hdf5")
-    code = main(["heatmap", "--model", str(run["model"]), "--features", str(run["features"]), str(broken),
-                 "--query", QUERIES[0], "--out", str(run["out"])])
+    code = main(
+        [
+            "heatmap",
+            "--model",
+            str(run["model"]),
+            "--features",
+            str(run["features"]),
+            str(broken),
+            "--query",
+            QUERIES[0],
+            "--out",
+            str(run["out"]),
+        ]
+    )
     assert code == 1
     assert (run["out"] / f"{run['features'].stem}.png").is_file() and not (run["out"] / "broken.png").exists()
     assert "broken" in (run["out"] / "failures.csv").read_text()
@@ -271,7 +342,8 @@ def test_zeroshot_heatmaps_use_each_slides_predicted_class(frozen_run: dict, tmp
 
     model = SlideTextModel.from_pretrained(run["model"])
     classifier = ZeroShotClassifier.from_classes(
-        model, {"papillary": ["papillary carcinoma"], "solid": ["solid carcinoma"]}, use_cache=False)
+        model, {"papillary": ["papillary carcinoma"], "solid": ["solid carcinoma"]}, use_cache=False
+    )
     embedding = torch.from_numpy(np.stack(read_slide_embeddings(run["parquet"])["embedding"]))
     cosine = (model.encode_slide_embeddings(embedding) @ classifier.prototypes.T)[0]
     row = list(classifier.classes).index(predicted[slide_id])

@@ -267,8 +267,11 @@ class Browser:
         return found
 
     def responses(self, pattern: str) -> list[int]:
-        return [e["params"]["response"]["status"] for e in self.events
-                if e.get("method") == "Network.responseReceived" and re.search(pattern, e["params"]["response"]["url"])]
+        return [
+            e["params"]["response"]["status"]
+            for e in self.events
+            if e.get("method") == "Network.responseReceived" and re.search(pattern, e["params"]["response"]["url"])
+        ]
 
     def close(self) -> None:
         self.stack.close()

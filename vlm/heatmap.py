@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,7 +209,7 @@ def to_geojson(heat: SlideHeat) -> dict:
         measurements = {name: float(v) for name, v in zip(heat.measurement_names, heat.scores[i], strict=True)}
         features.append({
             "type": "Feature",
-            "id": f"{heat.slide_id}-tile-{i}",
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"vlm:{heat.slide_id}:{x},{y}")),  # QuPath reads UUID ids
             "geometry": {"type": "Polygon", "coordinates": [ring]},
             "properties": {"objectType": "tile", "name": f"tile {x},{y}", "measurements": measurements},
         })  # fmt: skip

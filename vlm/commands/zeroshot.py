@@ -9,8 +9,13 @@ log = logging.getLogger(__name__)
 
 
 def _zeroshot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from vlm.zeroshot import run_zeroshot
 
+    features = args.heatmap_features or args.slides
+    if args.heatmaps and not Path(features).is_dir():
+        raise ValueError("--heatmaps needs the tile features: give --heatmap-features DIR (or --slides as a folder)")
     result = run_zeroshot(
         args.model,
         args.slides,
@@ -30,14 +35,9 @@ def _zeroshot(args: argparse.Namespace) -> int:
     )
     status = 0
     if args.heatmaps:
-        from pathlib import Path
-
         from vlm.batch import write_failures
         from vlm.heatmap import zeroshot_heatmaps
 
-        features = args.heatmap_features or args.slides
-        if not Path(features).is_dir():
-            raise ValueError("--heatmaps needs the tile features: give --heatmap-features DIR (or --slides as a folder)")
         report = zeroshot_heatmaps(args.model, Path(args.out) / "predictions.csv", args.task, args.classes, features,
                                    args.heatmap_slides, args.heatmaps, cache_dir=args.cache_dir,
                                    slide_checkpoint=args.slide_checkpoint)  # fmt: skip
