@@ -55,6 +55,9 @@ def site(tmp_path_factory: pytest.TempPathFactory, slide_05: Path, slide_025: Pa
                      kind="flat").save(root / "index")  # fmt: skip
     (root / "secret.txt").write_text("outside the slide roots")
     (slides / "link.tiff").symlink_to(root / "secret.txt")  # a slide-looking link that leaves the root
+    # a first slide root whose entry for an indexed id is a link to a slide outside every root
+    (root / "elsewhere").mkdir()
+    (root / "elsewhere" / "synthetic_05.tiff").symlink_to(slide_025)
     return {**run, "root": root, "slides": slides, "index": root / "index", "ids": list(frame["slide_id"])}
 
 
@@ -86,7 +89,7 @@ def running_server(args: list[str]) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def server(site: dict) -> Iterator[str]:
-    with running_server(["--index", str(site["index"]), "--slides", str(site["slides"]), "--features",
+    with running_server(["--index", str(site["index"]), "--slides", str(site["root"] / "elsewhere"), str(site["slides"]), "--features",
                          str(site["root"] / "features"), "--task", str(TASK)]) as base:  # fmt: skip
         yield base
 
@@ -157,6 +160,12 @@ def test_no_url_reads_outside_the_slide_roots(server: str, path: str) -> None:
     status = int(response.split(b" ", 2)[1])
     assert status in (404, 400), (path, response[:200])
     assert b"outside the slide roots" not in response and b"[project]" not in response and b"root:" not in response
+
+
+def test_a_link_out_of_the_slide_roots_is_not_followed(server: str) -> None:
+    """`elsewhere/synthetic_05.tiff` links to the 4096-px slide outside the roots: the real 2048-px one is served."""
+    status, _, body = get(server + "/dzi/synthetic_05.dzi")
+    assert status == 200 and b'Width="2048"' in body
 
 
 def test_deep_zoom_tiles_and_bounds(server: str, site: dict) -> None:
