@@ -89,8 +89,10 @@ def running_server(args: list[str]) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def server(site: dict) -> Iterator[str]:
-    with running_server(["--index", str(site["index"]), "--slides", str(site["root"] / "elsewhere"), str(site["slides"]), "--features",
-                         str(site["root"] / "features"), "--task", str(TASK)]) as base:  # fmt: skip
+    roots = [str(site["root"] / "elsewhere"), str(site["slides"])]
+    features = str(site["root"] / "features")
+    with running_server(["--index", str(site["index"]), "--slides", *roots, "--features", features,
+                         "--task", str(TASK)]) as base:  # fmt: skip
         yield base
 
 
