@@ -79,7 +79,10 @@ def _heatmap(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from vlm.serve.app import LOCAL_HOSTS, serve
+    try:
+        from vlm.serve.app import LOCAL_HOSTS, serve
+    except ImportError as error:
+        raise ImportError(f"vlm serve needs FastAPI, uvicorn, Jinja2 ({error}); pip install -e '.[serve]'") from error
 
     if args.host not in LOCAL_HOSTS and not args.allow_remote:
         raise ValueError(

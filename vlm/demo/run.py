@@ -69,6 +69,7 @@ class DemoResult:
     zeroshot: dict[str, Any] = field(default_factory=dict)
     search: pd.DataFrame | None = None
     model_dir: Path | None = None
+    heatmaps: list[str] = field(default_factory=list)
 
 
 def minilm_path() -> Path:
@@ -186,6 +187,18 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                                        labels=labels_csv, cache_dir=out / "cache", seed=settings.seed,
                                        device="cpu", progress=settings.progress)
 
+    with _timed(timings, "heatmaps of held-out slides (predicted class)"):
+        from vlm.heatmap import zeroshot_heatmaps
+
+        predictions = pd.read_csv(out / "zeroshot" / "predictions.csv")
+        few = predictions.groupby("label").head(1)  # one held-out slide per class
+        with atomic_path(out / "heatmaps_predictions.csv") as tmp:
+            few.to_csv(tmp, index=False)
+        _check_batch(zeroshot_heatmaps(result.model_dir, out / "heatmaps_predictions.csv", PROMPT_FILE, None,
+                                       out / "features", [out / "slides"], out / "heatmaps",
+                                       cache_dir=out / "cache"), "heatmaps")  # fmt: skip
+        result.heatmaps = sorted(str(s) for s in few["slide_id"])
+
     with _timed(timings, "index + text search"):
         metadata = pd.DataFrame({"slide_id": [s.slide_id for s in cohort], "label": [s.label for s in cohort]})
         metadata.loc[len(metadata)] = {"slide_id": REAL_SLIDE.stem, "label": "real H&E (no class)"}
@@ -288,6 +301,14 @@ def _summary(result: DemoResult, cohort: list[CohortSlide]) -> str:
           for _, h in result.search.iterrows()],
         "",
         "Figure: `search.png`. Index: `index/`.",
+        "",
+        "## Tile heatmaps of held-out slides (predicted class)",
+        "",
+        "Each tile's share of the slide's score for its predicted class (`vlm zeroshot --heatmaps`); the tile",
+        "scores average to the slide score. PNG, QuPath GeoJSON and CSV per slide in `heatmaps/`. The demo's",
+        "encoders have random weights, so read these as the machinery at work, not as pathology.",
+        "",
+        *[f"![heatmap of {slide_id}](heatmaps/{slide_id}.png)" for slide_id in result.heatmaps[:1]],
         "",
         "## Timings (s)",
         "",
