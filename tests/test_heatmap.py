@@ -349,3 +349,14 @@ def test_zeroshot_heatmaps_use_each_slides_predicted_class(frozen_run: dict, tmp
     row = list(classifier.classes).index(predicted[slide_id])
     table = pd.read_csv(out / "heat" / f"{slide_id}.csv")
     assert table["score"].mean() == pytest.approx(float(cosine[row].detach()), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_demo_writes_heatmaps_of_held_out_slides(demo_out: Path) -> None:
+    labels = pd.read_csv(demo_out / "test_labels.csv").set_index("slide_id")["label"]
+    pngs = sorted((demo_out / "heatmaps").glob("*.png"))
+    assert len(pngs) == labels.nunique() and {labels[p.stem] for p in pngs} == set(labels)  # one per class
+    for png in pngs:
+        for suffix in (".geojson", ".csv"):
+            assert png.with_suffix(suffix).is_file()
+    assert f"](heatmaps/{pngs[0].stem}.png)" in (demo_out / "summary.md").read_text()
