@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_heatmap import build_frozen_run
+from tests.test_heatmap import build_frozen_run, demo_out  # noqa: F401 (demo_out is a fixture)
 from vlm.cli import main
 from vlm.retrieval import SlideIndex
 from vlm.slide_embedding import read_slide_embeddings
@@ -322,3 +322,18 @@ def test_in_chromium_search_and_slide_pages_render_load_tiles_without_errors(
     assert browser.errors() == []
     for name in ("search.png", "slide.png"):
         assert (tmp_path / name).stat().st_size > 5_000
+
+
+@pytest.mark.slow
+def test_demo_index_pages_and_heat(demo_out: Path) -> None:  # noqa: F811
+    """On the demo: ranks continue across pages, and a slide page computes its heat with the rebuilt encoder."""
+    with running_server(["--index", str(demo_out / "index"), "--slides", str(demo_out / "slides"), "--features",
+                         str(demo_out / "features"), "--task", str(TASK)]) as base:  # fmt: skip
+        ranks, ids = [], []
+        for page_no in (1, 2):
+            html = get(base + f"/?q=papillary+fronds&page_no={page_no}")[2].decode()
+            ranks += [int(r) for r in re.findall(r"<strong>#(\d+)</strong>", html)]
+            ids += re.findall(r'class="result" data-slide-id="([^"]+)"', html)
+        assert ranks == list(range(1, 21)) and len(set(ids)) == 20
+        status, _, body = get(base + "/slide/papillary-10?q=" + urllib.parse.quote("a tumour with fronds"))
+        assert status == 200 and 'id="heat-toggle"' in body.decode() and 'id="zeroshot"' in body.decode()

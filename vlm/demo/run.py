@@ -200,8 +200,9 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         result.heatmaps = sorted(str(s) for s in few["slide_id"])
 
     with _timed(timings, "index + text search"):
-        metadata = pd.DataFrame({"slide_id": [s.slide_id for s in cohort], "label": [s.label for s in cohort]})
-        metadata.loc[len(metadata)] = {"slide_id": REAL_SLIDE.stem, "label": "real H&E (no class)"}
+        metadata = pd.DataFrame({"slide_id": [s.slide_id for s in cohort], "split": [s.split for s in cohort],
+                                 "label": [s.label for s in cohort]})  # fmt: skip
+        metadata.loc[len(metadata)] = {"slide_id": REAL_SLIDE.stem, "split": "", "label": "real H&E (no class)"}
         index = SlideIndex.build(result.model_dir, np.stack(frame["embedding"]), list(frame["slide_id"]),
                                  metadata=metadata, kind="flat")
         index.save(out / "index")
