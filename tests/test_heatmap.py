@@ -360,3 +360,10 @@ def test_demo_writes_heatmaps_of_held_out_slides(demo_out: Path) -> None:
         for suffix in (".geojson", ".csv"):
             assert png.with_suffix(suffix).is_file()
     assert f"](heatmaps/{pngs[0].stem}.png)" in (demo_out / "summary.md").read_text()
+
+
+def test_an_empty_query_is_a_usage_error(frozen_run: dict, caplog: pytest.LogCaptureFixture) -> None:
+    run = frozen_run
+    code = main(["heatmap", "--model", str(run["model"]), "--features", str(run["features"]), "--query", " ",
+                 "--out", str(run["out"])])  # fmt: skip
+    assert code == 2 and "non-empty query" in caplog.text and not run["out"].exists()

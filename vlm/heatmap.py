@@ -314,6 +314,9 @@ def run_heatmaps(
     from vlm.batch import BatchReport
     from vlm.io import slide_id_from_path
 
+    blank = [q for q in queries or [] if not q.strip()]
+    if blank or (queries is None) == (per_slide is None):
+        raise ValueError("give non-empty query texts (--query TEXT), e.g. a phrase of a report")
     encoder = slide_tower(model, slide_checkpoint)
     texts = model.encode_text(list(queries), device="cpu") if queries else None
     report = BatchReport()

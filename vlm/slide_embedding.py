@@ -2,9 +2,11 @@
 
 Output `slides.parquet`: one row per slide with columns `slide_id`, `embedding` (list of float32; for
 `pool="all-layers"` the 13 vectors `h_0 … h_12` concatenated in that order), `n_tiles`, `encoder`, `pool`.
-The run's settings (encoder config, pool, checkpoint) are stored as JSON under the parquet metadata key
-`vlm`. With `n > 1` shards (`--shard i/n` or torchrun), shard i writes `<stem>.shard-i-of-n.parquet`
-beside `out`; `read_slide_embeddings(out)` reads either the single file or all shard files.
+The run's settings (encoder preset and config, pool, checkpoint path and sha256, sha256 of the encoder's
+weights) are stored as JSON under the parquet metadata key `vlm`; `vlm train` copies them into a frozen-tower
+model so that its slide encoder can be rebuilt (tile heatmaps). With `n > 1` shards (`--shard i/n` or
+torchrun), shard i writes `<stem>.shard-i-of-n.parquet` beside `out`; `read_slide_embeddings(out)` reads
+either the single file or all shard files.
 
 Resume: slides already in the output file are skipped (unless `overwrite`); the file is rewritten
 atomically every `save_every` slides, so an interrupted run keeps what it finished. A slide that fails
