@@ -14,12 +14,12 @@ import traceback
 from collections.abc import Sequence
 
 from vlm import __version__
-from vlm.commands import demo, retrieval, slides, tiles, train, zeroshot
+from vlm.commands import demo, retrieval, slides, tiles, train, view, zeroshot
 
 log = logging.getLogger("vlm")
 
 # Listed in pipeline order, which is the order `vlm --help` shows.
-_COMMAND_MODULES = (tiles, slides, train, zeroshot, retrieval, demo)
+_COMMAND_MODULES = (tiles, slides, train, zeroshot, retrieval, view, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -255,3 +255,14 @@ def load_torch_file(path: str | os.PathLike[str], what: str, fix: str = "") -> o
             f"{path}: refused: not a readable {what} of tensors and plain values ({reason}); it is not unpickled "
             f"because that could run code{'; ' + fix if fix else ''}"
         ) from error
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (checkpoints, index files)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,8 +1,10 @@
 """`vlm embed-slides`: tile features of many slides -> one slide embedding each, in one parquet file.
 
 Output: the slide-embeddings parquet of `vlm.formats.embeddings` (one row per slide; with `n > 1` shards,
-shard i writes `<stem>.shard-i-of-n.parquet` beside `out`). One run at a time writes a given file: a
-second one is refused (it would overwrite the first one's rows).
+shard i writes `<stem>.shard-i-of-n.parquet` beside `out`). The run's settings (encoder preset and config,
+pool, checkpoint path and sha256, sha256 of the encoder's weights) are stored with the rows; `vlm train`
+copies them into a frozen-tower model so that its slide encoder can be rebuilt (tile heatmaps). One run at
+a time writes a given file: a second one is refused (it would overwrite the first one's rows).
 
 Resume: slides already in the output file are skipped (unless `overwrite`); the file is rewritten
 atomically every `save_every` slides, so an interrupted run keeps what it finished. A slide that fails
@@ -32,7 +34,8 @@ from vlm.encoders.inputs import SlideInputs, load_slide_inputs, pad_batch
 from vlm.encoders.slide import SLIDE_ENCODER_PRESETS, GigaPathSlideEncoder
 from vlm.features import MPP_FROM_FILE
 from vlm.formats.embeddings import read_settings_and_rows, shard_output, write_slide_embeddings
-from vlm.io import duplicate_ids, output_lock, slide_id_from_path
+from vlm.io import duplicate_ids, file_sha256, output_lock, slide_id_from_path
+from vlm.weights import weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ def _existing_rows(path: Path, settings: dict) -> list[dict]:
     if not path.is_file():
         return []
     previous, rows = read_settings_and_rows(path)
-    for key in ("encoder", "pool", "config"):
+    for key in ("encoder", "pool", "config", "weights_sha256"):
         if previous.get(key) != settings[key]:
             raise ValueError(
                 f"{path} was written with {key}={previous.get(key)!r}, this run uses {settings[key]!r}; "
@@ -104,15 +107,19 @@ def embed_slides(
     this helps for many small slides, on CPU 1 is as fast. `mpp` overrides the files' level-0 µm/px;
     `patches` is CLAM's patches folder (see `vlm.features.read_tile_grid`). Every slide goes through
     `vlm.encoders.inputs.load_slide_inputs`, as in training and zero-shot.
-    `checkpoint` is only recorded in the file's metadata. `device` and `precision` are names ("auto", "cuda:1",
-    "bf16", …) resolved by `vlm.device`; an impossible pair (fp16 on CPU) is refused before any work.
+    `checkpoint` is only recorded in the file's metadata (path and sha256), with a hash of the encoder's
+    weights, so that a model trained on these embeddings knows which encoder made them. `device` and
+    `precision` are names ("auto", "cuda:1", "bf16", …) resolved by `vlm.device`; an impossible pair (fp16
+    on CPU) is refused before any work.
     """
     device = resolve_device(device)
     autocast_dtype(device, precision)
     encoder = encoder.to(device).eval()
     encoder.pooled_dim(pool)  # validates pool before any work
     name = next((key for key, config in SLIDE_ENCODER_PRESETS.items() if config == encoder.config), "custom")
-    settings = {"encoder": name, "pool": pool, "config": asdict(encoder.config), "checkpoint": checkpoint}
+    settings = {"encoder": name, "pool": pool, "config": asdict(encoder.config), "checkpoint": checkpoint,
+                "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+                "weights_sha256": weights_digest(encoder)}  # fmt: skip
     settings["config"] = json.loads(json.dumps(settings["config"]))  # tuples -> lists, as read back
     target = shard_output(out, shard)
     rows = [] if overwrite else _existing_rows(target, settings)

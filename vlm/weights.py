@@ -49,3 +49,11 @@ def update_state_digest(digest: Any, model: nn.Module, prefixes: tuple[str, ...]
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over all of a module's state dict: which weights made an embedding (recorded with slide
+    embeddings and carried into models trained on them, so a different checkpoint is refused, not used)."""
+    import hashlib
+
+    return update_state_digest(hashlib.sha256(), model, ("",)).hexdigest()

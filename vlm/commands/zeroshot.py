@@ -9,8 +9,13 @@ log = logging.getLogger(__name__)
 
 
 def _zeroshot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from vlm.zeroshot import run_zeroshot
 
+    features = args.heatmap_features or args.slides
+    if args.heatmaps and not Path(features).is_dir():
+        raise ValueError("--heatmaps needs the tile features: give --heatmap-features DIR (or --slides as a folder)")
     result = run_zeroshot(
         args.model,
         args.slides,
@@ -30,6 +35,17 @@ def _zeroshot(args: argparse.Namespace) -> int:
         mpp=args.mpp,
         patches=args.patches,
     )
+    status = 0
+    if args.heatmaps:
+        from vlm.batch import write_failures
+        from vlm.heatmap import zeroshot_heatmaps
+
+        report = zeroshot_heatmaps(args.model, Path(args.out) / "predictions.csv", args.task, args.classes, features,
+                                   args.heatmap_slides, args.heatmaps, cache_dir=args.cache_dir,
+                                   slide_checkpoint=args.slide_checkpoint)  # fmt: skip
+        write_failures(Path(args.heatmaps) / "failures.csv", report.failed)
+        print(f"heatmaps of the predicted classes: {report.summary()} -> {args.heatmaps}")
+        status = 1 if report.failed else 0
     if "metrics" in result:
         sets = result.get("prompt_sets")
         if sets:
@@ -41,7 +57,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         print(f"{result['n_evaluated']} of {result['n_scored']} slides evaluated -> {args.out}")
     else:
         print(f"{result['n_slides']} slides scored (no labels) -> {args.out}")
-    return 0
+    return status
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -138,6 +154,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 …")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--heatmaps", metavar="DIR", help="also write each slide's heatmap of its predicted class")
+    parser.add_argument("--heatmap-features", metavar="DIR", help="tile features for --heatmaps (default: --slides)")
+    parser.add_argument("--heatmap-slides", nargs="+", default=[], metavar="PATH",
+                        help="slide files or folders for --heatmaps (default: the path in each .h5)")
+    parser.add_argument("--slide-checkpoint", help="slide encoder weights for --heatmaps (default: the recorded one)")
     parser.set_defaults(func=_zeroshot)
 
     prompts = subparsers.add_parser("prompts", help="work with zero-shot prompt files")

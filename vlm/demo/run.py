@@ -68,6 +68,7 @@ class DemoResult:
     zeroshot: dict[str, Any] = field(default_factory=dict)
     search: pd.DataFrame | None = None
     model_dir: Path | None = None
+    heatmaps: list[str] = field(default_factory=list)
 
 
 def minilm_path() -> Path:
@@ -154,8 +155,13 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         torch.manual_seed(settings.seed)
         slide_encoder = create_slide_encoder("tiny", in_dim=tile_encoder.output_dim)
         slides_parquet = out / "slides.parquet"
+        # saved, and recorded in the parquet, so that tile heatmaps can rebuild the encoder later
+        slide_checkpoint = (out / "encoders" / "slide_encoder.pt").resolve()
+        slide_checkpoint.parent.mkdir(exist_ok=True)
+        torch.save(slide_encoder.state_dict(), slide_checkpoint)
         report = embed_slides(feature_files(out / "features"), slides_parquet, slide_encoder, pool="mean",
-                              device="cpu", batch_size=8, progress=settings.progress)
+                              device="cpu", batch_size=8, progress=settings.progress,
+                              checkpoint=str(slide_checkpoint))
         _check_batch(report, "slide embeddings")
 
     with _timed(timings, "alignment training (MiniLM text tower, frozen slide embeddings)"):
@@ -179,9 +185,22 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                                        labels=labels_csv, cache_dir=out / "cache", seed=settings.seed,
                                        device="cpu", progress=settings.progress)
 
+    with _timed(timings, "heatmaps of held-out slides (predicted class)"):
+        from vlm.heatmap import zeroshot_heatmaps
+
+        predictions = pd.read_csv(out / "zeroshot" / "predictions.csv")
+        few = predictions.groupby("label").head(1)  # one held-out slide per class
+        with atomic_path(out / "heatmaps_predictions.csv") as tmp:
+            few.to_csv(tmp, index=False)
+        _check_batch(zeroshot_heatmaps(result.model_dir, out / "heatmaps_predictions.csv", PROMPT_FILE, None,
+                                       out / "features", [out / "slides"], out / "heatmaps",
+                                       cache_dir=out / "cache"), "heatmaps")  # fmt: skip
+        result.heatmaps = sorted(str(s) for s in few["slide_id"])
+
     with _timed(timings, "index + text search"):
-        metadata = pd.DataFrame({"slide_id": [s.slide_id for s in cohort], "label": [s.label for s in cohort]})
-        metadata.loc[len(metadata)] = {"slide_id": REAL_SLIDE.stem, "label": "real H&E (no class)"}
+        metadata = pd.DataFrame({"slide_id": [s.slide_id for s in cohort], "split": [s.split for s in cohort],
+                                 "label": [s.label for s in cohort]})  # fmt: skip
+        metadata.loc[len(metadata)] = {"slide_id": REAL_SLIDE.stem, "split": "", "label": "real H&E (no class)"}
         index = SlideIndex.build(result.model_dir, slides.embeddings.numpy(), slides.ids,
                                  metadata=metadata, kind="flat")
         index.save(out / "index")
@@ -281,6 +300,14 @@ def _summary(result: DemoResult, cohort: list[CohortSlide]) -> str:
           for _, h in result.search.iterrows()],
         "",
         "Figure: `search.png`. Index: `index/`.",
+        "",
+        "## Tile heatmaps of held-out slides (predicted class)",
+        "",
+        "Each tile's share of the slide's score for its predicted class (`vlm zeroshot --heatmaps`); the tile",
+        "scores average to the slide score. PNG, QuPath GeoJSON and CSV per slide in `heatmaps/`. The demo's",
+        "encoders have random weights, so read these as the machinery at work, not as pathology.",
+        "",
+        *[f"![heatmap of {slide_id}](heatmaps/{slide_id}.png)" for slide_id in result.heatmaps[:1]],
         "",
         "## Timings (s)",
         "",

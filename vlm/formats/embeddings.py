@@ -62,6 +62,20 @@ def read_settings_and_rows(path: str | os.PathLike[str]) -> tuple[dict[str, Any]
     return json.loads((table.schema.metadata or {}).get(SETTINGS_KEY, b"{}")), table.to_pylist()
 
 
+def read_embedding_settings(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run settings stored with slide embeddings (encoder preset, config, pool, checkpoint, weights hash).
+
+    Shard files must agree; a file written before settings were recorded gives `{}`.
+    """
+    files = shard_files(path)
+    if not files:
+        raise FileNotFoundError(f"{path}: no slide-embedding parquet (nor shard files beside it)")
+    found = [json.loads((pq.read_schema(file).metadata or {}).get(SETTINGS_KEY, b"{}")) for file in files]
+    if any(settings != found[0] for settings in found[1:]):
+        raise ValueError(f"{path}: its shard files were written with different slide-encoder settings")
+    return found[0]
+
+
 def read_slide_embeddings(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Slide embeddings as a DataFrame (`embedding` holds 1-D float32 arrays), from one file or its shards.
 

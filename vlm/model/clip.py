@@ -75,6 +75,10 @@ class SlideTextConfig:
     # {vocab_size, sha256, files} of the tokenizer saved beside the weights; checked on load. Not part of
     # `digest()` (not architecture), so folders saved before it existed still load (with a warning).
     tokenizer: dict[str, Any] | None = None
+    # Frozen path: the slide encoder that made the cached embeddings (from the embeddings parquet: encoder,
+    # config, pool, checkpoint, checkpoint_sha256, weights_sha256), so tile heatmaps can rebuild it.
+    # Provenance, not architecture: left out of `digest`.
+    slide_source: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -105,6 +109,7 @@ class SlideTextConfig:
         """A hash of the architecture, stored in the weights file so a mismatched pair is refused."""
         values = dataclasses.asdict(self)
         values.pop("tokenizer")
+        values.pop("slide_source")
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 

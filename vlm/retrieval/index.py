@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from vlm import __version__
-from vlm.io import INTERNAL_PREFIX, atomic_dir, duplicate_ids, recover_dir
+from vlm.io import INTERNAL_PREFIX, atomic_dir, duplicate_ids, file_sha256, recover_dir
 from vlm.model.clip import SlideTextModel
 from vlm.retrieval import kinds
 from vlm.weights import update_state_digest
@@ -224,8 +224,8 @@ class SlideIndex:
         with atomic_dir(path) as tmp:
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             self.metadata.to_parquet(tmp / METADATA_FILE, index=False)
-            self.manifest.update(format_version=FORMAT_VERSION,
-                                 files={name: _sha256(tmp / name) for name in (INDEX_FILE, METADATA_FILE)})  # fmt: skip
+            files = {name: file_sha256(tmp / name) for name in (INDEX_FILE, METADATA_FILE)}
+            self.manifest.update(format_version=FORMAT_VERSION, files=files)
             (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2) + "\n")
         return Path(path)
 
@@ -424,11 +424,6 @@ def check_index_folder(path: str | os.PathLike[str], overwrite: bool = False) ->
         raise FileExistsError(f"{path}: a vlm index is already there; pass --overwrite to replace it")
 
 
-def _sha256(file: Path) -> str:
-    with open(file, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _read_data_files(path: Path, manifest: dict[str, Any]) -> tuple[faiss.Index, pd.DataFrame]:
     """index.faiss and metadata.parquet, each checked against its SHA-256 in the manifest before parsing."""
     recorded = manifest.get("files")
@@ -439,7 +434,7 @@ def _read_data_files(path: Path, manifest: dict[str, Any]) -> tuple[faiss.Index,
         file = path / name
         if not file.is_file():
             raise FileNotFoundError(f"{file}: missing from the index folder; rebuild the index")
-        if recorded is not None and _sha256(file) != recorded.get(name):
+        if recorded is not None and file_sha256(file) != recorded.get(name):
             raise ValueError(
                 f"{file}: damaged or changed since the index was written (its SHA-256 differs from the one in "
                 f"{MANIFEST_FILE}); rebuild the index with `vlm index build`"

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.text import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER
-from vlm.formats.embeddings import load_slide_embeddings
+from vlm.formats.embeddings import load_slide_embeddings, read_embedding_settings
 from vlm.formats.pairs import SPLITS, Pairs, check_slides_available, load_pairs
 from vlm.io import atomic_path, load_torch_file, recover_dir
 from vlm.metrics import retrieval_recalls
@@ -335,7 +335,7 @@ def _build_model(config: TrainConfig, slide_dim: int | None, resume_dir: Path | 
     if resume_dir is not None:  # architecture from the run's last saved model; weights from the checkpoint
         return SlideTextModel.from_pretrained(resume_dir / "last")
     siglip = config.loss == "siglip"
-    return create_model(
+    model = create_model(
         text_encoder=config.text_encoder,
         slide_embed_dim=slide_dim,
         slide_encoder=None if config.frozen else config.slide_encoder,
@@ -346,6 +346,9 @@ def _build_model(config: TrainConfig, slide_dim: int | None, resume_dir: Path | 
         init_logit_scale=SIGLIP_INIT_LOGIT_SCALE if siglip else CLIP_INIT_LOGIT_SCALE,
         init_logit_bias=SIGLIP_INIT_LOGIT_BIAS if siglip else None,
     )
+    if config.frozen:  # which slide encoder made the embeddings: tile heatmaps rebuild it from this
+        model.config.slide_source = read_embedding_settings(config.slide_embeddings) or None
+    return model
 
 
 class _MetricsLog:

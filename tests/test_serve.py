@@ -1,0 +1,339 @@
+"""`vlm serve`: a real uvicorn server on 127.0.0.1, searched over HTTP and looked at in headless Chromium.
+
+The browser is driven through the Chrome DevTools Protocol (a websocket; `websockets` is the client): the
+test reads the rendered DOM, counts viewer tiles the page loaded, collects console errors, exceptions and
+failed requests, and keeps a screenshot in its temporary folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_heatmap import build_frozen_run, demo_out  # noqa: F401 (demo_out is a fixture)
+from vlm.cli import main
+from vlm.retrieval import SlideIndex
+from vlm.slide_embedding import read_slide_embeddings
+
+REPO = Path(__file__).parents[1]
+TASK = REPO / "prompts" / "demo_morphology.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, slide_05: Path, slide_025: Path) -> dict:
+    """Two slides in one folder, their features, a tiny frozen model and a flat index with metadata."""
+    root = tmp_path_factory.mktemp("site")
+    slides = root / "slides"
+    slides.mkdir()
+    paths = [Path(shutil.copy(p, slides / p.name)) for p in (slide_05, slide_025)]
+    run = build_frozen_run(root, paths)
+    frame = read_slide_embeddings(run["parquet"])
+    metadata = frame[["slide_id"]].assign(split=["train", "test"], label=["papillary", "solid"])
+    SlideIndex.build(run["model"], np.stack(frame["embedding"]), list(frame["slide_id"]), metadata=metadata,
+                     kind="flat").save(root / "index")  # fmt: skip
+    (root / "secret.txt").write_text("outside the slide roots")
+    (slides / "link.tiff").symlink_to(root / "secret.txt")  # a slide-looking link that leaves the root
+    # a first slide root whose entry for an indexed id is a link to a slide outside every root
+    (root / "elsewhere").mkdir()
+    (root / "elsewhere" / "synthetic_05.tiff").symlink_to(slide_025)
+    return {**run, "root": root, "slides": slides, "index": root / "index", "ids": list(frame["slide_id"])}
+
+
+@contextlib.contextmanager
+def running_server(args: list[str]) -> Iterator[str]:
+    """`python -m vlm serve ARGS --port P` in a subprocess (real uvicorn); yields its base URL."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "vlm", "serve", *args, "--port", str(port)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"vlm serve exited with {process.returncode}:\n{process.stdout.read()}")
+            try:
+                urllib.request.urlopen(base + "/", timeout=5).read()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("vlm serve did not answer within 120 s") from None
+                time.sleep(0.3)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(site: dict) -> Iterator[str]:
+    roots = [str(site["root"] / "elsewhere"), str(site["slides"])]
+    features = str(site["root"] / "features")
+    with running_server(["--index", str(site["index"]), "--slides", *roots, "--features", features,
+                         "--task", str(TASK)]) as base:  # fmt: skip
+        yield base
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.status, response.headers.get("content-type", ""), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers.get("content-type", ""), error.read()
+
+
+def test_search_page_lists_results_server_side(server: str, site: dict) -> None:
+    status, kind, body = get(server + "/?q=" + urllib.parse.quote("papillary fronds"))
+    html = body.decode()
+    assert status == 200 and kind.startswith("text/html")
+    ids = re.findall(r'class="result" data-slide-id="([^"]+)"', html)
+    assert sorted(ids) == sorted(site["ids"])
+    assert "split: test" in html and "label: solid" in html and "/thumb/" in html
+    status, kind, body = get(server + f"/thumb/{ids[0]}.png")
+    assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_json_api_mirrors_vlm_search_json(server: str, site: dict, capsys: pytest.CaptureFixture) -> None:
+    assert main(["search", "--index", str(site["index"]), "papillary fronds", "-k", "2", "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    status, kind, body = get(server + "/api/search?k=2&q=" + urllib.parse.quote("papillary fronds"))
+    assert status == 200 and kind == "application/json"
+    assert json.loads(body) == expected
+    status, _, body = get(server + f"/api/search?slide_id={site['ids'][0]}&k=1")
+    assert status == 200 and json.loads(body)[0]["slide_id"] == site["ids"][1]  # similar slides
+
+
+@pytest.mark.parametrize(
+    "query, message",
+    [("/?q=", "the search text is empty"), ("/?q=" + "x" * 600, "keep it under 500"),
+     ("/?q=a&page_no=zero", "bad request"), ("/?q=a&page_no=-3", "out of range"),
+     ("/?similar=nope", "no slide")],
+)  # fmt: skip
+def test_bad_queries_get_a_page_with_a_message(server: str, query: str, message: str) -> None:
+    status, kind, body = get(server + query)
+    assert status in (400, 404) and kind.startswith("text/html")
+    assert message in body.decode()
+
+
+def test_api_errors_are_json(server: str) -> None:
+    status, kind, body = get(server + "/api/search?q=")
+    assert status == 400 and "empty" in json.loads(body)["error"]
+    status, kind, body = get(server + "/api/search?k=abc&q=x")
+    assert status == 400 and "error" in json.loads(body)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/static/../pyproject.toml", "/static/%2e%2e/%2e%2e/pyproject.toml", "/static/..%2f..%2fpyproject.toml",
+     "/slide/..%2Fsecret.txt", "/thumb/..%2F..%2Fsecret.txt.png", "/dzi/..%2Fsecret.txt.dzi",
+     "/dzi/link.dzi", "/thumb/link.png", "/dzi/%2Fetc%2Fpasswd.dzi", "/heat/..%2Fslide_encoder.png?q=x",
+     "/dzi/synthetic_05_files/0/0_0.jpeg/../../../../secret.txt", "/static//etc/passwd"],
+)  # fmt: skip
+def test_no_url_reads_outside_the_slide_roots(server: str, path: str) -> None:
+    # urllib would normalise dot segments away; a raw request sends the path as written
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    status = int(response.split(b" ", 2)[1])
+    assert status in (404, 400), (path, response[:200])
+    assert b"outside the slide roots" not in response and b"[project]" not in response and b"root:" not in response
+
+
+def test_a_link_out_of_the_slide_roots_is_not_followed(server: str) -> None:
+    """`elsewhere/synthetic_05.tiff` links to the 4096-px slide outside the roots: the real 2048-px one is served."""
+    status, _, body = get(server + "/dzi/synthetic_05.dzi")
+    assert status == 200 and b'Width="2048"' in body
+
+
+def test_deep_zoom_tiles_and_bounds(server: str, site: dict) -> None:
+    slide_id = site["ids"][0]
+    status, _, body = get(server + f"/dzi/{slide_id}.dzi")
+    assert status == 200 and b"<Image" in body
+    levels = (int(re.search(rb'Width="(\d+)"', body).group(1)) - 1).bit_length() + 1  # ceil(log2 w) + 1
+    status, kind, tile = get(server + f"/dzi/{slide_id}_files/{levels - 1}/0_0.jpeg")
+    assert status == 200 and kind == "image/jpeg" and tile[:2] == b"\xff\xd8"
+    assert get(server + f"/dzi/{slide_id}_files/{levels + 5}/0_0.jpeg")[0] == 404
+    assert get(server + f"/dzi/{slide_id}_files/0/9_9.jpeg")[0] == 404
+
+
+def test_slide_page_has_viewer_heat_zeroshot_and_similar(server: str, site: dict) -> None:
+    slide_id = site["ids"][0]
+    status, _, body = get(server + f"/slide/{slide_id}?q=papillary")
+    html = body.decode()
+    assert status == 200
+    assert "openseadragon.min.js" in html and f"/heat/{slide_id}.png?q=papillary" in html
+    assert 'id="zeroshot"' in html and "papillary" in html and 'id="similar"' in html
+    status, kind, heat = get(server + f"/heat/{slide_id}.png?q=papillary")
+    assert status == 200 and heat[:4] == b"\x89PNG"
+
+
+def test_vendored_viewer_ships_with_its_licence() -> None:
+    folder = REPO / "vlm" / "serve" / "static" / "openseadragon"
+    assert "Redistribution and use in source and binary forms" in (folder / "LICENSE.txt").read_text()
+    assert (folder / "openseadragon.min.js").stat().st_size > 100_000
+
+
+def test_remote_host_needs_an_explicit_flag(site: dict, caplog: pytest.LogCaptureFixture) -> None:
+    assert main(["serve", "--index", str(site["index"]), "--host", "0.0.0.0"]) == 2
+    assert "--allow-remote" in caplog.text
+
+
+# --- in a real browser ------------------------------------------------------------------------------------
+
+
+class Browser:
+    """Headless Chromium over the DevTools Protocol: navigate, evaluate, screenshot, collect errors."""
+
+    def __init__(self, profile: Path) -> None:
+        from websockets.sync.client import connect
+
+        executable = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+        if executable is None:
+            pytest.fail("no chromium on PATH; install it (Debian: apt-get install -y chromium; .ci/run does)")
+        self.process = subprocess.Popen(
+            [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,900", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while (line := self.process.stderr.readline()) and "DevTools listening on" not in line:
+            if time.monotonic() > deadline:
+                raise TimeoutError("chromium did not open its DevTools port")
+        port = int(re.search(r"ws://[^:]+:(\d+)/", line).group(1))
+        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+        page = next(t for t in targets if t["type"] == "page")
+        self.stack = contextlib.ExitStack()
+        self.socket = self.stack.enter_context(connect(page["webSocketDebuggerUrl"], max_size=64 * 2**20))
+        self.next_id = 0
+        self.events: list[dict] = []
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            self.call(f"{domain}.enable")
+
+    def call(self, method: str, **params: object) -> dict:
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv(timeout=60))
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+            self.events.append(message)
+
+    def evaluate(self, expression: str) -> object:
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def open(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+        self.wait_for("document.readyState === 'complete'")
+
+    def wait_for(self, expression: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.evaluate(expression):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the page never satisfied {expression!r}")
+            time.sleep(0.2)
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+
+    def errors(self) -> list[str]:
+        """Console errors, uncaught exceptions, error log entries (failed loads) and HTTP >= 400 responses."""
+        found = []
+        for event in self.events:
+            method, params = event.get("method"), event.get("params", {})
+            if method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
+                found.append(f"console: {[a.get('value', a.get('description')) for a in params['args']]}")
+            elif method == "Runtime.exceptionThrown":
+                found.append(f"exception: {params['exceptionDetails'].get('text')}")
+            elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+                found.append(f"log: {params['entry']['text']} {params['entry'].get('url', '')}")
+            elif method == "Network.responseReceived" and params["response"]["status"] >= 400:
+                found.append(f"HTTP {params['response']['status']}: {params['response']['url']}")
+        return found
+
+    def responses(self, pattern: str) -> list[int]:
+        return [
+            e["params"]["response"]["status"]
+            for e in self.events
+            if e.get("method") == "Network.responseReceived" and re.search(pattern, e["params"]["response"]["url"])
+        ]
+
+    def close(self) -> None:
+        self.stack.close()
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    opened = Browser(tmp_path / "profile")
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def test_in_chromium_search_and_slide_pages_render_load_tiles_without_errors(
+    server: str, site: dict, browser: Browser, tmp_path: Path
+) -> None:
+    browser.open(server + "/?q=" + urllib.parse.quote("papillary fronds"))
+    ids = browser.evaluate("Array.from(document.querySelectorAll('#results li.result')).map(e => e.dataset.slideId)")
+    assert sorted(ids) == sorted(site["ids"])
+    browser.wait_for("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    browser.screenshot(tmp_path / "search.png")
+
+    slide_id = site["ids"][0]
+    browser.open(server + f"/slide/{slide_id}?q=papillary")
+    browser.wait_for("Number(document.body.dataset.tilesLoaded || 0) >= 1 && document.body.dataset.heatLoaded")
+    time.sleep(1.0)  # let the remaining visible tiles arrive before the screenshot
+    browser.screenshot(tmp_path / "slide.png")
+    assert browser.evaluate("document.body.dataset.tilesFailed") is None
+    assert browser.evaluate("document.querySelector('#slide-title').textContent") == slide_id
+    assert browser.evaluate("document.querySelectorAll('#zeroshot tr').length") == 3
+    tiles = browser.responses(rf"/dzi/{re.escape(slide_id)}_files/\d+/\d+_\d+\.jpeg")
+    assert tiles and all(status == 200 for status in tiles)
+    assert browser.responses(r"/heat/") == [200]
+    assert browser.errors() == []
+    for name in ("search.png", "slide.png"):
+        assert (tmp_path / name).stat().st_size > 5_000
+
+
+@pytest.mark.slow
+def test_demo_index_pages_and_heat(demo_out: Path) -> None:  # noqa: F811
+    """On the demo: ranks continue across pages, and a slide page computes its heat with the rebuilt encoder."""
+    with running_server(["--index", str(demo_out / "index"), "--slides", str(demo_out / "slides"), "--features",
+                         str(demo_out / "features"), "--task", str(TASK)]) as base:  # fmt: skip
+        ranks, ids = [], []
+        for page_no in (1, 2):
+            html = get(base + f"/?q=papillary+fronds&page_no={page_no}")[2].decode()
+            ranks += [int(r) for r in re.findall(r"<strong>#(\d+)</strong>", html)]
+            ids += re.findall(r'class="result" data-slide-id="([^"]+)"', html)
+        assert ranks == list(range(1, 21)) and len(set(ids)) == 20
+        status, _, body = get(base + "/slide/papillary-10?q=" + urllib.parse.quote("a tumour with fronds"))
+        assert status == 200 and 'id="heat-toggle"' in body.decode() and 'id="zeroshot"' in body.decode()

@@ -1,0 +1,96 @@
+"""Subcommands `vlm heatmap` (text -> tile heatmaps: PNG, QuPath GeoJSON, CSV) and `vlm serve` (search + viewer)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+_HEATMAP_EPILOG = """examples:
+  vlm heatmap --model runs/align/model --features runs/features/S1.h5 --slide slides/S1.svs \\
+      --query "papillary fronds with fibrovascular cores" --out runs/heatmaps
+  vlm heatmap --model runs/align/model --features runs/features --slide slides --query "necrosis" \\
+      --query "keratin pearls" --out runs/heatmaps --slide-checkpoint slide_encoder.pth
+"""
+_SERVE_EPILOG = """examples:
+  vlm serve --index runs/index --slides slides --features runs/features --task prompts/demo_morphology.yaml
+  vlm serve --index demo_out/index --slides demo_out/slides --features demo_out/features --port 8080
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "heatmap", help="text -> tile heatmaps of slides (PNG, QuPath GeoJSON, CSV)", epilog=_HEATMAP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Writes <out>/<slide_id>.png, .geojson and .csv per slide; tile scores average to the slide score.",
+    )  # fmt: skip
+    p.add_argument("--model", required=True, help="model folder written by `vlm train` (…/model)")
+    p.add_argument("--features", required=True, nargs="+", help="tile-feature .h5 files or folders of them")
+    p.add_argument("--slide", nargs="+", default=[], help="slide files or folders (default: the path in the .h5)")
+    p.add_argument("--query", required=True, action="append", help="text to score tiles against (repeatable)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--slide-checkpoint", help="slide encoder weights (default: the one the model records)")
+    p.add_argument("--mpp", type=float, help="level-0 µm/px of the slides, if the feature files lack it")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto …")
+    p.set_defaults(func=_heatmap)
+
+    s = subparsers.add_parser(
+        "serve", help="local web app: text search, similar slides, deep-zoom viewer with heatmaps",
+        epilog=_SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serves the search page and slide viewer over HTTP on 127.0.0.1 (this machine only).",
+    )  # fmt: skip
+    s.add_argument("--index", required=True, help="slide index folder from `vlm index build`")
+    s.add_argument("--model", help="model folder (default: the one recorded in the index manifest)")
+    s.add_argument("--slides", nargs="+", default=[], help="folders of slide files (the only files served)")
+    s.add_argument("--features", nargs="+", default=[], help="folders of tile-feature .h5 files (heatmaps)")
+    s.add_argument("--task", help="prompt file: zero-shot probabilities on each slide page")
+    s.add_argument("--slide-checkpoint", help="slide encoder weights (default: the one the model records)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--allow-remote", action="store_true",
+        help="allow a --host other than localhost: anyone who can reach it sees the slides (no authentication)",
+    )  # fmt: skip
+    s.set_defaults(func=_serve)
+
+
+def _heatmap(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vlm.batch import write_failures
+    from vlm.commands import finish_batch
+    from vlm.device import resolve_device
+    from vlm.features import feature_files
+    from vlm.heatmap import run_heatmaps
+    from vlm.model.clip import SlideTextModel
+
+    paths = [p for entry in map(Path, args.features) for p in (feature_files(entry) if entry.is_dir() else [entry])]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"feature file(s) not found: {missing[:5]}")
+    model = SlideTextModel.from_pretrained(args.model, device=resolve_device(args.device))
+    report = run_heatmaps(model, paths, args.slide, args.out, queries=args.query,
+                          slide_checkpoint=args.slide_checkpoint, mpp=args.mpp)  # fmt: skip
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    failures = Path(args.out) / "failures.csv"
+    write_failures(failures, report.failed)
+    return finish_batch(report, args.out, failures)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from vlm.serve.app import LOCAL_HOSTS, serve
+    except ImportError as error:
+        raise ImportError(f"vlm serve needs FastAPI, uvicorn, Jinja2 ({error}); pip install -e '.[serve]'") from error
+
+    if args.host not in LOCAL_HOSTS and not args.allow_remote:
+        raise ValueError(
+            f"--host {args.host} would expose the slides to other machines without authentication; "
+            "add --allow-remote if that is intended"
+        )
+    if args.host not in LOCAL_HOSTS:
+        log.warning("serving on %s: anyone who can reach this address can search and view the slides", args.host)
+    serve(args.index, model=args.model, slides=args.slides, features=args.features, task=args.task,
+          slide_checkpoint=args.slide_checkpoint, host=args.host, port=args.port)  # fmt: skip
+    return 0
