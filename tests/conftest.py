@@ -56,3 +56,17 @@ def tiny_vit_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "vit_tiny.pth"
     torch.save(encoder.model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's output: the run CI just made (`VLM_DEMO_OUT`, set by .ci/run after `make demo`), else a
+    fresh run with the same settings as `make demo` (once per session, shared by every test that needs it)."""
+    from vlm.demo.run import DemoSettings, run_demo
+
+    given = os.environ.get("VLM_DEMO_OUT")
+    if given and (Path(given) / "summary.md").is_file():
+        return Path(given)
+    out = tmp_path_factory.mktemp("demo")
+    run_demo(DemoSettings(out=out, progress=False))
+    return out

@@ -11,21 +11,7 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from vlm.demo.run import DemoSettings, run_demo
-
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
-
-
-@pytest.fixture(scope="session")
-def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo's output: the run CI just made (`VLM_DEMO_OUT`, set by .ci/run after `make demo`), else a
-    fresh run with the same settings as `make demo`."""
-    given = os.environ.get("VLM_DEMO_OUT")
-    if given and (Path(given) / "summary.md").is_file():
-        return Path(given)
-    out = tmp_path_factory.mktemp("demo")
-    run_demo(DemoSettings(out=out, progress=False))
-    return out
 
 
 @pytest.mark.slow

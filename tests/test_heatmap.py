@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.support.frozen import build_frozen_run
 from vlm.cli import main
 from vlm.encoders.slide import create_slide_encoder
 from vlm.features import TileFeatures, TileGrid, read_features, write_features
+from vlm.formats.embeddings import read_slide_embeddings
 from vlm.heatmap import slide_tower, tile_scores
 from vlm.model.clip import SlideTextModel, build_tiny_model
 from vlm.model.projection import ProjectionHead
-from vlm.slide_embedding import embed_slides, read_slide_embeddings
 
 QUERIES = ["papillary fronds", "solid sheets of squamous cells"]
 
@@ -41,40 +41,6 @@ def test_tile_scores_average_to_the_slide_score(tmp_path: Path, projection: str)
     np.testing.assert_allclose(scores.mean(0), expected.numpy(), atol=1e-5)
     np.testing.assert_allclose(slide, expected.numpy(), atol=1e-5)
     assert scores.std(0).min() > 1e-3  # tiles differ: not the slide score copied to every tile
-
-
-def build_frozen_run(tmp_path: Path, slides: list[Path]) -> dict:
-    """A tiny frozen-tower model made the way `vlm train --slide-embeddings` makes it (its `_build_model`),
-    on embeddings from `embed_slides` with a saved tiny slide encoder, and a feature file per slide (random
-    32-d features on a full tile grid; 0.5-mpp tiles whatever the slide's level-0 µm/px)."""
-    from vlm.encoders.text import build_tiny_text_encoder
-    from vlm.train.loop import TrainConfig, _build_model
-    from vlm.wsi.slide import open_slide
-
-    (tmp_path / "features").mkdir()
-    feature_files = []
-    for seed, slide in enumerate(slides):
-        with open_slide(slide) as opened:
-            (width, height), mpp = opened.dimensions, opened.mpp
-        step = int(round(256 * 0.5 / mpp))
-        xs, ys = np.meshgrid(np.arange(0, width - step + 1, step), np.arange(0, height - step + 1, step))
-        coords = np.stack([xs.ravel(), ys.ravel()], 1)
-        features = np.random.default_rng(seed).normal(size=(len(coords), 32)).astype(np.float32)
-        path = tmp_path / "features" / f"{slide.stem}.h5"
-        grid = TileGrid(coords, mpp=mpp, tile_size=256, target_mpp=0.5, tile_size_level0=step, slide_path=str(slide))
-        write_features(path, TileFeatures(grid, features, encoder="test"))
-        feature_files.append(path)
-    encoder = create_slide_encoder("tiny")
-    checkpoint = tmp_path / "slide_encoder.pt"
-    torch.save(encoder.state_dict(), checkpoint)
-    parquet = tmp_path / "slides.parquet"
-    embed_slides(feature_files, parquet, encoder, progress=False, checkpoint=str(checkpoint))
-    text = build_tiny_text_encoder(tmp_path / "text")
-    config = TrainConfig(pairs="unused.csv", out=str(tmp_path / "run"), slide_embeddings=str(parquet),
-                         text_encoder=str(text), proj_dim=32, max_length=64)  # fmt: skip
-    model_dir = _build_model(config, 64, None).save_pretrained(tmp_path / "model")
-    return {"model": model_dir, "features": feature_files[0], "slide": slides[0], "parquet": parquet,
-            "checkpoint": checkpoint, "out": tmp_path / "heat", "feature_files": feature_files}  # fmt: skip
 
 
 @pytest.fixture
@@ -231,19 +197,6 @@ def test_a_broken_feature_file_fails_that_slide_only(frozen_run: dict[str, Path]
 # --- on the demo's outputs ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo's output: `VLM_DEMO_OUT` (set by .ci/run after `make demo`), else a fresh run."""
-    from vlm.demo.run import DemoSettings, run_demo
-
-    given = os.environ.get("VLM_DEMO_OUT")
-    if given and (Path(given) / "summary.md").is_file():
-        return Path(given)
-    out = tmp_path_factory.mktemp("demo")
-    run_demo(DemoSettings(out=out, progress=False))
-    return out
-
-
 @pytest.mark.slow
 def test_pooled_tile_scores_rank_demo_slides_as_slide_scores_do(demo_out: Path) -> None:
     """Across the demo's slides, the mean tile score (from the features through the rebuilt slide encoder)
@@ -257,12 +210,12 @@ def test_pooled_tile_scores_rank_demo_slides_as_slide_scores_do(demo_out: Path) 
     frame = read_slide_embeddings(demo_out / "slides.parquet")
     text = model.encode_text([SEARCH_QUERY])
     slide_scores = (model.encode_slide_embeddings(torch.from_numpy(np.stack(frame["embedding"]))) @ text.T)[:, 0]
-    from vlm.slide_embedding import _load_slide
+    from vlm.encoders.inputs import load_slide_inputs
 
     pooled = []
     for slide_id in frame["slide_id"]:
-        features, coords = _load_slide(demo_out / "features" / f"{slide_id}.h5", encoder, None)
-        pooled.append(tile_scores(model, encoder, features, coords, text)[0][:, 0].mean())
+        slide = load_slide_inputs(demo_out / "features" / f"{slide_id}.h5", encoder.config.in_dim)
+        pooled.append(tile_scores(model, encoder, slide.features, slide.coords, text)[0][:, 0].mean())
     rho = spearmanr(pooled, slide_scores.detach().numpy()).statistic
     assert rho >= 0.9, rho
     np.testing.assert_allclose(pooled, slide_scores.detach().numpy(), atol=1e-3)

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_heatmap import build_frozen_run, demo_out  # noqa: F401 (demo_out is a fixture)
+from tests.support.frozen import build_frozen_run
 from vlm.cli import main
+from vlm.formats.embeddings import read_slide_embeddings
 from vlm.retrieval import SlideIndex
-from vlm.slide_embedding import read_slide_embeddings
 
 REPO = Path(__file__).parents[1]
 TASK = REPO / "prompts" / "demo_morphology.yaml"

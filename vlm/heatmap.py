@@ -165,13 +165,15 @@ def slide_heat(
     mpp: float | None = None,
 ) -> SlideHeat:
     """Tile scores of one feature file for `queries` (texts [Q, D] given: e.g. zero-shot class prototypes)."""
+    from vlm.encoders.inputs import load_slide_inputs
     from vlm.features import read_tile_grid
     from vlm.io import slide_id_from_path
-    from vlm.slide_embedding import _load_slide
 
     if texts is None:
         texts = model.encode_text(list(queries), device="cpu")
-    features, coords = _load_slide(Path(feature_path), encoder, mpp)
+    config = encoder.config
+    slide_inputs = load_slide_inputs(feature_path, config.in_dim, mpp, None, config.tile_size, config.grid_size)
+    features, coords = slide_inputs.features, slide_inputs.coords
     grid = read_tile_grid(feature_path, mpp=mpp)
     scores, slide = tile_scores(model, encoder, features, coords, texts)
     return SlideHeat(slide_id_from_path(feature_path), list(queries), grid.coords, grid.tile_size_level0,

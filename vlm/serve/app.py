@@ -128,10 +128,13 @@ class ServeState:
         """Zero-shot class probabilities of a slide, from its tile features through the slide encoder."""
         import torch
 
-        from vlm.slide_embedding import _load_slide
+        from vlm.encoders.inputs import load_slide_inputs
 
         if slide_id not in self._embeddings:
-            features, coords = _load_slide(self.features[slide_id], self.encoder, None)
+            config = self.encoder.config
+            slide = load_slide_inputs(self.features[slide_id], config.in_dim, None, None, config.tile_size,
+                                      config.grid_size)  # fmt: skip
+            features, coords = slide.features, slide.coords
             with torch.no_grad():
                 self._embeddings[slide_id] = self.encoder(
                     torch.from_numpy(features)[None], torch.from_numpy(coords)[None], pool="mean"
