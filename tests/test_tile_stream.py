@@ -36,7 +36,8 @@ CPU = torch.device("cpu")
 
 
 def tiny_gigapath() -> TileEncoder:
-    return create_tile_encoder("gigapath", pretrained=False, embed_dim=48, depth=1, num_heads=2)
+    # init_values=1: with the published 1e-5 layer scale a random ViT gives every tile (nearly) the same CLS
+    return create_tile_encoder("gigapath", pretrained=False, embed_dim=48, depth=1, num_heads=2, init_values=1.0)
 
 
 @torch.inference_mode()
@@ -111,8 +112,11 @@ def test_stream_gives_the_per_slide_features_for_one_slide(slide_05: Path) -> No
     with open_slide(slide_05) as slide:
         grid = tile_slide(slide).grid
     reference = per_slide_features(slide_05, encoder)
-    for workers, batch_size in [(0, 64), (2, 3)]:
-        features = embed_grid(slide_05, grid, encoder, CPU, batch_size=batch_size, workers=workers)
+    assert np.abs(reference[1:] - reference[:-1]).max(axis=1).min() > 1e-2  # a mix-up of tiles would show
+    for workers, batch_size, chunk_size in [(0, 64, 16), (2, 5, 2), (3, 4, 1)]:  # batches of several chunks
+        features = embed_grid(
+            slide_05, grid, encoder, CPU, batch_size=batch_size, workers=workers, chunk_size=chunk_size
+        )
         np.testing.assert_allclose(features, reference, atol=1e-4, rtol=0)
 
 

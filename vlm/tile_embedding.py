@@ -64,8 +64,16 @@ class _Batch:
 class _Encoding:
     """One pass of the stream: encoder batches across slide boundaries, per-slide accumulators on the device."""
 
-    def __init__(self, encoder: TileEncoder, forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-                 precision: str, batch_size: int, pad: bool, on_tiles: Callable[[int], object] | None) -> None:
+    def __init__(
+        self,
+        encoder: TileEncoder,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        device: torch.device,
+        precision: str,
+        batch_size: int,
+        pad: bool,
+        on_tiles: Callable[[int], object] | None,
+    ) -> None:
         self.encoder, self.forward, self.device, self.precision = encoder, forward, device, precision
         self.batch_size, self.pad, self.on_tiles = batch_size, pad, on_tiles
         self.device_transform = tensor_transform(encoder.transform)
@@ -120,8 +128,9 @@ class _Encoding:
             with autocast(self.device, self.precision):
                 output = self.forward(images)[: current.size].float()
         except Exception as error:  # e.g. out of memory: the slides of this batch fail, the stream goes on
-            yield from self.fail([job for job, _, _ in current.segments], f"encoding failed: {type(error).__name__}: "
-                                 f"{error}")
+            yield from self.fail(
+                [job for job, _, _ in current.segments], f"encoding failed: {type(error).__name__}: {error}"
+            )
             return
         offset = 0
         for job, start, n in current.segments:
@@ -205,14 +214,17 @@ def embed_grid(
     workers: int = 2,
     progress: bool = False,
     compile: bool = False,
+    chunk_size: int = CHUNK_SIZE,
 ) -> np.ndarray:
     """Features [N, D] (float32) for the tiles of `grid`, in grid order (one slide through the tile stream)."""
     encoder = encoder.to(device).eval()
     job = SlideJob(0, Path(slide_path), grid=grid)
-    with tqdm(total=len(grid), desc=slide_id_from_path(slide_path), unit="tile", disable=not progress,
-              leave=False) as bar:
-        (result,) = stream_features([job], encoder, device, precision, batch_size, workers, compile=compile,
-                                    on_tiles=bar.update)
+    with tqdm(
+        total=len(grid), desc=slide_id_from_path(slide_path), unit="tile", disable=not progress, leave=False
+    ) as bar:
+        (result,) = stream_features(
+            [job], encoder, device, precision, batch_size, workers, chunk_size, compile, on_tiles=bar.update
+        )
     if result.error is not None:
         raise RuntimeError(f"{slide_path}: {result.error}")
     return result.features
@@ -234,6 +246,7 @@ def embed_tiles(
     progress: bool = True,
     overwrite: bool = False,
     compile: bool = False,
+    chunk_size: int = CHUNK_SIZE,
 ) -> BatchReport:
     """Embed the tiles of each slide whose `<slide_id>.h5` is not yet in `out_dir`.
 
@@ -246,18 +259,34 @@ def embed_tiles(
     out.mkdir(parents=True, exist_ok=True)
     encoder = encoder.to(device).eval()
     report = BatchReport()
-    pending = select_pending(slides, key=slide_id_from_path, report=report, shard=shard, overwrite=overwrite,
-                             output_of=lambda path: out / f"{slide_id_from_path(path)}.h5")
+    pending = select_pending(
+        slides,
+        key=slide_id_from_path,
+        report=report,
+        shard=shard,
+        overwrite=overwrite,
+        output_of=lambda path: out / f"{slide_id_from_path(path)}.h5",
+    )
     grids = None if tiles_dir is None else Path(tiles_dir)
     jobs = [
-        SlideJob(index, Path(path), grid_path=None if grids is None else grids / f"{slide_id_from_path(path)}.h5",
-                 params=params, mpp=mpp)
+        SlideJob(
+            index,
+            Path(path),
+            grid_path=None if grids is None else grids / f"{slide_id_from_path(path)}.h5",
+            params=params,
+            mpp=mpp,
+        )
         for index, path in enumerate(pending)
     ]
-    bar = tqdm(total=len(pending) + len(report.skipped), initial=len(report.skipped), desc="embedding tiles",
-               unit="slide", disable=not progress)
+    bar = tqdm(
+        total=len(pending) + len(report.skipped),
+        initial=len(report.skipped),
+        desc="embedding tiles",
+        unit="slide",
+        disable=not progress,
+    )
     with bar:
-        for result in stream_features(jobs, encoder, device, precision, batch_size, workers, compile=compile):
+        for result in stream_features(jobs, encoder, device, precision, batch_size, workers, chunk_size, compile):
             path = pending[result.job]
             slide_id = slide_id_from_path(path)
             if result.error is None:
