@@ -259,7 +259,7 @@ def main() -> None:
             "%-18s %10.1f %8.0f%% %6s",
             name,
             rate,
-            100 * rate / rows["encoder"],
+            100 * ratios[name],
             "n/a" if mfu is None else f"{100 * mfu:.0f}%",
         )
         results.append(

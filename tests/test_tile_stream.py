@@ -113,10 +113,10 @@ def test_stream_gives_the_per_slide_features_for_one_slide(slide_05: Path) -> No
         grid = tile_slide(slide).grid
     reference = per_slide_features(slide_05, encoder)
     assert np.abs(reference[1:] - reference[:-1]).max(axis=1).min() > 1e-2  # a mix-up of tiles would show
-    for workers, batch_size, chunk_size in [(0, 64, 16), (2, 5, 2), (3, 4, 1)]:  # batches of several chunks
-        features = embed_grid(
-            slide_05, grid, encoder, CPU, batch_size=batch_size, workers=workers, chunk_size=chunk_size
-        )
+    cases = [(0, 64, 16, None), (2, 5, 2, "device"), (3, 4, 1, "workers"), (2, 6, 3, "device")]
+    for workers, batch_size, chunk_size, transform_on in cases:  # batches of several chunks, both transform places
+        features = embed_grid(slide_05, grid, encoder, CPU, batch_size=batch_size, workers=workers,
+                              chunk_size=chunk_size, transform_on=transform_on)  # fmt: skip
         np.testing.assert_allclose(features, reference, atol=1e-4, rtol=0)
 
 

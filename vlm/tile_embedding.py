@@ -2,10 +2,11 @@
 
 One DataLoader over a `TileStream` spans every slide of the batch: its persistent worker processes read chunks
 of a few tiles (uint8) and keep reading the next slide while the main process encodes the current one, so the
-device never waits for a per-slide start-up. The encoder's resize / crop / normalise runs on the device
-(`TensorTransform`, pixels equal to the PIL path to +-1 grey level); encoder batches fill across slide
-boundaries; features accumulate on the device and are copied back once per slide, then written atomically.
-Encoders whose transform has no tensor twin get it applied in the workers instead. The tile grid comes from a
+device never waits for a per-slide start-up. The encoder's resize / crop / normalise (`TensorTransform`, pixels
+equal to the PIL path to +-1 grey level) runs on the GPU on CUDA, on uint8 tiles copied from pinned memory, and
+in the reading workers on the CPU; encoders whose transform has no tensor twin get their PIL transform in the
+workers. Encoder batches fill across slide boundaries; features accumulate on the device and are copied back
+once per slide (no synchronisation per batch), then written atomically. The tile grid comes from a
 `vlm tile` output folder when given (`tiles_dir`), else it is computed on the fly with the same parameters.
 """
 
@@ -73,10 +74,15 @@ class _Encoding:
         batch_size: int,
         pad: bool,
         on_tiles: Callable[[int], object] | None,
+        transform_on: str | None,
     ) -> None:
         self.encoder, self.forward, self.device, self.precision = encoder, forward, device, precision
         self.batch_size, self.pad, self.on_tiles = batch_size, pad, on_tiles
-        self.device_transform = tensor_transform(encoder.transform)
+        # On CUDA the tensor transform runs on the device; on the CPU in the reading workers (spare cores).
+        transform = tensor_transform(encoder.transform)
+        on_device = device.type == "cuda" if transform_on is None else transform_on == "device"
+        self.device_transform = transform if on_device else None
+        self.worker_transform = None if on_device else transform
         self.pending: dict[int, _Pending] = {}
         self.failed: set[int] = set()
         self.finished: set[int] = set()
@@ -172,21 +178,30 @@ def stream_features(
     chunk_size: int = CHUNK_SIZE,
     compile: bool = False,
     on_tiles: Callable[[int], object] | None = None,
+    transform_on: str | None = None,
 ) -> Iterator[SlideResult]:
     """Encode the tiles of all `jobs` as one stream; yield each slide's result as soon as it is complete.
 
     A slide that cannot be read, tiled or encoded is yielded with `error` set and the stream goes on. If a
     worker process dies (e.g. a crash inside a slide library), the slides in flight are failed with that
     message and the stream restarts after them. `on_tiles(n)` is called as tiles are encoded (progress).
+    `transform_on` ("device" or "workers") overrides where the tensor transform runs (default: device on CUDA).
     """
+    if transform_on not in (None, "device", "workers"):
+        raise ValueError(f"transform_on must be 'device' or 'workers', got {transform_on!r}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     forward = torch.compile(encoder, dynamic=False) if compile else encoder
     chunk_size = max(1, min(chunk_size, batch_size))
     remaining = list(jobs)
     while remaining:
-        state = _Encoding(encoder, forward, device, precision, batch_size, compile, on_tiles)
-        stream = TileStream(remaining, chunk_size, transform=None if state.device_transform else encoder.transform)
+        state = _Encoding(encoder, forward, device, precision, batch_size, compile, on_tiles, transform_on)
+        stream = TileStream(
+            remaining,
+            chunk_size,
+            transform=None if state.device_transform or state.worker_transform else encoder.transform,
+            batch_transform=state.worker_transform,
+        )
         try:
             for chunk in _loader(stream, workers, device):
                 yield from state.add(chunk)
@@ -215,6 +230,7 @@ def embed_grid(
     progress: bool = False,
     compile: bool = False,
     chunk_size: int = CHUNK_SIZE,
+    transform_on: str | None = None,
 ) -> np.ndarray:
     """Features [N, D] (float32) for the tiles of `grid`, in grid order (one slide through the tile stream)."""
     encoder = encoder.to(device).eval()
@@ -223,7 +239,16 @@ def embed_grid(
         total=len(grid), desc=slide_id_from_path(slide_path), unit="tile", disable=not progress, leave=False
     ) as bar:
         (result,) = stream_features(
-            [job], encoder, device, precision, batch_size, workers, chunk_size, compile, on_tiles=bar.update
+            [job],
+            encoder,
+            device,
+            precision,
+            batch_size,
+            workers,
+            chunk_size,
+            compile,
+            on_tiles=bar.update,
+            transform_on=transform_on,
         )
     if result.error is not None:
         raise RuntimeError(f"{slide_path}: {result.error}")

@@ -129,8 +129,9 @@ class TileStream(torch.utils.data.IterableDataset):
     read while the current one's are still being encoded. Every worker resolves every slide's grid (cheap
     next to reading its tiles) so that all agree on the chunking without talking to each other; only the
     worker owning a slide's first chunk reports a slide that cannot be opened or tiled.
-    Without `transform` tiles stay uint8 HWC (4x smaller than float, for the encoder's transform on the
-    device); with it each tile is transformed here (the encoder's PIL transform).
+    Without transforms tiles stay uint8 HWC (4x smaller than float, for the encoder's transform on the
+    device); `transform` transforms each PIL tile here (encoders whose transform has no tensor twin), and
+    `batch_transform` each uint8 chunk here (the tensor transform, when the encoder runs on the CPU).
     """
 
     def __init__(
@@ -138,12 +139,14 @@ class TileStream(torch.utils.data.IterableDataset):
         jobs: Sequence[SlideJob],
         chunk_size: int = 16,
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.jobs = list(jobs)
         self.chunk_size = chunk_size
         self.transform = transform
+        self.batch_transform = batch_transform
 
     def __iter__(self) -> Iterator[TileChunk]:
         info = torch.utils.data.get_worker_info()
@@ -174,6 +177,8 @@ class TileStream(torch.utils.data.IterableDataset):
                         batch = torch.stack(tiles) if tiles else torch.empty(0)
                     else:
                         batch = torch.from_numpy(np.stack([np.asarray(t) for t in tiles])) if tiles else torch.empty(0)
+                        if self.batch_transform is not None and tiles:
+                            batch = self.batch_transform(batch)
                     yield TileChunk(job.index, start, n, batch, grid if c == 0 else None)
             except Exception as error:
                 yield TileChunk(job.index, 0, n, None, error=f"{type(error).__name__}: {error}")
