@@ -157,6 +157,17 @@ def _load_slide(path: Path, encoder: GigaPathSlideEncoder, mpp: float | None) ->
     return features, coords
 
 
+def _tile_count(path: Path) -> float:
+    """Tiles in a feature file, from the dataset's shape alone (unreadable files sort last and fail on load)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return float(h5["features"].shape[0])
+    except (OSError, KeyError, IndexError, TypeError):
+        return float("inf")
+
+
 @torch.inference_mode()
 def _embed_batch(
     slides: list[tuple[np.ndarray, np.ndarray]],
@@ -197,8 +208,10 @@ def embed_slides(
 ) -> BatchReport:
     """Embed each feature file's slide and write the rows to `out` (or this shard's file).
 
-    `batch_size` slides are padded into one forward pass (each gets the numbers it gets alone); on GPU
-    this helps for many small slides, on CPU 1 is as fast. `mpp` overrides the files' level-0 µm/px.
+    `batch_size` slides are padded into one forward pass (each gets the numbers it gets alone); slides are
+    then taken in order of tile count, so each batch holds slides of similar length and pads little. On GPU
+    this helps for many small slides, on CPU 1 is as fast. Rows are written in slide-id order either way.
+    `mpp` overrides the files' level-0 µm/px.
     `checkpoint` is only recorded in the file's metadata.
     """
     device = torch.device(device)
@@ -216,6 +229,8 @@ def embed_slides(
     duplicates = duplicate_ids(ids)
     if duplicates:
         raise ValueError(f"several feature files share the slide id(s) {duplicates}; rename them")
+    if batch_size > 1:  # length buckets: slides batched with slides of similar length pad little
+        mine = sorted(mine, key=_tile_count)
     pending: list[tuple[str, np.ndarray, np.ndarray]] = []
     unsaved = 0
 
@@ -244,7 +259,7 @@ def embed_slides(
             unsaved += 1
         pending.clear()
         if unsaved >= save_every:
-            _write_parquet(target, rows, settings)
+            _write_parquet(target, sorted(rows, key=lambda row: row["slide_id"]), settings)
             unsaved = 0
 
     for path in tqdm(mine, desc="embed-slides", unit="slide", disable=not progress):
@@ -264,7 +279,7 @@ def embed_slides(
             flush()
     flush()
     if report.done or not target.exists():
-        _write_parquet(target, rows, settings)
+        _write_parquet(target, sorted(rows, key=lambda row: row["slide_id"]), settings)
     write_failures(target.parent / f"failures{shard.suffix}.csv", report.failed)
     log.info("embed-slides: %s -> %s", report.summary(), target)
     return report
