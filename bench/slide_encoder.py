@@ -1,6 +1,6 @@
 """Benchmark the GigaPath slide encoder (CPU fp32, or `--device cuda`): time and peak memory per case.
 
-Compares `vlm.encoders.longnet.dilated_attention` (fused attention that returns its log-sum-exp, strided
+Compares `vlm.encoders.longnet.dilated_attention_qkv` (fused attention that returns its log-sum-exp, strided
 gathers, running merge of branches) with a straightforward re-implementation written below: per branch,
 `scaled_dot_product_attention` for the output plus a separate `logsumexp(q·kᵀ)` for the branch weight,
 official-style `diag_embed` scatter and a stack of all branch outputs. Both run inside the same model
@@ -81,7 +81,9 @@ def run_case(
     torch.set_num_threads(threads)
     dev = torch.device(device)
     if impl == "baseline":
-        longnet.dilated_attention = baseline_dilated_attention
+        longnet.dilated_attention_qkv = lambda qkv, segments, ratios: baseline_dilated_attention(
+            qkv[0], qkv[1], qkv[2], segments, ratios
+        )
     torch.manual_seed(0)
     model = create_slide_encoder("gigapath").to(dev).eval()
     generator = torch.Generator().manual_seed(tiles)
@@ -108,12 +110,12 @@ def run_case(
         else:
             peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
         # The attention alone, on one layer's q/k/v: the part the two implementations differ in.
-        q, k, v = (torch.randn(tiles + 1, 16, 48, generator=generator).to(dev) for _ in range(3))
-        attention = longnet.dilated_attention
-        attention(q[:300], k[:300], v[:300], model.config.segment_lengths, model.config.dilated_ratios)
+        qkv = torch.randn(3, tiles + 1, 16, 48, generator=generator).to(dev)
+        attention = longnet.dilated_attention_qkv
+        attention(qkv[:, :300], model.config.segment_lengths, model.config.dilated_ratios)
         _sync(dev)
         start = time.perf_counter()
-        attention(q, k, v, model.config.segment_lengths, model.config.dilated_ratios)
+        attention(qkv, model.config.segment_lengths, model.config.dilated_ratios)
         _sync(dev)
         attention_seconds = time.perf_counter() - start
     torch.save(embedding.float().cpu(), out_path)
