@@ -210,6 +210,37 @@ def test_a_killed_cohort_run_resumes_to_the_same_features(tmp_path: Path, tiny_v
         )
 
 
+def test_a_dying_reader_fails_the_slides_in_flight_and_the_stream_goes_on(
+    tmp_path: Path, slide_05: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reading process that dies (as in a crash inside a slide library) fails only the slides in flight."""
+    cohort = []
+    for name in ["a", "b", "c", "d"]:
+        cohort.append(tmp_path / f"{name}.tiff")
+        cohort[-1].write_bytes(slide_05.read_bytes())
+    read_tile = TileDataset.read_tile
+
+    def dies_on_b(self: TileDataset, index: int) -> Image.Image:
+        if self.slide_path.stem == "b":
+            os._exit(1)  # the forked worker process dies on the spot
+        return read_tile(self, index)
+
+    monkeypatch.setattr(TileDataset, "read_tile", dies_on_b)
+    encoder = tiny_gigapath()
+    report = embed_tiles(cohort, tmp_path / "out", encoder, CPU, batch_size=8, workers=2, progress=False)
+    failed = dict(report.failed)
+    assert "b" in failed and "worker process died" in failed["b"]
+    assert {"c", "d"} <= set(report.done)
+    assert set(report.done) | set(failed) == {"a", "b", "c", "d"}
+    assert sorted(path.stem for path in (tmp_path / "out").glob("*.h5")) == sorted(report.done)
+    monkeypatch.setattr(TileDataset, "read_tile", read_tile)
+    rerun = embed_tiles(cohort, tmp_path / "out", encoder, CPU, batch_size=8, workers=2, progress=False)
+    assert sorted(rerun.done) == sorted(failed) and rerun.ok
+    reference = per_slide_features(slide_05, encoder)
+    for name in "abcd":
+        np.testing.assert_allclose(read_features(tmp_path / "out" / f"{name}.h5").features, reference, atol=1e-4)
+
+
 def test_overwrite_and_skip_keep_their_meaning(tmp_path: Path, slide_05: Path) -> None:
     encoder = tiny_gigapath()
     first = embed_tiles([slide_05], tmp_path, encoder, CPU, workers=0, progress=False)

@@ -134,6 +134,8 @@ class _Encoding:
             with autocast(self.device, self.precision):
                 output = self.forward(images)[: current.size].float()
         except Exception as error:  # e.g. out of memory: the slides of this batch fail, the stream goes on
+            if _worker_died(error):
+                raise
             yield from self.fail(
                 [job for job, _, _ in current.segments], f"encoding failed: {type(error).__name__}: {error}"
             )
@@ -155,6 +157,11 @@ class _Encoding:
             slide = self.pending.pop(job)
             self.finished.add(job)
             yield SlideResult(job, slide.grid, slide.features.cpu().numpy())  # one copy back per slide
+
+
+def _worker_died(error: BaseException) -> bool:
+    """DataLoader's error for a reader process that died; its SIGCHLD handler may raise it at any point."""
+    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error)
 
 
 def _loader(stream: TileStream, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
@@ -207,10 +214,14 @@ def stream_features(
                 yield from state.add(chunk)
             yield from state.flush()
         except RuntimeError as error:
-            if "DataLoader worker" not in str(error):
+            if not _worker_died(error):
                 raise
+            # Which chunk killed it is unknown: fail the slides in flight (or, with none, the next slide of the
+            # stream, whose tiles were being read) and go on with a fresh stream after them.
             message = f"a tile-reading worker process died while this slide was in flight ({error}); rerun to retry"
-            yield from state.fail([*state.pending, *(job for job, _, _ in state.batch.segments)], message)
+            in_flight = [*state.pending, *(job for job, _, _ in state.batch.segments)]
+            unfinished = [job.index for job in remaining if job.index not in state.failed | state.finished]
+            yield from state.fail(in_flight or unfinished[:1], message)
         # the stream ended without all of a slide's tiles: never write a partial file
         yield from state.fail(list(state.pending), "the tile stream ended before all tiles of this slide were encoded")
         done = state.failed | state.finished
@@ -315,9 +326,14 @@ def embed_tiles(
             path = pending[result.job]
             slide_id = slide_id_from_path(path)
             if result.error is None:
+                features = TileFeatures(result.grid, result.features, encoder=encoder.name)
                 try:
-                    features = TileFeatures(result.grid, result.features, encoder=encoder.name)
-                    write_features(out / f"{slide_id}.h5", features, dtype=dtype)
+                    try:
+                        write_features(out / f"{slide_id}.h5", features, dtype=dtype)
+                    except RuntimeError as error:  # a reader died meanwhile (signalled here): not this slide's fault
+                        if not _worker_died(error):
+                            raise
+                        write_features(out / f"{slide_id}.h5", features, dtype=dtype)
                 except Exception as error:
                     record(report, slide_id, error)
                 else:
