@@ -18,6 +18,7 @@ FlopCounterMode; peak from --peak-tflops or the card's bf16 dense figure when kn
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import logging
 import math
@@ -89,15 +90,17 @@ def write_slide(path: Path, tissue_tiles: int, seed: int) -> None:
     write_pyramidal_tiff(path, (width, height), region, mpp=0.5, n_levels=3)
 
 
-def make_cohort(folder: Path, slides: int, min_tiles: int, max_tiles: int) -> list[Path]:
+def make_cohort(folder: Path, slides: int, min_tiles: int, max_tiles: int, workers: int = 1) -> list[Path]:
+    """Write the cohort (in `workers` processes); slides already in `folder` are reused."""
     folder.mkdir(parents=True, exist_ok=True)
     counts = np.linspace(min_tiles, max_tiles, slides).round().astype(int) if slides > 1 else [max_tiles]
-    paths = []
-    for index, count in enumerate(counts):
-        path = folder / f"bench_{index:02d}_{count}.tiff"
-        if not path.exists():
-            write_slide(path, int(count), seed=index)
-        paths.append(path)
+    paths = [folder / f"bench_{index:02d}_{count}.tiff" for index, count in enumerate(counts)]
+    todo = [index for index, path in enumerate(paths) if not path.exists()]
+    if todo:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+            jobs = [pool.submit(write_slide, paths[i], int(counts[i]), i) for i in todo]
+            for job in jobs:
+                job.result()
     return paths
 
 
@@ -204,7 +207,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         started = time.perf_counter()
-        slides = make_cohort(args.cohort or work / "slides", args.slides, args.min_tiles, args.max_tiles)
+        slides = make_cohort(args.cohort or work / "slides", args.slides, args.min_tiles, args.max_tiles, args.workers)
         tile_slides(slides, work / "grids", workers=max(1, args.workers), progress=False)
         n_tiles = sum(len(read_tile_grid(work / "grids" / f"{path.stem}.h5")) for path in slides)
         log.info(
