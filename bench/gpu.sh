@@ -14,6 +14,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_
 if [[ -n "${VLM_WHEELS:-}" && -d "$VLM_WHEELS" ]]; then
   "$PYTHON" -m pip install --quiet --no-index --find-links "$VLM_WHEELS" "$VLM_WHEELS"/*.whl
 fi
+"$PYTHON" - <<'PY'
+import importlib.util, sys
+needed = ["torch", "timm", "transformers", "h5py", "pandas", "pyarrow", "openslide", "tifffile", "imagecodecs",
+          "skimage", "open_clip", "tqdm"]
+missing = [name for name in needed if importlib.util.find_spec(name) is None]
+if missing:
+    sys.exit(f"bench/gpu.sh: missing Python modules {missing}; put their wheels in a folder and set VLM_WHEELS")
+PY
 RESULTS=$(mktemp -d)/results.jsonl
 START=$SECONDS
 
