@@ -194,7 +194,9 @@ def test_a_killed_cohort_run_resumes_to_the_same_features(tmp_path: Path, tiny_v
     assert 1 <= len(written) < 8, f"the kill should land mid-cohort, but {len(written)} slides were written"
     for name in written:  # atomic writes: whatever exists is complete
         assert read_features(out / name).features.shape[0] > 0
-    assert subprocess.run([*args, "--out", str(out)], env=env).returncode == 0
+    rerun = subprocess.run([*args, "--out", str(out)], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{8 - len(written)} done, {len(written)} skipped (already done), 0 failed" in rerun.stdout
     clean = tmp_path / "clean"
     assert subprocess.run([*args, "--out", str(clean)], env=env).returncode == 0
     assert sorted(path.name for path in out.glob("*.h5")) == sorted(path.name for path in clean.glob("*.h5"))
