@@ -1,6 +1,6 @@
-"""Benchmark the GigaPath slide encoder on CPU (fp32): time and peak RSS per case, in separate processes.
+"""Benchmark the GigaPath slide encoder (CPU fp32, or `--device cuda`): time and peak memory per case.
 
-Compares `vlm.encoders.longnet.dilated_attention` (fused attention that returns its log-sum-exp, strided
+Compares `vlm.encoders.longnet.dilated_attention_qkv` (fused attention that returns its log-sum-exp, strided
 gathers, running merge of branches) with a straightforward re-implementation written below: per branch,
 `scaled_dot_product_attention` for the output plus a separate `logsumexp(q·kᵀ)` for the branch weight,
 official-style `diag_embed` scatter and a stack of all branch outputs. Both run inside the same model
@@ -8,6 +8,7 @@ official-style `diag_embed` scatter and a stack of all branch outputs. Both run 
 
     python bench/slide_encoder.py                      # 10k tiles ours vs baseline, 40k ours
     python bench/slide_encoder.py --tiles 10000 40000 --baseline-tiles 10000 --threads 2
+    python bench/slide_encoder.py --device cuda --precision bf16 --tiles 10000 70000   # median of 5 passes
 
 Each case runs in a fresh subprocess so that peak RSS (ru_maxrss) is that case's alone.
 """
@@ -55,7 +56,7 @@ def baseline_dilated_attention(q, k, v, segment_lengths, dilated_ratios):  # [n,
         out = out.permute(0, 1, 4, 5, 2, 3).reshape(n_seg * m * ratio, padded_heads, dim)[:n, :heads]
         lse = lse.view(n_seg, ratio, per_group, m).permute(0, 3, 2, 1)
         lse = torch.diag_embed(lse, dim1=3, dim2=4).masked_fill_(
-            ~torch.eye(ratio, dtype=torch.bool), -1e8
+            ~torch.eye(ratio, dtype=torch.bool, device=lse.device), -1e8
         )  # [n_seg, m, hg, r, r]
         lse = lse.permute(0, 1, 3, 4, 2).reshape(n_seg * m * ratio, padded_heads)[:n, :heads]
         outs.append(out)
@@ -64,38 +65,64 @@ def baseline_dilated_attention(q, k, v, segment_lengths, dilated_ratios):  # [n,
     return (torch.stack(outs) * weights.unsqueeze(-1)).sum(0)
 
 
-def run_case(impl: str, tiles: int, threads: int, out_path: Path) -> dict[str, float]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_case(
+    impl: str, tiles: int, threads: int, out_path: Path, device: str = "cpu", precision: str = "fp32"
+) -> dict[str, float]:
     """One forward pass of the full-size encoder on `tiles` random tiles; the child-process side."""
+    from vlm.device import autocast
     from vlm.encoders import longnet
     from vlm.encoders.slide import create_slide_encoder
 
     torch.set_num_threads(threads)
+    dev = torch.device(device)
     if impl == "baseline":
-        longnet.dilated_attention = baseline_dilated_attention
+        longnet.dilated_attention_qkv = lambda qkv, segments, ratios: baseline_dilated_attention(
+            qkv[0], qkv[1], qkv[2], segments, ratios
+        )
     torch.manual_seed(0)
-    model = create_slide_encoder("gigapath")
+    model = create_slide_encoder("gigapath").to(dev).eval()
     generator = torch.Generator().manual_seed(tiles)
     features = torch.randn(1, tiles, 1536, generator=generator)
     cells = torch.randperm(1000 * 1000, generator=generator)[:tiles]
     coords = (torch.stack([cells // 1000, cells % 1000], dim=1) * 256 + 128).double()[None]
-    with torch.inference_mode():
+    features, coords = features.to(dev), coords.to(dev)
+    repeats = 5 if dev.type == "cuda" else 1
+    with torch.inference_mode(), autocast(dev, precision):
         model(features[:, :300], coords[:, :300])  # warm-up
-        start = time.perf_counter()
-        embedding = model(features, coords)
-        seconds = time.perf_counter() - start
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+        model(features, coords)  # warm-up at full length (CUDA kernels, allocator)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        _sync(dev)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            embedding = model(features, coords)
+            _sync(dev)
+            times.append(time.perf_counter() - start)
+        seconds = sorted(times)[len(times) // 2]
+        if dev.type == "cuda":
+            peak_gb = torch.cuda.max_memory_allocated(dev) / 1024**3
+        else:
+            peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
         # The attention alone, on one layer's q/k/v: the part the two implementations differ in.
-        q, k, v = (torch.randn(tiles + 1, 16, 48, generator=generator) for _ in range(3))
-        attention = longnet.dilated_attention
-        attention(q[:300], k[:300], v[:300], model.config.segment_lengths, model.config.dilated_ratios)
+        qkv = torch.randn(3, tiles + 1, 16, 48, generator=generator).to(dev)
+        attention = longnet.dilated_attention_qkv
+        attention(qkv[:, :300], model.config.segment_lengths, model.config.dilated_ratios)
+        _sync(dev)
         start = time.perf_counter()
-        attention(q, k, v, model.config.segment_lengths, model.config.dilated_ratios)
+        attention(qkv, model.config.segment_lengths, model.config.dilated_ratios)
+        _sync(dev)
         attention_seconds = time.perf_counter() - start
-    torch.save(embedding, out_path)
+    torch.save(embedding.float().cpu(), out_path)
     return {"seconds": seconds, "peak_rss_gb": peak_gb, "attention_seconds": attention_seconds}
 
 
-def spawn(impl: str, tiles: int, threads: int, workdir: Path) -> dict[str, float]:
+def spawn(impl: str, tiles: int, threads: int, workdir: Path, device: str, precision: str) -> dict[str, float]:
     out_path = workdir / f"{impl}-{tiles}.pt"
     command = [
         sys.executable,
@@ -107,11 +134,15 @@ def spawn(impl: str, tiles: int, threads: int, workdir: Path) -> dict[str, float
         str(threads),
         "--out",
         str(out_path),
+        "--device",
+        device,
+        "--precision",
+        precision,
     ]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     log.info(
-        "%-8s %6d tiles: forward %7.1f s, peak RSS %.2f GB; attention of one layer alone %.2f s",
+        "%-8s %6d tiles: forward %7.3f s, peak memory %.2f GB; attention of one layer alone %.3f s",
         impl, tiles, figures["seconds"], figures["peak_rss_gb"], figures["attention_seconds"],
     )  # fmt: skip
     return figures
@@ -122,25 +153,31 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, nargs="+", default=[10_000, 40_000])
     parser.add_argument("--baseline-tiles", type=int, nargs="*", default=[10_000])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peak memory is then CUDA's allocator peak)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
+    parser.add_argument("--json", type=Path, default=None, help="append result rows (JSON lines) here")
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "TILES"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        figures = run_case(args.child[0], int(args.child[1]), args.threads, args.out)
+        figures = run_case(args.child[0], int(args.child[1]), args.threads, args.out, args.device, args.precision)
         print(json.dumps(figures))  # the parent reads this line
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.info(
-        "torch %s, %d threads, CPU fp32, full-size gigapath encoder, pool=mean",
+        "torch %s, %d threads, %s %s, full-size gigapath encoder, pool=mean",
         torch.__version__,
         args.threads,
+        args.device,
+        args.precision,
     )
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         ours = {}
         for tiles in args.baseline_tiles:  # each comparison back to back, so both see the same machine load
-            ours[tiles] = spawn("ours", tiles, args.threads, workdir)
-            base = spawn("baseline", tiles, args.threads, workdir)
+            ours[tiles] = spawn("ours", tiles, args.threads, workdir, args.device, args.precision)
+            base = spawn("baseline", tiles, args.threads, workdir, args.device, args.precision)
             if tiles in ours:
                 diff = (torch.load(workdir / f"ours-{tiles}.pt") - torch.load(workdir / f"baseline-{tiles}.pt")).abs()
                 log.info(
@@ -154,7 +191,15 @@ def main() -> None:
                 )
         for tiles in args.tiles:
             if tiles not in ours:
-                ours[tiles] = spawn("ours", tiles, args.threads, workdir)
+                ours[tiles] = spawn("ours", tiles, args.threads, workdir, args.device, args.precision)
+            rows.append(
+                {
+                    "case": f"slide encoder, {tiles} tiles",
+                    "value": round(1 / ours[tiles]["seconds"], 2),
+                    "unit": "slides/s",
+                    "peak_gb": round(ours[tiles]["peak_rss_gb"], 2),
+                }
+            )
         if len(ours) > 1:
             small, large = min(ours), max(ours)
             log.info(
@@ -163,6 +208,13 @@ def main() -> None:
                 small,
                 ours[large]["peak_rss_gb"] / ours[small]["peak_rss_gb"],
             )
+    if args.json:
+        label = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+        with open(args.json, "a") as handle:
+            for row in rows:
+                handle.write(
+                    json.dumps({"bench": "slide_encoder", "device": f"{label} {args.precision}", **row}) + "\n"
+                )
 
 
 if __name__ == "__main__":

@@ -91,6 +91,31 @@ def test_batched_run_equals_one_slide_at_a_time(features_dir: Path, tmp_path: Pa
     np.testing.assert_allclose(np.stack(one["embedding"]), np.stack(three["embedding"]), atol=1e-5)
 
 
+def test_batches_hold_slides_of_similar_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --batch-size > 1 slides are bucketed by tile count: little padding, same numbers, rows by id."""
+    import vlm.slide_embedding as slide_embedding
+
+    folder = tmp_path / "features"
+    folder.mkdir()
+    lengths = {"a": 200, "b": 20, "c": 190, "d": 25, "e": 180, "f": 30}
+    paths = [_write_slide(folder, name, n, seed=i) for i, (name, n) in enumerate(lengths.items())]
+    batches: list[list[int]] = []
+    real = slide_embedding._embed_batch
+
+    def recording(items, *args, **kwargs):  # type: ignore[no-untyped-def]
+        batches.append(sorted(len(features) for features, _ in items))
+        return real(items, *args, **kwargs)
+
+    monkeypatch.setattr(slide_embedding, "_embed_batch", recording)
+    encoder = create_slide_encoder("tiny")
+    embed_slides(paths, tmp_path / "three.parquet", encoder, batch_size=3, progress=False)
+    assert batches == [[20, 25, 30], [180, 190, 200]]
+    embed_slides(paths, tmp_path / "one.parquet", encoder, batch_size=1, progress=False)
+    one, three = read_slide_embeddings(tmp_path / "one.parquet"), read_slide_embeddings(tmp_path / "three.parquet")
+    assert list(three["slide_id"]) == list(one["slide_id"]) == sorted(lengths)
+    np.testing.assert_allclose(np.stack(one["embedding"]), np.stack(three["embedding"]), atol=1e-5)
+
+
 def test_bad_slides_are_recorded_with_a_clear_reason(features_dir: Path, tmp_path: Path) -> None:
     _write_slide(features_dir, "wide", 12, seed=5, dim=48)
     _write_slide(features_dir, "huge", 12, seed=6, mpp=2.0)  # level-0 px far outside the position grid

@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     # tile features
     "create_tile_encoder": "vlm.encoders.tile:create_tile_encoder",
     "embed_tiles": "vlm.tile_embedding:embed_tiles",
+    "embed_grid": "vlm.tile_embedding:embed_grid",
     "read_features": "vlm.features:read_features",
     "feature_files": "vlm.features:feature_files",
     # slide embeddings

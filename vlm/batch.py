@@ -94,6 +94,43 @@ def run_batch(
     Failures are written to `out_dir/failures<shard suffix>.csv`; a clean run removes a stale one.
     """
     report = BatchReport()
+    pending = select_pending(items, key=key, output_of=output_of, report=report, shard=shard, overwrite=overwrite)
+    bar = tqdm(total=len(pending) + len(report.skipped), initial=len(report.skipped), desc=desc, unit="slide",
+               disable=not progress)
+    with bar:
+        if workers > 1 and len(pending) > 1:
+            with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = {pool.submit(process, item): key(item) for item in pending}
+                for future in concurrent.futures.as_completed(futures):
+                    record(report, futures[future], future.exception())
+                    bar.update()
+        else:
+            for item in pending:
+                try:
+                    process(item)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as error:  # one bad slide must not stop a batch of thousands
+                    record(report, key(item), error)
+                else:
+                    record(report, key(item), None)
+                bar.update()
+    return finish_report(report, out_dir, shard, desc)
+
+
+def select_pending(
+    items: Sequence[Item],
+    *,
+    key: Callable[[Item], str],
+    output_of: Callable[[Item], Path],
+    report: BatchReport,
+    shard: Shard = Shard(),
+    overwrite: bool = False,
+) -> list[Item]:
+    """This shard's items still to do, in id order; those already done go to `report.skipped`.
+
+    The first half of `run_batch`, for drivers that process items in their own way (the tile stream).
+    """
     mine = shard.select(items, key)
     duplicates = duplicate_ids(key(item) for item in mine)
     if duplicates:
@@ -104,35 +141,22 @@ def run_batch(
             report.skipped.append(key(item))
         else:
             pending.append(item)
-    bar = tqdm(total=len(mine), initial=len(report.skipped), desc=desc, unit="slide", disable=not progress)
-    with bar:
-        if workers > 1 and len(pending) > 1:
-            with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {pool.submit(process, item): key(item) for item in pending}
-                for future in concurrent.futures.as_completed(futures):
-                    _record(report, futures[future], future.exception())
-                    bar.update()
-        else:
-            for item in pending:
-                try:
-                    process(item)
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except Exception as error:  # one bad slide must not stop a batch of thousands
-                    _record(report, key(item), error)
-                else:
-                    _record(report, key(item), None)
-                bar.update()
+    return pending
+
+
+def finish_report(report: BatchReport, out_dir: Path, shard: Shard, desc: str) -> BatchReport:
+    """The last half of `run_batch`: write this shard's failures.csv (or remove a stale one) and log."""
     write_failures(out_dir / f"failures{shard.suffix}.csv", report.failed)
     log.info("%s: %s", desc, report.summary())
     return report
 
 
-def _record(report: BatchReport, item_id: str, error: BaseException | None) -> None:
+def record(report: BatchReport, item_id: str, error: BaseException | str | None) -> None:
+    """Count one item done (`error` None) or failed (an exception or its message), logging failures."""
     if error is None:
         report.done.append(item_id)
         return
-    message = f"{type(error).__name__}: {error}"
+    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     log.error("%s failed: %s", item_id, message)
     report.failed.append((item_id, message))
 

@@ -69,6 +69,17 @@ def _existing_rows(path: Path, settings: dict) -> list[dict]:
     return rows
 
 
+def _tile_count(path: Path) -> float:
+    """Tiles in a feature file, from the dataset's shape alone (unreadable files sort last and fail on load)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return float(h5["features"].shape[0])
+    except (OSError, KeyError, IndexError, TypeError):
+        return float("inf")
+
+
 @torch.inference_mode()
 def _embed_batch(
     slides: list[SlideInputs],
@@ -103,14 +114,15 @@ def embed_slides(
 ) -> BatchReport:
     """Embed each feature file's slide and write the rows to `out` (or this shard's file).
 
-    `batch_size` slides are padded into one forward pass (each gets the numbers it gets alone); on GPU
-    this helps for many small slides, on CPU 1 is as fast. `mpp` overrides the files' level-0 µm/px;
-    `patches` is CLAM's patches folder (see `vlm.features.read_tile_grid`). Every slide goes through
-    `vlm.encoders.inputs.load_slide_inputs`, as in training and zero-shot.
-    `checkpoint` is only recorded in the file's metadata (path and sha256), with a hash of the encoder's
-    weights, so that a model trained on these embeddings knows which encoder made them. `device` and
-    `precision` are names ("auto", "cuda:1", "bf16", …) resolved by `vlm.device`; an impossible pair (fp16
-    on CPU) is refused before any work.
+    `batch_size` slides are padded into one forward pass (each gets the numbers it gets alone); slides are
+    then taken in order of tile count, so each batch holds slides of similar length and pads little. On GPU
+    this helps for many small slides, on CPU 1 is as fast. Rows are written in slide-id order either way.
+    `mpp` overrides the files' level-0 µm/px; `patches` is CLAM's patches folder (see
+    `vlm.features.read_tile_grid`). Every slide goes through `vlm.encoders.inputs.load_slide_inputs`, as in
+    training and zero-shot. `checkpoint` is only recorded in the file's metadata (path and sha256), with a
+    hash of the encoder's weights, so that a model trained on these embeddings knows which encoder made them.
+    `device` and `precision` are names ("auto", "cuda:1", "bf16", …) resolved by `vlm.device`; an impossible
+    pair (fp16 on CPU) is refused before any work.
     """
     device = resolve_device(device)
     autocast_dtype(device, precision)
@@ -130,6 +142,8 @@ def embed_slides(
     duplicates = duplicate_ids(ids)
     if duplicates:
         raise ValueError(f"several feature files share the slide id(s) {duplicates}; rename them")
+    if batch_size > 1:  # length buckets: slides batched with slides of similar length pad little
+        mine = sorted(mine, key=_tile_count)
     pending: list[SlideInputs] = []
     unsaved = 0
 
@@ -158,7 +172,7 @@ def embed_slides(
             unsaved += 1
         pending.clear()
         if unsaved >= save_every:
-            write_slide_embeddings(target, rows, settings)
+            write_slide_embeddings(target, sorted(rows, key=lambda row: row["slide_id"]), settings)
             unsaved = 0
 
     for path in tqdm(mine, desc="embed-slides", unit="slide", disable=not progress):
@@ -183,7 +197,7 @@ def embed_slides(
             flush()
     flush()
     if report.done or not target.exists():
-        write_slide_embeddings(target, rows, settings)
+        write_slide_embeddings(target, sorted(rows, key=lambda row: row["slide_id"]), settings)
     write_failures(target.parent / f"failures{shard.suffix}.csv", report.failed)
     log.info("embed-slides: %s -> %s", report.summary(), target)
     return report

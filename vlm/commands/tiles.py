@@ -81,7 +81,7 @@ def _embed_tiles(args: argparse.Namespace) -> int:
     report = embed_tiles(
         slides, args.out, encoder, device, precision=args.precision, batch_size=args.batch_size,
         workers=args.workers, params=params, tiles_dir=args.tiles, mpp=args.mpp, dtype=args.dtype,
-        shard=shard, progress=not args.no_progress, overwrite=args.overwrite,
+        shard=shard, progress=not args.no_progress, overwrite=args.overwrite, compile=args.compile,
     )
     return finish_batch(report, args.out, Path(args.out) / f"failures{shard.suffix}.csv")
 
@@ -109,6 +109,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                        help="autocast on CUDA ('auto' = bf16 where supported); CPU runs fp32")
     embed.add_argument("--batch-size", type=int, default=128, help="tiles per forward pass (default 128)")
-    embed.add_argument("--workers", type=int, default=2, help="DataLoader processes reading tiles (default 2)")
+    embed.add_argument("--workers", type=int, default=2,
+                       help="processes reading tiles for all slides as one stream (default 2)")
+    embed.add_argument("--compile", action="store_true",
+                       help="torch.compile the tile encoder (CUDA: faster after a minute of compiling)")
     embed.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored feature dtype")
     embed.set_defaults(func=_embed_tiles)

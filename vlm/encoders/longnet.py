@@ -128,20 +128,29 @@ def _parts(n: int, heads: int, segment: int, ratio: int) -> list[_Part]:
     return parts
 
 
-def _part_attention(q: Tensor, k: Tensor, v: Tensor, part: _Part) -> tuple[Tensor, Tensor]:
-    """Attention of one part: out `[n_seg, m, per_group, D, groups]`, lse `[n_seg, m, per_group, groups]`."""
-    _, heads, dim = q.shape
+def _gather(x: Tensor, part: _Part) -> Tensor:
+    """Dilated positions of one part: `[..., n, H, D]` -> `[..., n_seg * groups, per_group, m, D]`, one copy.
+
+    Leading dimensions (q, k and v stacked) are gathered together: one pad and one copy instead of three.
+    """
+    heads, dim = x.shape[-2:]
+    lead = x.ndim - 3
     padded_heads = part.per_group * part.ratio
+    x = x[..., part.start : part.stop, :, :].unflatten(-3, (part.n_seg, part.s))  # [..., n_seg, s, H, D]
+    if padded_heads > heads or part.m * part.ratio > part.s:
+        x = F.pad(x, (0, 0, 0, padded_heads - heads, 0, part.m * part.ratio - part.s))
+    x = x.unflatten(-3, (part.m, part.ratio)).unflatten(-2, (part.ratio, part.per_group))  # [.., m, r, r, pg, D]
+    x = torch.diagonal(x, dim1=-4, dim2=-3)[..., : part.groups]  # [..., n_seg, m, per_group, D, groups]
+    order = (*range(lead), lead, lead + 4, lead + 2, lead + 1, lead + 3)  # [..., n_seg, groups, pg, m, D]
+    return x.permute(order).reshape(*x.shape[:lead], part.n_seg * part.groups, part.per_group, part.m, dim)
 
-    def gather(x: Tensor) -> Tensor:  # [n, H, D] -> [n_seg * groups, per_group, m, D], one or two copies
-        x = x[part.start : part.stop].view(part.n_seg, part.s, heads, dim)
-        if padded_heads > heads or part.m * part.ratio > part.s:
-            x = F.pad(x, (0, 0, 0, padded_heads - heads, 0, part.m * part.ratio - part.s))
-        x = x.view(part.n_seg, part.m, part.ratio, part.ratio, part.per_group, dim)
-        x = torch.diagonal(x, dim1=2, dim2=3)[..., : part.groups]  # [n_seg, m, per_group, D, groups]
-        return x.permute(0, 4, 2, 1, 3).reshape(part.n_seg * part.groups, part.per_group, part.m, dim)
 
-    out, lse = attend(gather(q), gather(k), gather(v))
+def _part_attention(qkv: Tensor, part: _Part) -> tuple[Tensor, Tensor]:
+    """Attention of one part of `qkv` `[3, n, H, D]`: out `[n_seg, m, per_group, D, groups]`, lse
+    `[n_seg, m, per_group, groups]`."""
+    dim = qkv.shape[-1]
+    q, k, v = _gather(qkv, part).unbind(0)
+    out, lse = attend(q, k, v)
     if part.zero_keys:
         # Each zero key adds exp(q·0) = 1 to the softmax denominator and nothing to the numerator.
         new_lse = torch.logaddexp(lse, lse.new_tensor(math.log(part.zero_keys)))
@@ -160,21 +169,28 @@ def dilated_attention(
     officially). At inference the merge updates only the entries each branch covers, in place; with
     autograd each branch is scattered into a dense output first.
     """
-    n, heads, dim = q.shape
+    return dilated_attention_qkv(torch.stack([q, k, v]), segment_lengths, dilated_ratios)
+
+
+def dilated_attention_qkv(qkv: Tensor, segment_lengths: tuple[int, ...], dilated_ratios: tuple[int, ...]) -> Tensor:
+    """`dilated_attention` of q, k, v stacked as `[3, n, H, D]` (any strides: e.g. a view of one fused
+    projection), so that each part gathers its dilated positions of all three in one copy."""
+    _, n, heads, dim = qkv.shape
+    q = qkv[0]
     branches = [_parts(n, heads, seg, r) for seg, r in zip(segment_lengths, dilated_ratios, strict=True)]
     slots = max(part.slot + part.slots for parts in branches for part in parts)
     padded_heads = max(part.per_group * part.ratio for parts in branches for part in parts)
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
     running_max = q.new_full((slots, padded_heads), UNCOVERED_LSE, dtype=lse_dtype)
     weight_sum = q.new_zeros((slots, padded_heads), dtype=lse_dtype)
-    in_place = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    in_place = not (torch.is_grad_enabled() and qkv.requires_grad)
     total = q.new_zeros(slots, padded_heads, dim)
     for parts in branches:
         if not in_place:
             dense_out = q.new_zeros(slots, padded_heads, dim)
             dense_lse = running_max.new_full((slots, padded_heads), UNCOVERED_LSE)
         for part in parts:
-            out, lse = _part_attention(q, k, v, part)
+            out, lse = _part_attention(qkv, part)
             if in_place:  # uncovered entries would get weight exp(-1e8 - max) = 0: skip them
                 old_max, sums, acc = (
                     part.diagonal(running_max),
@@ -239,16 +255,19 @@ class DilatedAttention(nn.Module):
     def forward(self, x: Tensor, lengths: list[int]) -> Tensor:  # [B, L, E] -> [B, L, E]
         batch, length, embed_dim = x.shape
         shape = (batch, length, self.num_heads, embed_dim // self.num_heads)
-        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+        # One fused q/k/v projection (one GEMM instead of three); the three stay separate parameters, so
+        # checkpoints keep their keys. qkv[:, b] is row b's [3, L, H, D], a strided view.
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        qkv = F.linear(x, weight, bias).unflatten(-1, (3, *shape[2:])).movedim(2, 0)  # [3, B, L, H, D]
+        segments, ratios = self.segment_lengths, self.dilated_ratios
         if lengths == [length] * batch:
-            rows = [
-                dilated_attention(q[b], k[b], v[b], self.segment_lengths, self.dilated_ratios) for b in range(batch)
-            ]
+            rows = [dilated_attention_qkv(qkv[:, b], segments, ratios) for b in range(batch)]
             attn = torch.stack(rows) if batch > 1 else rows[0][None]
         else:
-            attn = q.new_zeros(shape)
+            attn = qkv.new_zeros(shape)
             for b, n in enumerate(lengths):
-                attn[b, :n] = dilated_attention(q[b, :n], k[b, :n], v[b, :n], self.segment_lengths, self.dilated_ratios)
+                attn[b, :n] = dilated_attention_qkv(qkv[:, b, :n], segments, ratios)
         return self.out_proj(self.inner_attn_ln(attn.reshape(batch, length, embed_dim)))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,78 @@ def _timm_transform(model: nn.Module) -> Any:
     from timm.data import create_transform, resolve_model_data_config
 
     return create_transform(**resolve_model_data_config(model), is_training=False)
+
+
+class TensorTransform:
+    """The encoder's PIL transform, step for step, on a batch of uint8 tiles [B, H, W, 3] on any device.
+
+    Built from the torchvision `Compose` (the one definition of the preprocessing): Resize runs torchvision's
+    antialiased tensor resize in PIL's two passes (a resize to the size a tile already has is skipped, as on
+    the PIL path), CenterCrop is CenterCrop, ToTensor becomes /255, Normalize is Normalize. Pixels match the
+    PIL path to +-1 grey level (exactly when nothing is resized).
+    """
+
+    def __init__(self, steps: list[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        self.steps = steps
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
+            raise ValueError(f"expected uint8 tiles [B, H, W, 3], got {tuple(tiles.shape)} {tiles.dtype}")
+        x = tiles.permute(0, 3, 1, 2)
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+class _SeparableResize:
+    """torchvision `Resize` on uint8 tensors the way PIL computes it: horizontal pass, round to uint8, vertical.
+
+    One 2-D tensor resize keeps the intermediate in float and differs from PIL by up to ~20 grey levels on
+    sharp texture (bicubic overshoot that PIL clips between its passes); two passes match PIL to +-1.
+    """
+
+    def __init__(self, resize: transforms.Resize) -> None:
+        self.resize = resize
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.functional import _compute_resized_output_size, resize
+
+        height, width = x.shape[-2:]
+        size = [self.resize.size] if isinstance(self.resize.size, int) else list(self.resize.size)
+        out_h, out_w = _compute_resized_output_size((height, width), size, self.resize.max_size)
+        if (out_h, out_w) == (height, width):  # e.g. GigaPath's Resize(256) of a 256-px tile
+            return x
+        mode = self.resize.interpolation
+        if out_w != width:
+            x = resize(x, [height, out_w], mode, antialias=True)
+        if out_h != height:
+            x = resize(x, [out_h, out_w], mode, antialias=True)
+        return x
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255)
+
+
+def tensor_transform(transform: Callable[..., Any]) -> TensorTransform | None:
+    """`transform` for uint8 tile batches on the device, or None when it has a step without a tensor twin."""
+    from timm.data.transforms import MaybeToTensor
+
+    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    to_float = False
+    for step in getattr(transform, "transforms", [transform]):
+        if isinstance(step, transforms.Resize) and not to_float and step.antialias is not False:
+            steps.append(_SeparableResize(step))
+        elif isinstance(step, transforms.CenterCrop) and not to_float:
+            steps.append(step)
+        elif isinstance(step, transforms.ToTensor | MaybeToTensor) and not to_float:
+            steps.append(_to_float)
+            to_float = True
+        elif isinstance(step, transforms.Normalize) and to_float:
+            steps.append(step)
+        else:
+            return None
+    return TensorTransform(steps) if to_float else None
 
 
 def _hub_error(name: str, error: Exception) -> OSError:
