@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from tests.support.synthetic import tissue_image
 from vlm.encoders.tile import TileEncoder, create_tile_encoder, tensor_transform
 from vlm.features import read_features
 from vlm.tile_embedding import embed_grid, embed_tiles
@@ -29,8 +30,6 @@ from vlm.wsi.dataset import TileDataset
 from vlm.wsi.slide import open_slide
 from vlm.wsi.synthetic import write_pyramidal_tiff
 from vlm.wsi.tiling import TilingParams, read_plan, tile_slide
-
-from .conftest import tissue_image
 
 CPU = torch.device("cpu")
 
