@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("features", help="folder of <slide_id>.h5 tile-feature files (from `vlm embed-tiles`)")
     parser.add_argument("--out", required=True, help="output parquet, e.g. runs/slides.parquet")
-    parser.add_argument("--slide-encoder", default="gigapath", help="preset: 'gigapath' (default) or 'tiny'")
+    parser.add_argument("--slide-encoder", default="gigapath", help="preset: 'gigapath' or 'tiny'")
     parser.add_argument(
         "--checkpoint",
         default=None,
@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--pool",
         default="mean",
         choices=["mean", "cls", "all-layers"],
-        help="mean over tiles (default), the CLS token (official default), or 13 layers' means",
+        help="mean over tiles, the CLS token (the official code's default output), or 13 layers' means",
     )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1' …")
     parser.add_argument(
@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["auto", "fp32", "fp16", "bf16"],
         help="autocast on CUDA ('auto' = bf16 where supported); CPU runs fp32",
     )
-    parser.add_argument("--batch-size", type=int, default=1, help="slides per forward pass (default 1)")
+    parser.add_argument("--batch-size", type=int, default=1, help="slides per forward pass")
     parser.add_argument("--mpp", type=float, default=None, help="level-0 µm/px, overriding the files' value")
     parser.add_argument(
         "--shard",
