@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from tests.conftest import REAL_SLIDE
 from vlm.io import atomic_dir, atomic_path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -87,3 +93,101 @@ def test_train_checks_precision_and_pool_choices(flag: str, capsys: pytest.Captu
         build_parser().parse_args(["train", "--pairs", "p.csv", "--out", "o", flag, "bogus"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def _vlm(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The real `vlm` command in a fresh process (hub settings are read at import)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "vlm", *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=REPO)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def random_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tile features of the real slide from timm's ResNet-10-T with random weights, from the command line."""
+    out = tmp_path_factory.mktemp("random") / "features"
+    result = _vlm("embed-tiles", str(REAL_SLIDE), "--out", str(out), "--tile-encoder", "timm:resnet10t",
+                  "--random-weights", "--seed", "3", "--no-progress", "--device", "cpu")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_random_weights_from_the_command_line_are_seeded(random_features: Path, tmp_path: Path) -> None:
+    from vlm.cli import main
+    from vlm.features import read_features
+
+    first = read_features(random_features / "cmu_small_region.h5").features
+    assert first.shape[1] == 512  # ResNet-10-T's width, not the tiny slide preset's 32
+    for seed, same in (("3", True), ("4", False)):
+        assert main(["embed-tiles", str(REAL_SLIDE), "--out", str(tmp_path / seed), "--tile-encoder",
+                     "timm:resnet10t", "--random-weights", "--seed", seed, "--no-progress", "--device", "cpu"]) == 0
+        again = read_features(tmp_path / seed / "cmu_small_region.h5").features
+        assert np.array_equal(first, again) is same
+
+
+def test_tiny_slide_encoder_takes_the_feature_width_from_the_files(random_features: Path, tmp_path: Path) -> None:
+    from vlm.cli import main
+    from vlm.slide_embedding import read_slide_embeddings
+
+    out = tmp_path / "slides.parquet"
+    assert main(["embed-slides", str(random_features), "--out", str(out), "--slide-encoder", "tiny",
+                 "--random-weights", "--seed", "1", "--no-progress", "--device", "cpu"]) == 0
+    frame = read_slide_embeddings(out)
+    assert len(frame) == 1 and len(frame["embedding"][0]) == 64  # tiny embed_dim
+    assert main(["embed-slides", str(random_features), "--out", str(tmp_path / "again.parquet"),
+                 "--slide-encoder", "tiny", "--random-weights", "--seed", "1", "--no-progress", "--device", "cpu"]) == 0
+    assert np.array_equal(frame["embedding"][0], read_slide_embeddings(tmp_path / "again.parquet")["embedding"][0])
+    # an explicit --in-dim that the files contradict: one clear error, nothing written
+    bad = tmp_path / "bad.parquet"
+    assert main(["embed-slides", str(random_features), "--out", str(bad), "--slide-encoder", "tiny",
+                 "--random-weights", "--in-dim", "32", "--no-progress", "--device", "cpu"]) == 2
+    assert not bad.exists()
+
+
+def test_random_weights_and_checkpoint_exclude_each_other(random_features: Path, tmp_path: Path) -> None:
+    from vlm.cli import main
+
+    assert main(["embed-slides", str(random_features), "--out", str(tmp_path / "x.parquet"), "--slide-encoder",
+                 "tiny", "--random-weights", "--checkpoint", str(tmp_path / "w.pth")]) == 2
+
+
+@pytest.mark.parametrize(
+    ("command", "gated"),
+    [
+        (["embed-tiles", str(REAL_SLIDE), "--tile-encoder", "gigapath"], True),
+        (["embed-tiles", str(REAL_SLIDE), "--tile-encoder", "timm:resnet10t"], False),
+        (["embed-slides", "{features}", "--slide-encoder", "gigapath"], True),
+    ],
+    ids=["tile-gigapath", "tile-timm", "slide-gigapath"],
+)
+@pytest.mark.parametrize("network", ["HF_HUB_OFFLINE", "unreachable"])
+def test_hub_weights_fail_fast_with_one_message(
+    command: list[str], gated: bool, network: str, random_features: Path, tmp_path: Path
+) -> None:
+    """Offline (or with the hub unreachable) a hub-weight encoder fails in seconds, with one message that says
+    whether the repo is gated and how to go on without network; a failure (1), not a usage error (2)."""
+    import time
+
+    env = {"HF_HUB_OFFLINE": "1"} if network == "HF_HUB_OFFLINE" else {
+        "HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    args = [a.replace("{features}", str(random_features)) for a in command]
+    start = time.perf_counter()
+    result = _vlm(*args, "--out", str(tmp_path / "out"), "--no-progress", env=env)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, result.stderr
+    message = errors[0]
+    assert ("is gated" in message) is gated and ("not gated" in message) is (not gated)
+    for hint in ("--checkpoint", "--random-weights", "HF_HUB_OFFLINE", "README, section 'Real weights"):
+        assert hint in message
+    assert "Retrying" not in result.stderr and "WARNING" not in result.stderr
+    assert elapsed < 25  # imports included; the hub's own retries took 32 s
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.h5"))
+
+
+def test_faiss_loader_lines_are_quiet(tmp_path: Path) -> None:
+    result = _vlm("search", "--index", str(tmp_path / "missing"), "query")
+    assert result.returncode == 2
+    assert "faiss.loader" not in result.stderr and "AVX512" not in result.stderr
+    assert "not an index folder" in result.stderr

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from vlm import __version__
 from vlm.commands import demo, retrieval, slides, tiles, train, zeroshot
+from vlm.hub import WeightsUnavailable
 
 log = logging.getLogger("vlm")
 
@@ -87,8 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # FAISS logs at INFO which CPU-specific builds it could not load, on every import: noise, unless -v.
+    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return int(args.func(args))
+    except WeightsUnavailable as error:
+        # A well-formed command that cannot get its weights here: a failure (1), not a usage error (2).
+        log.error("%s", error)
+        return 1
     except (ValueError, FileNotFoundError, ImportError, OSError) as error:
         # User-facing errors carry their fix in the message; a traceback would only hide it.
         log.error("%s", error)

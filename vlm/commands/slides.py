@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from vlm.commands import finish_batch
 
 log = logging.getLogger(__name__)
+
+
+def _feature_width(files: list[Path]) -> int:
+    """The tile-feature width D shared by every file ([N, D] or CLAM's [1, N, D]); read from shapes only."""
+    import h5py
+
+    from vlm.features import FeatureFileError
+
+    widths: dict[int, Path] = {}
+    for path in files:
+        try:
+            with h5py.File(path, "r") as h5:
+                if "features" in h5:
+                    widths.setdefault(int(h5["features"].shape[-1]), path)
+        except OSError as error:
+            raise FeatureFileError(f"{path}: not a readable HDF5 feature file ({error})") from error
+    if len(widths) > 1:
+        seen = ", ".join(f"{width} ({path.name})" for width, path in sorted(widths.items()))
+        raise ValueError(f"feature files of different widths: {seen}; embed all slides with one tile encoder")
+    if not widths:
+        raise ValueError(f"no 'features' dataset in {files[0].parent}; run `vlm embed-tiles` first")
+    return next(iter(widths))
 
 
 def _embed_slides(args: argparse.Namespace) -> int:
@@ -17,17 +40,34 @@ def _embed_slides(args: argparse.Namespace) -> int:
     from vlm.features import feature_files
     from vlm.slide_embedding import embed_slides, shard_output
 
-    if args.checkpoint is None and args.slide_encoder != "gigapath":
-        raise ValueError(f"--slide-encoder {args.slide_encoder} has no published weights; pass --checkpoint")
+    if args.random_weights and args.checkpoint:
+        raise ValueError("--random-weights and --checkpoint exclude each other: pick one source of weights")
+    if args.checkpoint is None and args.slide_encoder != "gigapath" and not args.random_weights:
+        raise ValueError(
+            f"--slide-encoder {args.slide_encoder} has no published weights; pass --checkpoint, or "
+            "--random-weights for an untrained encoder"
+        )
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    files = feature_files(args.features)
+    in_dim = _feature_width(files)
+    if args.in_dim is not None and args.in_dim != in_dim:
+        raise ValueError(f"--in-dim {args.in_dim} but the feature files in {args.features} are {in_dim}-d; "
+                         "drop --in-dim (it is read from the files) or embed the tiles with a matching encoder")
     shard = Shard.parse(args.shard)
     device = resolve_shard_device(args.device, shard.index, shard.count)
-    encoder = create_slide_encoder(args.slide_encoder, checkpoint=args.checkpoint, pretrained=True)
+    if args.random_weights:
+        import torch
+
+        torch.manual_seed(args.seed)
+    encoder = create_slide_encoder(
+        args.slide_encoder, checkpoint=args.checkpoint, pretrained=not args.random_weights, in_dim=in_dim
+    )
     report = embed_slides(
-        feature_files(args.features), args.out, encoder, pool=args.pool, device=device,
+        files, args.out, encoder, pool=args.pool, device=device,
         batch_size=args.batch_size, shard=shard, progress=not args.no_progress, overwrite=args.overwrite,
-        mpp=args.mpp, precision=args.precision, checkpoint=args.checkpoint,
+        mpp=args.mpp, precision=args.precision,
+        checkpoint=f"random weights, seed {args.seed}" if args.random_weights else args.checkpoint,
     )  # fmt: skip
     target = shard_output(args.out, shard)
     return finish_batch(report, target, target.parent / f"failures{shard.suffix}.csv")
@@ -47,6 +87,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoint",
         default=None,
         help="local slide_encoder.pth (else prov-gigapath/prov-gigapath from the hub)",
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="an untrained slide encoder seeded by --seed (smoke tests, the demo; never for results)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    parser.add_argument(
+        "--in-dim",
+        type=int,
+        default=None,
+        help="tile-feature width the slide encoder takes, checked against the files (default: the files' width)",
     )
     parser.add_argument(
         "--pool",

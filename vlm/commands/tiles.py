@@ -77,7 +77,13 @@ def _embed_tiles(args: argparse.Namespace) -> int:
     params = TilingParams(target_mpp=args.target_mpp, tile_size=args.tile_size, min_tissue=args.min_tissue)
     shard = Shard.parse(args.shard)
     device = resolve_shard_device(args.device, shard.index, shard.count)
-    encoder = create_tile_encoder(args.tile_encoder, checkpoint=args.checkpoint)
+    if args.random_weights and args.checkpoint:
+        raise ValueError("--random-weights and --checkpoint exclude each other: pick one source of weights")
+    if args.random_weights:
+        import torch
+
+        torch.manual_seed(args.seed)
+    encoder = create_tile_encoder(args.tile_encoder, checkpoint=args.checkpoint, pretrained=not args.random_weights)
     report = embed_tiles(
         slides, args.out, encoder, device, precision=args.precision, batch_size=args.batch_size,
         workers=args.workers, params=params, tiles_dir=args.tiles, mpp=args.mpp, dtype=args.dtype,
@@ -119,6 +125,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_batch_options(embed)
     embed.add_argument("--tile-encoder", default="gigapath", help="'gigapath' or 'timm:<model_name>'")
     embed.add_argument("--checkpoint", default=None, help="local tile-encoder weights (else the hub's)")
+    embed.add_argument("--random-weights", action="store_true",
+                       help="an untrained tile encoder seeded by --seed (smoke tests, the demo; never for results)")
+    embed.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     embed.add_argument("--tiles", default=None, help="folder of `vlm tile` outputs to take the grids from")
     embed.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1' …")
     embed.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
