@@ -121,3 +121,16 @@ def test_fast_replicate_metrics_equal_sklearn_with_ties(n_classes: int) -> None:
         fast = _fast_point(labels, probs, positive, n_classes)
         reference = classification_point_metrics(labels, probs, positive)
         assert fast == pytest.approx(reference, nan_ok=True), trial
+
+
+def test_metrics_and_their_cis_do_not_depend_on_row_order() -> None:
+    """The same predictions, read back in another order (a CSV, a notebook's merge), give the same CIs."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, size=30)
+    probabilities = rng.dirichlet(np.ones(3), size=30)
+    probabilities[labels == 0, 0] += 0.5  # some signal, so that CIs are not degenerate
+    reference = classification_metrics(labels, probabilities, ["a", "b", "c"], n_boot=200, seed=0)
+    for permutation_seed in range(3):
+        order = np.random.default_rng(permutation_seed).permutation(30)
+        again = classification_metrics(labels[order], probabilities[order], ["a", "b", "c"], n_boot=200, seed=0)
+        assert again == reference
