@@ -63,6 +63,8 @@ def test_cis_contain_the_estimate_and_shrink_with_more_cases() -> None:
 
 def test_bootstrap_ci_is_reproducible_and_matches_the_metrics_report() -> None:
     labels, probs = _scores(100, 2, seed=3)
+    order = np.lexsort([*probs.T[::-1], labels])  # the report resamples rows in this canonical order
+    labels, probs = labels[order], probs[order]
 
     def auroc(indices: np.ndarray) -> float:
         return roc_auc_score(labels[indices] == 1, probs[indices, 1])
