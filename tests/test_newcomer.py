@@ -191,3 +191,30 @@ def test_faiss_loader_lines_are_quiet(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "faiss.loader" not in result.stderr and "AVX512" not in result.stderr
     assert "not an index folder" in result.stderr
+
+
+def test_roc_curves_that_coincide_stay_visible_and_titles_give_n_and_auc() -> None:
+    """Three perfect classes: identical ROC curves. Each class's colour must show beyond its legend entry."""
+    import io
+
+    from PIL import Image
+
+    from vlm.plots import confusion_png, roc_png
+
+    labels = np.repeat([0, 1, 2], 4)
+    probabilities = np.eye(3)[labels] * 0.8 + 0.1
+    image = np.asarray(Image.open(io.BytesIO(roc_png(labels, probabilities, ["a", "b", "c"]))).convert("RGB"))
+    for colour in ("#1f77b4", "#ff7f0e", "#2ca02c"):  # matplotlib's first three cycle colours
+        rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+        assert (np.abs(image.astype(int) - rgb).sum(-1) < 60).sum() > 300, f"the {colour} curve is hidden"
+
+
+def test_plot_titles_give_n_and_macro_auc(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlm import plots
+
+    titles: list[str] = []
+    monkeypatch.setattr(plots, "_png", lambda figure: titles.append(figure.axes[0].get_title()) or b"")
+    labels = np.repeat([0, 1, 2], 4)
+    plots.roc_png(labels, np.eye(3)[labels] * 0.8 + 0.1, ["a", "b", "c"], title="task")
+    plots.confusion_png(np.diag([4, 4, 4]), ["a", "b", "c"], title="task")
+    assert titles == ["task\nn = 12, macro AUC 1.000", "task\nn = 12"]
