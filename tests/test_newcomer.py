@@ -199,7 +199,7 @@ def test_roc_curves_that_coincide_stay_visible_and_titles_give_n_and_auc() -> No
 
     from PIL import Image
 
-    from vlm.plots import confusion_png, roc_png
+    from vlm.plots import roc_png
 
     labels = np.repeat([0, 1, 2], 4)
     probabilities = np.eye(3)[labels] * 0.8 + 0.1
