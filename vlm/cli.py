@@ -14,13 +14,13 @@ import sys
 from collections.abc import Sequence
 
 from vlm import __version__
-from vlm.commands import demo, retrieval, slides, tiles, train, zeroshot
+from vlm.commands import demo, probe, retrieval, slides, tiles, train, zeroshot
 from vlm.hub import WeightsUnavailable
 
 log = logging.getLogger("vlm")
 
 # Listed in pipeline order, which is the order `vlm --help` shows.
-_COMMAND_MODULES = (tiles, slides, train, zeroshot, retrieval, demo)
+_COMMAND_MODULES = (tiles, slides, train, zeroshot, probe, retrieval, demo)
 
 
 class HelpFormatter(argparse.HelpFormatter):
