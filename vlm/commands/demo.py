@@ -23,6 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"zero-shot balanced accuracy on held-out synthetic slides: {balanced['value']:.3f} "
           f"(95% CI {balanced['ci_low']:.3f}-{balanced['ci_high']:.3f}); total {sum(result.timings.values()):.0f} s")
     print(f"summary: {Path(args.out) / 'summary.md'}")
+    print(f"your own slide through the demo's encoders and model: {Path(args.out) / 'new_slide.sh'} SLIDE OUT")
     return 0
 
 

@@ -26,7 +26,7 @@ def _probe(args: argparse.Namespace) -> int:
             print(f"{entry['shots']:>4}-shot: skipped ({entry['skipped']})")
             continue
         spread = entry["spread"]["balanced_accuracy"]
-        first = entry["runs"][0]["metrics"]["balanced_accuracy"]
+        first = entry["metrics"]["balanced_accuracy"]
         detail = (f"mean {spread['mean']:.3f} (min {spread['min']:.3f}, max {spread['max']:.3f}) over "
                   f"{entry['n_runs']} seeds" if entry["n_runs"] > 1
                   else f"{first['value']:.3f} [{first['ci_low']:.3f}, {first['ci_high']:.3f}]")  # fmt: skip

@@ -85,7 +85,8 @@ def _register_search(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, help="index folder from `vlm index build` / `build-reports`")
     p.add_argument("text", nargs="?", help="query text, e.g. a report phrase (needs the model)")
     p.add_argument("--slide-id", help="query by a slide (in a slide index: no model needed)")
-    p.add_argument("--slides", help="slide embeddings parquet: needed for --slide-id on a report index")
+    p.add_argument("--slides", help="slide embeddings parquet holding the --slide-id slide: needed on a report "
+                   "index, and on a slide index for a slide that is not in it")  # fmt: skip
     p.add_argument("-k", type=int, default=10, help="results to return")
     p.add_argument("--model", help="model folder (default: the one recorded in the index manifest)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {rank, slide_id, score, …}")
@@ -166,6 +167,11 @@ def _search(args: argparse.Namespace) -> int:
         if args.slides is None:
             raise ValueError("a report index is searched by slide through its embedding: add --slides slides.parquet")
         results = index.search_slide(args.slide_id, load_slide_embeddings(args.slides), k=args.k)
+    elif args.slides is not None:  # a slide outside this slide index, by its embedding in --slides
+        table = load_slide_embeddings(args.slides)
+        if args.slide_id not in table.row:
+            raise ValueError(f"{args.slides}: no slide {args.slide_id!r} (it has {len(table.ids)} slides)")
+        results = index.search_embeddings(table.lookup([args.slide_id]), k=args.k)
     else:
         results = index.search_slide(args.slide_id, k=args.k)
     results = results.drop(columns=["query"])
