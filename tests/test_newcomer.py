@@ -218,3 +218,26 @@ def test_plot_titles_give_n_and_macro_auc(monkeypatch: pytest.MonkeyPatch) -> No
     plots.roc_png(labels, np.eye(3)[labels] * 0.8 + 0.1, ["a", "b", "c"], title="task")
     plots.confusion_png(np.diag([4, 4, 4]), ["a", "b", "c"], title="task")
     assert titles == ["task\nn = 12, macro AUC 1.000", "task\nn = 12"]
+
+
+def test_retrieval_warns_when_k_exceeds_what_class_sizes_allow(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """4 slides per class: MVAcc@10 cannot be won by a majority; the evaluation must say so, not print 0.000."""
+    import logging
+
+    import pandas as pd
+
+    from vlm.retrieval.evaluate import _label_metrics
+
+    labels = np.repeat(["a", "b", "c"], 4)
+    vectors = np.eye(3)[np.repeat([0, 1, 2], 4)] + 0.01 * np.random.default_rng(0).normal(size=(12, 3))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    path = tmp_path / "labels.csv"
+    pd.DataFrame({"slide_id": [f"s{i}" for i in range(12)], "label": labels}).to_csv(path, index=False)
+    ids = [f"s{i}" for i in range(12)]
+    with caplog.at_level(logging.WARNING):
+        out = _label_metrics(ids, vectors, path, [1, 5, 10], n_boot=50, seed=0)
+    assert out["MVAcc@10"]["value"] == 0.0 and out["Acc@10"]["value"] == 1.0  # perfect embeddings, yet 0
+    assert len(out["warnings"]) == 1 and "MVAcc@10" in out["warnings"][0] and "K <= 6" in out["warnings"][0]
+    assert "MVAcc@10" in caplog.text and "MVAcc@5" not in caplog.text
