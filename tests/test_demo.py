@@ -113,8 +113,10 @@ def test_demo_refuses_too_few_slides_per_class_up_front(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(notebook: Path, demo_out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notebook_runs(notebook: Path, demo_out: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("VLM_DEMO_OUT", str(demo_out))
+    monkeypatch.setenv("VLM_NOTEBOOK_OUT", str(tmp_path / "notebook_out"))
+    demo_before = sorted(p.name for p in demo_out.iterdir())
     document = nbformat.read(notebook, as_version=4)
     assert all(not cell.get("outputs") for cell in document.cells if cell.cell_type == "code"), \
         f"{notebook.name}: outputs must be stripped in git"
@@ -122,6 +124,10 @@ def test_notebook_runs(notebook: Path, demo_out: Path, monkeypatch: pytest.Monke
                    resources={"metadata": {"path": str(notebook.parent)}}).execute()
     errors = [o for c in document.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    # a notebook writes into its own folder (VLM_NOTEBOOK_OUT/<notebook>), never into the demo's
+    assert sorted(p.name for p in demo_out.iterdir()) == demo_before
+    written = tmp_path / "notebook_out" / notebook.stem
+    assert written.is_dir(), f"{notebook.name} wrote nothing into {written}"
 
 
 def test_three_notebooks_are_shipped() -> None:
