@@ -39,7 +39,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     @staticmethod
     def _shows_default(action: argparse.Action) -> bool:
-        return bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS)
+        default = action.default  # by identity: a default of 0 or 0.0 equals False, and must still show
+        shown = default is not None and default is not False and default != argparse.SUPPRESS
+        return shown and bool(action.option_strings)
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = (action.help or "").strip()

@@ -107,7 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--n-boot", type=int, default=1000, help="bootstrap replicates for CIs"
     )
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=_zeroshot)
