@@ -11,11 +11,12 @@ from vlm.commands import finish_batch
 log = logging.getLogger(__name__)
 
 
-def _feature_width(files: list[Path]) -> int:
-    """The tile-feature width D shared by every file ([N, D] or CLAM's [1, N, D]); read from shapes only."""
-    import h5py
+def _feature_width(files: list[Path]) -> int | None:
+    """The tile-feature width D shared by the readable files ([N, D] or CLAM's [1, N, D]), from shapes only.
 
-    from vlm.features import FeatureFileError
+    Unreadable files are left to the batch, which lists them in failures.csv; None when no file tells.
+    """
+    import h5py
 
     widths: dict[int, Path] = {}
     for path in files:
@@ -23,14 +24,12 @@ def _feature_width(files: list[Path]) -> int:
             with h5py.File(path, "r") as h5:
                 if "features" in h5:
                     widths.setdefault(int(h5["features"].shape[-1]), path)
-        except OSError as error:
-            raise FeatureFileError(f"{path}: not a readable HDF5 feature file ({error})") from error
+        except OSError:
+            log.debug("%s: unreadable; the batch will report it", path)
     if len(widths) > 1:
         seen = ", ".join(f"{width} ({path.name})" for width, path in sorted(widths.items()))
         raise ValueError(f"feature files of different widths: {seen}; embed all slides with one tile encoder")
-    if not widths:
-        raise ValueError(f"no 'features' dataset in {files[0].parent}; run `vlm embed-tiles` first")
-    return next(iter(widths))
+    return next(iter(widths), None)
 
 
 def _embed_slides(args: argparse.Namespace) -> int:
@@ -50,18 +49,20 @@ def _embed_slides(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     files = feature_files(args.features)
-    in_dim = _feature_width(files)
-    if args.in_dim is not None and args.in_dim != in_dim:
-        raise ValueError(f"--in-dim {args.in_dim} but the feature files in {args.features} are {in_dim}-d; "
+    width = _feature_width(files)
+    if args.in_dim is not None and width is not None and args.in_dim != width:
+        raise ValueError(f"--in-dim {args.in_dim} but the feature files in {args.features} are {width}-d; "
                          "drop --in-dim (it is read from the files) or embed the tiles with a matching encoder")
+    in_dim = args.in_dim or width
     shard = Shard.parse(args.shard)
     device = resolve_shard_device(args.device, shard.index, shard.count)
     if args.random_weights:
         import torch
 
         torch.manual_seed(args.seed)
+    width_override = {} if in_dim is None else {"in_dim": in_dim}
     encoder = create_slide_encoder(
-        args.slide_encoder, checkpoint=args.checkpoint, pretrained=not args.random_weights, in_dim=in_dim
+        args.slide_encoder, checkpoint=args.checkpoint, pretrained=not args.random_weights, **width_override
     )
     report = embed_slides(
         files, args.out, encoder, pool=args.pool, device=device,
