@@ -63,6 +63,8 @@ def test_cis_contain_the_estimate_and_shrink_with_more_cases() -> None:
 
 def test_bootstrap_ci_is_reproducible_and_matches_the_metrics_report() -> None:
     labels, probs = _scores(100, 2, seed=3)
+    order = np.lexsort([*probs.T[::-1], labels])  # the report resamples rows in this canonical order
+    labels, probs = labels[order], probs[order]
 
     def auroc(indices: np.ndarray) -> float:
         return roc_auc_score(labels[indices] == 1, probs[indices, 1])
@@ -138,3 +140,16 @@ def test_a_nan_pair_is_a_miss_not_a_hit() -> None:
     sim[2] = np.nan
     ranks = first_relevant_rank(sim, np.eye(3, dtype=bool))
     assert ranks[:2].tolist() == [0, 0] and ranks[2] >= 1000  # a miss at every K, even K > gallery size
+
+
+def test_metrics_and_their_cis_do_not_depend_on_row_order() -> None:
+    """The same predictions, read back in another order (a CSV, a notebook's merge), give the same CIs."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, size=30)
+    probabilities = rng.dirichlet(np.ones(3), size=30)
+    probabilities[labels == 0, 0] += 0.5  # some signal, so that CIs are not degenerate
+    reference = classification_metrics(labels, probabilities, ["a", "b", "c"], n_boot=200, seed=0)
+    for permutation_seed in range(3):
+        order = np.random.default_rng(permutation_seed).permutation(30)
+        again = classification_metrics(labels[order], probabilities[order], ["a", "b", "c"], n_boot=200, seed=0)
+        assert again == reference

@@ -111,6 +111,25 @@ def test_resume_gives_the_same_next_losses(data: dict[str, Path], monkeypatch: p
                 assert mine[key] == pytest.approx(ref[key], abs=1e-6), (mine["step"], key)
 
 
+def test_resume_with_more_epochs_continues_the_schedule_smoothly(data: dict[str, Path]) -> None:
+    """`--resume --epochs N` on a finished run: no step at learning rate 0, no jump; the ramp survives a crash."""
+    import dataclasses
+
+    run = data["root"] / "extended"
+    train(config(data, run, epochs=4, warmup_steps=2))
+    train(dataclasses.replace(TrainConfig.load(run / loop.CONFIG_FILE), epochs=8), resume=True)
+    lrs = [r["lr"] for r in records(run) if "lr" in r]
+    assert len(lrs) == 8 * 3  # 3 steps per epoch
+    extension = lrs[12:]
+    assert min(extension) > 0, extension
+    # a ramp over the 2 warm-up steps from 0 up to the longer plan's cosine, then its smooth decay
+    steps = np.abs(np.diff(lrs[11:]))
+    assert steps.max() <= 2e-3 / 2 + 1e-9, lrs
+    assert extension[1] == pytest.approx(max(extension)) and extension[-1] < extension[1] / 5
+    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert state["lr_extend_from"][0] == 12  # a later resume of the extended run keeps its ramp
+
+
 def test_siglip_loss_trains(data: dict[str, Path]) -> None:
     out = data["root"] / "siglip"
     train(config(data, out, loss="siglip", epochs=1))

@@ -8,28 +8,80 @@ inside handlers so that `vlm --help` stays instant.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import traceback
 from collections.abc import Sequence
 
 from vlm import __version__
-from vlm.commands import demo, retrieval, slides, tiles, train, view, zeroshot
+from vlm.commands import demo, probe, retrieval, slides, tiles, train, view, zeroshot
+from vlm.hub import WeightsUnavailable
 
 log = logging.getLogger("vlm")
 
 # Listed in pipeline order, which is the order `vlm --help` shows.
-_COMMAND_MODULES = (tiles, slides, train, zeroshot, retrieval, view, demo)
+_COMMAND_MODULES = (tiles, slides, train, zeroshot, probe, retrieval, view, demo)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option with a real default shows it (`None` and flags do not); examples keep their line breaks."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():  # an epilog of examples, laid out by hand
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._shows_default(action):  # an option without help still shows its default
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        default = action.default  # by identity: a default of 0 or 0.0 equals False, and must still show
+        shown = default is not None and default is not False and default != argparse.SUPPRESS
+        return shown and bool(action.option_strings)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = (action.help or "").strip()
+        if self._shows_default(action) and "%(default)" not in text and not isinstance(action, argparse._VersionAction):
+            text = f"{text} " if text else ""
+            if isinstance(action.default, list | tuple):  # nargs="+" defaults read as typed: 1 5 10
+                return text + "(default: " + " ".join(map(str, action.default)).replace("%", "%%") + ")"
+            return f"{text}(default: %(default)s)"
+        return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of `vlm` and of every subcommand, so that all `--help` pages share `HelpFormatter`."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlm", description="Align whole-slide images with pathology reports.")
+    parser = ArgumentParser(prog="vlm", description="Align whole-slide images with pathology reports.")
     parser.add_argument("--version", action="version", version=f"vlm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
     for module in _COMMAND_MODULES:
         module.register(subparsers)
+    _describe(parser)
     return parser
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """A (sub)command's page opens with its one-line help where no longer description was written."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                if not sub.description and helps.get(name):
+                    sub.description = helps[name][0].upper() + helps[name][1:] + "."
+                _describe(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,8 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # FAISS logs at INFO which CPU-specific builds it could not load, on every import: noise, unless -v.
+    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return int(args.func(args))
+    except WeightsUnavailable as error:
+        # A well-formed command that cannot get its weights here: a failure (1), not a usage error (2).
+        log.error("%s", error)
+        return 1
     except (ValueError, FileNotFoundError, ImportError, OSError) as error:
         # User-facing errors carry their fix in the message; a traceback would only hide it (-v shows it).
         log.error("%s", error, exc_info=args.verbose)

@@ -32,6 +32,22 @@ TRASH_NAME = ".vlm-trash"
 LOCK_TIMEOUT_S = 600.0
 
 
+def _current_umask() -> int:
+    """The process umask (read by setting and restoring it: Python has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path, directory: bool = False) -> None:
+    """Give a temporary file (0600) or folder (0700) the mode a plain `open`/`mkdir` would have.
+
+    `mkstemp`/`mkdtemp` create private modes; without this, outputs renamed into place stay unreadable
+    to colleagues on a shared server whatever their umask says.
+    """
+    os.chmod(path, (0o777 if directory else 0o666) & ~_current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds.
@@ -46,6 +62,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.exists():
+            _follow_umask(tmp, directory=tmp.is_dir())
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

@@ -239,7 +239,8 @@ def classification_metrics(
     argmax is the prediction. `positive` (an index) makes AUROC/AUPRC binary on that class's score. Point
     values come from scikit-learn; every metric and each cell of the row-normalised confusion matrix gets a
     percentile CI from the same `n_boot` stratified replicates (see `bootstrap_indices`). Undefined
-    values (e.g. AUROC when only one class has cases) are None, never guessed.
+    values (e.g. AUROC when only one class has cases) are None, never guessed. The result does not depend on
+    the order of the rows.
     """
     from sklearn.metrics import confusion_matrix
 
@@ -259,6 +260,10 @@ def classification_metrics(
     if positive is not None and not 0 <= positive < n_classes:
         raise ValueError(f"positive must be a class index in [0, {n_classes}), got {positive}")
 
+    # Rows in one canonical order (by label, then scores) before resampling: the CIs of the same predictions
+    # must not depend on how a caller ordered them (a CSV read back, a notebook's merge).
+    order = np.lexsort([*probabilities.T[::-1], labels])
+    labels, probabilities = labels[order], probabilities[order]
     index = list(range(n_classes))
     matrix = confusion_matrix(labels, probabilities.argmax(axis=1), labels=index)
     point = classification_point_metrics(labels, probabilities, positive)

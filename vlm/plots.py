@@ -13,6 +13,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
 
 def _png(figure: Figure) -> bytes:
     FigureCanvasAgg(figure)
@@ -31,7 +34,8 @@ def roc_png(
     """ROC curve(s) as PNG: the positive class's score for a binary task, else one-vs-rest per class.
 
     Classes without both positive and negative cases are left out (their ROC is undefined) and named in
-    the legend title, so a missing curve is never a silent omission.
+    the legend title, so a missing curve is never a silent omission. Each class has its own line style and
+    markers, so curves that coincide (two perfect classes) stay visible; the title gives n and the (macro) AUC.
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -39,17 +43,25 @@ def roc_png(
     axes = figure.add_subplot()
     axes.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
     scored = [positive] if positive is not None else range(len(class_names))
-    skipped = []
-    for index in scored:
+    skipped, aucs = [], []
+    for drawn, index in enumerate(scored):
         truth = labels == index
         if truth.all() or not truth.any():
             skipped.append(class_names[index])
             continue
         fpr, tpr, _ = roc_curve(truth, probabilities[:, index])
         auc = roc_auc_score(truth, probabilities[:, index])
-        axes.plot(fpr, tpr, linewidth=1.5, label=f"{class_names[index]} (AUC {auc:.3f})")
-    axes.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
-    axes.set_title(title or ("ROC" if positive is not None else "ROC, one-vs-rest"), fontsize=10)
+        aucs.append(auc)
+        # Later curves are thinner and dashed, with their own markers, so that a curve lying on another shows.
+        axes.plot(fpr, tpr, linewidth=max(3.5 - 1.0 * drawn, 1.0), linestyle=_LINESTYLES[drawn % len(_LINESTYLES)],
+                  marker=_MARKERS[drawn % len(_MARKERS)], markersize=max(8 - 1.5 * drawn, 3), alpha=0.85,
+                  label=f"{class_names[index]} (AUC {auc:.3f})")  # fmt: skip
+    axes.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(-0.02, 1), ylim=(0, 1.03))
+    heading = title or ("ROC" if positive is not None else "ROC, one-vs-rest")
+    summary = f"n = {len(labels)}"
+    if aucs:
+        summary += f", {'AUC' if positive is not None else 'macro AUC'} {float(np.mean(aucs)):.3f}"
+    axes.set_title(f"{heading}\n{summary}", fontsize=10)
     if len(skipped) == len(scored):
         axes.text(0.5, 0.5, "ROC undefined:\nonly one class has cases", ha="center", va="center")
     else:
@@ -72,7 +84,7 @@ def confusion_png(counts: np.ndarray, class_names: Sequence[str], title: str = "
     axes.set_xticks(ticks, class_names, rotation=45, ha="right")
     axes.set_yticks(ticks, class_names)
     axes.set(xlabel="predicted", ylabel="true")
-    axes.set_title(title or "confusion matrix", fontsize=10)
+    axes.set_title(f"{title or 'confusion matrix'}\nn = {int(counts.sum())}", fontsize=10)
     for row in ticks:
         for col in ticks:
             colour = "white" if share[row, col] > 0.5 else "black"

@@ -24,7 +24,7 @@ _SEARCH_EPILOG = """examples:
   vlm search --index runs/index --slide-id TCGA-XX-XXXX -k 10 --json
   vlm search --index runs/report-index --slide-id TCGA-XX-XXXX --slides runs/slides.parquet   # slide -> report
 """
-_KIND_HELP = ("auto (default: flat up to 100k items, ivf up to 4M, ivfpq above), flat (exact), ivf, hnsw, "
+_KIND_HELP = ("auto (flat up to 100k items, ivf up to 4M, ivfpq above), flat (exact), ivf, hnsw, "
               "ivfpq")  # fmt: skip
 
 
@@ -44,16 +44,20 @@ def _build_options(parser: argparse.ArgumentParser) -> None:
     # load torch and FAISS for every `vlm --help`.
     parser.add_argument("--kind", default="auto", help=_KIND_HELP)
     parser.add_argument("--target-recall", type=float, default=0.95,
-                        help="Recall@10 vs exact search to tune approximate kinds to (default 0.95)")  # fmt: skip
+                        help="Recall@10 vs exact search to tune approximate kinds to")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of training samples and tuning queries")
 
 
 def _register_index(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("index", help="build and edit FAISS indexes of slides or reports",
-                              epilog=_INDEX_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                              epilog=_INDEX_EPILOG)  # fmt: skip
     actions = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
-    build = actions.add_parser("build", help="index slide embeddings (slide search by text or by slide)")
+    build = actions.add_parser(
+        "build", help="index slide embeddings (slide search by text or by slide)",
+        description="Projects each slide embedding with the model's slide head and writes a FAISS index folder "
+        "(index, ids, metadata, manifest) for `vlm search`.",
+    )  # fmt: skip
     build.add_argument("--slides", required=True, help="slide embeddings parquet from `vlm embed-slides`")
     build.add_argument("--metadata", help="CSV / Parquet / JSONL with slide_id and columns to show in results")
     _build_options(build)
@@ -80,12 +84,13 @@ def _register_index(subparsers: argparse._SubParsersAction) -> None:
 
 def _register_search(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("search", help="search an index by report text or by slide id",
-                              epilog=_SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                              epilog=_SEARCH_EPILOG)  # fmt: skip
     p.add_argument("--index", required=True, help="index folder from `vlm index build` / `build-reports`")
     p.add_argument("text", nargs="?", help="query text, e.g. a report phrase (needs the model)")
     p.add_argument("--slide-id", help="query by a slide (in a slide index: no model needed)")
-    p.add_argument("--slides", help="slide embeddings parquet: needed for --slide-id on a report index")
-    p.add_argument("-k", type=int, default=10, help="results to return (default 10)")
+    p.add_argument("--slides", help="slide embeddings parquet holding the --slide-id slide: needed on a report "
+                   "index, and on a slide index for a slide that is not in it")  # fmt: skip
+    p.add_argument("-k", type=int, default=10, help="results to return")
     p.add_argument("--model", help="model folder (default: the one recorded in the index manifest)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {rank, slide_id, score, …}")
     p.add_argument("--gpu", action="store_true", help="search on GPU (needs faiss-gpu: pip install 'vlm[gpu]')")
@@ -101,9 +106,9 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--slides", required=True, help="slide embeddings parquet from `vlm embed-slides`")
     r.add_argument("--labels", help="CSV / Parquet / JSONL with slide_id, label for slide -> slide metrics")
     r.add_argument("--split", default="auto", choices=("auto", "train", "val", "test", "all"),
-                   help="pairs to evaluate (default: test when the pairs have a split column, else all)")  # fmt: skip
-    r.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="cut-offs K (default 1 5 10)")
-    r.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CIs (default 1000)")
+                   help="pairs to evaluate; auto = test when the pairs have a split column, else all")  # fmt: skip
+    r.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="cut-offs K")
+    r.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CIs")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", help="also write the metrics as JSON to this file")
     r.set_defaults(func=_eval_retrieval)
@@ -169,6 +174,11 @@ def _search(args: argparse.Namespace) -> int:
         if args.slides is None:
             raise ValueError("a report index is searched by slide through its embedding: add --slides slides.parquet")
         results = index.search_slide(args.slide_id, load_slide_embeddings(args.slides), k=args.k)
+    elif args.slides is not None:  # a slide outside this slide index, by its embedding in --slides
+        table = load_slide_embeddings(args.slides)
+        if args.slide_id not in table.row:
+            raise ValueError(f"{args.slides}: no slide {args.slide_id!r} (it has {len(table.ids)} slides)")
+        results = index.search_embeddings(table.lookup([args.slide_id]), k=args.k)
     else:
         results = index.search_slide(args.slide_id, k=args.k)
     results = results.drop(columns=["query"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from vlm.commands import finish_batch
 
@@ -24,6 +25,27 @@ def add_feature_file_options(parser: argparse.ArgumentParser | argparse._Argumen
     )  # fmt: skip
 
 
+def _feature_width(files: list[Path]) -> int | None:
+    """The tile-feature width D shared by the readable files (`features` [N, D]), from shapes only.
+
+    Unreadable files are left to the batch, which lists them in failures.csv; None when no file tells.
+    """
+    import h5py
+
+    widths: dict[int, Path] = {}
+    for path in files:
+        try:
+            with h5py.File(path, "r") as h5:
+                if "features" in h5:
+                    widths.setdefault(int(h5["features"].shape[-1]), path)
+        except OSError:
+            log.debug("%s: unreadable; the batch will report it", path)
+    if len(widths) > 1:
+        seen = ", ".join(f"{width} ({path.name})" for width, path in sorted(widths.items()))
+        raise ValueError(f"feature files of different widths: {seen}; embed all slides with one tile encoder")
+    return next(iter(widths), None)
+
+
 def _embed_slides(args: argparse.Namespace) -> int:
     from vlm.batch import Shard
     from vlm.device import resolve_shard_device
@@ -32,17 +54,36 @@ def _embed_slides(args: argparse.Namespace) -> int:
     from vlm.formats.embeddings import shard_output
     from vlm.slide_embedding import embed_slides
 
-    if args.checkpoint is None and args.slide_encoder != "gigapath":
-        raise ValueError(f"--slide-encoder {args.slide_encoder} has no published weights; pass --checkpoint")
+    if args.random_weights and args.checkpoint:
+        raise ValueError("--random-weights and --checkpoint exclude each other: pick one source of weights")
+    if args.checkpoint is None and args.slide_encoder != "gigapath" and not args.random_weights:
+        raise ValueError(
+            f"--slide-encoder {args.slide_encoder} has no published weights; pass --checkpoint, or "
+            "--random-weights for an untrained encoder"
+        )
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    files = feature_files(args.features)
+    width = _feature_width(files)
+    if args.in_dim is not None and width is not None and args.in_dim != width:
+        raise ValueError(f"--in-dim {args.in_dim} but the feature files in {args.features} are {width}-d; "
+                         "drop --in-dim (it is read from the files) or embed the tiles with a matching encoder")
+    in_dim = args.in_dim or width
     shard = Shard.parse(args.shard)
     device = resolve_shard_device(args.device, shard.index, shard.count)
-    encoder = create_slide_encoder(args.slide_encoder, checkpoint=args.checkpoint, pretrained=True)
+    if args.random_weights:
+        import torch
+
+        torch.manual_seed(args.seed)
+    width_override = {} if in_dim is None else {"in_dim": in_dim}
+    encoder = create_slide_encoder(
+        args.slide_encoder, checkpoint=args.checkpoint, pretrained=not args.random_weights, **width_override
+    )
     report = embed_slides(
-        feature_files(args.features), args.out, encoder, pool=args.pool, device=device,
+        files, args.out, encoder, pool=args.pool, device=device,
         batch_size=args.batch_size, shard=shard, progress=not args.no_progress, overwrite=args.overwrite,
-        mpp=args.mpp, patches=args.patches, precision=args.precision, checkpoint=args.checkpoint,
+        mpp=args.mpp, patches=args.patches, precision=args.precision,
+        checkpoint=None if args.random_weights else args.checkpoint,  # random weights: their hash is recorded
     )  # fmt: skip
     target = shard_output(args.out, shard)
     return finish_batch(report, target, target.parent / f"failures{shard.suffix}.csv")
@@ -57,17 +98,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("features", help="folder of <slide_id>.h5 tile-feature files (from `vlm embed-tiles`)")
     parser.add_argument("--out", required=True, help="output parquet, e.g. runs/slides.parquet")
-    parser.add_argument("--slide-encoder", default="gigapath", help="preset: 'gigapath' (default) or 'tiny'")
+    parser.add_argument("--slide-encoder", default="gigapath", help="preset: 'gigapath' or 'tiny'")
     parser.add_argument(
         "--checkpoint",
         default=None,
         help="local slide_encoder.pth (else prov-gigapath/prov-gigapath from the hub)",
     )
     parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="an untrained slide encoder seeded by --seed (smoke tests, the demo; never for results)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    parser.add_argument(
+        "--in-dim",
+        type=int,
+        default=None,
+        help="tile-feature width the slide encoder takes, checked against the files (default: the files' width)",
+    )
+    parser.add_argument(
         "--pool",
         default="mean",
         choices=["mean", "cls", "all-layers"],
-        help="mean over tiles (default), the CLS token (official default), or 13 layers' means",
+        help="mean over tiles, the CLS token (the official code's default output), or 13 layers' means",
     )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1' …")
     parser.add_argument(
@@ -76,7 +129,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["auto", "fp32", "fp16", "bf16"],
         help="autocast on CUDA ('auto' = bf16 where supported); CPU runs fp32",
     )
-    parser.add_argument("--batch-size", type=int, default=1, help="slides per forward pass (default 1)")
+    parser.add_argument("--batch-size", type=int, default=1, help="slides per forward pass")
     add_feature_file_options(parser)
     parser.add_argument(
         "--shard",

@@ -21,10 +21,10 @@ def _add_slide_inputs(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_tiling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target-mpp", type=float, default=0.5, help="µm/px of the tiles (default 0.5)")
-    parser.add_argument("--tile-size", type=int, default=256, help="tile side in px at --target-mpp (default 256)")
+    parser.add_argument("--target-mpp", type=float, default=0.5, help="µm/px of the tiles")
+    parser.add_argument("--tile-size", type=int, default=256, help="tile side in px at --target-mpp")
     parser.add_argument("--min-tissue", type=float, default=0.1,
-                        help="minimum tissue fraction for a tile to be kept (default 0.1)")
+                        help="minimum tissue fraction for a tile to be kept")
 
 
 def _add_batch_options(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +77,13 @@ def _embed_tiles(args: argparse.Namespace) -> int:
     params = TilingParams(target_mpp=args.target_mpp, tile_size=args.tile_size, min_tissue=args.min_tissue)
     shard = Shard.parse(args.shard)
     device = resolve_shard_device(args.device, shard.index, shard.count)
-    encoder = create_tile_encoder(args.tile_encoder, checkpoint=args.checkpoint)
+    if args.random_weights and args.checkpoint:
+        raise ValueError("--random-weights and --checkpoint exclude each other: pick one source of weights")
+    if args.random_weights:
+        import torch
+
+        torch.manual_seed(args.seed)
+    encoder = create_tile_encoder(args.tile_encoder, checkpoint=args.checkpoint, pretrained=not args.random_weights)
     report = embed_tiles(
         slides, args.out, encoder, device, precision=args.precision, batch_size=args.batch_size,
         workers=args.workers, params=params, tiles_dir=args.tiles, mpp=args.mpp, dtype=args.dtype,
@@ -87,30 +93,47 @@ def _embed_tiles(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    info = subparsers.add_parser("info", help="print each slide's dimensions, levels, mpp and objective power")
+    info = subparsers.add_parser(
+        "info", help="print each slide's dimensions, levels, mpp and objective power",
+        description="One JSON line per slide (dimensions, pyramid levels, level-0 µm/px, objective power), read "
+        "with OpenSlide; check here that a slide records its mpp before tiling it.",
+    )  # fmt: skip
     _add_slide_inputs(info)
     info.set_defaults(func=_info)
 
-    tile = subparsers.add_parser("tile", help="detect tissue and write tile grids + QC thumbnails")
+    tile = subparsers.add_parser(
+        "tile", help="detect tissue and write tile grids + QC thumbnails",
+        description="For each slide: an Otsu tissue mask, a grid of --tile-size px tiles at --target-mpp keeping "
+        "tiles with at least --min-tissue tissue, written to <out>/<slide_id>.h5 with a QC thumbnail. "
+        "Finished slides are skipped; failures are listed in <out>/failures.csv (exit status 1).",
+    )  # fmt: skip
     _add_slide_inputs(tile)
     _add_tiling_options(tile)
     _add_batch_options(tile)
-    tile.add_argument("--workers", type=int, default=2, help="slides processed in parallel (default 2)")
+    tile.add_argument("--workers", type=int, default=2, help="slides processed in parallel")
     tile.set_defaults(func=_tile)
 
-    embed = subparsers.add_parser("embed-tiles", help="embed the tiles of each slide into <slide_id>.h5")
+    embed = subparsers.add_parser(
+        "embed-tiles", help="embed the tiles of each slide into <slide_id>.h5",
+        description="Reads each slide's tiles (grids from --tiles, else tiled on the fly) and writes "
+        "<out>/<slide_id>.h5 with one feature vector per tile and its coordinates. The Prov-GigaPath tile "
+        "encoder needs hub access or --checkpoint; --random-weights gives an untrained encoder for offline "
+        "smoke tests.",
+    )  # fmt: skip
     _add_slide_inputs(embed)
     _add_tiling_options(embed)
     _add_batch_options(embed)
     embed.add_argument("--tile-encoder", default="gigapath", help="'gigapath' or 'timm:<model_name>'")
     embed.add_argument("--checkpoint", default=None, help="local tile-encoder weights (else the hub's)")
+    embed.add_argument("--random-weights", action="store_true",
+                       help="an untrained tile encoder seeded by --seed (smoke tests, the demo; never for results)")
+    embed.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     embed.add_argument("--tiles", default=None, help="folder of `vlm tile` outputs to take the grids from")
     embed.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1' …")
     embed.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                        help="autocast on CUDA ('auto' = bf16 where supported); CPU runs fp32")
-    embed.add_argument("--batch-size", type=int, default=128, help="tiles per forward pass (default 128)")
-    embed.add_argument("--workers", type=int, default=2,
-                       help="processes reading tiles for all slides as one stream (default 2)")
+    embed.add_argument("--batch-size", type=int, default=128, help="tiles per forward pass")
+    embed.add_argument("--workers", type=int, default=2, help="processes reading tiles for all slides as one stream")
     embed.add_argument("--compile", action="store_true",
                        help="torch.compile the tile encoder (CUDA: faster after a minute of compiling)")
     embed.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored feature dtype")

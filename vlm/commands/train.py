@@ -21,7 +21,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "train", help="train slide–report alignment (CLIP-style)", epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a slide–report model; writes <out>/model/ (use as --model), metrics.jsonl, checkpoints.",
     )  # fmt: skip
     data = p.add_argument_group("data")
@@ -54,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--proj-dim", type=int, default=512, help="shared embedding dimension")
     model.add_argument("--slide-encoder", default="gigapath", help="slide encoder preset for --features")
     model.add_argument("--slide-checkpoint", default=None, help="slide encoder weights (slide_encoder.pth)")
-    model.add_argument("--pool", default="mean", help="slide encoder pooling: mean, cls or all-layers")
+    model.add_argument("--pool", default="mean", choices=("mean", "cls", "all-layers"), help="slide encoder pooling")
     model.add_argument("--loss", choices=("clip", "siglip"), default="clip")
 
     opt = p.add_argument_group("optimisation")
@@ -65,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="batch_size",
         type=int,
         default=64,
-        help="pairs per contrastive batch and optimizer step (default 64)",
+        help="pairs per contrastive batch and optimizer step",
     )
     opt.add_argument(
         "--chunk-size",
@@ -86,7 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--eval-batch-size", type=int, default=64, help="pairs per batch when validating")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--device", default="auto")
-    opt.add_argument("--precision", default="auto", help="auto, fp32, fp16 or bf16")
+    opt.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                     help="autocast on CUDA ('auto' = bf16 where supported); CPU runs fp32")
     opt.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 

@@ -149,10 +149,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-cache", action="store_true", help="always encode the prompts; write no cache")
     parser.add_argument(
-        "--n-boot", type=int, default=1000, help="bootstrap replicates for CIs (default 1000)"
+        "--n-boot", type=int, default=1000, help="bootstrap replicates for CIs"
     )
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 …")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--heatmaps", metavar="DIR", help="also write each slide's heatmap of its predicted class")
     parser.add_argument("--heatmap-features", metavar="DIR", help="tile features for --heatmaps (default: --slides)")

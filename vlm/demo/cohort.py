@@ -147,6 +147,11 @@ def draw_slide(label: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return image
 
 
+def report_phrases() -> list[str]:
+    """Every phrase a report can be built from (any seed): the demo's search query must avoid their wording."""
+    return [*sum(_DIAGNOSES.values(), []), *sum(_FINDINGS.values(), []), *_FILLER, "FINAL DIAGNOSIS", "MICROSCOPIC"]
+
+
 def write_report(label: str, rng: np.random.Generator) -> str:
     diagnosis = rng.choice(_DIAGNOSES[label])
     findings = rng.choice(_FINDINGS[label], size=2, replace=False)

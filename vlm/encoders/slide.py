@@ -239,7 +239,10 @@ def create_slide_encoder(
             raise ValueError(f"slide encoder {name!r} has no published weights; pass checkpoint=")
         from huggingface_hub import hf_hub_download
 
-        checkpoint = hf_hub_download(HUB_REPO, HUB_FILENAME)
+        from vlm.hub import hub_weights
+
+        with hub_weights("the 'gigapath' slide encoder", HUB_REPO, gated=True):
+            checkpoint = hf_hub_download(HUB_REPO, HUB_FILENAME)
     if checkpoint is not None:
         load_slide_encoder_weights(model, checkpoint)
     return model.eval()

@@ -17,12 +17,15 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torchvision import transforms
+
+from vlm.hub import hub_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -152,12 +155,14 @@ def tensor_transform(transform: Callable[..., Any]) -> TensorTransform | None:
     return TensorTransform(steps) if to_float else None
 
 
-def _hub_error(name: str, error: Exception) -> OSError:
-    return OSError(
-        f"could not load the {name!r} tile encoder weights from the Hugging Face Hub ({type(error).__name__}: "
-        f"{error}). The repo is gated: accept its terms, run `huggingface-cli login` (or set HF_TOKEN), or "
-        "pass local weights with --checkpoint."
-    )
+def _timm_hub_repo(model_name: str) -> tuple[str, bool]:
+    """The hub repo a timm model's pretrained weights come from, and whether it is gated."""
+    from timm.models import get_pretrained_cfg
+
+    if model_name.startswith("hf_hub:"):
+        return model_name.removeprefix("hf_hub:"), False  # unknown: a user's own repo may or may not be gated
+    cfg = get_pretrained_cfg(model_name)
+    return (getattr(cfg, "hf_hub_id", None) or f"timm/{model_name}"), False  # timm's own weights are public
 
 
 def _create_named(name: str, checkpoint: str | None, pretrained: bool, overrides: dict[str, Any]) -> TileEncoder:
@@ -166,10 +171,8 @@ def _create_named(name: str, checkpoint: str | None, pretrained: bool, overrides
     spec = TILE_ENCODERS[name]
     model_args = {**spec.model_args, **overrides}
     if checkpoint is None and pretrained:
-        try:
+        with hub_weights(f"the {name!r} tile encoder", spec.hub_id, gated=True):
             model = timm.create_model(f"hf_hub:{spec.hub_id}", pretrained=True, **overrides)
-        except Exception as error:  # hub errors come in many types (offline, gated, 401, ...)
-            raise _hub_error(name, error) from error
     else:
         model = timm.create_model(
             spec.timm_name, pretrained=False, checkpoint_path=checkpoint, pretrained_cfg_overlay=spec.pretrained_cfg,
@@ -184,18 +187,12 @@ def _create_timm(model_name: str, checkpoint: str | None, pretrained: bool, over
     if not model_name.startswith("hf_hub:") and not timm.is_model(model_name):  # knows `arch.pretrained_tag`
         close = difflib.get_close_matches(model_name, timm.list_models(), n=5)
         raise ValueError(f"unknown timm model {model_name!r}; close matches: {', '.join(close) or 'none'}")
-    try:
+    from_hub = pretrained and checkpoint is None
+    repo, gated = _timm_hub_repo(model_name) if from_hub else ("", False)
+    with hub_weights(f"the 'timm:{model_name}' tile encoder", repo, gated=gated) if from_hub else nullcontext():
         model = timm.create_model(
-            model_name,
-            pretrained=pretrained and checkpoint is None,
-            checkpoint_path=checkpoint,
-            num_classes=0,
-            **overrides,
+            model_name, pretrained=from_hub, checkpoint_path=checkpoint, num_classes=0, **overrides
         )
-    except Exception as error:
-        if pretrained and checkpoint is None:
-            raise _hub_error(f"timm:{model_name}", error) from error
-        raise
     return TileEncoder(f"timm:{model_name}", model.eval(), _timm_transform(model))
 
 

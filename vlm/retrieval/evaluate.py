@@ -99,10 +99,32 @@ def _label_metrics(
     counts = {label: int((labels == label).sum()) for label in np.unique(labels)}
     n_relevant = np.array([counts[label] - 1 for label in labels])
     out: dict[str, Any] = {"n": len(keep), "support": counts}
+    warnings = _vote_warnings(counts, ks)
+    for warning in warnings:
+        log.warning("%s", warning)
+    if warnings:
+        out["warnings"] = warnings
     for k in ks:
         for name, values in label_retrieval(labels[neighbours], labels, n_relevant, k).items():
             out[name] = _with_ci(values, strata=labels, **boot)
     return out
+
+
+def _vote_warnings(counts: dict[str, int], ks: Sequence[int]) -> list[str]:
+    """MVAcc@K is a majority vote of the K nearest slides: where a class has fewer than K/2 other slides, its
+    queries can never hold a majority, and the metric is (near) 0 by construction, whatever the model."""
+    warnings = []
+    for k in ks:
+        short = {label: n for label, n in counts.items() if 2 * (n - 1) < k}
+        if short:
+            largest_ok = 2 * (min(counts.values()) - 1)
+            classes = ", ".join(f"{label} ({n} slides)" for label, n in sorted(short.items()))
+            warnings.append(
+                f"MVAcc@{k} is (near) 0 by construction for {classes}: fewer than {k}/2 other slides share "
+                f"their label, so the {k} nearest can never hold a majority of it; use K <= {max(largest_ok, 1)} "
+                "for MVAcc, or more slides per class"
+            )
+    return warnings
 
 
 def _with_ci(values: np.ndarray, *, strata: np.ndarray | None = None, **boot: Any) -> dict[str, float]:

@@ -200,14 +200,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 at `total` steps."""
+def cosine_with_warmup(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int, extend_from: tuple[int, float] | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 at `total` steps.
 
-    def factor(step: int) -> float:
+    `extend_from=(step, factor)`: a run resumed with more epochs than it was planned with stood at `factor`
+    (0 at the end of a finished run) at `step`. From there the factor ramps linearly over `warmup` steps to the
+    cosine of the longer plan, then follows it to 0 at the new `total`: no step at 0, no jump.
+    """
+
+    def planned(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         done = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+
+    def factor(step: int) -> float:
+        if extend_from is not None and extend_from[0] <= step < extend_from[0] + warmup:
+            start, start_factor = extend_from
+            target = planned(start + warmup)
+            return start_factor + (target - start_factor) * (step - start + 1) / warmup
+        return planned(step)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -486,11 +500,25 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
     loss_fn = create_loss(config.loss, dist_.rank, dist_.world_size)
 
     epoch, step_in_epoch, global_step, best = 0, 0, 0, -math.inf
+    extend_from: tuple[int, float] | None = None  # where a run extended by `--resume --epochs` left its plan
     if resume:
         state = _load_checkpoint(checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        extend_from = state.get("lr_extend_from")
+        planned_epochs = int(state.get("config", {}).get("epochs", config.epochs))
+        if planned_epochs != config.epochs:  # `--resume --epochs N`: continue the schedule smoothly
+            extend_from = (int(state["global_step"]), scheduler.get_last_lr()[0] / config.lr)
+            log.info("extending the run from %d to %d epochs: the learning rate ramps from %.3g over %d steps, "
+                     "then follows the cosine of the longer run", planned_epochs, config.epochs,
+                     scheduler.get_last_lr()[0], warmup)  # fmt: skip
+        if extend_from is not None:
+            scheduler = cosine_with_warmup(optimizer, warmup, total_steps, extend_from=tuple(extend_from))
+            scheduler.load_state_dict(state["scheduler"])
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         epoch, step_in_epoch, global_step, best = (
@@ -525,6 +553,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": next_epoch, "step_in_epoch": next_step,
                 "global_step": global_step, "best": best, "config": dataclasses.asdict(config),
+                "lr_extend_from": extend_from,
             })  # fmt: skip
 
     if not resume and dist_.main:

@@ -1,0 +1,108 @@
+"""`vlm probe`: the supervised linear-probe baseline beside zero-shot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vlm.cli import main
+from vlm.probe import parse_shots, run_probe
+
+CLASSES = ("glandular", "papillary", "solid")
+
+
+def _cohort(root: Path, separation: float, n_train: int = 12, n_test: int = 6, dim: int = 16) -> dict[str, Path]:
+    """Slide embeddings = class prototype * separation + noise, in the parquet layout `vlm embed-slides` writes."""
+    rng = np.random.default_rng(0)
+    prototypes = rng.normal(size=(len(CLASSES), dim))
+    rows, train, test = [], [], []
+    for c, name in enumerate(CLASSES):
+        for i in range(n_train + n_test):
+            slide_id = f"{name}-{i:02d}"
+            rows.append({"slide_id": slide_id, "embedding": [float(v) for v in separation * prototypes[c]
+                                                               + rng.normal(size=dim)],
+                         "n_tiles": 10, "encoder": "tiny", "pool": "mean"})  # fmt: skip
+            (train if i < n_train else test).append({"slide_id": slide_id, "label": name})
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {"slides": root / "slides.parquet", "labels": root / "train.csv", "test": root / "test.csv"}
+    pd.DataFrame(rows).to_parquet(paths["slides"])
+    pd.DataFrame(train).to_csv(paths["labels"], index=False)
+    pd.DataFrame(test).to_csv(paths["test"], index=False)
+    return paths
+
+
+def test_probe_learns_separable_classes_and_reports_every_shot(tmp_path: Path) -> None:
+    data = _cohort(tmp_path / "data", separation=3.0)
+    zeroshot = tmp_path / "zs.json"
+    zeroshot.write_text(json.dumps({"n": 18, "metrics": {"balanced_accuracy": {"value": 0.5, "ci_low": 0.3,
+                                                                               "ci_high": 0.7}}}))  # fmt: skip
+    assert main(["probe", "--slides", str(data["slides"]), "--labels", str(data["labels"]), "--test-labels",
+                 str(data["test"]), "--out", str(tmp_path / "probe"), "--shots", "1", "4", "16", "all",
+                 "--seeds", "3", "--n-boot", "200", "--zeroshot", str(zeroshot)]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    by_shot = {str(entry["shots"]): entry for entry in report["shots"]}
+    assert by_shot["16"]["skipped"]  # 12 training slides per class: 16-shot cannot be drawn
+    assert by_shot["1"]["n_runs"] == 3 and by_shot["all"]["n_runs"] == 1
+    assert [run["n_train"] for run in by_shot["4"]["runs"]] == [12, 12, 12]
+    assert by_shot["1"]["runs"][0]["C_source"] == "fixed"  # one slide per class: no CV possible
+    assert by_shot["all"]["runs"][0]["C_source"] == "5-fold CV"
+    full = by_shot["all"]["metrics"]
+    assert full["balanced_accuracy"]["value"] >= 0.9
+    assert by_shot["1"]["metrics_seed"] in {run["seed"] for run in by_shot["1"]["runs"]}
+    for name in ("balanced_accuracy", "auroc", "weighted_f1"):
+        assert full[name]["ci_low"] <= full[name]["value"] <= full[name]["ci_high"]
+    spread = by_shot["1"]["spread"]["balanced_accuracy"]
+    assert spread["min"] <= spread["mean"] <= spread["max"] and spread["std"] is not None
+    assert report["zeroshot"]["metrics"]["balanced_accuracy"]["value"] == 0.5
+    predictions = pd.read_csv(tmp_path / "probe" / "predictions.csv")
+    assert len(predictions) == 18 * (3 + 3 + 1)
+    assert set(predictions["slide_id"]) == set(pd.read_csv(data["test"])["slide_id"])
+    assert (tmp_path / "probe" / "probe.png").stat().st_size > 1000
+
+
+def test_probe_is_at_chance_without_signal(tmp_path: Path) -> None:
+    """No class structure in the embeddings: the probe must not report more than chance (no leak from test)."""
+    data = _cohort(tmp_path / "data", separation=0.0, n_train=12, n_test=12)
+    report = run_probe(data["slides"], data["labels"], data["test"], tmp_path / "probe", shots=["all"], n_boot=100)
+    assert report["shots"][0]["metrics"]["balanced_accuracy"]["value"] < 0.6
+
+
+def test_probe_does_not_depend_on_label_file_order(tmp_path: Path) -> None:
+    data = _cohort(tmp_path / "data", separation=1.0)
+    first = run_probe(data["slides"], data["labels"], data["test"], tmp_path / "a", shots=[2, "all"], seeds=2,
+                      n_boot=100)  # fmt: skip
+    for key in ("labels", "test"):
+        frame = pd.read_csv(data[key])
+        frame.sample(frac=1, random_state=1).to_csv(data[key], index=False)
+    again = run_probe(data["slides"], data["labels"], data["test"], tmp_path / "b", shots=[2, "all"], seeds=2,
+                      n_boot=100)  # fmt: skip
+    assert again["shots"] == first["shots"]
+
+
+def test_probe_refuses_leaks_unknown_labels_and_missing_slides(tmp_path: Path) -> None:
+    data = _cohort(tmp_path / "data", separation=1.0)
+    train = pd.read_csv(data["labels"])
+    test = pd.read_csv(data["test"])
+    leaky = tmp_path / "leaky.csv"
+    pd.concat([test, train.head(1)]).to_csv(leaky, index=False)
+    with pytest.raises(ValueError, match="in both"):
+        run_probe(data["slides"], data["labels"], leaky, tmp_path / "out")
+    unknown = tmp_path / "unknown.csv"
+    test.assign(label="necrotic").to_csv(unknown, index=False)
+    with pytest.raises(ValueError, match="never occur"):
+        run_probe(data["slides"], data["labels"], unknown, tmp_path / "out")
+    missing = tmp_path / "missing.csv"
+    pd.concat([test, pd.DataFrame([{"slide_id": "ghost", "label": "solid"}])]).to_csv(missing, index=False)
+    with pytest.raises(ValueError, match="no embedding"):
+        run_probe(data["slides"], data["labels"], missing, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shots", [["0"], ["two"], ["1", "1"], []])
+def test_bad_shot_counts_are_refused(shots: list[str]) -> None:
+    with pytest.raises(ValueError, match="--shots"):
+        parse_shots(shots)

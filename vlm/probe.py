@@ -1,0 +1,284 @@
+"""The supervised baseline beside zero-shot: a linear probe (logistic regression) on slide embeddings.
+
+Zero-shot numbers mean little without the supervised reference that CONCH and TITAN report next to them.
+`run_probe` fits scikit-learn's logistic regression on the slide embeddings of labelled training slides and
+evaluates it on held-out slides with the same metrics (and bootstrap CIs) as `vlm zeroshot`:
+
+- shot counts: `k` training slides per class drawn at random (one run per seed; the spread over seeds is
+  reported) and `"all"` (every training slide, one run); each shot count's bootstrap CIs (over the test
+  slides) are those of its run of median balanced accuracy (`metrics`, `metrics_seed`);
+- regularisation: the inverse strength C is chosen from a log grid by stratified cross-validation on the
+  training slides of that run only (balanced accuracy); with one slide per class no split is possible and
+  C = 1 is used (recorded as `"C_source": "fixed"`);
+- features are standardised with statistics of the training slides only.
+
+Outputs in `out`: `metrics.json`, `predictions.csv` (one row per test slide, shot count and seed) and
+`probe.png` (balanced accuracy against shots, zero-shot drawn as a line when its metrics file is given).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vlm.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+METRICS = ("balanced_accuracy", "auroc", "weighted_f1")
+DEFAULT_SHOTS: tuple[int | str, ...] = (1, 2, 4, 8, 16, "all")
+C_GRID = tuple(float(c) for c in np.logspace(-3, 3, 7))
+MAX_CV_FOLDS = 5
+
+
+def parse_shots(values: Sequence[str | int]) -> list[int | str]:
+    """`["1", "2", "all"]` -> `[1, 2, "all"]`; shot counts must be positive integers or `all`, each once."""
+    shots: list[int | str] = []
+    for value in values:
+        text = str(value).strip().lower()
+        if text == "all":
+            shot: int | str = "all"
+        else:
+            try:
+                shot = int(text)
+            except ValueError:
+                raise ValueError(f"--shots: {value!r} is neither a positive integer nor 'all'") from None
+            if shot < 1:
+                raise ValueError(f"--shots: {value!r} must be >= 1")
+        if shot in shots:
+            raise ValueError(f"--shots: {value!r} given twice")
+        shots.append(shot)
+    if not shots:
+        raise ValueError("--shots: give at least one shot count (e.g. 1 2 4 8 16 all)")
+    return shots
+
+
+def _read_labels(path: str | os.PathLike[str], column: str) -> pd.Series:
+    """slide_id -> label (str) from a CSV; refuses missing columns, empty labels and duplicate ids."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: labels file not found (a CSV with columns slide_id,{column})")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    missing = [c for c in ("slide_id", column) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing} (columns: {list(frame.columns)})")
+    frame["slide_id"] = frame["slide_id"].str.strip()
+    frame[column] = frame[column].str.strip()
+    duplicated = sorted(frame.loc[frame["slide_id"].duplicated(), "slide_id"].unique())
+    if duplicated:
+        raise ValueError(f"{path}: slide ids listed more than once: {duplicated[:5]}")
+    empty = frame.loc[frame[column] == "", "slide_id"].tolist()
+    if empty:
+        raise ValueError(f"{path}: empty {column!r} for slide(s) {empty[:5]}; label them or drop the rows")
+    if frame.empty:
+        raise ValueError(f"{path}: no labelled slides")
+    return frame.set_index("slide_id")[column]
+
+
+def _matrix(embeddings: dict[str, np.ndarray], labels: pd.Series, path: str | os.PathLike[str]) -> np.ndarray:
+    missing = sorted(set(labels.index) - set(embeddings))
+    if missing:
+        raise ValueError(
+            f"{path}: {len(missing)} labelled slide(s) have no embedding in the slides parquet, e.g. {missing[:5]}; "
+            "embed them with `vlm embed-slides` or drop them from the labels"
+        )
+    return np.stack([embeddings[s] for s in labels.index]).astype(np.float64)
+
+
+def _fit(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[Any, float, str]:
+    """Standardise + logistic regression with C chosen by stratified CV on (x, y) only."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    folds = min(MAX_CV_FOLDS, int(np.bincount(y).min()))
+    if folds < 2:
+        pipeline.set_params(logisticregression__C=1.0).fit(x, y)
+        return pipeline, 1.0, "fixed"
+    search = GridSearchCV(
+        pipeline, {"logisticregression__C": list(C_GRID)}, scoring="balanced_accuracy",
+        cv=StratifiedKFold(folds, shuffle=True, random_state=seed), refit=True,
+    )  # fmt: skip
+    search.fit(x, y)
+    return search.best_estimator_, float(search.best_params_["logisticregression__C"]), f"{folds}-fold CV"
+
+
+def _sample(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of k slides per class, drawn without replacement, in a canonical order."""
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), size=k, replace=False) for c in np.unique(y)]))
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _spread(values: list[float | None]) -> dict[str, float | None]:
+    finite = np.array([v for v in values if v is not None], dtype=float)
+    if finite.size == 0:
+        return {"mean": None, "std": None, "min": None, "max": None}
+    return {"mean": float(finite.mean()), "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
+            "min": float(finite.min()), "max": float(finite.max())}  # fmt: skip
+
+
+def run_probe(
+    slides: str | os.PathLike[str],
+    labels: str | os.PathLike[str],
+    test_labels: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    shots: Sequence[int | str] = DEFAULT_SHOTS,
+    seeds: int = 5,
+    zeroshot: str | os.PathLike[str] | None = None,
+    label_column: str = "label",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Fit and evaluate the linear probe for each shot count (see the module docstring); return metrics.json."""
+    from vlm.metrics import classification_metrics, classification_point_metrics
+    from vlm.slide_embedding import load_slide_embeddings
+
+    shots = parse_shots(shots)
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if n_boot < 1:
+        raise ValueError(f"--n-boot must be >= 1, got {n_boot}")
+    zeroshot_metrics = _read_zeroshot(zeroshot) if zeroshot is not None else None
+    table = load_slide_embeddings(slides)
+    embeddings = dict(zip(table.ids, table.embeddings.numpy(), strict=True))
+    train_labels = _read_labels(labels, label_column)
+    test = _read_labels(test_labels, label_column)
+    leaked = sorted(set(train_labels.index) & set(test.index))
+    if leaked:
+        raise ValueError(f"{len(leaked)} slide(s) are in both {labels} and {test_labels}, e.g. {leaked[:5]}; "
+                         "a probe must never be tested on its training slides")  # fmt: skip
+    classes = sorted(train_labels.unique())
+    if len(classes) < 2:
+        raise ValueError(f"{labels}: the probe needs at least two classes, found {classes}")
+    unknown = sorted(set(test.unique()) - set(classes))
+    if unknown:
+        raise ValueError(f"{test_labels}: label(s) {unknown} never occur in {labels} (classes: {classes})")
+    test = test.sort_index()  # one canonical order: outputs do not depend on the files' row order
+    train_labels = train_labels.sort_index()
+    x_train, x_test = _matrix(embeddings, train_labels, slides), _matrix(embeddings, test, slides)
+    code = {name: i for i, name in enumerate(classes)}
+    y_train = train_labels.map(code).to_numpy()
+    y_test = test.map(code).to_numpy()
+    smallest = int(np.bincount(y_train, minlength=len(classes)).min())
+    positive = 1 if len(classes) == 2 else None
+
+    results: list[dict[str, Any]] = []
+    rows: list[pd.DataFrame] = []
+    for shot in shots:
+        if shot != "all" and shot > smallest:
+            log.warning("probe: %s-shot skipped: the smallest class has %d training slides", shot, smallest)
+            results.append({"shots": shot, "skipped": f"the smallest training class has {smallest} slides"})
+            continue
+        run_seeds = [seed] if shot == "all" else [seed + i for i in range(seeds)]
+        runs: list[dict[str, Any]] = []
+        probabilities_of: dict[int, np.ndarray] = {}
+        for run_seed in run_seeds:
+            rng = np.random.default_rng(run_seed)
+            chosen = np.arange(len(y_train)) if shot == "all" else _sample(y_train, int(shot), rng)
+            model, c_value, c_source = _fit(x_train[chosen], y_train[chosen], run_seed)
+            probabilities = model.predict_proba(x_test)
+            point = classification_point_metrics(y_test, probabilities, positive)
+            runs.append({
+                "seed": run_seed, "n_train": int(len(chosen)), "C": c_value, "C_source": c_source,
+                "metrics": {name: {"value": _finite(point[name])} for name in METRICS},
+            })  # fmt: skip
+            probabilities_of[run_seed] = probabilities
+            frame = pd.DataFrame(probabilities, columns=[f"p_{name}" for name in classes])
+            frame.insert(0, "slide_id", list(test.index))
+            frame.insert(1, "shots", str(shot))
+            frame.insert(2, "seed", run_seed)
+            frame["label"] = list(test)
+            frame["predicted"] = [classes[i] for i in probabilities.argmax(axis=1)]
+            rows.append(frame)
+        # Bootstrap CIs (over test slides) for the run of median balanced accuracy: the spread over seeds is
+        # the other half of the uncertainty, and one bootstrap per shot count keeps the demo fast.
+        order = sorted(runs, key=lambda r: (r["metrics"]["balanced_accuracy"]["value"] or 0.0, r["seed"]))
+        median = order[(len(order) - 1) // 2]
+        evaluation = classification_metrics(y_test, probabilities_of[median["seed"]], classes, positive=positive,
+                                            n_boot=n_boot, seed=seed)  # fmt: skip
+        results.append({
+            "shots": shot, "n_runs": len(runs), "runs": runs,
+            "metrics": {name: evaluation["metrics"][name] for name in METRICS}, "metrics_seed": median["seed"],
+            "spread": {name: _spread([r["metrics"][name]["value"] for r in runs]) for name in METRICS},
+        })  # fmt: skip
+        log.info("probe: %s-shot balanced accuracy %.3f (mean over %d run(s))", shot,
+                 results[-1]["spread"]["balanced_accuracy"]["mean"] or float("nan"), len(runs))  # fmt: skip
+    report = {
+        "slides": str(slides), "labels": str(labels), "test_labels": str(test_labels), "classes": classes,
+        "n_train": int(len(y_train)), "n_test": int(len(y_test)),
+        "support_test": {name: int((y_test == i).sum()) for i, name in enumerate(classes)},
+        "model": "StandardScaler + LogisticRegression (scikit-learn), C from "
+                 f"{list(C_GRID)} by stratified CV on the training slides (balanced accuracy)",
+        "bootstrap": {"n_boot": n_boot, "seed": seed, "method": "percentile, stratified, over test slides"},
+        "shots": results,
+        "zeroshot": zeroshot_metrics,
+    }  # fmt: skip
+    _write(Path(out), report, rows)
+    return report
+
+
+def _read_zeroshot(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metrics (value and CI) of a `vlm zeroshot` metrics.json, for the plot and the report."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no zero-shot metrics.json (written by `vlm zeroshot --labels`)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        metrics = {name: data["metrics"][name] for name in METRICS if name in data["metrics"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a `vlm zeroshot` metrics.json ({error})") from error
+    return {"file": str(path), "n": data.get("n"), "metrics": metrics}
+
+
+def _write(out: Path, report: dict[str, Any], rows: list[pd.DataFrame]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    with atomic_path(out / "predictions.csv") as tmp:
+        predictions.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(out / "probe.png") as tmp:
+        tmp.write_bytes(probe_png(report))
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def probe_png(report: dict[str, Any], metric: str = "balanced_accuracy") -> bytes:
+    """`metric` against shots: every seed's run as a dot, the mean as a line, zero-shot as a horizontal line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from vlm.plots import _png
+
+    done = [entry for entry in report["shots"] if "runs" in entry]
+    figure = Figure(figsize=(5.2, 3.8))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    positions = np.arange(len(done))
+    means = [entry["spread"][metric]["mean"] for entry in done]
+    for x, entry in zip(positions, done, strict=True):
+        values = [run["metrics"][metric]["value"] for run in entry["runs"]]
+        axes.scatter([x] * len(values), values, color="C0", alpha=0.5, s=18)
+    axes.plot(positions, [np.nan if m is None else m for m in means], color="C0", marker="o",
+              label="linear probe (mean over seeds)")  # fmt: skip
+    zs = (report.get("zeroshot") or {}).get("metrics", {}).get(metric)
+    if zs and zs.get("value") is not None:
+        axes.axhline(zs["value"], color="C3", linestyle="--", label=f"zero-shot ({zs['value']:.3f})")
+        if zs.get("ci_low") is not None:
+            axes.axhspan(zs["ci_low"], zs["ci_high"], color="C3", alpha=0.12, label="zero-shot 95 % CI")
+    axes.set_xticks(positions, [str(entry["shots"]) for entry in done])
+    axes.set(xlabel="training slides per class (shots)", ylabel=metric.replace("_", " "), ylim=(0, 1.02))
+    axes.set_title(f"supervised baseline vs zero-shot, n test = {report['n_test']}", fontsize=10)
+    axes.legend(loc="lower right", fontsize=8)
+    return _png(figure)
