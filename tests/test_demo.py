@@ -70,7 +70,7 @@ def test_new_slide_script_runs_a_slide_through_the_demo_offline(demo_out: Path, 
 
     import numpy as np
 
-    from vlm.slide_embedding import read_slide_embeddings
+    from vlm.formats.embeddings import read_slide_embeddings
 
     slide = Path(__file__).parent / "data" / "cmu_small_region.svs"
     out = tmp_path / "mine"

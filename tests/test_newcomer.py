@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REAL_SLIDE
 from vlm.io import atomic_dir, atomic_path
+from vlm.resources import REAL_SLIDE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def test_random_weights_from_the_command_line_are_seeded(random_features: Path, 
 
 def test_tiny_slide_encoder_takes_the_feature_width_from_the_files(random_features: Path, tmp_path: Path) -> None:
     from vlm.cli import main
-    from vlm.slide_embedding import read_slide_embeddings
+    from vlm.formats.embeddings import read_slide_embeddings
 
     out = tmp_path / "slides.parquet"
     assert main(["embed-slides", str(random_features), "--out", str(out), "--slide-encoder", "tiny",

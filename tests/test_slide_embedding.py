@@ -103,7 +103,7 @@ def test_batches_hold_slides_of_similar_length(tmp_path: Path, monkeypatch: pyte
     real = slide_embedding._embed_batch
 
     def recording(items, *args, **kwargs):  # type: ignore[no-untyped-def]
-        batches.append(sorted(len(features) for features, _ in items))
+        batches.append(sorted(len(slide.features) for slide in items))
         return real(items, *args, **kwargs)
 
     monkeypatch.setattr(slide_embedding, "_embed_batch", recording)

@@ -143,8 +143,8 @@ def run_probe(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Fit and evaluate the linear probe for each shot count (see the module docstring); return metrics.json."""
+    from vlm.formats.embeddings import load_slide_embeddings
     from vlm.metrics import classification_metrics, classification_point_metrics
-    from vlm.slide_embedding import load_slide_embeddings
 
     shots = parse_shots(shots)
     if seeds < 1:

@@ -22,7 +22,6 @@ _SERVE_EPILOG = """examples:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "heatmap", help="text -> tile heatmaps of slides (PNG, QuPath GeoJSON, CSV)", epilog=_HEATMAP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Writes <out>/<slide_id>.png, .geojson and .csv per slide; tile scores average to the slide score.",
     )  # fmt: skip
     p.add_argument("--model", required=True, help="model folder written by `vlm train` (…/model)")
@@ -32,12 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--slide-checkpoint", help="slide encoder weights (default: the one the model records)")
     p.add_argument("--mpp", type=float, help="level-0 µm/px of the slides, if the feature files lack it")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto …")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:1, …")
     p.set_defaults(func=_heatmap)
 
     s = subparsers.add_parser(
         "serve", help="local web app: text search, similar slides, deep-zoom viewer with heatmaps",
-        epilog=_SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_SERVE_EPILOG,
         description="Serves the search page and slide viewer over HTTP on 127.0.0.1 (this machine only).",
     )  # fmt: skip
     s.add_argument("--index", required=True, help="slide index folder from `vlm index build`")
@@ -46,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--features", nargs="+", default=[], help="folders of tile-feature .h5 files (heatmaps)")
     s.add_argument("--task", help="prompt file: zero-shot probabilities on each slide page")
     s.add_argument("--slide-checkpoint", help="slide encoder weights (default: the one the model records)")
-    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
         "--allow-remote", action="store_true",
