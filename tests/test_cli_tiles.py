@@ -13,7 +13,7 @@ from PIL import Image
 from tests.support.synthetic import TISSUE_05, tissue_image
 from vlm.batch import Shard
 from vlm.cli import main
-from vlm.features import read_features, read_tile_grid
+from vlm.formats.features import read_features, read_tile_grid
 from vlm.wsi.synthetic import write_pyramidal_tiff
 
 
@@ -70,7 +70,7 @@ def test_resume_does_every_slide_once(tmp_path: Path, real_slide: Path, slide_05
     done_before = (out / "synthetic_05.h5").stat().st_mtime_ns
     # what a kill mid-write leaves behind: a temporary file, which must not count as done
     (out / ".synthetic_025.h5.abc.part").write_bytes(b"partial")
-    from vlm.tiles import tile_slides
+    from vlm.tile import tile_slides
 
     report = tile_slides([slide_05, slide_025, real_slide], out, progress=False)
     assert report.skipped == ["synthetic_05"]
@@ -143,8 +143,8 @@ def test_embed_tiles_with_a_real_timm_vit_through_dataloader_workers(
 
 
 def test_embed_tiles_shards_write_disjoint_files(tmp_path: Path, slide_05: Path, real_slide: Path) -> None:
+    from vlm.embed_tiles import embed_tiles
     from vlm.encoders.tile import create_tile_encoder
-    from vlm.tile_embedding import embed_tiles
 
     encoder = create_tile_encoder("gigapath", pretrained=False, embed_dim=48, depth=1, num_heads=2)
     import torch

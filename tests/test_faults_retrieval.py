@@ -211,10 +211,10 @@ def _read_until(stream: object, word: str) -> str:
 
 def test_two_concurrent_embed_slides_into_one_file(tmp_path: Path) -> None:
     """Two `vlm embed-slides` writing one --out each rewrote the file with its own rows only."""
+    from vlm.embed_slides import embed_slides
     from vlm.encoders.slide import create_slide_encoder
-    from vlm.features import TileFeatures, TileGrid, write_features
+    from vlm.formats.features import TileFeatures, TileGrid, write_features
     from vlm.io import output_lock
-    from vlm.slide_embedding import embed_slides
 
     rng = np.random.default_rng(0)
     coords = np.stack(np.meshgrid(np.arange(4), np.arange(4)), -1).reshape(-1, 2) * 512
@@ -265,7 +265,7 @@ def test_non_finite_slide_embeddings_are_refused_by_id(
 
 def test_retrieval_does_not_import_training() -> None:
     code = ("import sys, vlm.retrieval, vlm.retrieval.evaluate, vlm.commands.retrieval\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('vlm.train', 'vlm.slide_embedding'))))")  # fmt: skip
+            "print(sorted(m for m in sys.modules if m.startswith(('vlm.train', 'vlm.embed_slides'))))")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -195,8 +195,8 @@ def test_non_finite_loss_stops_training_and_saves_nothing(tmp_path: Path) -> Non
 
 
 def _write_feature_files(folder: Path, n: int = 8) -> Path:
-    """Feature files as `vlm embed-tiles` writes them (`vlm.features.write_features`), for the "tiny" encoder."""
-    from vlm.features import TileFeatures, TileGrid, write_features
+    """Feature files as `vlm embed-tiles` writes them (`write_features`), for the "tiny" encoder."""
+    from vlm.formats.features import TileFeatures, TileGrid, write_features
 
     rng = np.random.default_rng(0)
     rows = []

@@ -16,7 +16,7 @@ from tests.support.peers import (
     write_trident_features,
 )
 from vlm import __version__
-from vlm.features import (
+from vlm.formats.features import (
     FeatureFileError,
     TileFeatures,
     TileGrid,

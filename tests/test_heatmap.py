@@ -15,8 +15,8 @@ import torch
 from tests.support.frozen import build_frozen_run
 from vlm.cli import main
 from vlm.encoders.slide import create_slide_encoder
-from vlm.features import TileFeatures, TileGrid, read_features, write_features
 from vlm.formats.embeddings import read_slide_embeddings
+from vlm.formats.features import TileFeatures, TileGrid, read_features, write_features
 from vlm.heatmap import slide_tower, tile_scores
 from vlm.model.clip import SlideTextModel, build_tiny_model
 from vlm.model.projection import ProjectionHead

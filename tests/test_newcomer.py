@@ -116,7 +116,7 @@ def random_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_random_weights_from_the_command_line_are_seeded(random_features: Path, tmp_path: Path) -> None:
     from vlm.cli import main
-    from vlm.features import read_features
+    from vlm.formats.features import read_features
 
     first = read_features(random_features / "cmu_small_region.h5").features
     assert first.shape[1] == 512  # ResNet-10-T's width, not the tiny slide preset's 32

@@ -18,7 +18,7 @@ from vlm import (
     load_slide_embeddings,
     run_zeroshot,
 )
-from vlm.features import TileFeatures, TileGrid, read_features, write_features
+from vlm.formats.features import TileFeatures, TileGrid, read_features, write_features
 from vlm.model.clip import build_tiny_model
 
 

@@ -211,7 +211,7 @@ def test_slides_missing_from_embeddings_are_listed(data: dict[str, Path], tmp_pa
 
 def write_tiny_features(root: Path, n_slides: int = 12, in_dim: int = 32) -> tuple[Path, Path]:
     """Feature files for the "tiny" slide encoder preset: 5–20 tiles a slide, features tied to a class word."""
-    from vlm.features import TileFeatures, TileGrid, write_features
+    from vlm.formats.features import TileFeatures, TileGrid, write_features
 
     rng = np.random.default_rng(0)
     prototypes = rng.normal(size=(len(DIAGNOSES), in_dim))

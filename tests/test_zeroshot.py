@@ -290,7 +290,7 @@ def test_cli_bad_inputs_fail_cleanly(model_dir: Path, tmp_path: Path, caplog: py
 
 @pytest.mark.slow
 def test_cli_embeds_a_features_folder_with_the_models_slide_encoder(tmp_path: Path) -> None:
-    from vlm.features import TileFeatures, TileGrid, write_features
+    from vlm.formats.features import TileFeatures, TileGrid, write_features
 
     build_tiny_model(tmp_path / "build", slide_encoder="tiny").save_pretrained(tmp_path / "model")
     features = tmp_path / "features"

@@ -17,20 +17,20 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     # slides and tiles
     "open_slide": "vlm.wsi.slide:open_slide",
-    "tile_slides": "vlm.tiles:tile_slides",
+    "tile_slides": "vlm.tile:tile_slides",
     "TilingParams": "vlm.wsi.tiling:TilingParams",
     # tile features
     "create_tile_encoder": "vlm.encoders.tile:create_tile_encoder",
-    "embed_tiles": "vlm.tile_embedding:embed_tiles",
-    "embed_grid": "vlm.tile_embedding:embed_grid",
-    "read_features": "vlm.features:read_features",
-    "feature_files": "vlm.features:feature_files",
+    "embed_tiles": "vlm.embed_tiles:embed_tiles",
+    "embed_grid": "vlm.embed_tiles:embed_grid",
+    "read_features": "vlm.formats.features:read_features",
+    "feature_files": "vlm.formats.features:feature_files",
     # slide embeddings
     "create_slide_encoder": "vlm.encoders.slide:create_slide_encoder",
     "to_gigapath_coords": "vlm.encoders.positions:to_gigapath_coords",
     "load_slide_inputs": "vlm.encoders.inputs:load_slide_inputs",
     "pad_batch": "vlm.encoders.inputs:pad_batch",
-    "embed_slides": "vlm.slide_embedding:embed_slides",
+    "embed_slides": "vlm.embed_slides:embed_slides",
     "load_slide_embeddings": "vlm.formats.embeddings:load_slide_embeddings",
     # alignment model and training
     "SlideTextModel": "vlm.model.clip:SlideTextModel",

@@ -166,7 +166,7 @@ def slide_heat(
 ) -> SlideHeat:
     """Tile scores of one feature file for `queries` (texts [Q, D] given: e.g. zero-shot class prototypes)."""
     from vlm.encoders.inputs import load_slide_inputs
-    from vlm.features import read_tile_grid
+    from vlm.formats.features import read_tile_grid
     from vlm.io import slide_id_from_path
 
     if texts is None:
@@ -284,7 +284,7 @@ def write_heatmap(heat: SlideHeat, slide_path: str | os.PathLike[str], out: str 
 def slide_file_for(feature_path: Path, slides: Sequence[str | os.PathLike[str]]) -> Path:
     """The slide file of a feature file: one of `slides` (files or folders) with its slide id, else the
     `slide_path` recorded in the feature file."""
-    from vlm.features import read_tile_grid
+    from vlm.formats.features import read_tile_grid
     from vlm.io import slide_id_from_path
 
     slide_id = slide_id_from_path(feature_path)
@@ -354,7 +354,7 @@ def zeroshot_heatmaps(
     class's prompt ensemble, as zero-shot scored it) is the query. `features` is a folder of .h5 files."""
     import pandas as pd
 
-    from vlm.features import feature_files
+    from vlm.formats.features import feature_files
     from vlm.prompts import load_prompt_task, task_from_classes
     from vlm.zeroshot import ZeroShotClassifier
 

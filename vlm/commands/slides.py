@@ -49,10 +49,10 @@ def _feature_width(files: list[Path]) -> int | None:
 def _embed_slides(args: argparse.Namespace) -> int:
     from vlm.batch import Shard
     from vlm.device import resolve_shard_device
+    from vlm.embed_slides import embed_slides
     from vlm.encoders.slide import create_slide_encoder
-    from vlm.features import feature_files
     from vlm.formats.embeddings import shard_output
-    from vlm.slide_embedding import embed_slides
+    from vlm.formats.features import feature_files
 
     if args.random_weights and args.checkpoint:
         raise ValueError("--random-weights and --checkpoint exclude each other: pick one source of weights")

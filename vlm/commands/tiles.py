@@ -52,7 +52,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _tile(args: argparse.Namespace) -> int:
     from vlm.batch import Shard
-    from vlm.tiles import tile_slides
+    from vlm.tile import tile_slides
     from vlm.wsi.inputs import collect_slides
     from vlm.wsi.tiling import TilingParams
 
@@ -68,8 +68,8 @@ def _tile(args: argparse.Namespace) -> int:
 def _embed_tiles(args: argparse.Namespace) -> int:
     from vlm.batch import Shard
     from vlm.device import resolve_shard_device
+    from vlm.embed_tiles import embed_tiles
     from vlm.encoders.tile import create_tile_encoder
-    from vlm.tile_embedding import embed_tiles
     from vlm.wsi.inputs import collect_slides
     from vlm.wsi.tiling import TilingParams
 

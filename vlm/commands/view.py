@@ -60,7 +60,7 @@ def _heatmap(args: argparse.Namespace) -> int:
     from vlm.batch import write_failures
     from vlm.commands import finish_batch
     from vlm.device import resolve_device
-    from vlm.features import feature_files
+    from vlm.formats.features import feature_files
     from vlm.heatmap import run_heatmaps
     from vlm.model.clip import SlideTextModel
 

@@ -218,15 +218,15 @@ def _check_batch(report: Any, stage: str) -> None:
 
 def run_demo(settings: DemoSettings) -> DemoResult:
     """Run every stage into `settings.out`; see the module docstring."""
+    from vlm.embed_slides import embed_slides
+    from vlm.embed_tiles import embed_tiles
     from vlm.encoders.slide import create_slide_encoder
     from vlm.encoders.tile import create_tile_encoder
-    from vlm.features import feature_files
     from vlm.formats.embeddings import SlideEmbeddings, load_slide_embeddings
+    from vlm.formats.features import feature_files
     from vlm.probe import run_probe
     from vlm.retrieval import SlideIndex
-    from vlm.slide_embedding import embed_slides
-    from vlm.tile_embedding import embed_tiles
-    from vlm.tiles import tile_slides
+    from vlm.tile import tile_slides
     from vlm.train.loop import TrainConfig, train
     from vlm.zeroshot import run_zeroshot
 

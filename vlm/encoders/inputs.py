@@ -109,7 +109,7 @@ def load_slide_inputs(
     seed: int = 0,
 ) -> SlideInputs:
     """Read a feature file (vlm, TRIDENT, or CLAM with its `patches` folder) into checked encoder inputs."""
-    from vlm.features import read_features
+    from vlm.formats.features import read_features
     from vlm.io import slide_id_from_path
 
     path = Path(path)

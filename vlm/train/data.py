@@ -149,7 +149,7 @@ def check_feature_files(
     import h5py
 
     from vlm.encoders.positions import to_gigapath_coords
-    from vlm.features import read_tile_grid
+    from vlm.formats.features import read_tile_grid
 
     bad: dict[str, str] = {}
     dims: dict[str, int] = {}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlm.features import TileGrid, read_tile_grid
+from vlm.formats.features import TileGrid, read_tile_grid
 from vlm.wsi.slide import Slide
 from vlm.wsi.tiling import ReadPlan, TilingParams, read_plan, tile_slide
 

@@ -1,7 +1,7 @@
 """Open a whole-slide image with OpenSlide and establish its physical scale (µm per level-0 pixel).
 
 Every later stage works in physical units (tiles at 0.5 µm/px, GigaPath positions in 0.5-µm pixels), so
-a slide without a trustworthy mpp (none, or one outside `vlm.features.PLAUSIBLE_MPP`) is refused here,
+a slide without a trustworthy mpp (none, or one outside `vlm.formats.features.PLAUSIBLE_MPP`) is refused here,
 with the fix (`--mpp`) in the message, rather than surfacing as a wrong scale or a `NoneType` error deep
 inside a later stage.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from vlm.features import check_plausible_mpp
+from vlm.formats.features import check_plausible_mpp
 
 # µm per unit of the TIFF ResolutionUnit tag, for slides where OpenSlide reports no openslide.mpp-x
 _TIFF_UNIT_UM = {"centimeter": 1e4, "inch": 25_400.0}

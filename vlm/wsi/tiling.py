@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from skimage.segmentation import find_boundaries
 
-from vlm.features import TileGrid
+from vlm.formats.features import TileGrid
 from vlm.io import atomic_path
 from vlm.wsi.slide import Slide
 from vlm.wsi.tissue import TissueMask, TissueParams, detect_tissue

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vlm.batch import BatchReport, Shard, run_batch
-from vlm.features import write_tile_grid
+from vlm.formats.features import write_tile_grid
 from vlm.io import slide_id_from_path
 from vlm.wsi.slide import open_slide
 from vlm.wsi.tiling import TilingParams, tile_slide, write_qc_thumbnail

@@ -1,4 +1,4 @@
-"""`vlm embed-slides` and `vlm.slide_embedding`: parquet columns, resume, failures, shards."""
+"""`vlm embed-slides` and `vlm.embed_slides`: parquet columns, resume, failures, shards."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from tests.support.peers import (
 )
 from vlm.batch import Shard
 from vlm.cli import main
+from vlm.embed_slides import embed_slides
 from vlm.encoders.slide import create_slide_encoder
-from vlm.features import TileFeatures, TileGrid, write_features
 from vlm.formats.embeddings import read_slide_embeddings
-from vlm.slide_embedding import embed_slides
+from vlm.formats.features import TileFeatures, TileGrid, write_features
 
 
 def _write_slide(folder: Path, name: str, n: int, seed: int, dim: int = 32, mpp: float = 0.25) -> Path:
@@ -93,7 +93,9 @@ def test_batched_run_equals_one_slide_at_a_time(features_dir: Path, tmp_path: Pa
 
 def test_batches_hold_slides_of_similar_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With --batch-size > 1 slides are bucketed by tile count: little padding, same numbers, rows by id."""
-    import vlm.slide_embedding as slide_embedding
+    import importlib
+
+    slide_embedding = importlib.import_module("vlm.embed_slides")  # `vlm.embed_slides` is also the function
 
     folder = tmp_path / "features"
     folder.mkdir()
@@ -226,7 +228,7 @@ def test_mixed_trident_cohort_embeds_without_mpp_and_a_contradicting_mpp_fails(
         cells = load_slide_inputs(folder / f"{name}.h5").coords
         assert len({tuple(c) for c in cells.tolist()}) == 48
     encoder = create_slide_encoder("tiny")
-    with caplog.at_level("INFO", logger="vlm.slide_embedding"):
+    with caplog.at_level("INFO", logger="vlm.embed_slides"):
         report = embed_slides(sorted(folder.glob("*.h5")), tmp_path / "s.parquet", encoder, progress=False)
     assert report.done == ["s20", "s40"] and not report.failed
     assert "s20: level-0 0.5 µm/px from level0_magnification 20× (10 / magnification" in caplog.text

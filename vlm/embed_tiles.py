@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from vlm.batch import BatchReport, Shard, finish_report, record, select_pending
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.tile import TileEncoder, tensor_transform
-from vlm.features import TileFeatures, TileGrid, write_features
+from vlm.formats.features import TileFeatures, TileGrid, write_features
 from vlm.io import slide_id_from_path
 from vlm.wsi.dataset import SlideJob, TileChunk, TileStream
 from vlm.wsi.tiling import TilingParams
