@@ -44,6 +44,11 @@ _EXPORTS: dict[str, str] = {
     # retrieval
     "SlideIndex": "vlm.retrieval.index:SlideIndex",
     "ReportIndex": "vlm.retrieval.reports:ReportIndex",
+    "evaluate_retrieval": "vlm.retrieval.evaluate:evaluate_retrieval",
+    # supervised baseline, heatmaps, viewer
+    "run_probe": "vlm.probe:run_probe",
+    "run_heatmaps": "vlm.heatmap:run_heatmaps",
+    "create_app": "vlm.serve.app:create_app",
     # metrics and figures
     "classification_metrics": "vlm.metrics:classification_metrics",
     "retrieval_recalls": "vlm.metrics:retrieval_recalls",
