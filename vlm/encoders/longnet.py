@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -322,24 +323,14 @@ class LongNetLayer(nn.Module):
 class LongNetEncoder(nn.Module):
     """A stack of LongNet layers plus the final `layer_norm`; returns every hidden state when asked."""
 
-    def __init__(
-        self,
-        embed_dim: int,
-        depth: int,
-        num_heads: int,
-        mlp_dim: int,
-        segment_lengths: tuple[int, ...],
-        dilated_ratios: tuple[int, ...],
-        dropout: float,
-        drop_path: float,
-    ) -> None:
+    def __init__(self, depth: int, drop_path: float, **layer: Any) -> None:
+        """`layer`: the arguments of every `LongNetLayer` but its `drop_path`, which rises linearly from 0 to
+        `drop_path` over the `depth` layers."""
         super().__init__()
         rates = torch.linspace(0, drop_path, depth).tolist() if depth > 1 else [0.0]
-        self.dropout = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(
-            LongNetLayer(embed_dim, num_heads, mlp_dim, segment_lengths, dilated_ratios, dropout, rate)
-            for rate in rates
-        )
+        self.dropout = nn.Dropout(layer["dropout"])
+        self.layers = nn.ModuleList(LongNetLayer(**layer, drop_path=rate) for rate in rates)
+        embed_dim = layer["embed_dim"]
         self.layer_norm = nn.LayerNorm(embed_dim, eps=1e-5)
         self.grad_checkpointing = False
 

@@ -88,8 +88,9 @@ class GigaPathSlideEncoder(nn.Module):
         self.patch_embed.proj = nn.Linear(config.in_dim, config.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
         self.encoder = LongNetEncoder(
-            config.embed_dim, config.depth, config.num_heads, config.mlp_dim,
-            config.segment_lengths, config.dilated_ratios, config.dropout, config.drop_path,
+            config.depth, config.drop_path, embed_dim=config.embed_dim, num_heads=config.num_heads,
+            mlp_dim=config.mlp_dim, segment_lengths=config.segment_lengths, dilated_ratios=config.dilated_ratios,
+            dropout=config.dropout,
         )  # fmt: skip
         self.norm = nn.LayerNorm(config.embed_dim, eps=1e-6)
         self._init_weights()

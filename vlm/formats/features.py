@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -143,6 +145,25 @@ def _number(path: Path, name: str, value: object, integer: bool = False) -> floa
     return number
 
 
+def _read_coords(path: Path, read: Callable[[h5py.File], Any], hint: str = "") -> tuple[np.ndarray, Any]:
+    """`coords` of an h5 file and `read(file)`, with one error naming the file when either is missing."""
+    try:
+        with h5py.File(path, "r") as h5:
+            if "coords" not in h5:
+                raise FeatureFileError(f"{path}: no 'coords' dataset (datasets present: {sorted(h5.keys())}){hint}")
+            return np.asarray(h5["coords"][:]), read(h5)
+    except OSError as error:
+        raise FeatureFileError(f"{path}: not a readable HDF5 file ({error})") from error
+
+
+_GRID_ATTRIBUTES = ("mpp", "tile_size_level0", "patch_size_level0", "tile_size", "patch_size", "target_mpp",
+                    "level0_magnification", "target_magnification")  # fmt: skip
+
+
+def _grid_attributes(h5: h5py.File) -> tuple[dict[str, object | None], str]:
+    return {name: _attr(h5, name) for name in _GRID_ATTRIBUTES}, _attr(h5, "slide_path") or ""
+
+
 def _clam_geometry(path: Path, patches: Path, coords: np.ndarray) -> tuple[int, int]:
     """(tile_size, tile_size_level0) of a CLAM slide from its `patches/<slide>.h5`.
 
@@ -153,14 +174,8 @@ def _clam_geometry(path: Path, patches: Path, coords: np.ndarray) -> tuple[int, 
     geometry = patches / f"{path.stem}.h5" if patches.is_dir() else patches
     if not geometry.is_file():
         raise FeatureFileError(f"{path}: no CLAM patch file {geometry} (from create_patches_fp.py) for this slide")
-    try:
-        with h5py.File(geometry, "r") as h5:
-            if "coords" not in h5:
-                raise FeatureFileError(f"{geometry}: no 'coords' dataset; is it a CLAM patches/<slide>.h5 file?")
-            attrs = dict(h5["coords"].attrs)
-            patch_coords = np.asarray(h5["coords"][:])
-    except OSError as error:
-        raise FeatureFileError(f"{geometry}: not a readable HDF5 file ({error})") from error
+    hint = "; is it a CLAM patches/<slide>.h5 file?"
+    patch_coords, attrs = _read_coords(geometry, lambda h5: dict(h5["coords"].attrs), hint)
     missing = [name for name in ("patch_size", "downsample") if name not in attrs]
     if missing:
         raise FeatureFileError(f"{geometry}: 'coords' lacks CLAM attribute(s) {missing}")
@@ -194,19 +209,7 @@ def read_tile_grid(
     path = Path(path)
     if not path.is_file():
         raise FeatureFileError(f"{path}: no such feature file")
-    try:
-        with h5py.File(path, "r") as h5:
-            if "coords" not in h5:
-                raise FeatureFileError(f"{path}: no 'coords' dataset (datasets present: {sorted(h5.keys())})")
-            coords = np.asarray(h5["coords"][:])
-            raw = {
-                name: _attr(h5, name)
-                for name in ("mpp", "tile_size_level0", "patch_size_level0", "tile_size", "patch_size",
-                             "target_mpp", "level0_magnification", "target_magnification")
-            }  # fmt: skip
-            slide_path = _attr(h5, "slide_path") or ""
-    except OSError as error:
-        raise FeatureFileError(f"{path}: not a readable HDF5 file ({error})") from error
+    coords, (raw, slide_path) = _read_coords(path, _grid_attributes)
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise FeatureFileError(f"{path}: 'coords' has shape {coords.shape}, expected [N, 2]")
     values = {name: _number(path, name, value) for name, value in raw.items()}
