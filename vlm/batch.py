@@ -171,7 +171,7 @@ class Batch(Generic[Item]):
     def finish(self) -> BatchReport:
         """Write this shard's failures file (or remove a stale one), log the summary, return the report."""
         self._bar.close()
-        write_failures(self.report.failures, self.report.failed)
+        _write_failures(self.report.failures, self.report.failed)
         log.info("%s: %s", self.desc, self.report.summary())
         return self.report
 
@@ -253,7 +253,7 @@ class Batch(Generic[Item]):
             return self.finish()
 
 
-def write_failures(path: Path, failed: list[tuple[str, str]]) -> None:
+def _write_failures(path: Path, failed: list[tuple[str, str]]) -> None:
     """Write `slide,error` rows atomically; no failures removes a stale file from an earlier run."""
     if not failed:
         path.unlink(missing_ok=True)
