@@ -273,3 +273,53 @@ def test_cli_train_and_zeroshot_read_clam_features_with_patches_and_mpp(tmp_path
             "--out", str(out), "--classes", "a=first kind", "b=second kind", "--no-progress", *geometry]  # fmt: skip
     assert main(argv) == 0
     assert read_slide_embeddings(out / "slide_embeddings.parquet")["n_tiles"].tolist() == [12] * 6
+
+
+def test_an_interrupted_run_keeps_its_saved_rows_and_the_rerun_finishes(
+    features_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parquet is saved every `save_every` slides: a kill loses at most the unsaved ones."""
+    import importlib
+
+    slide_embedding = importlib.import_module("vlm.embed_slides")
+    real, calls = slide_embedding._embed_batch, []
+
+    def killed_at_the_third(items, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append([slide.slide_id for slide in items])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(items, *args, **kwargs)
+
+    monkeypatch.setattr(slide_embedding, "_embed_batch", killed_at_the_third)
+    encoder, paths, out = create_slide_encoder("tiny"), sorted(features_dir.glob("*.h5")), tmp_path / "s.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        embed_slides(paths, out, encoder, progress=False, save_every=1)
+    assert read_slide_embeddings(out)["slide_id"].tolist() == ["slide-0", "slide-1"]
+    monkeypatch.setattr(slide_embedding, "_embed_batch", real)
+    report = embed_slides(paths, out, encoder, progress=False)
+    assert (report.skipped, report.done) == (["slide-0", "slide-1"], ["slide-2"])
+    assert read_slide_embeddings(out)["slide_id"].tolist() == ["slide-0", "slide-1", "slide-2"]
+
+
+def test_a_failing_batch_is_retried_slide_by_slide(
+    features_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that runs out of memory costs only the slide that fails alone, not its batch mates."""
+    import importlib
+
+    slide_embedding = importlib.import_module("vlm.embed_slides")
+    real = slide_embedding._embed_batch
+
+    def out_of_memory_over_100_tiles(items, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if any(len(slide) > 100 for slide in items):
+            raise RuntimeError("CUDA out of memory")
+        return real(items, *args, **kwargs)
+
+    monkeypatch.setattr(slide_embedding, "_embed_batch", out_of_memory_over_100_tiles)
+    report = embed_slides(sorted(features_dir.glob("*.h5")), tmp_path / "s.parquet", create_slide_encoder("tiny"),
+                          batch_size=3, progress=False)  # fmt: skip
+    assert sorted(report.done) == ["slide-0", "slide-1"]
+    assert report.failed == [("slide-2", "RuntimeError: CUDA out of memory")]
+    assert read_slide_embeddings(tmp_path / "s.parquet")["slide_id"].tolist() == ["slide-0", "slide-1"]
+    with open(tmp_path / "failures.csv") as handle:
+        assert [row["slide"] for row in csv.DictReader(handle)] == ["slide-2"]

@@ -1,22 +1,31 @@
-"""Batch runs over many slides: resume, sharding, failures.csv, progress.
+"""The batch engine: every per-slide command runs its slides through `Batch`, so the batch rules live here once.
 
-Every per-slide command (`vlm tile`, `vlm embed-tiles`, `vlm embed-slides`) shares these rules:
-- an item whose output file exists is skipped (outputs are written atomically, so existing = finished);
-- a failing item is logged and recorded, and the batch goes on; failures end up in a CSV;
-- under `torchrun` (RANK/WORLD_SIZE) or with `--shard i/n`, items are split deterministically by sorted
-  id, so shards never write the same file.
+The rules (`vlm tile`, `vlm embed-tiles`, `vlm embed-slides`, `vlm heatmap`, `vlm zeroshot --heatmaps`):
+- under `torchrun` (RANK/WORLD_SIZE) or with `--shard i/n`, items are split deterministically by sorted id,
+  so shards never write the same file; two inputs with one id are refused (their outputs would collide);
+- an item that is already done (its `is_done` predicate: output file exists, or row in the output table) is
+  skipped unless `overwrite`; outputs are written atomically, so a killed run resumes where it stopped;
+- a failing item is logged and recorded, and the batch goes on; the failures end up in
+  `<folder>/failures<shard suffix>.csv` (`slide,error`, path on `BatchReport.failures`), and a clean run
+  removes a stale one.
+
+Three ways to drive a `Batch`: `run` (one item -> its own output files, optionally in worker processes),
+`run_chunked` (items loaded one by one, processed in chunks, results gathered in one `Sink` such as the
+slide-embeddings parquet, saved periodically), or a driver's own loop over `pending` calling `record` and
+`finish` (the continuous tile stream of `vlm embed-tiles`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -24,6 +33,8 @@ from vlm.io import atomic_path, duplicate_ids
 
 log = logging.getLogger(__name__)
 Item = TypeVar("Item")
+Loaded = TypeVar("Loaded")
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -53,14 +64,20 @@ class Shard:
 
     @property
     def suffix(self) -> str:
-        """A file-name suffix that keeps shards' shared files (failures.csv) apart."""
+        """A file-name suffix that keeps shards' shared files (failures.csv, the embeddings parquet) apart."""
         return "" if self.count == 1 else f".shard-{self.index}-of-{self.count}"
+
+
+def failures_path(folder: str | os.PathLike[str], shard: Shard = Shard()) -> Path:
+    """Where a batch writing into `folder` lists its failures: the one place this name is made."""
+    return Path(folder) / f"failures{shard.suffix}.csv"
 
 
 @dataclass
 class BatchReport:
-    """What a batch run did, item id by item id."""
+    """What a batch run did, item id by item id, and where its failures are listed (if any failed)."""
 
+    failures: Path
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
@@ -73,95 +90,170 @@ class BatchReport:
         return f"{len(self.done)} done, {len(self.skipped)} skipped (already done), {len(self.failed)} failed"
 
 
-def run_batch(
-    items: Sequence[Item],
-    *,
-    key: Callable[[Item], str],
-    output_of: Callable[[Item], Path],
-    process: Callable[[Item], None],
-    out_dir: Path,
-    desc: str,
-    shard: Shard = Shard(),
-    progress: bool = True,
-    overwrite: bool = False,
-    workers: int = 1,
-) -> BatchReport:
-    """Run `process` on each of this shard's items whose output is missing; record failures.
+class Sink(Protocol[Result]):
+    """Where `Batch.run_chunked` puts results that share one output (e.g. rows of one parquet file)."""
 
-    `process(item)` must write `output_of(item)` atomically. Any exception it raises marks that item
-    failed (message kept) without stopping the batch. With `workers > 1` items run in that many
-    processes (`process` must then be picklable: a module-level function or a partial of one).
-    Failures are written to `out_dir/failures<shard suffix>.csv`; a clean run removes a stale one.
+    def add(self, item_id: str, result: Result) -> None: ...
+
+    def save(self) -> None:
+        """Write everything added so far, atomically (called periodically and at the end: resumable)."""
+        ...
+
+
+class Batch(Generic[Item]):
+    """One shard's pass over `items`: which are still to do (`pending`), progress, the report, failures.csv.
+
+    Construction applies the entry rules (shard selection, duplicate-id refusal, skip what `is_done` says is
+    finished unless `overwrite`; `is_done=None`: nothing is ever done, every item is redone); `finish` the
+    exit rules (failures file written or a stale one removed, summary logged). `pending` is in id order, or
+    in `order` (a sort key, e.g. length buckets). Use as a context manager so the progress bar closes.
     """
-    report = BatchReport()
-    pending = select_pending(items, key=key, output_of=output_of, report=report, shard=shard, overwrite=overwrite)
-    bar = tqdm(total=len(pending) + len(report.skipped), initial=len(report.skipped), desc=desc, unit="slide",
-               disable=not progress)
-    with bar:
-        if workers > 1 and len(pending) > 1:
-            with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {pool.submit(process, item): key(item) for item in pending}
-                for future in concurrent.futures.as_completed(futures):
-                    record(report, futures[future], future.exception())
-                    bar.update()
+
+    def __init__(
+        self,
+        items: Sequence[Item],
+        *,
+        key: Callable[[Item], str],
+        is_done: Callable[[Item], bool] | None,
+        folder: str | os.PathLike[str],
+        desc: str,
+        shard: Shard = Shard(),
+        overwrite: bool = False,
+        progress: bool = True,
+        order: Callable[[Item], Any] | None = None,
+    ) -> None:
+        self.key, self.desc = key, desc
+        self.report = BatchReport(failures=failures_path(folder, shard))
+        mine = shard.select(items, key)
+        duplicates = duplicate_ids(key(item) for item in mine)
+        if duplicates:
+            raise ValueError(f"several inputs share the slide id(s) {duplicates}; rename them so outputs don't collide")
+        self.pending: list[Item] = []
+        for item in mine:
+            if is_done is not None and not overwrite and is_done(item):
+                self.report.skipped.append(key(item))
+            else:
+                self.pending.append(item)
+        if order is not None:
+            self.pending.sort(key=order)
+        self._bar = tqdm(total=len(mine), initial=len(self.report.skipped), desc=desc, unit="slide",
+                         disable=not progress)  # fmt: skip
+
+    def __enter__(self) -> Batch[Item]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()
+
+    def record(self, item: Item, error: BaseException | str | None = None) -> None:
+        """Count one item done (`error` None) or failed (an exception or its message), logging failures."""
+        item_id = self.key(item)
+        if error is None:
+            self.report.done.append(item_id)
         else:
-            for item in pending:
+            message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            log.error("%s failed: %s", item_id, message)
+            self.report.failed.append((item_id, message))
+        self._bar.update()
+
+    @contextlib.contextmanager
+    def attempt(self, item: Item) -> Iterator[None]:
+        """Run the block as `item`'s work: an exception marks it failed and is swallowed, else it is done."""
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as error:  # one bad slide must not stop a batch of thousands
+            self.record(item, error)
+        else:
+            self.record(item, None)
+
+    def finish(self) -> BatchReport:
+        """Write this shard's failures file (or remove a stale one), log the summary, return the report."""
+        self._bar.close()
+        _write_failures(self.report.failures, self.report.failed)
+        log.info("%s: %s", self.desc, self.report.summary())
+        return self.report
+
+    def run(self, process: Callable[[Item], None], workers: int = 1) -> BatchReport:
+        """`process(item)` for each pending item; it must write the item's outputs atomically.
+
+        With `workers > 1` items run in that many processes (`process` must then be picklable: a
+        module-level function or a partial of one).
+        """
+        with self:
+            if workers > 1 and len(self.pending) > 1:
+                with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+                    futures = {pool.submit(process, item): item for item in self.pending}
+                    for future in concurrent.futures.as_completed(futures):
+                        self.record(futures[future], future.exception())
+            else:
+                for item in self.pending:
+                    with self.attempt(item):
+                        process(item)
+            return self.finish()
+
+    def run_chunked(
+        self,
+        load: Callable[[Item], Loaded],
+        process: Callable[[list[Loaded]], Sequence[Result]],
+        sink: Sink[Result],
+        chunk_size: int = 1,
+        save_every: int = 50,
+    ) -> BatchReport:
+        """Load each pending item alone, process them `chunk_size` at a time, put the results in `sink`.
+
+        A failing `load` fails that item only. `process` returns one result per loaded item, in order; a
+        chunk that raises (e.g. out of memory) is retried one item at a time, so only an item that fails
+        alone is recorded failed. `sink.save()` runs after every `save_every` new results and at the end,
+        so a killed run keeps what it finished.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
+        unsaved = 0
+
+        def run(chunk: list[tuple[Item, Loaded]]) -> None:
+            nonlocal unsaved
+            try:
+                results = process([loaded for _, loaded in chunk])
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as error:
+                if len(chunk) == 1:
+                    self.record(chunk[0][0], error)
+                    return
+                log.warning("a chunk of %d failed (%s); retrying its items one at a time", len(chunk), error)
+                for one in chunk:
+                    run([one])
+                return
+            for (item, _), result in zip(chunk, results, strict=True):
+                sink.add(self.key(item), result)
+                self.record(item, None)
+            unsaved += len(chunk)
+            if unsaved >= save_every:
+                sink.save()
+                unsaved = 0
+
+        with self:
+            chunk: list[tuple[Item, Loaded]] = []
+            for item in self.pending:
                 try:
-                    process(item)
+                    chunk.append((item, load(item)))
                 except (KeyboardInterrupt, SystemExit):
                     raise
-                except Exception as error:  # one bad slide must not stop a batch of thousands
-                    record(report, key(item), error)
-                else:
-                    record(report, key(item), None)
-                bar.update()
-    return finish_report(report, out_dir, shard, desc)
+                except Exception as error:  # one bad file must not stop a batch of thousands
+                    self.record(item, error)
+                if len(chunk) >= chunk_size:
+                    run(chunk)
+                    chunk = []
+            if chunk:
+                run(chunk)
+            if unsaved:
+                sink.save()
+            return self.finish()
 
 
-def select_pending(
-    items: Sequence[Item],
-    *,
-    key: Callable[[Item], str],
-    output_of: Callable[[Item], Path],
-    report: BatchReport,
-    shard: Shard = Shard(),
-    overwrite: bool = False,
-) -> list[Item]:
-    """This shard's items still to do, in id order; those already done go to `report.skipped`.
-
-    The first half of `run_batch`, for drivers that process items in their own way (the tile stream).
-    """
-    mine = shard.select(items, key)
-    duplicates = duplicate_ids(key(item) for item in mine)
-    if duplicates:
-        raise ValueError(f"several inputs share the slide id(s) {duplicates}; rename them so outputs don't collide")
-    pending = []
-    for item in mine:
-        if output_of(item).exists() and not overwrite:
-            report.skipped.append(key(item))
-        else:
-            pending.append(item)
-    return pending
-
-
-def finish_report(report: BatchReport, out_dir: Path, shard: Shard, desc: str) -> BatchReport:
-    """The last half of `run_batch`: write this shard's failures.csv (or remove a stale one) and log."""
-    write_failures(out_dir / f"failures{shard.suffix}.csv", report.failed)
-    log.info("%s: %s", desc, report.summary())
-    return report
-
-
-def record(report: BatchReport, item_id: str, error: BaseException | str | None) -> None:
-    """Count one item done (`error` None) or failed (an exception or its message), logging failures."""
-    if error is None:
-        report.done.append(item_id)
-        return
-    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    log.error("%s failed: %s", item_id, message)
-    report.failed.append((item_id, message))
-
-
-def write_failures(path: Path, failed: list[tuple[str, str]]) -> None:
+def _write_failures(path: Path, failed: list[tuple[str, str]]) -> None:
     """Write `slide,error` rows atomically; no failures removes a stale file from an earlier run."""
     if not failed:
         path.unlink(missing_ok=True)

@@ -20,21 +20,20 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from vlm.batch import BatchReport, Shard, write_failures
+from vlm.batch import Batch, BatchReport, Shard
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.inputs import SlideInputs, load_slide_inputs, pad_batch
 from vlm.encoders.slide import SLIDE_ENCODER_PRESETS, GigaPathSlideEncoder
 from vlm.formats.embeddings import read_settings_and_rows, shard_output, write_slide_embeddings
 from vlm.formats.features import MPP_FROM_FILE
-from vlm.io import duplicate_ids, file_sha256, output_lock, slide_id_from_path
+from vlm.io import file_sha256, output_lock, slide_id_from_path
 from vlm.weights import weights_digest
 
 log = logging.getLogger(__name__)
@@ -67,6 +66,21 @@ def _existing_rows(path: Path, settings: dict) -> list[dict]:
                 "pass --overwrite to replace it or choose another --out"
             )
     return rows
+
+
+@dataclass
+class _Rows:
+    """The output file's rows as a `vlm.batch.Sink`: a previous run's plus this run's, all rewritten on save."""
+
+    path: Path
+    settings: dict
+    rows: list[dict]
+
+    def add(self, slide_id: str, row: dict) -> None:
+        self.rows.append(row)
+
+    def save(self) -> None:
+        write_slide_embeddings(self.path, sorted(self.rows, key=lambda row: row["slide_id"]), self.settings)
 
 
 def _tile_count(path: Path) -> float:
@@ -134,70 +148,42 @@ def embed_slides(
                 "weights_sha256": weights_digest(encoder)}  # fmt: skip
     settings["config"] = json.loads(json.dumps(settings["config"]))  # tuples -> lists, as read back
     target = shard_output(out, shard)
-    rows = [] if overwrite else _existing_rows(target, settings)
-    done_ids = {row["slide_id"] for row in rows}
-    report = BatchReport()
-    mine = shard.select([Path(path) for path in feature_paths], key=slide_id_from_path)
-    ids = [slide_id_from_path(path) for path in mine]
-    duplicates = duplicate_ids(ids)
-    if duplicates:
-        raise ValueError(f"several feature files share the slide id(s) {duplicates}; rename them")
-    if batch_size > 1:  # length buckets: slides batched with slides of similar length pad little
-        mine = sorted(mine, key=_tile_count)
-    pending: list[SlideInputs] = []
-    unsaved = 0
+    rows = _Rows(target, settings, [] if overwrite else _existing_rows(target, settings))
+    done_ids = {row["slide_id"] for row in rows.rows}
+    config = encoder.config
 
-    def flush() -> None:
-        nonlocal unsaved
-        if not pending:
-            return
-        try:
-            embeddings = _embed_batch(pending, encoder, pool, device, precision)
-        except (RuntimeError, ValueError) as error:  # e.g. out of memory: retry alone to isolate the slide
-            if len(pending) == 1:
-                report.failed.append((pending[0].slide_id, f"{type(error).__name__}: {error}"))
-                log.error("%s failed: %s", pending[0].slide_id, error)
-                pending.clear()
-                return
-            batch = list(pending)
-            pending.clear()
-            for item in batch:
-                pending.append(item)
-                flush()
-            return
-        for slide, embedding in zip(pending, embeddings, strict=True):
-            rows.append({"slide_id": slide.slide_id, "embedding": embedding.tolist(), "n_tiles": len(slide),
-                         "encoder": name, "pool": pool})  # fmt: skip
-            report.done.append(slide.slide_id)
-            unsaved += 1
-        pending.clear()
-        if unsaved >= save_every:
-            write_slide_embeddings(target, sorted(rows, key=lambda row: row["slide_id"]), settings)
-            unsaved = 0
+    def load(path: Path) -> SlideInputs:
+        slide = load_slide_inputs(path, config.in_dim, mpp, patches, config.tile_size, config.grid_size)
+        if slide.provenance["mpp_source"] != MPP_FROM_FILE:  # say where else the scale came from
+            log.info("%s: level-0 %.4g µm/px from %s", slide.slide_id, slide.provenance["mpp"],
+                     slide.provenance["mpp_source"])  # fmt: skip
+        return slide
 
-    for path in tqdm(mine, desc="embed-slides", unit="slide", disable=not progress):
-        slide_id = slide_id_from_path(path)
-        if slide_id in done_ids:
-            report.skipped.append(slide_id)
-            continue
-        try:
-            config = encoder.config
-            slide = load_slide_inputs(path, config.in_dim, mpp, patches, config.tile_size, config.grid_size)
-            if slide.provenance["mpp_source"] != MPP_FROM_FILE:  # say where else the scale came from
-                log.info("%s: level-0 %.4g µm/px from %s", slide_id, slide.provenance["mpp"],
-                         slide.provenance["mpp_source"])  # fmt: skip
-            pending.append(slide)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as error:  # one bad file must not stop a batch of thousands
-            log.error("%s failed: %s", slide_id, error)
-            report.failed.append((slide_id, f"{type(error).__name__}: {error}"))
-            continue
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    if report.done or not target.exists():
-        write_slide_embeddings(target, sorted(rows, key=lambda row: row["slide_id"]), settings)
-    write_failures(target.parent / f"failures{shard.suffix}.csv", report.failed)
-    log.info("embed-slides: %s -> %s", report.summary(), target)
+    def embed(slides: list[SlideInputs]) -> list[dict]:
+        embeddings = _embed_batch(slides, encoder, pool, device, precision)
+        return [
+            {
+                "slide_id": slide.slide_id,
+                "embedding": vector.tolist(),
+                "n_tiles": len(slide),
+                "encoder": name,
+                "pool": pool,
+            }
+            for slide, vector in zip(slides, embeddings, strict=True)
+        ]
+
+    batch = Batch(
+        [Path(path) for path in feature_paths],
+        key=slide_id_from_path,
+        is_done=lambda path: slide_id_from_path(path) in done_ids,
+        folder=target.parent,
+        desc="embed-slides",
+        shard=shard,
+        overwrite=overwrite,
+        progress=progress,
+        order=_tile_count if batch_size > 1 else None,  # length buckets: slides of similar length pad little
+    )
+    report = batch.run_chunked(load, embed, rows, chunk_size=batch_size, save_every=save_every)
+    if not target.exists():  # nothing new and no earlier file: an empty table, so the output always exists
+        rows.save()
     return report

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vlm.batch import BatchReport, Shard, finish_report, record, select_pending
+from vlm.batch import Batch, BatchReport, Shard
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.tile import TileEncoder, tensor_transform
 from vlm.formats.features import TileFeatures, TileGrid, write_features
@@ -287,7 +287,7 @@ def embed_tiles(
 ) -> BatchReport:
     """Embed the tiles of each slide whose `<slide_id>.h5` is not yet in `out_dir`.
 
-    The batch rules of `vlm.batch.run_batch` hold (skip finished slides, `overwrite`, shards, failures.csv);
+    The batch rules of `vlm.batch.Batch` hold (skip finished slides, `overwrite`, shards, failures.csv);
     each `<slide_id>.h5` is written atomically as soon as its slide is complete, so a killed run resumes.
     `device` ("auto", "cpu", "cuda:1", …) and `precision` ("auto", "fp32", "fp16", "bf16") are resolved by
     `vlm.device`; an impossible pair (fp16 on CPU) is refused before any slide is read.
@@ -299,14 +299,19 @@ def embed_tiles(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder = encoder.to(device).eval()
-    report = BatchReport()
-    pending = select_pending(
+
+    def output_of(path: Path) -> Path:
+        return out / f"{slide_id_from_path(path)}.h5"
+
+    batch = Batch(
         slides,
         key=slide_id_from_path,
-        report=report,
+        is_done=lambda path: output_of(path).exists(),
+        folder=out,
+        desc="embedding tiles",
         shard=shard,
         overwrite=overwrite,
-        output_of=lambda path: out / f"{slide_id_from_path(path)}.h5",
+        progress=progress,
     )
     grids = None if tiles_dir is None else Path(tiles_dir)
     jobs = [
@@ -317,33 +322,21 @@ def embed_tiles(
             params=params,
             mpp=mpp,
         )
-        for index, path in enumerate(pending)
+        for index, path in enumerate(batch.pending)
     ]
-    bar = tqdm(
-        total=len(pending) + len(report.skipped),
-        initial=len(report.skipped),
-        desc="embedding tiles",
-        unit="slide",
-        disable=not progress,
-    )
-    with bar:
+    with batch:
         for result in stream_features(jobs, encoder, device, precision, batch_size, workers, chunk_size, compile):
-            path = pending[result.job]
-            slide_id = slide_id_from_path(path)
-            if result.error is None:
-                features = TileFeatures(result.grid, result.features, encoder=encoder.name)
+            path = batch.pending[result.job]
+            if result.error is not None:
+                batch.record(path, result.error)
+                continue
+            features = TileFeatures(result.grid, result.features, encoder=encoder.name)
+            target = output_of(path)
+            with batch.attempt(path):
                 try:
-                    try:
-                        write_features(out / f"{slide_id}.h5", features, dtype=dtype)
-                    except RuntimeError as error:  # a reader died meanwhile (signalled here): not this slide's fault
-                        if not _worker_died(error):
-                            raise
-                        write_features(out / f"{slide_id}.h5", features, dtype=dtype)
-                except Exception as error:
-                    record(report, slide_id, error)
-                else:
-                    record(report, slide_id, None)
-            else:
-                record(report, slide_id, result.error)
-            bar.update()
-    return finish_report(report, out, shard, "embedding tiles")
+                    write_features(target, features, dtype=dtype)
+                except RuntimeError as error:  # a reader died meanwhile (signalled here): not this slide's fault
+                    if not _worker_died(error):
+                        raise
+                    write_features(target, features, dtype=dtype)
+        return batch.finish()

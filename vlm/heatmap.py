@@ -313,8 +313,8 @@ def run_heatmaps(
     mpp: float | None = None,
 ) -> BatchReport:
     """Heatmaps of each feature file for `queries`, or for each slide's own (names, texts) in `per_slide`
-    (zero-shot: the predicted class). A failing slide is recorded and the batch goes on."""
-    from vlm.batch import BatchReport
+    (zero-shot: the predicted class). A failing slide is recorded in `<out>/failures.csv` and the batch goes on."""
+    from vlm.batch import Batch
     from vlm.io import slide_id_from_path
 
     blank = [q for q in queries or [] if not q.strip()]
@@ -322,21 +322,19 @@ def run_heatmaps(
         raise ValueError("give non-empty query texts (--query TEXT), e.g. a phrase of a report")
     encoder = slide_tower(model, slide_checkpoint)
     texts = model.encode_text(list(queries), device="cpu") if queries else None
-    report = BatchReport()
-    for feature_path in map(Path, feature_paths):
-        slide_id = slide_id_from_path(feature_path)
-        try:
-            names, vectors = per_slide[slide_id] if per_slide is not None else (list(queries or []), texts)
-            heat = slide_heat(model, encoder, feature_path, names, vectors, mpp=mpp)
-            write_heatmap(heat, slide_file_for(feature_path, slides), out)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as error:  # one bad slide must not stop the others
-            log.error("%s failed: %s", slide_id, error)
-            report.failed.append((slide_id, f"{type(error).__name__}: {error}"))
-            continue
-        report.done.append(slide_id)
-    return report
+
+    def one(feature_path: Path) -> None:
+        if per_slide is not None:
+            names, vectors = per_slide[slide_id_from_path(feature_path)]
+        else:
+            names, vectors = list(queries or []), texts
+        heat = slide_heat(model, encoder, feature_path, names, vectors, mpp=mpp)
+        write_heatmap(heat, slide_file_for(feature_path, slides), out)
+
+    # every slide is redone (is_done=None): the outputs do not record the model or queries they were made for
+    batch = Batch(list(map(Path, feature_paths)), key=slide_id_from_path, is_done=None, folder=out, desc="heatmaps",
+                  progress=False)  # fmt: skip
+    return batch.run(one)
 
 
 def zeroshot_heatmaps(

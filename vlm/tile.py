@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlm.batch import BatchReport, Shard, run_batch
+from vlm.batch import Batch, BatchReport, Shard
 from vlm.formats.features import write_tile_grid
 from vlm.io import slide_id_from_path
 from vlm.wsi.slide import open_slide
@@ -38,18 +38,17 @@ def tile_slides(
     progress: bool = True,
     overwrite: bool = False,
 ) -> BatchReport:
-    """Tile every slide whose `<slide_id>.h5` is not yet in `out_dir`; see `vlm.batch.run_batch`."""
+    """Tile every slide whose `<slide_id>.h5` is not yet in `out_dir`; the batch rules are `vlm.batch.Batch`'s."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return run_batch(
+    batch = Batch(
         slides,
         key=slide_id_from_path,
-        output_of=lambda path: out / f"{slide_id_from_path(path)}.h5",
-        process=functools.partial(_tile_one, out_dir=out, params=params, mpp=mpp),
-        out_dir=out,
+        is_done=lambda path: (out / f"{slide_id_from_path(path)}.h5").exists(),
+        folder=out,
         desc="tiling",
         shard=shard,
         progress=progress,
         overwrite=overwrite,
-        workers=workers,
     )
+    return batch.run(functools.partial(_tile_one, out_dir=out, params=params, mpp=mpp), workers=workers)

@@ -85,8 +85,7 @@ def _embed_slides(args: argparse.Namespace) -> int:
         mpp=args.mpp, patches=args.patches, precision=args.precision,
         checkpoint=None if args.random_weights else args.checkpoint,  # random weights: their hash is recorded
     )  # fmt: skip
-    target = shard_output(args.out, shard)
-    return finish_batch(report, target, target.parent / f"failures{shard.suffix}.csv")
+    return finish_batch(report, shard_output(args.out, shard))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 from dataclasses import asdict
-from pathlib import Path
 
 from vlm.commands import finish_batch
 
@@ -62,7 +61,7 @@ def _tile(args: argparse.Namespace) -> int:
         collect_slides(args.slides), args.out, params=params, mpp=args.mpp, workers=args.workers,
         shard=shard, progress=not args.no_progress, overwrite=args.overwrite,
     )
-    return finish_batch(report, args.out, Path(args.out) / f"failures{shard.suffix}.csv")
+    return finish_batch(report, args.out)
 
 
 def _embed_tiles(args: argparse.Namespace) -> int:
@@ -89,7 +88,7 @@ def _embed_tiles(args: argparse.Namespace) -> int:
         workers=args.workers, params=params, tiles_dir=args.tiles, mpp=args.mpp, dtype=args.dtype,
         shard=shard, progress=not args.no_progress, overwrite=args.overwrite, compile=args.compile,
     )
-    return finish_batch(report, args.out, Path(args.out) / f"failures{shard.suffix}.csv")
+    return finish_batch(report, args.out)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

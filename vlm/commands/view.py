@@ -57,7 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _heatmap(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from vlm.batch import write_failures
     from vlm.commands import finish_batch
     from vlm.device import resolve_device
     from vlm.formats.features import feature_files
@@ -71,10 +70,7 @@ def _heatmap(args: argparse.Namespace) -> int:
     model = SlideTextModel.from_pretrained(args.model, device=resolve_device(args.device))
     report = run_heatmaps(model, paths, args.slide, args.out, queries=args.query,
                           slide_checkpoint=args.slide_checkpoint, mpp=args.mpp)  # fmt: skip
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    failures = Path(args.out) / "failures.csv"
-    write_failures(failures, report.failed)
-    return finish_batch(report, args.out, failures)
+    return finish_batch(report, args.out)
 
 
 def _serve(args: argparse.Namespace) -> int:
