@@ -121,7 +121,8 @@ def test_embed_tiles_with_a_real_timm_vit_through_dataloader_workers(
     assert np.isfinite(features.features).all()
     assert features.encoder == "timm:vit_tiny_patch16_224"
     np.testing.assert_array_equal(features.coords, read_tile_grid(tiles / "synthetic_05.h5").coords)
-    # same tiles, same model, computed in one batch in this process: identical features, in grid order
+    # same tiles, same model, through the PIL transform in one batch in this process: the same features in grid
+    # order, up to the stream's tensor resize (within 2 grey levels of PIL's, see tests/test_embed_tiles.py)
     import torch
 
     from vlm.encoders.tile import create_tile_encoder
@@ -135,7 +136,10 @@ def test_embed_tiles_with_a_real_timm_vit_through_dataloader_workers(
     dataset = TileDataset(slide_05, features.coords, plan, 0.5, transform=encoder.transform)
     with torch.inference_mode():
         direct = encoder(torch.stack([dataset[i][0] for i in range(len(dataset))])).numpy()
-    np.testing.assert_allclose(features.features, direct, rtol=1e-4, atol=1e-4)
+    norms = np.linalg.norm(features.features, axis=1) * np.linalg.norm(direct, axis=1)
+    cosine = (features.features * direct).sum(1) / norms
+    assert cosine.min() > 0.9999, cosine
+    np.testing.assert_allclose(features.features, direct, rtol=1e-3, atol=1e-3)
     # without --tiles the grid is computed on the fly: same file content
     assert main([*args, "--out", str(tmp_path / "f2")]) == 0
     np.testing.assert_allclose(read_features(tmp_path / "f2" / "synthetic_05.h5").features, features.features,
