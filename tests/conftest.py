@@ -66,7 +66,7 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     given = os.environ.get("VLM_DEMO_OUT")
     if given and (Path(given) / "summary.md").is_file():
-        return Path(given)
+        return Path(given).resolve()  # absolute: notebooks run in notebooks/, not here
     out = tmp_path_factory.mktemp("demo")
     run_demo(DemoSettings(out=out, progress=False))
     return out
