@@ -323,9 +323,9 @@ def test_stitched_slide_each_class_phrase_is_hotter_on_its_own_half(demo_out: Pa
                 np.testing.assert_allclose(heat.scores, scores, atol=1e-5)
                 np.testing.assert_array_equal(heat.coords[:, 0] < width, on_left)
             for column, own in ((0, on_left), (1, ~on_left)):
-                if not scores[own, column].mean() > scores[~own, column].mean():
-                    failures.append(f"{left_id}|{right_id}: {[a, b][column]} "
-                                    f"{scores[own, column].mean():.4f} on its half vs {scores[~own, column].mean():.4f}")
+                mine, other = scores[own, column].mean(), scores[~own, column].mean()
+                if not mine > other:
+                    failures.append(f"{left_id}|{right_id}: {[a, b][column]} {mine:.4f} on its half vs {other:.4f}")
     assert not failures, failures
 
 
