@@ -121,7 +121,9 @@ def test_json_api_mirrors_vlm_search_json(server: str, site: dict, capsys: pytes
     expected = json.loads(capsys.readouterr().out)
     status, kind, body = get(server + "/api/search?k=2&q=" + urllib.parse.quote("papillary fronds"))
     assert status == 200 and kind == "application/json"
-    assert json.loads(body) == expected
+    got = json.loads(body)  # scores to float tolerance: two processes may sum in another order (BLAS threads)
+    assert [{**row, "score": None} for row in got] == [{**row, "score": None} for row in expected]
+    assert [row["score"] for row in got] == pytest.approx([row["score"] for row in expected], abs=1e-6)
     status, _, body = get(server + f"/api/search?slide_id={site['ids'][0]}&k=1")
     assert status == 200 and json.loads(body)[0]["slide_id"] == site["ids"][1]  # similar slides
 

@@ -59,6 +59,8 @@ _EXPORTS: dict[str, str] = {
     "DemoSettings": "vlm.demo.run:DemoSettings",
     "run_demo": "vlm.demo.run:run_demo",
     "demo_text_encoder": "vlm.demo.run:minilm_path",
+    "DEMO_SEARCH_QUERY": "vlm.demo.run:SEARCH_QUERY",
+    "check_wording_unseen": "vlm.demo.run:check_wording_unseen",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

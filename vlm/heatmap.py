@@ -5,10 +5,20 @@ Decomposition (exact, not an approximation of the slide score). With mean poolin
 `layer_norm`) and `LN` is its output LayerNorm. LayerNorm's centring is linear and its scale `s` is one
 number per slide, so `e = mean_i e_i` with `e_i = gamma * (t_i - mean(t_i)) / s + beta`. The projection `P`
 (linear in every model `vlm train` makes; an MLP is linearised at `e`) maps each tile's share into the joint
-space, `z_i = P(e) + J_P(e) (e_i - e)`, and a tile's score for a text `u` is `<z_i, u> / |P(e)|`. The mean
-of the tile scores is then exactly the slide's cosine score `<P(e) / |P(e)|, u>`, so pooled heat ranks slides
-as search and zero-shot do. Tile scores are relative contributions, not probabilities: they sum (as a mean)
-to the slide score and may fall outside [-1, 1].
+space, `z_i = P(e) + J_P(e) (e_i - e)`, and a tile's share of the score for a text `u` is
+`share_i(x) = <z_i, u> / |P(e)|`; the shares of a slide average to its cosine score `S(x)`.
+
+A share also holds what the tile's position alone gives it: every token is `W f_i + pos_i`, and the fixed
+positional rows are as large as the content (on the demo, larger), so raw shares paint the slide's layout.
+The tile score therefore subtracts a counterfactual: the same slide, same coordinates, every tile carrying
+the slide's mean feature `x_bar`, decomposed the same way:
+
+    score_i = S(x_bar) + share_i(x) - share_i(x_bar)
+
+Its mean over tiles is `S(x_bar) + S(x) - S(x_bar) = S(x)`, the slide's score, exactly, so pooled heat ranks
+slides as search and zero-shot do; a tile's departure from that mean is what its content adds beyond the
+slide's average content at the same place (a slide whose tiles all carry one feature gets flat heat). Tile
+scores are relative contributions, not probabilities: they may fall outside [-1, 1].
 
 A model trained on cached slide embeddings holds no slide encoder; it records the one that made the
 embeddings (`SlideTextConfig.slide_source`: preset, config, pool, checkpoint path, file and weights hashes)
@@ -124,12 +134,24 @@ def tile_scores(
     texts: torch.Tensor,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tile features [N, in_dim] + 0.5-mpp coords [N, 2] + L2-normalised texts [Q, D] -> tile scores [N, Q]
-    and slide scores [Q] (see the module docstring); their mean over tiles equals the slide score."""
+    and slide scores [Q]: `S(x_bar) + share_i(x) - share_i(x_bar)` (module docstring); their mean over tiles
+    equals the slide score."""
+    features = np.asarray(features, dtype=np.float32)
+    shares, slide = _shares(model, encoder, features, coords, texts)
+    baseline = np.broadcast_to(features.mean(0, dtype=np.float64).astype(np.float32), features.shape)
+    baseline_shares, baseline_slide = _shares(model, encoder, baseline, coords, texts)
+    return baseline_slide[None] + shares - baseline_shares, slide
+
+
+def _shares(
+    model: SlideTextModel, encoder: torch.nn.Module, features: np.ndarray, coords: np.ndarray, texts: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each tile's share `share_i` [N, Q] of the slide's cosine score [Q]; the shares average to it."""
     device = next(encoder.parameters()).device
     captured: list[torch.Tensor] = []
     handle = encoder.encoder.layer_norm.register_forward_hook(lambda _m, _i, output: captured.append(output))
     try:
-        x = torch.as_tensor(features, dtype=torch.float32, device=device)[None]
+        x = torch.as_tensor(np.ascontiguousarray(features), dtype=torch.float32, device=device)[None]
         c = torch.as_tensor(coords, dtype=torch.float64, device=device)[None]
         pooled = encoder(x, c, pool="mean")[0].float()  # [E]
     finally:

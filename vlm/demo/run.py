@@ -43,7 +43,7 @@ from vlm.resources import PROMPTS_DIR, REAL_SLIDE
 log = logging.getLogger(__name__)
 
 PROMPT_FILE = PROMPTS_DIR / "demo_morphology.yaml"
-# Wording that no report of the cohort uses (checked in `_check_query_unseen`), searched over held-out slides:
+# Wording that no report of the cohort uses (checked in `check_wording_unseen`), searched over held-out slides:
 # the search shows what the alignment generalises to, not what it memorised.
 SEARCH_QUERY = "epidermoid tumour with whorls of keratin"
 DEMO_TILE_ENCODER = "timm:resnet10t"
@@ -138,9 +138,14 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 
-def _check_query_unseen(query: str, reports: list[str]) -> list[str]:
-    """Refuse a search query that shares a word pair with any report text; return the single words it shares
-    with them (reported, so a reader sees how far the query is from the training text)."""
+def check_wording_unseen(query: str, reports: list[str] | None = None) -> list[str]:
+    """Refuse a query (or prompt) that shares a word pair with any report text (default: every phrase the
+    demo's reports are written from); return the single words it shares with them (reported, so a reader
+    sees how far the query is from the training text). Honest demos search with wording training never saw."""
+    if reports is None:
+        from vlm.demo.cohort import report_phrases
+
+        reports = report_phrases()
     query_words = _words(query)
     pairs = {" ".join(query_words[i : i + 2]) for i in range(len(query_words) - 1)}
     for report in reports:
@@ -236,7 +241,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     timings = result.timings
     torch.manual_seed(settings.seed)
 
-    query_words_seen = _check_query_unseen(SEARCH_QUERY, report_phrases())
+    query_words_seen = check_wording_unseen(SEARCH_QUERY, report_phrases())
     with _timed(timings, "cohort (draw slides, write reports)"):
         cohort = make_cohort(out / "slides", settings.per_class, settings.test_per_class, settings.slide_size,
                              settings.seed)
@@ -431,7 +436,8 @@ def _summary(result: DemoResult, cohort: list[CohortSlide]) -> str:
         "in `encoders/`",
         f"- alignment: all-MiniLM-L6-v2 text tower (real pretrained weights, frozen), projection heads, CLIP loss, "
         f"{settings.epochs} epochs, on the train split only",
-        "- zero-shot on the held-out test slides with `prompts/demo_morphology.yaml` (wording unused in reports)",
+        "- zero-shot on the held-out test slides with `prompts/demo_morphology.yaml` (no prompt shares a word pair "
+        "with any report: tested)",
         "- supervised baseline: logistic regression on the train split's slide embeddings (`vlm probe`)",
         f'- FAISS text → slide search over the held-out slides only: "{SEARCH_QUERY}"',
         "",
@@ -479,7 +485,8 @@ def _summary(result: DemoResult, cohort: list[CohortSlide]) -> str:
         "",
         "## Tile heatmaps of held-out slides (predicted class)",
         "",
-        "Each tile's share of the slide's score for its predicted class (`vlm zeroshot --heatmaps`); the tile",
+        "Each tile's share of the slide's score for its predicted class (`vlm zeroshot --heatmaps`), less its",
+        "share when every tile carries the slide's mean feature (so position alone paints no heat); the tile",
         "scores average to the slide score. PNG, QuPath GeoJSON and CSV per slide in `heatmaps/`. The demo's",
         "encoders have random weights, so read these as the machinery at work, not as pathology.",
         "",
