@@ -94,8 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from vlm.encoders.text import DEFAULT_TEXT_ENCODER
-    from vlm.train.loop import CONFIG_FILE, TrainConfig, train
+    from vlm.settings import DEFAULT_TEXT_ENCODER
+    from vlm.train.config import CONFIG_FILE, TrainConfig
+    from vlm.train.loop import train
 
     if args.resume:
         config = TrainConfig.load(Path(args.resume) / CONFIG_FILE)
