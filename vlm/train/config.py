@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm.io import atomic_path
-from vlm.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER, LOSSES, POOLS, PRECISIONS
+from vlm.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER, LOSSES
 
 CONFIG_FILE = "train_config.json"
 
@@ -53,7 +53,7 @@ class TrainConfig:
     proj_dim: int = _setting(512, "shared embedding dimension", "model")
     slide_encoder: str = _setting("gigapath", "slide encoder preset for --features", "model")
     slide_checkpoint: str | None = _setting(None, "slide encoder weights (slide_encoder.pth)", "model")
-    pool: str = _setting("mean", "slide encoder pooling", "model", choices=POOLS)
+    pool: str = _setting("mean", group="model")  # help and choices: the shared --pool
     loss: str = _setting("clip", "open_clip's ClipLoss or SigLipLoss", "model", choices=LOSSES)
 
     epochs: int = _setting(10, "epochs; with --resume: extend the run to this many", "optimisation", resumable=True)
@@ -79,7 +79,7 @@ class TrainConfig:
     eval_batch_size: int = _setting(64, "pairs per batch when validating", "optimisation")
     seed: int = _setting(0, "seed of the splits, the batches and the initial weights", "optimisation")
     device: str = _setting("auto", group="optimisation")  # help: the shared --device
-    precision: str = _setting("auto", group="optimisation", choices=PRECISIONS)  # help: the shared --precision
+    precision: str = _setting("auto", group="optimisation")  # help and choices: the shared --precision
 
     def __post_init__(self) -> None:
         if (self.slide_embeddings is None) == (self.features is None):
