@@ -35,12 +35,12 @@ def _config(argv: list[str]) -> TrainConfig:
 
 
 def test_shared_options_read_the_same_in_every_command() -> None:
-    """--device, --precision, --pool, --shard, --no-progress: one help text and one set of choices everywhere."""
+    """--device, --precision, --pool, --shard, --no-progress, --n-boot: one help and one set of choices everywhere."""
     seen: dict[str, dict[tuple[str, tuple[str, ...] | None], list[str]]] = {}
     for name, parser in _parsers(build_parser()):
         for action in parser._actions:
             flag = next((f for f in action.option_strings if f.startswith("--")), None)
-            if flag in ("--device", "--precision", "--pool", "--shard", "--no-progress", "--kind"):
+            if flag in ("--device", "--precision", "--pool", "--shard", "--no-progress", "--kind", "--n-boot"):
                 text = re.sub(r" \(default: [^)]*\)$", "", " ".join((action.help or "").split()))  # train's own
                 key = (text, tuple(action.choices) if action.choices else None)
                 seen.setdefault(flag, {}).setdefault(key, []).append(name)

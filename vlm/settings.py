@@ -12,5 +12,7 @@ POOLS: tuple[str, ...] = ("mean", "cls", "all-layers")  # slide encoder outputs
 LOSSES: tuple[str, ...] = ("clip", "siglip")  # open_clip's contrastive losses
 INDEX_KINDS: tuple[str, ...] = ("auto", "flat", "ivf", "hnsw", "ivfpq")  # FAISS index kinds; "auto" by size
 
+N_BOOT = 1000  # bootstrap replicates of every confidence interval
+
 DEFAULT_TEXT_ENCODER = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext"  # PubMedBERT
 DEFAULT_MAX_LENGTH = 256  # tokens per report; longer ones are truncated

@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any
 
-from vlm.settings import POOLS, PRECISIONS
+from vlm.settings import N_BOOT, POOLS, PRECISIONS
 
 # Argparse wording of the shared options; a settings field of the same name takes it too (`add_config_options`).
 _SHARED: dict[str, dict[str, Any]] = {
@@ -72,6 +72,11 @@ def add_feature_file_options(parser: Any) -> None:
 def add_seed(parser: Any, help: str, default: int = 0) -> None:
     """`--seed`; `help` says what it seeds in this command."""
     parser.add_argument("--seed", type=int, default=default, help=_escape(help))
+
+
+def add_bootstrap(parser: Any) -> None:
+    """`--n-boot`, for every command that reports confidence intervals."""
+    parser.add_argument("--n-boot", type=int, default=N_BOOT, help=_escape("bootstrap replicates for the 95% CIs"))
 
 
 def add_shard(parser: Any) -> None:

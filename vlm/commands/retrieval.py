@@ -8,7 +8,7 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
-from vlm.commands.options import add_overwrite, add_seed
+from vlm.commands.options import add_bootstrap, add_overwrite, add_seed
 from vlm.settings import INDEX_KINDS
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--split", default="auto", choices=("auto", "train", "val", "test", "all"),
                    help="pairs to evaluate; auto = test when the pairs have a split column, else all")  # fmt: skip
     r.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="cut-offs K")
-    r.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CIs")
+    add_bootstrap(r)
     add_seed(r, "bootstrap seed")
     r.add_argument("--out", help="also write the metrics as JSON to this file")
     r.set_defaults(func=_eval_retrieval)

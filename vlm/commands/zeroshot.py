@@ -101,7 +101,7 @@ def _prompts_check(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from vlm.commands.options import add_device, add_feature_file_options, add_progress, add_seed
+    from vlm.commands.options import add_bootstrap, add_device, add_feature_file_options, add_progress, add_seed
 
     parser = subparsers.add_parser(
         "zeroshot",
@@ -148,9 +148,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--cache-dir", help="prompt-embedding cache (default $VLM_CACHE/prompts or ~/.cache/vlm/prompts)"
     )
     parser.add_argument("--no-cache", action="store_true", help="always encode the prompts; write no cache")
-    parser.add_argument(
-        "--n-boot", type=int, default=1000, help="bootstrap replicates for CIs"
-    )
+    add_bootstrap(parser)
     add_seed(parser, "bootstrap seed")
     add_device(parser)
     add_progress(parser)
