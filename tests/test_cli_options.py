@@ -85,3 +85,20 @@ def test_resume_refuses_settings_it_cannot_change(tmp_path: Path, caplog: pytest
         assert main(["train", "--resume", str(run), "--lr", "0.5", "--freeze-text", "--epochs", "3"]) == 2
     assert "--lr, --freeze-text cannot change (only --epochs can)" in caplog.text
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_train_refuses_a_resume_with_other_settings(tmp_path: Path) -> None:
+    """`train(config, resume=True)` from Python keeps the same rule: a changed learning rate is not applied."""
+    from vlm.train.checkpoint import CHECKPOINT
+    from vlm.train.loop import train
+
+    run = tmp_path / "run"
+    saved = TrainConfig(pairs="p.csv", out=str(run), slide_embeddings="s.parquet", epochs=2)
+    run.mkdir()
+    saved.save(run / CONFIG_FILE)
+    (run / CHECKPOINT).parent.mkdir()
+    (run / CHECKPOINT).write_bytes(b"")  # never read: the settings are checked first
+    with pytest.raises(ValueError, match=r"train_config\.json: .*--lr cannot change"):
+        train(dataclasses.replace(saved, lr=0.5, epochs=4), resume=True)
+    moved = saved.resumed(tmp_path / "moved", {"epochs": 4}, run / CONFIG_FILE)
+    assert (moved.out, moved.epochs, moved.lr) == (str(tmp_path / "moved"), 4, saved.lr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 
 log = logging.getLogger(__name__)
@@ -41,17 +40,11 @@ def run(args: argparse.Namespace) -> int:
 
     given = given_settings(args, TrainConfig)
     if args.resume:
-        config = TrainConfig.load(Path(args.resume) / CONFIG_FILE)
         if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
             raise ValueError(f"--out {args.out} differs from --resume {args.resume}; a resumed run stays in its folder")
-        fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
-        fixed = [name for name in given if name != "out" and not fields[name].metadata.get("resumable")]
-        if fixed:
-            flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
-            raise ValueError(f"--resume {args.resume} continues with the settings in its {CONFIG_FILE}; {flags} "
-                             "cannot change (only --epochs can): drop them, or start a new run with --out")  # fmt: skip
+        saved = Path(args.resume) / CONFIG_FILE
         changes = {name: value for name, value in given.items() if name != "out"}
-        config = dataclasses.replace(config, out=str(args.resume), **changes)  # the folder may have moved since
+        config = TrainConfig.load(saved).resumed(args.resume, changes, saved)  # the folder may have moved since
         log.info("resuming %s with its saved %s", args.resume, CONFIG_FILE)
         model_dir = train(config, resume=True, progress=not args.no_progress)
     else:

@@ -94,6 +94,22 @@ class TrainConfig:
         if self.unfreeze_text_last < 0:
             raise ValueError("--unfreeze-text-last must be >= 0")
 
+    def resumed(self, out: str | Path, changes: dict[str, Any], path: Path) -> TrainConfig:
+        """These saved settings (read from `path`) continued in the folder `out` with `changes`.
+
+        A resumed run keeps the settings it was started with: a change of any but the `resumable` ones
+        (epochs) is refused, not silently applied or ignored.
+        """
+        resumable = {f.name for f in dataclasses.fields(self) if f.metadata.get("resumable")}
+        changed = [name for name, value in changes.items() if name not in resumable and value != getattr(self, name)]
+        if changed:
+            flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+            raise ValueError(
+                f"{path}: a resumed run continues with these settings; {flags} cannot change (only --epochs can): "
+                "drop them, or start a new run with another --out"
+            )
+        return dataclasses.replace(self, out=str(out), **changes)
+
     @property
     def frozen(self) -> bool:
         return self.slide_embeddings is not None

@@ -114,6 +114,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
     checkpoint_path = out / CHECKPOINT
     if resume and not checkpoint_path.is_file():
         raise FileNotFoundError(f"{checkpoint_path}: no checkpoint to resume from; start the run without --resume")
+    if resume:  # the run's saved settings, with no change but the resumable ones
+        changes = {name: value for name, value in dataclasses.asdict(config).items() if name != "out"}
+        TrainConfig.load(out / CONFIG_FILE).resumed(out, changes, out / CONFIG_FILE)
     if not resume and checkpoint_path.exists():
         raise ValueError(
             f"{out} already holds a training run; pass --resume {out} to continue it or pick another --out"
