@@ -130,6 +130,8 @@ def test_resume_with_more_epochs_continues_the_schedule_smoothly(data: dict[str,
     assert extension[1] == pytest.approx(max(extension)) and extension[-1] < extension[1] / 5
     state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     assert state["lr_extend_from"][0] == 12  # a later resume of the extended run keeps its ramp
+    # ... and its length: a crash in the extension, then `--resume` alone, used to read 4 epochs back and stop
+    assert TrainConfig.load(run / CONFIG_FILE).epochs == 8
 
 
 def test_siglip_loss_trains(data: dict[str, Path]) -> None:

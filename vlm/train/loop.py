@@ -177,6 +177,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
             state["best"],
         )
         log.info("resumed %s at epoch %d, step %d", out, epoch, global_step)
+        if dist_.main:  # the settings now in force (an extension's epochs): a later --resume reads them back
+            config.save(out / CONFIG_FILE)
     elif dist_.main:
         out.mkdir(parents=True, exist_ok=True)
         config.save(out / CONFIG_FILE)
