@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from vlm.io import atomic_path, load_torch_file, recover_dir
 
@@ -63,7 +64,27 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    epoch: int,
+    step_in_epoch: int,
+    global_step: int,
+    best: float,
+    config: dict[str, Any],
+    lr_extend_from: tuple[int, float] | None,
+) -> None:
+    """Write the state `load_checkpoint` reads: weights, optimisation state, every RNG state, and where the run
+    stands (the next `epoch` and `step_in_epoch`, steps done, best validation score, its settings)."""
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+        "global_step": global_step, "best": best, "config": config, "lr_extend_from": lr_extend_from,
+    }  # fmt: skip
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

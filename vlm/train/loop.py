@@ -38,7 +38,6 @@ from vlm.train.checkpoint import (
     MetricsLog,
     load_checkpoint,
     remove_unfinished,
-    rng_state,
     save_checkpoint,
     seed_everything,
     set_rng_state,
@@ -200,12 +199,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
 
     def checkpoint(next_epoch: int, next_step: int) -> None:
         if dist_.main:
-            save_checkpoint(checkpoint_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": next_epoch, "step_in_epoch": next_step,
-                "global_step": global_step, "best": best, "config": dataclasses.asdict(config),
-                "lr_extend_from": extend_from,
-            })  # fmt: skip
+            save_checkpoint(
+                checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                epoch=next_epoch, step_in_epoch=next_step, global_step=global_step, best=best,
+                config=dataclasses.asdict(config), lr_extend_from=extend_from,
+            )  # fmt: skip
 
     if not resume and dist_.main:
         model.save_pretrained(out / "last")  # the architecture a resumed run rebuilds
