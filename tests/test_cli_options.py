@@ -102,3 +102,9 @@ def test_train_refuses_a_resume_with_other_settings(tmp_path: Path) -> None:
         train(dataclasses.replace(saved, lr=0.5, epochs=4), resume=True)
     moved = saved.resumed(tmp_path / "moved", {"epochs": 4}, run / CONFIG_FILE)
     assert (moved.out, moved.epochs, moved.lr) == (str(tmp_path / "moved"), 4, saved.lr)
+
+
+@pytest.mark.parametrize("setting", ["pool", "loss", "precision"])
+def test_config_checks_the_named_choices_as_the_command_line_does(setting: str) -> None:
+    with pytest.raises(ValueError, match=f"unknown {setting} 'bogus'; choose one of"):
+        TrainConfig(pairs="p.csv", out="o", slide_embeddings="s.parquet", **{setting: "bogus"})

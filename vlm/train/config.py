@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm.io import atomic_path
-from vlm.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER, LOSSES
+from vlm.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER, LOSSES, POOLS, PRECISIONS
 
 CONFIG_FILE = "train_config.json"
 
@@ -93,6 +93,9 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.unfreeze_text_last < 0:
             raise ValueError("--unfreeze-text-last must be >= 0")
+        for name, allowed in (("pool", POOLS), ("loss", LOSSES), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:  # before any data is read, not at the first step
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
 
     def resumed(self, out: str | Path, changes: dict[str, Any], path: Path) -> TrainConfig:
         """These saved settings (read from `path`) continued in the folder `out` with `changes`.
