@@ -244,7 +244,7 @@ def test_cli_train_and_zeroshot_read_clam_features_with_patches_and_mpp(tmp_path
     import pandas as pd
 
     from vlm.encoders.text import build_tiny_text_encoder
-    from vlm.train.loop import TrainConfig
+    from vlm.train.config import TrainConfig
 
     root = tmp_path / "clam"
     (root / "patches").mkdir(parents=True)

@@ -20,8 +20,9 @@ import torch
 
 from vlm.cli import main as cli_main
 from vlm.encoders.text import build_tiny_text_encoder
-from vlm.train import loop
-from vlm.train.loop import TrainConfig, train
+from vlm.train.checkpoint import CHECKPOINT
+from vlm.train.config import CONFIG_FILE, TrainConfig
+from vlm.train.loop import train
 
 # --- training ---------------------------------------------------------------------------------------------
 
@@ -88,7 +89,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 def _resume(run: Path) -> Path:
     """`train --resume` on a copied run folder (its config still names the original folder)."""
-    return train(dataclasses.replace(TrainConfig.load(run / loop.CONFIG_FILE), out=str(run)), resume=True)
+    return train(dataclasses.replace(TrainConfig.load(run / CONFIG_FILE), out=str(run)), resume=True)
 
 
 class _WritesMarker:
@@ -105,7 +106,7 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(finished_run: Path, tmp_
     """`--resume` used to unpickle `checkpoints/last.pt` with weights_only=False: any code in it ran."""
     run = _copy(finished_run, tmp_path)
     marker = tmp_path / "pwned"
-    torch.save({"model": _WritesMarker(marker), "optimizer": {}, "rng": {}, "global_step": 0}, run / loop.CHECKPOINT)
+    torch.save({"model": _WritesMarker(marker), "optimizer": {}, "rng": {}, "global_step": 0}, run / CHECKPOINT)
     assert cli_main(["train", "--resume", str(run), "--no-progress"]) == 2
     assert not marker.exists()
     expected = r"last\.pt: refused: not a readable vlm training checkpoint.*without --resume"
@@ -133,7 +134,7 @@ def test_damaged_slide_encoder_checkpoint_names_the_file(tmp_path: Path, damage:
 
 def test_checkpoint_holds_no_pickled_objects(finished_run: Path) -> None:
     """The project's own checkpoint loads with weights_only=True (RNG states stored as tensors and lists)."""
-    state = torch.load(finished_run / loop.CHECKPOINT, weights_only=True)
+    state = torch.load(finished_run / CHECKPOINT, weights_only=True)
     assert state["global_step"] == 3 and isinstance(state["rng"]["numpy"][1], torch.Tensor)
 
 
@@ -185,7 +186,7 @@ def test_non_finite_loss_stops_training_and_saves_nothing(tmp_path: Path) -> Non
     config = _config(tmp_path / "data", out, lr=1e30, warmup_steps=0)
     with pytest.raises(FloatingPointError, match=r"epoch 0, step [23]: non-finite training loss .*'s"):
         train(config)
-    assert not (out / "model").exists() and not (out / loop.CHECKPOINT).exists()
+    assert not (out / "model").exists() and not (out / CHECKPOINT).exists()
     shutil.rmtree(out)
     argv = ["train", "--pairs", config.pairs, "--slide-embeddings", str(config.slide_embeddings), "--out", str(out),
             "--text-encoder", config.text_encoder, "--max-length", "8", "--proj-dim", "8", "--epochs", "1",

@@ -22,7 +22,8 @@ from vlm.model.clip import SlideTextModel, build_tiny_model
 from vlm.retrieval import ReportIndex, SlideIndex, build_slide_index
 from vlm.retrieval.evaluate import evaluate_retrieval
 from vlm.retrieval.kinds import choose_kind
-from vlm.train.loop import TrainConfig, train
+from vlm.train.config import TrainConfig
+from vlm.train.loop import train
 
 
 @functools.cache

@@ -20,9 +20,11 @@ from vlm.formats.pairs import Pairs, load_pairs
 from vlm.model import SlideTextModel, build_tiny_model
 from vlm.model.loss import contrastive_loss, create_loss
 from vlm.train import loop
+from vlm.train.config import CONFIG_FILE, TrainConfig
 from vlm.train.data import assign_splits
 from vlm.train.gradcache import contrastive_backward
-from vlm.train.loop import TrainConfig, train
+from vlm.train.inputs import Inputs, prepare_pairs
+from vlm.train.loop import train
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,7 +104,7 @@ def test_resume_gives_the_same_next_losses(data: dict[str, Path], monkeypatch: p
     assert [r["step"] for r in records(crashed)] == [0, 1, 2, 3, 3, 4, 5]
     with pytest.raises(ValueError, match="--resume"):
         train(config(data, crashed, checkpoint_every=4))
-    train(TrainConfig.load(crashed / loop.CONFIG_FILE), resume=True)
+    train(TrainConfig.load(crashed / CONFIG_FILE), resume=True)
     ours, theirs = records(crashed), records(reference)
     assert [r["step"] for r in ours] == [r["step"] for r in theirs]
     for mine, ref in zip(ours, theirs, strict=True):
@@ -117,7 +119,7 @@ def test_resume_with_more_epochs_continues_the_schedule_smoothly(data: dict[str,
 
     run = data["root"] / "extended"
     train(config(data, run, epochs=4, warmup_steps=2))
-    train(dataclasses.replace(TrainConfig.load(run / loop.CONFIG_FILE), epochs=8), resume=True)
+    train(dataclasses.replace(TrainConfig.load(run / CONFIG_FILE), epochs=8), resume=True)
     lrs = [r["lr"] for r in records(run) if "lr" in r]
     assert len(lrs) == 8 * 3  # 3 steps per epoch
     extension = lrs[12:]
@@ -128,6 +130,8 @@ def test_resume_with_more_epochs_continues_the_schedule_smoothly(data: dict[str,
     assert extension[1] == pytest.approx(max(extension)) and extension[-1] < extension[1] / 5
     state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     assert state["lr_extend_from"][0] == 12  # a later resume of the extended run keeps its ramp
+    # ... and its length: a crash in the extension, then `--resume` alone, used to read 4 epochs back and stop
+    assert TrainConfig.load(run / CONFIG_FILE).epochs == 8
 
 
 def test_siglip_loss_trains(data: dict[str, Path]) -> None:
@@ -307,8 +311,8 @@ def test_unfreeze_text_last_trains_only_those_layers(data: dict[str, Path]) -> N
 def test_frozen_text_tower_runs_once_and_matches_eval_mode(data: dict[str, Path]) -> None:
     cfg = config(data, data["root"] / "frozen-text", freeze_text=True)
     model = build_tiny_model(data["root"] / "frozen-model", slide_embed_dim=DIM, proj_dim=16)
-    loop._apply_freezing(model, cfg)
-    inputs = loop._Inputs(cfg, loop._prepare_pairs(cfg), torch.device("cpu"))
+    loop.apply_freezing(model, cfg)
+    inputs = Inputs(cfg, prepare_pairs(cfg), torch.device("cpu"))
     model.train()
     calls = []
     model.text.register_forward_hook(lambda *_: calls.append(1))

@@ -35,7 +35,7 @@ _EXPORTS: dict[str, str] = {
     # alignment model and training
     "SlideTextModel": "vlm.model.clip:SlideTextModel",
     "create_model": "vlm.model.clip:create_model",
-    "TrainConfig": "vlm.train.loop:TrainConfig",
+    "TrainConfig": "vlm.train.config:TrainConfig",
     "train": "vlm.train.loop:train",
     # zero-shot
     "load_prompt_task": "vlm.prompts:load_prompt_task",

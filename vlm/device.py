@@ -12,8 +12,9 @@ from typing import Literal
 
 import torch
 
+from vlm.settings import PRECISIONS
+
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

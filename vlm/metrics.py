@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vlm.settings import N_BOOT
+
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +58,7 @@ def retrieval_recalls(slide: Tensor, text: Tensor, ks: Sequence[int] = (1, 5, 10
 
 
 def bootstrap_indices(
-    n: int, *, n_boot: int = 1000, seed: int = 0, strata: np.ndarray | None = None
+    n: int, *, n_boot: int = N_BOOT, seed: int = 0, strata: np.ndarray | None = None
 ) -> Iterator[np.ndarray]:
     """Yield `n_boot` resamples (with replacement) of the case indices `0..n-1`.
 
@@ -114,7 +116,7 @@ def bootstrap_ci(
     statistic: Callable[[np.ndarray], float],
     n: int,
     *,
-    n_boot: int = 1000,
+    n_boot: int = N_BOOT,
     seed: int = 0,
     strata: np.ndarray | None = None,
     alpha: float = 0.05,
@@ -229,7 +231,7 @@ def classification_metrics(
     class_names: Sequence[str],
     *,
     positive: int | None = None,
-    n_boot: int = 1000,
+    n_boot: int = N_BOOT,
     seed: int = 0,
     alpha: float = 0.05,
 ) -> dict[str, Any]:

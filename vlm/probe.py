@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from vlm.io import atomic_path
+from vlm.settings import N_BOOT
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def run_probe(
     seeds: int = 5,
     zeroshot: str | os.PathLike[str] | None = None,
     label_column: str = "label",
-    n_boot: int = 1000,
+    n_boot: int = N_BOOT,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Fit and evaluate the linear probe for each shot count (see the module docstring); return metrics.json."""

@@ -33,6 +33,7 @@ from vlm.formats.tables import read_table
 from vlm.io import atomic_path
 from vlm.model.clip import SlideTextModel
 from vlm.prompts import DEFAULT_TEMPLATES, PromptTask, load_prompt_task, task_from_classes
+from vlm.settings import N_BOOT
 from vlm.weights import update_state_digest
 
 log = logging.getLogger(__name__)
@@ -476,7 +477,7 @@ def run_zeroshot(
     allow_missing_slides: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
-    n_boot: int = 1000,
+    n_boot: int = N_BOOT,
     seed: int = 0,
     device: str | torch.device | None = "auto",
     progress: bool = True,

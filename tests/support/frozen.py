@@ -13,11 +13,12 @@ from vlm.formats.features import TileFeatures, TileGrid, write_features
 
 
 def build_frozen_run(tmp_path: Path, slides: list[Path]) -> dict:
-    """A tiny frozen-tower model made the way `vlm train --slide-embeddings` makes it (its `_build_model`),
+    """A tiny frozen-tower model made the way `vlm train --slide-embeddings` makes it (its `build_model`),
     on embeddings from `embed_slides` with a saved tiny slide encoder, and a feature file per slide (random
     32-d features on a full tile grid; 0.5-mpp tiles whatever the slide's level-0 µm/px)."""
     from vlm.encoders.text import build_tiny_text_encoder
-    from vlm.train.loop import TrainConfig, _build_model
+    from vlm.train.config import TrainConfig
+    from vlm.train.loop import build_model
     from vlm.wsi.slide import open_slide
 
     (tmp_path / "features").mkdir()
@@ -41,6 +42,6 @@ def build_frozen_run(tmp_path: Path, slides: list[Path]) -> dict:
     text = build_tiny_text_encoder(tmp_path / "text")
     config = TrainConfig(pairs="unused.csv", out=str(tmp_path / "run"), slide_embeddings=str(parquet),
                          text_encoder=str(text), proj_dim=32, max_length=64)  # fmt: skip
-    model_dir = _build_model(config, 64, None).save_pretrained(tmp_path / "model")
+    model_dir = build_model(config, 64, None).save_pretrained(tmp_path / "model")
     return {"model": model_dir, "features": feature_files[0], "slide": slides[0], "parquet": parquet,
             "checkpoint": checkpoint, "out": tmp_path / "heat", "feature_files": feature_files}  # fmt: skip

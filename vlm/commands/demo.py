@@ -28,6 +28,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from vlm.commands.options import add_progress, add_seed
+
     demo = subparsers.add_parser(
         "demo", help="run every stage offline on a synthetic cohort (a few minutes, CPU)",
         description="Draws a synthetic cohort, tiles and embeds it with random-weight encoders, trains the "
@@ -38,6 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", default="demo_out", help="output folder")
     demo.add_argument("--per-class", type=int, default=12, help="synthetic slides per class")
     demo.add_argument("--epochs", type=int, default=40, help="alignment training epochs")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_seed(demo, "seed of the synthetic cohort, the encoders and the training")
+    add_progress(demo)
     demo.set_defaults(func=_demo)

@@ -39,6 +39,8 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from vlm.commands.options import add_bootstrap, add_seed
+
     parser = subparsers.add_parser(
         "probe", help="supervised baseline: logistic regression on slide embeddings, by number of shots",
         description="Fits a logistic regression (regularisation chosen by cross-validation on the training "
@@ -56,6 +58,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, default=5, help="random draws of the training slides per shot count")
     parser.add_argument("--zeroshot", help="metrics.json of `vlm zeroshot` on the same test slides, drawn as a line")
     parser.add_argument("--label-column", default="label", help="label column of both label files")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CIs")
-    parser.add_argument("--seed", type=int, default=0, help="first seed of the draws; bootstrap seed")
+    add_bootstrap(parser)
+    add_seed(parser, "first seed of the draws; bootstrap seed")
     parser.set_defaults(func=_probe)

@@ -8,6 +8,9 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
+from vlm.commands.options import add_bootstrap, add_overwrite, add_seed
+from vlm.settings import INDEX_KINDS
+
 if TYPE_CHECKING:
     from vlm.retrieval import SlideIndex
 
@@ -38,14 +41,11 @@ def _build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder from `vlm train` (<run>/model)")
     parser.add_argument("--out", required=True, help="index folder to write: new, empty (e.g. `.`), or an index "
                         "to replace with --overwrite")  # fmt: skip
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing index at --out (any other non-empty folder is refused)")  # fmt: skip
-    # Validated by the library (an unknown kind is an error listing the kinds): importing it here would
-    # load torch and FAISS for every `vlm --help`.
-    parser.add_argument("--kind", default="auto", help=_KIND_HELP)
+    add_overwrite(parser, "replace an existing index at --out (any other non-empty folder is refused)")
+    parser.add_argument("--kind", default="auto", choices=INDEX_KINDS, help=_KIND_HELP)
     parser.add_argument("--target-recall", type=float, default=0.95,
                         help="Recall@10 vs exact search to tune approximate kinds to")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="seed of training samples and tuning queries")
+    add_seed(parser, "seed of training samples and tuning queries")
 
 
 def _register_index(subparsers: argparse._SubParsersAction) -> None:
@@ -108,8 +108,8 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--split", default="auto", choices=("auto", "train", "val", "test", "all"),
                    help="pairs to evaluate; auto = test when the pairs have a split column, else all")  # fmt: skip
     r.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="cut-offs K")
-    r.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CIs")
-    r.add_argument("--seed", type=int, default=0)
+    add_bootstrap(r)
+    add_seed(r, "bootstrap seed")
     r.add_argument("--out", help="also write the metrics as JSON to this file")
     r.set_defaults(func=_eval_retrieval)
 

@@ -7,22 +7,18 @@ import logging
 from pathlib import Path
 
 from vlm.commands import finish_batch
+from vlm.commands.options import (
+    add_device,
+    add_feature_file_options,
+    add_overwrite,
+    add_pool,
+    add_precision,
+    add_progress,
+    add_seed,
+    add_shard,
+)
 
 log = logging.getLogger(__name__)
-
-
-def add_feature_file_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """`--mpp` and `--patches`, for every command that reads a folder of tile-feature files."""
-    parser.add_argument(
-        "--mpp", type=float, default=None,
-        help="level-0 µm/px of the feature files' slides, overriding theirs (CLAM files record none; a "
-        "value contradicting a TRIDENT file's magnification by > 25%% fails that slide)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--patches", default=None, metavar="DIR",
-        help="CLAM's patches/ folder (create_patches_fp.py), whose <slide>.h5 holds the tile geometry that "
-        "CLAM's feature files lack",
-    )  # fmt: skip
 
 
 def _feature_width(files: list[Path]) -> int | None:
@@ -108,33 +104,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="an untrained slide encoder seeded by --seed (smoke tests, the demo; never for results)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    add_seed(parser, "seed of --random-weights")
     parser.add_argument(
         "--in-dim",
         type=int,
         default=None,
         help="tile-feature width the slide encoder takes, checked against the files (default: the files' width)",
     )
-    parser.add_argument(
-        "--pool",
-        default="mean",
-        choices=["mean", "cls", "all-layers"],
-        help="mean over tiles, the CLS token (the official code's default output), or 13 layers' means",
-    )
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1' …")
-    parser.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "fp16", "bf16"],
-        help="autocast on CUDA ('auto' = bf16 where supported); CPU runs fp32",
-    )
+    add_pool(parser)
+    add_device(parser)
+    add_precision(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="slides per forward pass")
     add_feature_file_options(parser)
-    parser.add_argument(
-        "--shard",
-        default=None,
-        help="do part i of n of the slides (0-based 'i/n'); under torchrun RANK/WORLD_SIZE are used",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="recompute slides already in the output")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_shard(parser)
+    add_overwrite(parser, "recompute slides already in the output")
+    add_progress(parser)
     parser.set_defaults(func=_embed_slides)

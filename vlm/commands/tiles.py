@@ -8,6 +8,7 @@ import logging
 from dataclasses import asdict
 
 from vlm.commands import finish_batch
+from vlm.commands.options import add_device, add_overwrite, add_precision, add_progress, add_seed, add_shard
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,9 @@ def _add_tiling_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_batch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--shard", default=None,
-                        help="do part i of n of the slides (0-based 'i/n'); under torchrun RANK/WORLD_SIZE are used")
-    parser.add_argument("--overwrite", action="store_true", help="redo slides whose output already exists")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_shard(parser)
+    add_overwrite(parser, "redo slides whose output already exists")
+    add_progress(parser)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -126,11 +126,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument("--checkpoint", default=None, help="local tile-encoder weights (else the hub's)")
     embed.add_argument("--random-weights", action="store_true",
                        help="an untrained tile encoder seeded by --seed (smoke tests, the demo; never for results)")
-    embed.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    add_seed(embed, "seed of --random-weights")
     embed.add_argument("--tiles", default=None, help="folder of `vlm tile` outputs to take the grids from")
-    embed.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1' …")
-    embed.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                       help="autocast on CUDA ('auto' = bf16 where supported); CPU runs fp32")
+    add_device(embed)
+    add_precision(embed)
     embed.add_argument("--batch-size", type=int, default=128, help="tiles per forward pass")
     embed.add_argument("--workers", type=int, default=2, help="processes reading tiles for all slides as one stream")
     embed.add_argument("--compile", action="store_true",

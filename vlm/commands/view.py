@@ -20,6 +20,8 @@ _SERVE_EPILOG = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from vlm.commands.options import add_device
+
     p = subparsers.add_parser(
         "heatmap", help="text -> tile heatmaps of slides (PNG, QuPath GeoJSON, CSV)", epilog=_HEATMAP_EPILOG,
         description="Writes <out>/<slide_id>.png, .geojson and .csv per slide; tile scores average to the slide score.",
@@ -31,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--slide-checkpoint", help="slide encoder weights (default: the one the model records)")
     p.add_argument("--mpp", type=float, help="level-0 µm/px of the slides, if the feature files lack it")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:1, …")
+    add_device(p)
     p.set_defaults(func=_heatmap)
 
     s = subparsers.add_parser(

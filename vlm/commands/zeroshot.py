@@ -101,7 +101,7 @@ def _prompts_check(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from vlm.commands.slides import add_feature_file_options
+    from vlm.commands.options import add_bootstrap, add_device, add_feature_file_options, add_progress, add_seed
 
     parser = subparsers.add_parser(
         "zeroshot",
@@ -148,12 +148,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--cache-dir", help="prompt-embedding cache (default $VLM_CACHE/prompts or ~/.cache/vlm/prompts)"
     )
     parser.add_argument("--no-cache", action="store_true", help="always encode the prompts; write no cache")
-    parser.add_argument(
-        "--n-boot", type=int, default=1000, help="bootstrap replicates for CIs"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_bootstrap(parser)
+    add_seed(parser, "bootstrap seed")
+    add_device(parser)
+    add_progress(parser)
     parser.add_argument("--heatmaps", metavar="DIR", help="also write each slide's heatmap of its predicted class")
     parser.add_argument("--heatmap-features", metavar="DIR", help="tile features for --heatmaps (default: --slides)")
     parser.add_argument("--heatmap-slides", nargs="+", default=[], metavar="PATH",

@@ -232,7 +232,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     from vlm.probe import run_probe
     from vlm.retrieval import SlideIndex
     from vlm.tile import tile_slides
-    from vlm.train.loop import TrainConfig, train
+    from vlm.train.config import TrainConfig
+    from vlm.train.loop import train
     from vlm.zeroshot import run_zeroshot
 
     out = Path(settings.out)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from vlm.encoders.longnet import LongNetEncoder
 from vlm.encoders.positions import sincos_positions, to_gigapath_coords
 from vlm.io import load_torch_file
+from vlm.settings import POOLS
 from vlm.weights import load_state_strict
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-POOLS: tuple[str, ...] = ("mean", "cls", "all-layers")
 HUB_REPO = "prov-gigapath/prov-gigapath"
 HUB_FILENAME = "slide_encoder.pth"
 

@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from vlm.settings import DEFAULT_MAX_LENGTH
 
-DEFAULT_TEXT_ENCODER = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext"
-DEFAULT_MAX_LENGTH = 256
+log = logging.getLogger(__name__)
 
 
 class TextEncoder(nn.Module):

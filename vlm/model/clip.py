@@ -30,8 +30,6 @@ from torch import Tensor, nn
 
 from vlm import __version__
 from vlm.encoders.text import (
-    DEFAULT_MAX_LENGTH,
-    DEFAULT_TEXT_ENCODER,
     TextEncoder,
     build_tiny_text_encoder,
     check_tokenizer,
@@ -42,6 +40,7 @@ from vlm.encoders.text import (
 )
 from vlm.io import atomic_dir, recover_dir
 from vlm.model.projection import ProjectionHead
+from vlm.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER
 from vlm.weights import load_state_strict
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ import math
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch import Tensor, nn
 
-LOSSES: tuple[str, ...] = ("clip", "siglip")
+from vlm.settings import LOSSES
+
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
 SIGLIP_INIT_LOGIT_BIAS = -10.0
 

@@ -19,6 +19,7 @@ from vlm.formats.pairs import check_slides_available, load_pairs
 from vlm.formats.tables import read_table
 from vlm.metrics import bootstrap_ci, first_relevant_rank, label_retrieval
 from vlm.retrieval.index import ModelArg, project_slides, resolve_model
+from vlm.settings import N_BOOT
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def evaluate_retrieval(
     *,
     split: str = "auto",
     ks: Sequence[int] = (1, 5, 10),
-    n_boot: int = 1000,
+    n_boot: int = N_BOOT,
     seed: int = 0,
     alpha: float = 0.05,
 ) -> dict[str, Any]:

@@ -27,9 +27,11 @@ from typing import Any
 import faiss
 import numpy as np
 
+from vlm.settings import INDEX_KINDS
+
 log = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("auto", "flat", "ivf", "hnsw", "ivfpq")
+KINDS = INDEX_KINDS
 APPROXIMATE: tuple[str, ...] = ("ivf", "hnsw", "ivfpq")
 FLAT_MAX = 100_000
 IVF_MAX = 4_000_000

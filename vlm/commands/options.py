@@ -1,0 +1,156 @@
+"""Options that several subcommands share, each defined once, and the flags of a settings dataclass.
+
+`add_device`, `add_precision`, ... give every command the same flag with the same help and choices (the
+choices come from `vlm.settings`, so the library and the command line validate against one tuple).
+`add_config_options` turns the fields of a dataclass such as `TrainConfig` into flags: the help and group come
+from each field's metadata and the default shown is the field's own, so Python and the command line cannot
+drift. Nothing here imports torch: `vlm --help` builds every page from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from vlm.settings import N_BOOT, POOLS, PRECISIONS
+
+# Argparse wording of the shared options; a settings field of the same name takes it too (`add_config_options`).
+_SHARED: dict[str, dict[str, Any]] = {
+    "device": {"help": "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1' …"},
+    "precision": {"choices": PRECISIONS, "help": "autocast on CUDA ('auto' = bf16 where supported); CPU runs fp32"},
+    "pool": {
+        "choices": POOLS,
+        "help": "slide encoder output: mean over tiles, the CLS token (the official code's default output), or "
+        "13 layers' means",
+    },
+    "mpp": {
+        "type": float,
+        "help": "level-0 µm/px of the feature files' slides, overriding theirs (CLAM files record none; a "
+        "value contradicting a TRIDENT file's magnification by > 25% fails that slide)",
+    },
+    "patches": {
+        "metavar": "DIR",
+        "help": "CLAM's patches/ folder (create_patches_fp.py), whose <slide>.h5 holds the tile geometry that "
+        "CLAM's feature files lack",
+    },
+}
+_ARGPARSE_KEYS = ("help", "choices", "metavar", "type")
+
+
+def _add(parser: Any, name: str, default: Any, **overrides: Any) -> argparse.Action:
+    spec = {**_SHARED[name], **{key: value for key, value in overrides.items() if value is not None}}
+    spec["help"] = _escape(spec["help"])
+    return parser.add_argument("--" + name.replace("_", "-"), default=default, **spec)
+
+
+def _escape(text: str) -> str:
+    """Plain text as an argparse help string (`%` is its format character)."""
+    return text.replace("%", "%%")
+
+
+def add_device(parser: Any, default: str = "auto") -> None:
+    _add(parser, "device", default)
+
+
+def add_precision(parser: Any, default: str = "auto") -> None:
+    _add(parser, "precision", default)
+
+
+def add_pool(parser: Any, default: str = "mean") -> None:
+    _add(parser, "pool", default)
+
+
+def add_feature_file_options(parser: Any) -> None:
+    """`--mpp` and `--patches`, for every command that reads a folder of tile-feature files."""
+    _add(parser, "mpp", None)
+    _add(parser, "patches", None)
+
+
+def add_seed(parser: Any, help: str, default: int = 0) -> None:
+    """`--seed`; `help` says what it seeds in this command."""
+    parser.add_argument("--seed", type=int, default=default, help=_escape(help))
+
+
+def add_bootstrap(parser: Any) -> None:
+    """`--n-boot`, for every command that reports confidence intervals."""
+    parser.add_argument("--n-boot", type=int, default=N_BOOT, help=_escape("bootstrap replicates for the 95% CIs"))
+
+
+def add_shard(parser: Any) -> None:
+    parser.add_argument(
+        "--shard", default=None,
+        help="do part i of n of the slides (0-based 'i/n'); under torchrun RANK/WORLD_SIZE are used",
+    )  # fmt: skip
+
+
+def add_overwrite(parser: Any, help: str) -> None:
+    """`--overwrite`; `help` says what this command redoes or replaces."""
+    parser.add_argument("--overwrite", action="store_true", help=_escape(help))
+
+
+def add_progress(parser: Any) -> None:
+    """`--no-progress` (read as `args.no_progress`)."""
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_config_options(parser: argparse.ArgumentParser, config: type) -> dict[str, argparse.Action]:
+    """One flag per field of the dataclass `config`, in argument groups named by the fields' `group` metadata.
+
+    Every flag's parsed default is None (False for a boolean), so `given_settings` tells what the user typed;
+    the help shows the field's default, which the dataclass applies. A field's metadata may add `flags` (its
+    spellings), `choices`, `metavar` and `exclusive` (fields sharing that name exclude each other). Returns
+    the actions by field name.
+    """
+    hints = typing.get_type_hints(config)
+    groups: dict[str, Any] = {}
+    exclusive: dict[str, Any] = {}
+    actions = {}
+    for field in dataclasses.fields(config):
+        meta = field.metadata
+        group_name = meta.get("group", "")
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name) if group_name else parser
+        target = groups[group_name]
+        if meta.get("exclusive"):
+            key = (group_name, meta["exclusive"])
+            if key not in exclusive:
+                exclusive[key] = target.add_mutually_exclusive_group()
+            target = exclusive[key]
+        spec = {**_SHARED.get(field.name, {}), **{k: meta[k] for k in _ARGPARSE_KEYS if meta.get(k)}}
+        kind = _scalar_type(hints[field.name], field.name)
+        help_text = spec.pop("help", "")
+        default = field.default
+        flags = meta.get("flags", ("--" + field.name.replace("_", "-"),))
+        if kind is bool:
+            if default is not False:
+                raise TypeError(f"{config.__name__}.{field.name}: a boolean flag must default to False")
+            actions[field.name] = target.add_argument(*flags, dest=field.name, action="store_true",
+                                                      help=_escape(help_text))  # fmt: skip
+            continue
+        if default is not dataclasses.MISSING and default is not None and "(default" not in help_text:
+            help_text = f"{help_text} (default: {default})".strip()
+        spec.setdefault("type", kind)
+        actions[field.name] = target.add_argument(*flags, dest=field.name, default=None, help=_escape(help_text),
+                                                  **spec)  # fmt: skip
+    return actions
+
+
+def given_settings(args: argparse.Namespace, config: type) -> dict[str, Any]:
+    """The fields of `config` that the command line set (flags from `add_config_options`), by name."""
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(config)}
+    return {name: value for name, value in values.items() if value is not None and value is not False}
+
+
+def _scalar_type(hint: Any, name: str) -> type:
+    """`int` of `int | None`: the type a flag's value is parsed with."""
+    options = [arg for arg in typing.get_args(hint) if arg is not type(None)] if _is_union(hint) else [hint]
+    if len(options) != 1 or options[0] not in (bool, int, float, str):
+        raise TypeError(f"setting {name}: no command-line flag for type {hint}")
+    return options[0]
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
