@@ -323,3 +323,24 @@ def test_a_failing_batch_is_retried_slide_by_slide(
     assert read_slide_embeddings(tmp_path / "s.parquet")["slide_id"].tolist() == ["slide-0", "slide-1"]
     with open(tmp_path / "failures.csv") as handle:
         assert [row["slide"] for row in csv.DictReader(handle)] == ["slide-2"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_nan_embedding_fails_its_slide_and_is_never_written(tmp_path: Path, batch_size: int) -> None:
+    """Finite but huge features (3e38) overflow inside the encoder: that slide is a failure, not a NaN row."""
+    folder = tmp_path / "features"
+    folder.mkdir()
+    for index in range(3):
+        _write_slide(folder, f"slide-{index}", 40, seed=index)
+    with h5py.File(folder / "slide-1.h5", "r+") as h5:
+        h5["features"][...] = np.full(h5["features"].shape, 3e38, dtype=np.float32)
+    torch.manual_seed(0)
+    report = embed_slides(sorted(folder.glob("*.h5")), tmp_path / "slides.parquet", create_slide_encoder("tiny"),
+                          batch_size=batch_size, progress=False)  # fmt: skip
+    assert sorted(report.done) == ["slide-0", "slide-2"]
+    assert [slide for slide, _ in report.failed] == ["slide-1"] and "NaN/inf" in report.failed[0][1]
+    frame = read_slide_embeddings(tmp_path / "slides.parquet")
+    assert sorted(frame["slide_id"]) == ["slide-0", "slide-2"]
+    assert np.isfinite(np.stack(frame["embedding"])).all()
+    with open(tmp_path / "failures.csv") as handle:
+        assert [row["slide"] for row in csv.DictReader(handle)] == ["slide-1"]

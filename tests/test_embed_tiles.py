@@ -251,6 +251,17 @@ def test_overwrite_and_skip_keep_their_meaning(tmp_path: Path, slide_05: Path) -
     assert redone.done == ["synthetic_05"]
 
 
+def test_a_nan_output_fails_its_slide_and_writes_nothing(tmp_path: Path, slide_05: Path) -> None:
+    """Non-finite tile features (a broken checkpoint, an fp16 overflow) fail the slide instead of being written."""
+    encoder = tiny_gigapath()
+    with torch.no_grad():
+        next(p for name, p in encoder.model.named_parameters() if name.endswith("norm.weight")).fill_(float("nan"))
+    report = embed_tiles([slide_05], tmp_path, encoder, CPU, workers=0, progress=False)
+    assert report.done == [] and [slide for slide, _ in report.failed] == ["synthetic_05"]
+    assert "NaN/inf" in report.failed[0][1] and not (tmp_path / "synthetic_05.h5").exists()
+    assert "synthetic_05" in (tmp_path / "failures.csv").read_text()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_stream_matches_the_cpu_stream(slide_05: Path) -> None:

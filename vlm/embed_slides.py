@@ -161,6 +161,13 @@ def embed_slides(
 
     def embed(slides: list[SlideInputs]) -> list[dict]:
         embeddings = _embed_batch(slides, encoder, pool, device, precision)
+        for slide, vector in zip(slides, embeddings, strict=True):  # a chunk that raises is retried slide by slide
+            if not np.isfinite(vector).all():
+                raise FloatingPointError(
+                    f"{slide.provenance.get('source', slide.slide_id)}: the slide encoder's embedding is NaN/inf "
+                    f"(largest |tile feature| {float(np.abs(slide.features).max()):.3g}); nothing was written for "
+                    "this slide. Check the tile features and --precision"
+                )
         return [
             {
                 "slide_id": slide.slide_id,
