@@ -188,6 +188,21 @@ def test_hub_weights_fail_fast_with_one_message(
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.h5"))
 
 
+def test_text_encoder_from_the_hub_fails_fast_offline() -> None:
+    """The default text tower (PubMedBERT, public) offline: one message naming --text-encoder FOLDER, at once."""
+    import time
+
+    from vlm.encoders.text import load_text_encoder
+    from vlm.hub import WeightsUnavailable
+    from vlm.settings import DEFAULT_TEXT_ENCODER
+
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailable, match=r"not gated.*--text-encoder FOLDER.*HF_HUB_OFFLINE") as info:
+        load_text_encoder(DEFAULT_TEXT_ENCODER)
+    assert "--random-weights" not in str(info.value)  # vlm train has no random text tower
+    assert time.perf_counter() - start < 10
+
+
 def test_faiss_loader_lines_are_quiet(tmp_path: Path) -> None:
     result = _vlm("search", "--index", str(tmp_path / "missing"), "query")
     assert result.returncode == 2

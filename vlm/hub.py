@@ -43,7 +43,7 @@ def hub_reachable(timeout: float = _PROBE_TIMEOUT_S) -> bool:
         return False
 
 
-def weights_message(what: str, repo: str, *, gated: bool, flag: str, reason: str) -> str:
+def weights_message(what: str, repo: str, *, gated: bool, flag: str, reason: str, local: str = "FILE") -> str:
     """The one message a user gets when `what`'s weights from `repo` cannot be loaded."""
     if gated:
         access = (f"{repo} is gated: accept its terms at https://huggingface.co/{repo}, then run "
@@ -52,14 +52,16 @@ def weights_message(what: str, repo: str, *, gated: bool, flag: str, reason: str
         access = f"{repo} is public (not gated): no login is needed, only network access or a local copy"
     return (
         f"could not load the weights of {what} from the Hugging Face Hub repo {repo}: {reason}. {access}. "
-        f"Without network: pass local weights with {flag} FILE (download them once elsewhere), or "
-        "--random-weights for an untrained encoder (smoke tests only). HF_HUB_OFFLINE=1 skips every network "
-        f"attempt. See the {README_SECTION}."
+        f"Without network: pass local weights with {flag} {local} (download them once elsewhere)"
+        + (", or --random-weights for an untrained encoder (smoke tests only)" if local == "FILE" else "")
+        + f". HF_HUB_OFFLINE=1 skips every network attempt. See the {README_SECTION}."
     )
 
 
 @contextlib.contextmanager
-def hub_weights(what: str, repo: str, *, gated: bool, flag: str = "--checkpoint") -> Iterator[None]:
+def hub_weights(
+    what: str, repo: str, *, gated: bool, flag: str = "--checkpoint", local: str = "FILE"
+) -> Iterator[None]:
     """Run a hub download inside; any failure leaves as one `WeightsUnavailable` (see the module docstring)."""
     from huggingface_hub import constants
 
@@ -75,7 +77,8 @@ def hub_weights(what: str, repo: str, *, gated: bool, flag: str = "--checkpoint"
         raise
     except Exception as error:  # hub errors come in many types (offline, gated, 401, 404, ...)
         detail = reason + " and they are not in the local cache" if offline else f"{type(error).__name__}: {error}"
-        raise WeightsUnavailable(weights_message(what, repo, gated=gated, flag=flag, reason=detail)) from error
+        message = weights_message(what, repo, gated=gated, flag=flag, reason=detail, local=local)
+        raise WeightsUnavailable(message) from error
     finally:
         if forced:
             constants.HF_HUB_OFFLINE = False

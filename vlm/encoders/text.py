@@ -116,15 +116,22 @@ def load_text_encoder(name_or_path: str | os.PathLike[str], max_length: int = DE
     """Load pretrained weights and tokenizer by hub id or local folder (offline works for local folders)."""
     from transformers import AutoModel, AutoTokenizer
 
+    from vlm.hub import hub_weights
+
     name = str(name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModel.from_pretrained(name)
-    except OSError as error:
-        raise OSError(
-            f"cannot load text encoder {name!r} ({error}); pass a local folder with config.json, weights and "
-            "tokenizer files via --text-encoder, or allow Hugging Face Hub access"
-        ) from error
+    if Path(name).is_dir():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModel.from_pretrained(name)
+        except OSError as error:
+            raise OSError(
+                f"{name}: cannot load a text encoder from this folder ({error}); it needs config.json, weights "
+                "and tokenizer files"
+            ) from error
+    else:  # a hub id: one clear message, fast, when the hub cannot be reached (public repos are not gated)
+        with hub_weights(f"the text encoder {name!r}", name, gated=False, flag="--text-encoder", local="FOLDER"):
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModel.from_pretrained(name)
     return TextEncoder(model, tokenizer, max_length=max_length)
 
 
