@@ -273,3 +273,18 @@ def test_cli_train_and_zeroshot_read_clam_features_with_patches_and_mpp(tmp_path
             "--out", str(out), "--classes", "a=first kind", "b=second kind", "--no-progress", *geometry]  # fmt: skip
     assert main(argv) == 0
     assert read_slide_embeddings(out / "slide_embeddings.parquet")["n_tiles"].tolist() == [12] * 6
+
+
+@pytest.mark.slow
+def test_cli_compile_gives_the_eager_embeddings(features_dir: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """`--compile` (token-wise layers through torch.compile) writes the eager run's numbers, batched and padded."""
+    argv = ["embed-slides", str(features_dir), "--slide-encoder", "tiny", "--checkpoint", str(checkpoint),
+            "--device", "cpu", "--no-progress", "--batch-size", "2"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "eager.parquet")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "compiled.parquet"), "--compile"]) == 0
+    eager, compiled = (
+        read_slide_embeddings(tmp_path / "eager.parquet"),
+        read_slide_embeddings(tmp_path / "compiled.parquet"),
+    )
+    assert compiled["slide_id"].tolist() == eager["slide_id"].tolist()
+    np.testing.assert_allclose(np.stack(compiled["embedding"]), np.stack(eager["embedding"]), rtol=1e-5, atol=1e-5)
