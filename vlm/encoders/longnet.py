@@ -187,13 +187,17 @@ def dilated_attention_qkv(qkv: Tensor, segment_lengths: tuple[int, ...], dilated
     weight_sum = q.new_zeros((slots, padded_heads), dtype=lse_dtype)
     in_place = not (torch.is_grad_enabled() and qkv.requires_grad)
     total = q.new_zeros(slots, padded_heads, dim)
-    for parts in branches:
+    for index, parts in enumerate(branches):
         if not in_place:
             dense_out = q.new_zeros(slots, padded_heads, dim)
             dense_lse = running_max.new_full((slots, padded_heads), UNCOVERED_LSE)
         for part in parts:
             out, lse = _part_attention(qkv, part)
-            if in_place:  # uncovered entries would get weight exp(-1e8 - max) = 0: skip them
+            if in_place and index == 0:  # nothing merged yet: the merge below would give exactly these
+                part.diagonal(running_max).copy_(lse)
+                part.diagonal(weight_sum).fill_(1.0)
+                part.diagonal(total).copy_(out)
+            elif in_place:  # uncovered entries would get weight exp(-1e8 - max) = 0: skip them
                 old_max, sums, acc = (
                     part.diagonal(running_max),
                     part.diagonal(weight_sum),
