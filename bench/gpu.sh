@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of the project in one go (<= 8 minutes on one H100), ending in one table.
 #
-#   bench/gpu.sh            # on a CUDA machine: tile stream vs encoder alone (gigapath, bf16), slide encoder,
+#   bench/gpu.sh            # on a CUDA machine: tile stream vs encoder alone (gigapath, bf16), slide encoder
+#                           # (eager and compiled), tile readers (OpenSlide vs tiffslide if installed),
 #                           # a fine-tuning step, then the CUDA-only tests (pytest -m gpu)
 #   bench/gpu.sh --smoke    # the same scripts at toy sizes on the CPU (a minute or two): proves the script runs
 #
