@@ -88,6 +88,12 @@ def rate(name: str, mode: str, path: Path, coords: np.ndarray, level: int, size:
     return len(coords) / seconds
 
 
+def _label(mode: str, workers: int) -> str:
+    if mode == "main":
+        return "1 thread"
+    return f"{workers} {mode if workers > 1 else mode.removesuffix('es' if mode == 'processes' else 's')}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=16_000, help="level-0 side in px")
@@ -131,12 +137,12 @@ def main() -> None:
                     log.info("round %d  %-9s %-9s %8.1f tiles/s", round_ + 1, name, mode, value)
     log.info("\n| reader | mode | tiles/s (each round) |\n|---|---|---|")
     for (name, mode), values in figures.items():
-        workers = "1 thread" if mode == "main" else f"{args.workers} {mode}"
+        workers = _label(mode, args.workers)
         log.info("| %s | %s | %s |", name, workers, " / ".join(f"{v:.0f}" for v in values))
     if args.json:
         with open(args.json, "a") as handle:
             for (name, mode), values in figures.items():
-                workers = "1 thread" if mode == "main" else f"{args.workers} {mode}"
+                workers = _label(mode, args.workers)
                 row = {"bench": "readers", "case": f"{name}, {workers}", "device": "CPU",
                        "value": round(statistics.median(values), 1), "unit": "tiles/s"}  # fmt: skip
                 handle.write(json.dumps(row) + "\n")
