@@ -281,7 +281,12 @@ def test_cli_compile_gives_the_eager_embeddings(features_dir: Path, checkpoint: 
     argv = ["embed-slides", str(features_dir), "--slide-encoder", "tiny", "--checkpoint", str(checkpoint),
             "--device", "cpu", "--no-progress", "--batch-size", "2"]  # fmt: skip
     assert main([*argv, "--out", str(tmp_path / "eager.parquet")]) == 0
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     assert main([*argv, "--out", str(tmp_path / "compiled.parquet"), "--compile"]) == 0
+    assert counters["stats"]["unique_graphs"] >= 2  # the flag really reached torch.compile
     eager, compiled = (
         read_slide_embeddings(tmp_path / "eager.parquet"),
         read_slide_embeddings(tmp_path / "compiled.parquet"),
