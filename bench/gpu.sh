@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of the project in one go (<= 8 minutes on one H100), ending in one table.
 #
-#   bench/gpu.sh            # on a CUDA machine: tile stream vs encoder alone (gigapath, bf16), slide encoder,
+#   bench/gpu.sh            # on a CUDA machine: tile stream vs encoder alone (gigapath, bf16), slide encoder
+#                           # (eager and compiled), tile readers (OpenSlide vs tiffslide if installed),
 #                           # a fine-tuning step, then the CUDA-only tests (pytest -m gpu)
 #   bench/gpu.sh --smoke    # the same scripts at toy sizes on the CPU (a minute or two): proves the script runs
 #
@@ -29,7 +30,9 @@ if [[ "${1:-}" == "--smoke" ]]; then
   export OMP_NUM_THREADS=1
   "$PYTHON" bench/embed_tiles.py --device cpu --slides 2 --min-tiles 12 --max-tiles 24 --batch-size 16 \
     --workers 1 --json "$RESULTS"
-  "$PYTHON" bench/slide_encoder.py --device cpu --tiles 200 --baseline-tiles 200 --threads 1 --json "$RESULTS"
+  "$PYTHON" bench/slide_encoder.py --device cpu --tiles 200 --baseline-tiles 200 --compiled-tiles 200 --threads 1 \
+    --json "$RESULTS"
+  "$PYTHON" bench/readers.py --size 6000 --tiles 50 --workers 1 --rounds 1 --json "$RESULTS"
   "$PYTHON" bench/train.py --device cpu --batch 4 --chunk 2 --min-tiles 50 --max-tiles 100 --steps 1 \
     --json "$RESULTS"
 else
@@ -43,7 +46,9 @@ else
       --batch-size 128 --workers "$WORKERS" --precision bf16 --compile --no-baseline --json "$RESULTS"
   fi
   "$PYTHON" bench/slide_encoder.py --device cuda --precision bf16 --tiles 10000 70000 --baseline-tiles 10000 \
-    --json "$RESULTS"
+    --compiled-tiles 10000 --json "$RESULTS"
+  # the CPU feed: OpenSlide vs tiffslide (if installed), worker processes vs threads, on this machine's cores
+  "$PYTHON" bench/readers.py --size 24000 --tiles 4000 --workers "$WORKERS" --json "$RESULTS"
   "$PYTHON" bench/train.py --device cuda --full --batch 16 --chunk 4 --min-tiles 3000 --max-tiles 6000 \
     --grad-checkpointing --steps 2 --json "$RESULTS"
   "$PYTHON" -m pytest -q -m gpu tests/ -p no:cacheprovider || echo "gpu tests FAILED" >&2

@@ -9,6 +9,7 @@ official-style `diag_embed` scatter and a stack of all branch outputs. Both run 
     python bench/slide_encoder.py                      # 10k tiles ours vs baseline, 40k ours
     python bench/slide_encoder.py --tiles 10000 40000 --baseline-tiles 10000 --threads 2
     python bench/slide_encoder.py --device cuda --precision bf16 --tiles 10000 70000   # median of 5 passes
+    python bench/slide_encoder.py --tiles 2000 --baseline-tiles --compiled-tiles 2000  # eager vs compiled
 
 Each case runs in a fresh subprocess so that peak RSS (ru_maxrss) is that case's alone.
 """
@@ -86,6 +87,8 @@ def run_case(
         )
     torch.manual_seed(0)
     model = create_slide_encoder("gigapath").to(dev).eval()
+    if impl == "compiled":
+        model.encoder.compile_token_wise()
     generator = torch.Generator().manual_seed(tiles)
     features = torch.randn(1, tiles, 1536, generator=generator)
     cells = torch.randperm(1000 * 1000, generator=generator)[:tiles]
@@ -93,8 +96,11 @@ def run_case(
     features, coords = features.to(dev), coords.to(dev)
     repeats = 5 if dev.type == "cuda" else 1
     with torch.inference_mode(), autocast(dev, precision):
-        model(features[:, :300], coords[:, :300])  # warm-up
-        model(features, coords)  # warm-up at full length (CUDA kernels, allocator)
+        start = time.perf_counter()
+        model(features[:, :300], coords[:, :300])  # warm-up (and, compiled, the compile)
+        model(features, coords)  # warm-up at full length (CUDA kernels, allocator; compiled: past FFN_CHUNK)
+        _sync(dev)
+        warmup_seconds = time.perf_counter() - start
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         _sync(dev)
@@ -119,7 +125,8 @@ def run_case(
         _sync(dev)
         attention_seconds = time.perf_counter() - start
     torch.save(embedding.float().cpu(), out_path)
-    return {"seconds": seconds, "peak_rss_gb": peak_gb, "attention_seconds": attention_seconds}
+    return {"seconds": seconds, "peak_rss_gb": peak_gb, "attention_seconds": attention_seconds,
+            "warmup_seconds": warmup_seconds}  # fmt: skip
 
 
 def spawn(impl: str, tiles: int, threads: int, workdir: Path, device: str, precision: str) -> dict[str, float]:
@@ -152,6 +159,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", type=int, nargs="+", default=[10_000, 40_000])
     parser.add_argument("--baseline-tiles", type=int, nargs="*", default=[10_000])
+    parser.add_argument(
+        "--compiled-tiles", type=int, nargs="*", default=[], help="also time the compiled encoder at these sizes"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (peak memory is then CUDA's allocator peak)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
@@ -189,6 +199,23 @@ def main() -> None:
                     ours[tiles]["peak_rss_gb"] / base["peak_rss_gb"],
                     diff.max().item(),
                 )
+        for tiles in args.compiled_tiles:  # eager vs compile_token_wise, back to back
+            if tiles not in ours:
+                ours[tiles] = spawn("ours", tiles, args.threads, workdir, args.device, args.precision)
+            compiled = spawn("compiled", tiles, args.threads, workdir, args.device, args.precision)
+            diff = (torch.load(workdir / f"ours-{tiles}.pt") - torch.load(workdir / f"compiled-{tiles}.pt")).abs()
+            log.info(
+                "%d tiles: forward time compiled/eager = %.2f (compile + warm-up %.0f s), max |diff| = %.1e",
+                tiles, compiled["seconds"] / ours[tiles]["seconds"], compiled["warmup_seconds"], diff.max().item(),
+            )  # fmt: skip
+            rows.append(
+                {
+                    "case": f"slide encoder compiled, {tiles} tiles",
+                    "value": round(1 / compiled["seconds"], 2),
+                    "unit": "slides/s",
+                    "peak_gb": round(compiled["peak_rss_gb"], 2),
+                }
+            )
         for tiles in args.tiles:
             if tiles not in ours:
                 ours[tiles] = spawn("ours", tiles, args.threads, workdir, args.device, args.precision)

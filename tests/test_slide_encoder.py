@@ -348,3 +348,34 @@ def test_cuda_matches_cpu_fp32(dtype: torch.dtype) -> None:
         got = cuda(features[None].cuda(), coords[None].cuda()).float().cpu()
     torch.testing.assert_close(got, expected, atol=1e-4 if dtype == torch.float32 else 5e-2, rtol=0)
     cuda.train()(features[None].cuda(), coords[None].cuda()).sum().backward()  # fused kernels have backward
+
+
+def test_compiled_token_wise_layers_match_eager_for_any_length_without_recompiling() -> None:
+    """`compile_token_wise` (the `--compile` of embed-slides): a padded batch, then other lengths, give the
+    eager numbers; the token-wise graphs are compiled once (dynamic lengths), not once per slide length."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = create_slide_encoder("tiny")
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(2, 300, 32, generator=generator)
+    coords = torch.randint(0, 50, (2, 300, 2), generator=generator).double() * 256
+    mask = torch.zeros(2, 300, dtype=torch.bool)
+    mask[1, 170:] = True
+    cases = [(features, coords, mask, "mean"), (features[:, :250], coords[:, :250], mask[:, :250], "all-layers"),
+             (features[:, :77], coords[:, :77], None, "cls")]  # fmt: skip
+    with torch.inference_mode():
+        eager = [model(f, c, padding_mask=m, pool=pool) for f, c, m, pool in cases]
+        model.encoder.compile_token_wise()
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = [model(*cases[0][:2], padding_mask=cases[0][2], pool=cases[0][3])]
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 2  # both token-wise parts really went through the compiler
+        compiled += [model(f, c, padding_mask=m, pool=pool) for f, c, m, pool in cases[1:]]
+        assert counters["stats"]["unique_graphs"] == graphs  # new lengths reuse the graphs
+        model.encoder.compile_token_wise(False)
+        again = model(*cases[0][:2], padding_mask=cases[0][2], pool=cases[0][3])
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, eager[0], rtol=0, atol=0)

@@ -125,6 +125,7 @@ def embed_slides(
     precision: str = "auto",
     checkpoint: str | None = None,
     save_every: int = 50,
+    compile: bool = False,
 ) -> BatchReport:
     """Embed each feature file's slide and write the rows to `out` (or this shard's file).
 
@@ -136,11 +137,15 @@ def embed_slides(
     training and zero-shot. `checkpoint` is only recorded in the file's metadata (path and sha256), with a
     hash of the encoder's weights, so that a model trained on these embeddings knows which encoder made them.
     `device` and `precision` are names ("auto", "cuda:1", "bf16", …) resolved by `vlm.device`; an impossible
-    pair (fp16 on CPU) is refused before any work.
+    pair (fp16 on CPU) is refused before any work. `compile` runs the encoder's token-wise layers through
+    `torch.compile` (`LongNetEncoder.compile_token_wise`; the first slides pay a compile of seconds to a
+    minute, then each layer launches a few fused kernels instead of a dozen); it stays set on `encoder`.
     """
     device = resolve_device(device)
     autocast_dtype(device, precision)
     encoder = encoder.to(device).eval()
+    if compile:
+        encoder.encoder.compile_token_wise()
     encoder.pooled_dim(pool)  # validates pool before any work
     name = next((key for key, config in SLIDE_ENCODER_PRESETS.items() if config == encoder.config), "custom")
     settings = {"encoder": name, "pool": pool, "config": asdict(encoder.config), "checkpoint": checkpoint,

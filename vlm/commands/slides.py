@@ -78,7 +78,7 @@ def _embed_slides(args: argparse.Namespace) -> int:
     report = embed_slides(
         files, args.out, encoder, pool=args.pool, device=device,
         batch_size=args.batch_size, shard=shard, progress=not args.no_progress, overwrite=args.overwrite,
-        mpp=args.mpp, patches=args.patches, precision=args.precision,
+        mpp=args.mpp, patches=args.patches, precision=args.precision, compile=args.compile,
         checkpoint=None if args.random_weights else args.checkpoint,  # random weights: their hash is recorded
     )  # fmt: skip
     return finish_batch(report, shard_output(args.out, shard))
@@ -115,6 +115,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_device(parser)
     add_precision(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="slides per forward pass")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the encoder's token-wise layers (GPU: fewer kernel launches)",
+    )
     add_feature_file_options(parser)
     add_shard(parser)
     add_overwrite(parser, "recompute slides already in the output")

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 UNCOVERED_LSE = -1e8  # log-sum-exp the official code gives positions a branch does not attend from
 FFN_CHUNK = 4096  # tokens per FFN chunk at inference, so the [L, mlp_dim] activations stay bounded
+_TokenWise = tuple[Callable[..., Tensor], Callable[..., Tensor]]  # a layer's two token-wise parts
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -186,13 +187,17 @@ def dilated_attention_qkv(qkv: Tensor, segment_lengths: tuple[int, ...], dilated
     weight_sum = q.new_zeros((slots, padded_heads), dtype=lse_dtype)
     in_place = not (torch.is_grad_enabled() and qkv.requires_grad)
     total = q.new_zeros(slots, padded_heads, dim)
-    for parts in branches:
+    for index, parts in enumerate(branches):
         if not in_place:
             dense_out = q.new_zeros(slots, padded_heads, dim)
             dense_lse = running_max.new_full((slots, padded_heads), UNCOVERED_LSE)
         for part in parts:
             out, lse = _part_attention(qkv, part)
-            if in_place:  # uncovered entries would get weight exp(-1e8 - max) = 0: skip them
+            if in_place and index == 0:  # nothing merged yet: the merge below would give exactly these
+                part.diagonal(running_max).copy_(lse)
+                part.diagonal(weight_sum).fill_(1.0)
+                part.diagonal(total).copy_(out)
+            elif in_place:  # uncovered entries would get weight exp(-1e8 - max) = 0: skip them
                 old_max, sums, acc = (
                     part.diagonal(running_max),
                     part.diagonal(weight_sum),
@@ -253,23 +258,32 @@ class DilatedAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.inner_attn_ln = nn.LayerNorm(embed_dim, eps=1e-5)
 
-    def forward(self, x: Tensor, lengths: list[int]) -> Tensor:  # [B, L, E] -> [B, L, E]
-        batch, length, embed_dim = x.shape
-        shape = (batch, length, self.num_heads, embed_dim // self.num_heads)
-        # One fused q/k/v projection (one GEMM instead of three); the three stay separate parameters, so
-        # checkpoints keep their keys. qkv[:, b] is row b's [3, L, H, D], a strided view.
+    def project_qkv(self, x: Tensor) -> Tensor:  # [B, L, E] -> [3, B, L, H, D]
+        """One fused q/k/v projection (one GEMM instead of three); the three stay separate parameters, so
+        checkpoints keep their keys. The result's `[:, b]` is row b's `[3, L, H, D]`, a strided view."""
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        qkv = F.linear(x, weight, bias).unflatten(-1, (3, *shape[2:])).movedim(2, 0)  # [3, B, L, H, D]
+        heads = (self.num_heads, x.shape[-1] // self.num_heads)
+        return F.linear(x, weight, bias).unflatten(-1, (3, *heads)).movedim(2, 0)
+
+    def attend(self, qkv: Tensor, lengths: list[int]) -> Tensor:  # [3, B, L, H, D] -> [B, L, E]
+        """Dilated attention of each row over its own `lengths[b]` tokens (padded positions stay 0)."""
+        _, batch, length, heads, dim = qkv.shape
         segments, ratios = self.segment_lengths, self.dilated_ratios
         if lengths == [length] * batch:
             rows = [dilated_attention_qkv(qkv[:, b], segments, ratios) for b in range(batch)]
             attn = torch.stack(rows) if batch > 1 else rows[0][None]
         else:
-            attn = qkv.new_zeros(shape)
+            attn = qkv.new_zeros(qkv.shape[1:])
             for b, n in enumerate(lengths):
                 attn[b, :n] = dilated_attention_qkv(qkv[:, b, :n], segments, ratios)
-        return self.out_proj(self.inner_attn_ln(attn.reshape(batch, length, embed_dim)))
+        return attn.reshape(batch, length, heads * dim)
+
+    def project_out(self, attn: Tensor) -> Tensor:  # [B, L, E] -> [B, L, E]
+        return self.out_proj(self.inner_attn_ln(attn))
+
+    def forward(self, x: Tensor, lengths: list[int]) -> Tensor:  # [B, L, E] -> [B, L, E]
+        return self.project_out(self.attend(self.project_qkv(x), lengths))
 
 
 class FeedForward(nn.Module):
@@ -315,9 +329,19 @@ class LongNetLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, lengths: list[int]) -> Tensor:
-        x = x + self.drop_path(self.dropout(self.self_attn(self.self_attn_layer_norm(x), lengths)))
+    def attention_input(self, x: Tensor) -> Tensor:  # [B, L, E] -> [3, B, L, H, D]
+        """The token-wise part before the attention: pre-LN and the q/k/v projection."""
+        return self.self_attn.project_qkv(self.self_attn_layer_norm(x))
+
+    def attention_output_and_ffn(self, x: Tensor, attn: Tensor) -> Tensor:
+        """The token-wise rest of the block: sub-LN, `out_proj`, both residuals and the FFN."""
+        x = x + self.drop_path(self.dropout(self.self_attn.project_out(attn)))
         return x + self.drop_path(self.ffn(self.final_layer_norm(x)))
+
+    def forward(self, x: Tensor, lengths: list[int], token_wise: _TokenWise | None = None) -> Tensor:
+        """`token_wise`: compiled versions of the two token-wise parts (see `LongNetEncoder.compile_token_wise`)."""
+        before, after = token_wise or (LongNetLayer.attention_input, LongNetLayer.attention_output_and_ffn)
+        return after(self, x, self.self_attn.attend(before(self, x), lengths))
 
 
 class LongNetEncoder(nn.Module):
@@ -333,6 +357,24 @@ class LongNetEncoder(nn.Module):
         embed_dim = layer["embed_dim"]
         self.layer_norm = nn.LayerNorm(embed_dim, eps=1e-5)
         self.grad_checkpointing = False
+        self.token_wise: _TokenWise | None = None
+
+    def compile_token_wise(self, enable: bool = True) -> None:
+        """Run each layer's token-wise parts (LNs, projections, FFN: a dozen kernels each) through
+        `torch.compile(dynamic=True)` at inference; the dilated attention stays eager.
+
+        Why not the whole encoder: its per-branch segment arithmetic makes every slide length a new graph
+        (dynamic shapes did not finish compiling the tiny preset in 400 s on CPU), while the token-wise parts
+        compile once for all lengths (a second graph past `FFN_CHUNK` tokens) and are shared by all layers.
+        Numbers match eager to float rounding. Used only without autograd (`torch.no_grad` / inference mode).
+        """
+        if not enable:
+            self.token_wise = None
+            return
+        self.token_wise = (
+            torch.compile(LongNetLayer.attention_input, dynamic=True),
+            torch.compile(LongNetLayer.attention_output_and_ffn, dynamic=True),
+        )
 
     def forward(
         self, x: Tensor, lengths: list[int], reduce_states: Callable[[Tensor], Tensor] | None = None
@@ -346,7 +388,7 @@ class LongNetEncoder(nn.Module):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, lengths, use_reentrant=False)
             else:
-                x = layer(x, lengths)
+                x = layer(x, lengths, None if torch.is_grad_enabled() else self.token_wise)
             if reduce_states:
                 reduced.append(reduce_states(x))
         return reduced if reduce_states else [x]
