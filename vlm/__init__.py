@@ -81,9 +81,10 @@ def __dir__() -> list[str]:
 
 
 class _PublicAPI(types.ModuleType):
-    """Importing a subpackage binds it on its parent; `vlm.train` (the package) must not shadow `vlm.train`
-    (the function), so a submodule is never bound under an exported name (reach it with `from vlm.train import
-    loop`, which reads `sys.modules`)."""
+    """Importing a submodule binds it on its parent; a stage module named for its command (`vlm.train`,
+    `vlm.embed_tiles`, `vlm.embed_slides`) must not shadow the function of the same name, so a submodule is
+    never bound under an exported name. Reach such a module with `from vlm.embed_slides import …` or
+    `importlib.import_module("vlm.embed_slides")`, which read `sys.modules`."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _EXPORTS and isinstance(value, types.ModuleType):
