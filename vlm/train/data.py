@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from vlm.formats.pairs import Pairs
+from vlm.io import cache_folder
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ def assign_splits(pairs: Pairs, val_fraction: float = 0.1, test_fraction: float 
 
 def tokens_cache_dir() -> Path:
     """`$VLM_CACHE/tokens` when VLM_CACHE is set, else `~/.cache/vlm/tokens`."""
-    root = os.environ.get("VLM_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "vlm") / "tokens"
+    return cache_folder("tokens")
 
 
 class ReportTokens:
