@@ -372,22 +372,21 @@ def zeroshot_heatmaps(
 ) -> BatchReport:
     """`vlm zeroshot --heatmaps`: each scored slide's heat for its predicted class, whose prototype (the
     class's prompt ensemble, as zero-shot scored it) is the query. `features` is a folder of .h5 files."""
-    import pandas as pd
-
     from vlm.formats.features import feature_files
+    from vlm.formats.tables import read_table
     from vlm.prompts import load_prompt_task, task_from_classes
     from vlm.zeroshot import ZeroShotClassifier
 
     loaded = SlideTextModel.from_pretrained(model)
     prompt_task = load_prompt_task(task) if task is not None else task_from_classes(classes)
     classifier = ZeroShotClassifier(loaded, prompt_task, cache_dir=cache_dir)
-    table = pd.read_csv(predictions)
+    table = read_table(predictions, required=("slide_id", "predicted"), what="predictions", all_text=True)
     files = {p.stem: p for p in feature_files(features)}
-    missing = sorted(set(table["slide_id"].astype(str)) - set(files))
+    missing = sorted(set(table["slide_id"]) - set(files))
     if missing:
         raise FileNotFoundError(f"{features}: no tile features for scored slide(s) {missing[:5]}; pass their folder")
     per_slide = {}
-    for slide_id, predicted in zip(table["slide_id"].astype(str), table["predicted"], strict=True):
+    for slide_id, predicted in zip(table["slide_id"], table["predicted"], strict=True):
         row = list(classifier.classes).index(predicted)
         per_slide[slide_id] = ([f"{predicted} (predicted; prompts of {prompt_task.name})"],
                                classifier.prototypes[row : row + 1])  # fmt: skip
