@@ -187,19 +187,20 @@ def slide_heat(
     mpp: float | None = None,
 ) -> SlideHeat:
     """Tile scores of one feature file for `queries` (texts [Q, D] given: e.g. zero-shot class prototypes)."""
-    from vlm.encoders.inputs import load_slide_inputs
-    from vlm.formats.features import read_tile_grid
+    from vlm.encoders.inputs import prepare_slide_inputs
+    from vlm.formats.features import read_features
     from vlm.io import slide_id_from_path
 
     if texts is None:
         texts = model.encode_text(list(queries), device="cpu")
     config = encoder.config
-    slide_inputs = load_slide_inputs(feature_path, config.in_dim, mpp, None, config.tile_size, config.grid_size)
-    features, coords = slide_inputs.features, slide_inputs.coords
-    grid = read_tile_grid(feature_path, mpp=mpp)
-    scores, slide = tile_scores(model, encoder, features, coords, texts)
-    return SlideHeat(slide_id_from_path(feature_path), list(queries), grid.coords, grid.tile_size_level0,
-                     scores, slide)  # fmt: skip
+    slide_id = slide_id_from_path(feature_path)
+    tiles = read_features(feature_path, mpp=mpp)  # read once: the encoder inputs and the level-0 tile corners
+    grid = tiles.grid
+    inputs = prepare_slide_inputs(tiles.features, grid.coords, grid.mpp, grid.tile_size_level0, slide_id,
+                                  str(feature_path), config.in_dim, config.tile_size, config.grid_size)  # fmt: skip
+    scores, slide = tile_scores(model, encoder, inputs.features, inputs.coords, texts)
+    return SlideHeat(slide_id, list(queries), grid.coords, grid.tile_size_level0, scores, slide)
 
 
 def heat_grid(heat: SlideHeat, column: int, dimensions: tuple[int, int], downsample: float) -> np.ndarray:
