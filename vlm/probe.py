@@ -163,6 +163,7 @@ def run_probe(
     test = test.sort_index()  # one canonical order: outputs do not depend on the files' row order
     train_labels = train_labels.sort_index()
     x_train, x_test = _matrix(embeddings, train_labels, slides), _matrix(embeddings, test, slides)
+    table.check_finite([*train_labels.index, *test.index])  # NaN/inf rows named here, not deep in scikit-learn
     code = {name: i for i, name in enumerate(classes)}
     y_train = train_labels.map(code).to_numpy()
     y_test = test.map(code).to_numpy()
