@@ -146,10 +146,9 @@ class ServeState:
 
 def _records(table: Any) -> list[dict[str, Any]]:
     """Search results as JSON-ready dicts, exactly as `vlm search --json` prints them."""
-    from vlm.commands.retrieval import _json_value
+    from vlm.retrieval.index import result_records
 
-    table = table.drop(columns=["query"])
-    return [{key: _json_value(value) for key, value in row.items()} for row in table.to_dict("records")]
+    return result_records(table)
 
 
 def _check_query(q: str) -> str:
