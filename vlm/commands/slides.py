@@ -27,16 +27,17 @@ def _feature_width(files: list[Path]) -> int | None:
 
     Unreadable files are left to the batch, which lists them in failures.csv; None when no file tells.
     """
-    import h5py
+    from vlm.formats.features import feature_shape
 
     widths: dict[int, Path] = {}
     for path in files:
         try:
-            with h5py.File(path, "r") as h5:
-                if "features" in h5:
-                    widths.setdefault(int(h5["features"].shape[-1]), path)
-        except OSError:
-            log.debug("%s: unreadable; the batch will report it", path)
+            shape = feature_shape(path)
+        except ValueError as error:
+            log.debug("%s; the batch will report it", error)
+            continue
+        if shape:
+            widths.setdefault(int(shape[-1]), path)
     if len(widths) > 1:
         seen = ", ".join(f"{width} ({path.name})" for width, path in sorted(widths.items()))
         raise ValueError(f"feature files of different widths: {seen}; embed all slides with one tile encoder")
