@@ -354,6 +354,26 @@ def test_zeroshot_heatmaps_use_each_slides_predicted_class(frozen_run: dict, tmp
     assert table["score"].mean() == pytest.approx(float(cosine[row].detach()), abs=1e-4)
 
 
+def test_zeroshot_heatmaps_keep_zero_padded_slide_ids(frozen_run: dict, tmp_path: Path) -> None:
+    """predictions.csv is read through the one table reader: slide id `0007` stays `0007` (a plain
+    `pd.read_csv` makes it 7, which matches no feature file) and a numeric class name stays a class name."""
+    import shutil
+
+    from vlm.heatmap import zeroshot_heatmaps
+
+    run = frozen_run
+    features = tmp_path / "padded" / "features"
+    features.mkdir(parents=True)
+    shutil.copy(run["features"], features / "0007.h5")
+    predictions = tmp_path / "padded" / "predictions.csv"
+    predictions.write_text("slide_id,p_1,p_2,predicted\n0007,0.4,0.6,2\n")
+    report = zeroshot_heatmaps(run["model"], predictions, None, ["1=papillary carcinoma", "2=solid carcinoma"],
+                               features, [run["slide"]], tmp_path / "padded" / "heat")  # fmt: skip
+    assert report.ok and report.done == ["0007"]
+    geojson = json.loads((tmp_path / "padded" / "heat" / "0007.geojson").read_text())
+    assert geojson["properties"]["queries"][0].startswith("2 (predicted")
+
+
 @pytest.mark.slow
 def test_demo_writes_heatmaps_of_held_out_slides(demo_out: Path) -> None:
     labels = pd.read_csv(demo_out / "test_labels.csv").set_index("slide_id")["label"]

@@ -102,6 +102,26 @@ def test_probe_refuses_leaks_unknown_labels_and_missing_slides(tmp_path: Path) -
     assert not (tmp_path / "out").exists()
 
 
+def test_probe_names_a_nan_embedding_and_keeps_ids_as_text(tmp_path: Path) -> None:
+    """A NaN embedding is refused by slide id (not by scikit-learn's 'Input X contains NaN'); ids such as
+    `0007` are read as text through the one table reader, so they still match the parquet's ids."""
+    data = _cohort(tmp_path / "data", separation=3.0)
+    frame = pd.read_parquet(data["slides"])
+    renamed = {old: f"{i:04d}" for i, old in enumerate(frame["slide_id"])}
+    frame["slide_id"] = frame["slide_id"].map(renamed)
+    frame.to_parquet(data["slides"])
+    for key in ("labels", "test"):
+        pd.read_csv(data[key]).assign(slide_id=lambda f: f["slide_id"].map(renamed)).to_csv(data[key], index=False)
+    report = run_probe(data["slides"], data["labels"], data["test"], tmp_path / "ok", shots=["all"], n_boot=20)
+    assert report["n_train"] == 36 and report["n_test"] == 18
+    broken = pd.read_csv(data["test"], dtype=str)["slide_id"].iloc[0]
+    frame["embedding"] = [[float("nan")] * len(e) if s == broken else list(e)
+                          for s, e in zip(frame["slide_id"], frame["embedding"], strict=True)]  # fmt: skip
+    frame.to_parquet(data["slides"])
+    with pytest.raises(ValueError, match=f"NaN or infinite.*{broken}"):
+        run_probe(data["slides"], data["labels"], data["test"], tmp_path / "nan", shots=["all"], n_boot=20)
+
+
 @pytest.mark.parametrize("shots", [["0"], ["two"], ["1", "1"], []])
 def test_bad_shot_counts_are_refused(shots: list[str]) -> None:
     with pytest.raises(ValueError, match="--shots"):

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Literal
 
 import torch
 
 from vlm.settings import PRECISIONS
-
-Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

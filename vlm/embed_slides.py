@@ -32,7 +32,7 @@ from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.inputs import SlideInputs, load_slide_inputs, pad_batch
 from vlm.encoders.slide import SLIDE_ENCODER_PRESETS, GigaPathSlideEncoder
 from vlm.formats.embeddings import read_settings_and_rows, shard_output, write_slide_embeddings
-from vlm.formats.features import MPP_FROM_FILE
+from vlm.formats.features import MPP_FROM_FILE, feature_shape
 from vlm.io import file_sha256, output_lock, slide_id_from_path
 from vlm.weights import weights_digest
 
@@ -85,12 +85,9 @@ class _Rows:
 
 def _tile_count(path: Path) -> float:
     """Tiles in a feature file, from the dataset's shape alone (unreadable files sort last and fail on load)."""
-    import h5py
-
     try:
-        with h5py.File(path, "r") as h5:
-            return float(h5["features"].shape[0])
-    except (OSError, KeyError, IndexError, TypeError):
+        return float(feature_shape(path)[0])
+    except (ValueError, IndexError):
         return float("inf")
 
 

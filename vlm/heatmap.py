@@ -187,19 +187,20 @@ def slide_heat(
     mpp: float | None = None,
 ) -> SlideHeat:
     """Tile scores of one feature file for `queries` (texts [Q, D] given: e.g. zero-shot class prototypes)."""
-    from vlm.encoders.inputs import load_slide_inputs
-    from vlm.formats.features import read_tile_grid
+    from vlm.encoders.inputs import prepare_slide_inputs
+    from vlm.formats.features import read_features
     from vlm.io import slide_id_from_path
 
     if texts is None:
         texts = model.encode_text(list(queries), device="cpu")
     config = encoder.config
-    slide_inputs = load_slide_inputs(feature_path, config.in_dim, mpp, None, config.tile_size, config.grid_size)
-    features, coords = slide_inputs.features, slide_inputs.coords
-    grid = read_tile_grid(feature_path, mpp=mpp)
-    scores, slide = tile_scores(model, encoder, features, coords, texts)
-    return SlideHeat(slide_id_from_path(feature_path), list(queries), grid.coords, grid.tile_size_level0,
-                     scores, slide)  # fmt: skip
+    slide_id = slide_id_from_path(feature_path)
+    tiles = read_features(feature_path, mpp=mpp)  # read once: the encoder inputs and the level-0 tile corners
+    grid = tiles.grid
+    inputs = prepare_slide_inputs(tiles.features, grid.coords, grid.mpp, grid.tile_size_level0, slide_id,
+                                  str(feature_path), config.in_dim, config.tile_size, config.grid_size)  # fmt: skip
+    scores, slide = tile_scores(model, encoder, inputs.features, inputs.coords, texts)
+    return SlideHeat(slide_id, list(queries), grid.coords, grid.tile_size_level0, scores, slide)
 
 
 def heat_grid(heat: SlideHeat, column: int, dimensions: tuple[int, int], downsample: float) -> np.ndarray:
@@ -372,22 +373,21 @@ def zeroshot_heatmaps(
 ) -> BatchReport:
     """`vlm zeroshot --heatmaps`: each scored slide's heat for its predicted class, whose prototype (the
     class's prompt ensemble, as zero-shot scored it) is the query. `features` is a folder of .h5 files."""
-    import pandas as pd
-
     from vlm.formats.features import feature_files
+    from vlm.formats.tables import read_table
     from vlm.prompts import load_prompt_task, task_from_classes
     from vlm.zeroshot import ZeroShotClassifier
 
     loaded = SlideTextModel.from_pretrained(model)
     prompt_task = load_prompt_task(task) if task is not None else task_from_classes(classes)
     classifier = ZeroShotClassifier(loaded, prompt_task, cache_dir=cache_dir)
-    table = pd.read_csv(predictions)
+    table = read_table(predictions, required=("slide_id", "predicted"), what="predictions", all_text=True)
     files = {p.stem: p for p in feature_files(features)}
-    missing = sorted(set(table["slide_id"].astype(str)) - set(files))
+    missing = sorted(set(table["slide_id"]) - set(files))
     if missing:
         raise FileNotFoundError(f"{features}: no tile features for scored slide(s) {missing[:5]}; pass their folder")
     per_slide = {}
-    for slide_id, predicted in zip(table["slide_id"].astype(str), table["predicted"], strict=True):
+    for slide_id, predicted in zip(table["slide_id"], table["predicted"], strict=True):
         row = list(classifier.classes).index(predicted)
         per_slide[slide_id] = ([f"{predicted} (predicted; prompts of {prompt_task.name})"],
                                classifier.prototypes[row : row + 1])  # fmt: skip

@@ -240,6 +240,12 @@ def output_lock(path: str | os.PathLike[str], wait: bool = False) -> contextlib.
     return file_lock(file.with_name(f".{file.name}.lock"), str(file), wait=wait)
 
 
+def cache_folder(kind: str) -> Path:
+    """`$VLM_CACHE/<kind>` when VLM_CACHE is set, else `~/.cache/vlm/<kind>` (prompt embeddings, tokens)."""
+    root = os.environ.get("VLM_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "vlm") / kind
+
+
 def slide_id_from_path(path: str | os.PathLike[str]) -> str:
     """The slide id is the file name without its extension (`TCGA-XX.svs` -> `TCGA-XX`)."""
     name = Path(path).name

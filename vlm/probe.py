@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vlm.formats.tables import read_table
 from vlm.io import atomic_path
 from vlm.settings import N_BOOT
 
@@ -62,14 +63,8 @@ def parse_shots(values: Sequence[str | int]) -> list[int | str]:
 
 
 def _read_labels(path: str | os.PathLike[str], column: str) -> pd.Series:
-    """slide_id -> label (str) from a CSV; refuses missing columns, empty labels and duplicate ids."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: labels file not found (a CSV with columns slide_id,{column})")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    missing = [c for c in ("slide_id", column) if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing} (columns: {list(frame.columns)})")
+    """slide_id -> label (str) from a table (`vlm.formats.tables`); refuses empty labels and duplicate ids."""
+    frame = read_table(path, required=("slide_id", column), what="labels", all_text=True)
     frame["slide_id"] = frame["slide_id"].str.strip()
     frame[column] = frame[column].str.strip()
     duplicated = sorted(frame.loc[frame["slide_id"].duplicated(), "slide_id"].unique())
@@ -78,8 +73,6 @@ def _read_labels(path: str | os.PathLike[str], column: str) -> pd.Series:
     empty = frame.loc[frame[column] == "", "slide_id"].tolist()
     if empty:
         raise ValueError(f"{path}: empty {column!r} for slide(s) {empty[:5]}; label them or drop the rows")
-    if frame.empty:
-        raise ValueError(f"{path}: no labelled slides")
     return frame.set_index("slide_id")[column]
 
 
@@ -170,6 +163,7 @@ def run_probe(
     test = test.sort_index()  # one canonical order: outputs do not depend on the files' row order
     train_labels = train_labels.sort_index()
     x_train, x_test = _matrix(embeddings, train_labels, slides), _matrix(embeddings, test, slides)
+    table.check_finite([*train_labels.index, *test.index])  # NaN/inf rows named here, not deep in scikit-learn
     code = {name: i for i, name in enumerate(classes)}
     y_train = train_labels.map(code).to_numpy()
     y_test = test.map(code).to_numpy()

@@ -33,13 +33,12 @@ from typing import Any
 
 import yaml
 
-from vlm.resources import resolve_task
+from vlm.resources import TASK_SUFFIXES, resolve_task
 
 log = logging.getLogger(__name__)
 
 PLACEHOLDER = "CLASSNAME"
 TASK_TYPES = ("multiclass", "binary")
-PROMPT_SUFFIXES = (".yaml", ".yml", ".json")
 PEER_LABEL_COLUMN = "OncoTreeCode"  # CONCH's and MI-Zero's label column (TITAN names its own `target`)
 
 # Used for `--classes` on the command line: histology wording for whole-slide H&E images.
@@ -226,7 +225,7 @@ def prompt_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     found: list[Path] = []
     for entry in map(Path, paths):
         if entry.is_dir():
-            found.extend(sorted(p for p in entry.iterdir() if p.suffix.lower() in PROMPT_SUFFIXES))
+            found.extend(sorted(p for p in entry.iterdir() if p.suffix.lower() in TASK_SUFFIXES))
         else:
             found.append(resolve_task(entry))  # a file, or a shipped task by name
     return found

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from vlm.formats.embeddings import SlideEmbeddings
 from vlm.formats.tables import read_table
-from vlm.io import atomic_path
+from vlm.io import atomic_path, cache_folder
 from vlm.model.clip import SlideTextModel
 from vlm.prompts import DEFAULT_TEMPLATES, PromptTask, load_prompt_task, task_from_classes
 from vlm.settings import N_BOOT
@@ -44,8 +44,7 @@ CACHE_FORMAT = "vlm-prompt-cache"
 
 def default_cache_dir() -> Path:
     """`$VLM_CACHE/prompts` when VLM_CACHE is set, else `~/.cache/vlm/prompts`."""
-    root = os.environ.get("VLM_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "vlm") / "prompts"
+    return cache_folder("prompts")
 
 
 def text_fingerprint(model: SlideTextModel) -> str:

@@ -79,6 +79,24 @@ def add_bootstrap(parser: Any) -> None:
     parser.add_argument("--n-boot", type=int, default=N_BOOT, help=_escape("bootstrap replicates for the 95% CIs"))
 
 
+def add_random_weights(parser: Any, encoder: str) -> None:
+    """`--random-weights` and its `--seed`, for commands that load a pretrained `encoder` ("tile", "slide")."""
+    parser.add_argument("--random-weights", action="store_true",
+                        help=f"an untrained {encoder} encoder seeded by --seed (smoke tests, the demo; never for "
+                        "results)")  # fmt: skip
+    add_seed(parser, "seed of --random-weights")
+
+
+def seed_random_weights(args: argparse.Namespace) -> None:
+    """Refuse `--random-weights` with `--checkpoint`; seed torch for the untrained encoder about to be built."""
+    if args.random_weights and args.checkpoint:
+        raise ValueError("--random-weights and --checkpoint exclude each other: pick one source of weights")
+    if args.random_weights:
+        import torch
+
+        torch.manual_seed(args.seed)
+
+
 def add_shard(parser: Any) -> None:
     parser.add_argument(
         "--shard", default=None,

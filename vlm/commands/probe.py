@@ -50,8 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=_EPILOG,
     )  # fmt: skip
     parser.add_argument("--slides", required=True, help="slide embeddings parquet from `vlm embed-slides`")
-    parser.add_argument("--labels", required=True, help="CSV with slide_id and label of the training slides")
-    parser.add_argument("--test-labels", required=True, help="CSV with slide_id and label of the held-out slides")
+    parser.add_argument("--labels", required=True, help="slide_id,label table (CSV/TSV/Parquet/JSONL), training")
+    parser.add_argument("--test-labels", required=True, help="slide_id,label table (CSV/TSV/Parquet/JSONL), held out")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--shots", nargs="+", default=["1", "2", "4", "8", "16", "all"],
                         help="training slides per class; 'all' = every training slide")  # fmt: skip

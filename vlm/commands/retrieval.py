@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from typing import TYPE_CHECKING
 
 from vlm.commands.options import add_bootstrap, add_overwrite, add_seed
@@ -164,6 +163,7 @@ def _index_remove(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from vlm.formats.embeddings import load_slide_embeddings
     from vlm.retrieval import ReportIndex, load_index
+    from vlm.retrieval.index import result_records
 
     if (args.text is None) == (args.slide_id is None):
         raise ValueError("give either a query text or --slide-id (not both)")
@@ -181,11 +181,10 @@ def _search(args: argparse.Namespace) -> int:
         results = index.search_embeddings(table.lookup([args.slide_id]), k=args.k)
     else:
         results = index.search_slide(args.slide_id, k=args.k)
-    results = results.drop(columns=["query"])
     if args.json:
-        records = [{key: _json_value(value) for key, value in row.items()} for row in results.to_dict("records")]
-        print(json.dumps(records, indent=2))
+        print(json.dumps(result_records(results), indent=2))
     else:
+        results = results.drop(columns=["query"])
         if "report" in results.columns:
             results["report"] = results["report"].map(lambda text: text if len(text) <= 80 else text[:77] + "...")
         print(results.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
@@ -221,10 +220,3 @@ def _summary(index: SlideIndex, out: str) -> str:
 
 def _interval(value: dict[str, float]) -> str:
     return f"{value['value']:.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
-
-
-def _json_value(value: object) -> object:
-    """NumPy scalars as Python numbers, missing metadata (NaN) as null."""
-    if hasattr(value, "item"):
-        value = value.item()  # type: ignore[union-attr]
-    return None if isinstance(value, float) and math.isnan(value) else value

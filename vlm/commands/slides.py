@@ -14,8 +14,9 @@ from vlm.commands.options import (
     add_pool,
     add_precision,
     add_progress,
-    add_seed,
+    add_random_weights,
     add_shard,
+    seed_random_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -26,16 +27,17 @@ def _feature_width(files: list[Path]) -> int | None:
 
     Unreadable files are left to the batch, which lists them in failures.csv; None when no file tells.
     """
-    import h5py
+    from vlm.formats.features import feature_shape
 
     widths: dict[int, Path] = {}
     for path in files:
         try:
-            with h5py.File(path, "r") as h5:
-                if "features" in h5:
-                    widths.setdefault(int(h5["features"].shape[-1]), path)
-        except OSError:
-            log.debug("%s: unreadable; the batch will report it", path)
+            shape = feature_shape(path)
+        except ValueError as error:
+            log.debug("%s; the batch will report it", error)
+            continue
+        if shape:
+            widths.setdefault(int(shape[-1]), path)
     if len(widths) > 1:
         seen = ", ".join(f"{width} ({path.name})" for width, path in sorted(widths.items()))
         raise ValueError(f"feature files of different widths: {seen}; embed all slides with one tile encoder")
@@ -50,8 +52,7 @@ def _embed_slides(args: argparse.Namespace) -> int:
     from vlm.formats.embeddings import shard_output
     from vlm.formats.features import feature_files
 
-    if args.random_weights and args.checkpoint:
-        raise ValueError("--random-weights and --checkpoint exclude each other: pick one source of weights")
+    seed_random_weights(args)
     if args.checkpoint is None and args.slide_encoder != "gigapath" and not args.random_weights:
         raise ValueError(
             f"--slide-encoder {args.slide_encoder} has no published weights; pass --checkpoint, or "
@@ -67,10 +68,6 @@ def _embed_slides(args: argparse.Namespace) -> int:
     in_dim = args.in_dim or width
     shard = Shard.parse(args.shard)
     device = resolve_shard_device(args.device, shard.index, shard.count)
-    if args.random_weights:
-        import torch
-
-        torch.manual_seed(args.seed)
     width_override = {} if in_dim is None else {"in_dim": in_dim}
     encoder = create_slide_encoder(
         args.slide_encoder, checkpoint=args.checkpoint, pretrained=not args.random_weights, **width_override
@@ -99,12 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="local slide_encoder.pth (else prov-gigapath/prov-gigapath from the hub)",
     )
-    parser.add_argument(
-        "--random-weights",
-        action="store_true",
-        help="an untrained slide encoder seeded by --seed (smoke tests, the demo; never for results)",
-    )
-    add_seed(parser, "seed of --random-weights")
+    add_random_weights(parser, "slide")
     parser.add_argument(
         "--in-dim",
         type=int,

@@ -8,7 +8,15 @@ import logging
 from dataclasses import asdict
 
 from vlm.commands import finish_batch
-from vlm.commands.options import add_device, add_overwrite, add_precision, add_progress, add_seed, add_shard
+from vlm.commands.options import (
+    add_device,
+    add_overwrite,
+    add_precision,
+    add_progress,
+    add_random_weights,
+    add_shard,
+    seed_random_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +84,7 @@ def _embed_tiles(args: argparse.Namespace) -> int:
     params = TilingParams(target_mpp=args.target_mpp, tile_size=args.tile_size, min_tissue=args.min_tissue)
     shard = Shard.parse(args.shard)
     device = resolve_shard_device(args.device, shard.index, shard.count)
-    if args.random_weights and args.checkpoint:
-        raise ValueError("--random-weights and --checkpoint exclude each other: pick one source of weights")
-    if args.random_weights:
-        import torch
-
-        torch.manual_seed(args.seed)
+    seed_random_weights(args)
     encoder = create_tile_encoder(args.tile_encoder, checkpoint=args.checkpoint, pretrained=not args.random_weights)
     report = embed_tiles(
         slides, args.out, encoder, device, precision=args.precision, batch_size=args.batch_size,
@@ -124,9 +127,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_batch_options(embed)
     embed.add_argument("--tile-encoder", default="gigapath", help="'gigapath' or 'timm:<model_name>'")
     embed.add_argument("--checkpoint", default=None, help="local tile-encoder weights (else the hub's)")
-    embed.add_argument("--random-weights", action="store_true",
-                       help="an untrained tile encoder seeded by --seed (smoke tests, the demo; never for results)")
-    add_seed(embed, "seed of --random-weights")
+    add_random_weights(embed, "tile")
     embed.add_argument("--tiles", default=None, help="folder of `vlm tile` outputs to take the grids from")
     add_device(embed)
     add_precision(embed)

@@ -37,15 +37,14 @@ def _zeroshot(args: argparse.Namespace) -> int:
     )
     status = 0
     if args.heatmaps:
+        from vlm.commands import finish_batch
         from vlm.heatmap import zeroshot_heatmaps
 
         report = zeroshot_heatmaps(args.model, Path(args.out) / "predictions.csv", args.task, args.classes, features,
                                    args.heatmap_slides, args.heatmaps, cache_dir=args.cache_dir,
                                    slide_checkpoint=args.slide_checkpoint)  # fmt: skip
-        print(f"heatmaps of the predicted classes: {report.summary()} -> {args.heatmaps}")
-        if report.failed:
-            print(f"failures listed in {report.failures}")
-        status = 1 if report.failed else 0
+        print("heatmaps of the predicted classes:", end=" ")
+        status = finish_batch(report, args.heatmaps)
     if "metrics" in result:
         sets = result.get("prompt_sets")
         if sets:

@@ -268,6 +268,19 @@ def read_tile_grid(
     )
 
 
+def feature_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
+    """The shape of a file's `features` dataset, without reading it: the checks and orderings made before a
+    run (feature width, tile count) read this, `read_features` the values."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as h5:
+            if not isinstance(h5.get("features"), h5py.Dataset):
+                raise FeatureFileError(f"{path}: no 'features' dataset; run `vlm embed-tiles` on this tile grid first")
+            return tuple(h5["features"].shape)
+    except OSError as error:
+        raise FeatureFileError(f"{path}: not a readable HDF5 file ({error})") from error
+
+
 def read_features(
     path: str | os.PathLike[str], mpp: float | None = None, patches: str | os.PathLike[str] | None = None
 ) -> TileFeatures:

@@ -379,6 +379,18 @@ class SlideIndex:
         return self._id_rows.get_indexer(ids)
 
 
+def result_records(results: pd.DataFrame) -> list[dict[str, Any]]:
+    """Search results as JSON-ready dicts, without the query column (`vlm search --json`, `vlm serve`'s API):
+    NumPy scalars as Python numbers, missing metadata (NaN) as null."""
+
+    def plain(value: Any) -> Any:
+        value = value.item() if hasattr(value, "item") else value
+        return None if isinstance(value, float) and value != value else value
+
+    rows = results.drop(columns=["query"]).to_dict("records")
+    return [{key: plain(value) for key, value in row.items()} for row in rows]
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of an index folder, checked to be one this vlm reads (finishing an interrupted write)."""
     recover_dir(path)

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vlm.wsi.inputs import SLIDE_EXTENSIONS
+
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
@@ -38,10 +40,9 @@ MAX_PAGE = 100
 SIMILAR = 5
 HEAT_PIXELS_PER_TILE = 4
 DZ_TILE = 254  # the DeepZoom default: 254 + 2 px overlap = 256-px JPEG tiles
-SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
 
 
-def _scan(roots: Sequence[str | os.PathLike[str]], suffixes: set[str], wanted: set[str]) -> dict[str, Path]:
+def _scan(roots: Sequence[str | os.PathLike[str]], suffixes: Collection[str], wanted: set[str]) -> dict[str, Path]:
     """id -> file for files directly in `roots` whose real path stays inside the root; first root wins."""
     from vlm.io import slide_id_from_path
 
@@ -145,10 +146,9 @@ class ServeState:
 
 def _records(table: Any) -> list[dict[str, Any]]:
     """Search results as JSON-ready dicts, exactly as `vlm search --json` prints them."""
-    from vlm.commands.retrieval import _json_value
+    from vlm.retrieval.index import result_records
 
-    table = table.drop(columns=["query"])
-    return [{key: _json_value(value) for key, value in row.items()} for row in table.to_dict("records")]
+    return result_records(table)
 
 
 def _check_query(q: str) -> str:
@@ -177,7 +177,7 @@ def create_app(
     keys = set(loaded.keys)
     state = ServeState(
         index=loaded,
-        slides=_scan(slides, SLIDE_SUFFIXES, keys),
+        slides=_scan(slides, SLIDE_EXTENSIONS, keys),
         features=_scan(features, {".h5"}, keys),
         slide_checkpoint=str(slide_checkpoint) if slide_checkpoint else None,
     )

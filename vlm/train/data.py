@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from vlm.formats.pairs import Pairs
+from vlm.io import cache_folder
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ def assign_splits(pairs: Pairs, val_fraction: float = 0.1, test_fraction: float 
 
 def tokens_cache_dir() -> Path:
     """`$VLM_CACHE/tokens` when VLM_CACHE is set, else `~/.cache/vlm/tokens`."""
-    root = os.environ.get("VLM_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "vlm") / "tokens"
+    return cache_folder("tokens")
 
 
 class ReportTokens:
@@ -146,10 +146,8 @@ def check_feature_files(
     `vlm.encoders.inputs.load_slide_inputs` (same `mpp`, `patches`, position grid), so the check is quick.
     With `drop_bad` the pairs of those slides are dropped with a warning, as `--drop-missing` does.
     """
-    import h5py
-
     from vlm.encoders.positions import to_gigapath_coords
-    from vlm.formats.features import read_tile_grid
+    from vlm.formats.features import feature_shape, read_tile_grid
 
     bad: dict[str, str] = {}
     dims: dict[str, int] = {}
@@ -157,10 +155,7 @@ def check_feature_files(
         path = folder / f"{slide_id}.h5"
         try:
             grid = read_tile_grid(path, mpp=mpp, patches=patches)
-            with h5py.File(path, "r") as h5:
-                if "features" not in h5:
-                    raise ValueError(f"{path}: no 'features' dataset; run `vlm embed-tiles` on this tile grid")
-                shape = h5["features"].shape
+            shape = feature_shape(path)
             if len(shape) != 2 or shape[0] != len(grid) or len(grid) == 0:
                 raise ValueError(f"{path}: 'features' has shape {shape} but 'coords' has {len(grid)} rows")
             to_gigapath_coords(grid.coords, grid.mpp, slide_id, tile_size_level0=grid.tile_size_level0)

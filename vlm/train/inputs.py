@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlm.formats.embeddings import load_slide_embeddings
+from vlm.formats.embeddings import SlideEmbeddings, load_slide_embeddings
 from vlm.formats.pairs import SPLITS, Pairs, check_slides_available, load_pairs
 from vlm.io import atomic_path
 from vlm.model.clip import SlideTextModel
@@ -28,12 +28,16 @@ log = logging.getLogger(__name__)
 class Inputs:
     """Slide inputs of the pairs (cached embeddings or feature files) and their reports, by row."""
 
-    def __init__(self, config: TrainConfig, pairs: Pairs, device: torch.device) -> None:
+    def __init__(
+        self, config: TrainConfig, pairs: Pairs, device: torch.device, table: SlideEmbeddings | None = None
+    ) -> None:
+        """`table`: `config.slide_embeddings` when already loaded (else it is read here)."""
         self.config, self.pairs, self.device = config, pairs, device
         self.embeddings: Tensor | None = None
+        self.slide_dim: int | None = None  # width of the cached slide embeddings (None: feature files)
         self._text_features: Tensor | None = None
         if config.slide_embeddings is not None:
-            table = load_slide_embeddings(config.slide_embeddings)
+            table = table if table is not None else load_slide_embeddings(config.slide_embeddings)
             self.embeddings = table.lookup(pairs.slide_ids).to(device)  # [N_pairs, D]
             self.slide_dim = table.dim
             used = pairs.indices("train") + pairs.indices("val")  # test rows are never read by training
@@ -98,11 +102,13 @@ class Inputs:
         return self._text_features
 
 
-def prepare_pairs(config: TrainConfig) -> Pairs:
+def prepare_pairs(config: TrainConfig, table: SlideEmbeddings | None = None) -> Pairs:
+    """The run's pairs with their splits, checked against the slide inputs (`table`: the loaded
+    `config.slide_embeddings`, else it is read here)."""
     pairs = load_pairs(config.pairs)
     pairs = pairs_data.assign_splits(pairs, config.val_fraction, config.test_fraction, config.seed)
     if config.slide_embeddings is not None:
-        ids = set(load_slide_embeddings(config.slide_embeddings).ids)
+        ids = set((table if table is not None else load_slide_embeddings(config.slide_embeddings)).ids)
         source = config.slide_embeddings
     else:
         ids = pairs_data.feature_slide_ids(config.features or "")

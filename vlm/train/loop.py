@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vlm.device import autocast, autocast_dtype, resolve_device
-from vlm.formats.embeddings import read_embedding_settings
+from vlm.formats.embeddings import load_slide_embeddings, read_embedding_settings
 from vlm.formats.pairs import SPLITS
 from vlm.metrics import retrieval_recalls
 from vlm.model.clip import CLIP_INIT_LOGIT_SCALE, SlideTextModel, create_model
@@ -126,10 +126,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
         remove_unfinished(out)
     seed_everything(config.seed)
 
-    pairs = prepare_pairs(config)
-    inputs = Inputs(config, pairs, device)
+    table = load_slide_embeddings(config.slide_embeddings) if config.slide_embeddings is not None else None
+    pairs = prepare_pairs(config, table)  # the parquet is read once, for the checks and the inputs
+    inputs = Inputs(config, pairs, device, table)
     train_rows, val_rows = pairs.indices("train"), pairs.indices("val")
-    model = build_model(config, getattr(inputs, "slide_dim", None), out if resume else None).to(device)
+    model = build_model(config, inputs.slide_dim, out if resume else None).to(device)
     apply_freezing(model, config)
     inputs.tokenize(model)
     assert inputs.tokens is not None
