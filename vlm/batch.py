@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from vlm.io import atomic_path, duplicate_ids
@@ -262,3 +263,14 @@ def _write_failures(path: Path, failed: list[tuple[str, str]]) -> None:
         writer = csv.writer(handle)
         writer.writerow(["slide", "error"])
         writer.writerows(failed)
+
+
+def check_finite_output(values: np.ndarray, source: object, what: str) -> None:
+    """A NaN or inf output row fails its slide (listed in failures.csv) instead of being written."""
+    bad = ~np.isfinite(values).all(axis=-1)
+    if bad.any():
+        raise FloatingPointError(
+            f"{source}: the {what} gave NaN/inf for {int(bad.sum())} of {len(values)} rows (first "
+            f"{int(np.flatnonzero(bad)[0])}); nothing was written for this slide. Check its input values (e.g. "
+            "overflowing features) and --precision"
+        )

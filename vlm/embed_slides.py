@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlm.batch import Batch, BatchReport, Shard
+from vlm.batch import Batch, BatchReport, Shard, check_finite_output
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.inputs import SlideInputs, load_slide_inputs, pad_batch
 from vlm.encoders.slide import SLIDE_ENCODER_PRESETS, GigaPathSlideEncoder
@@ -164,12 +164,7 @@ def embed_slides(
     def embed(slides: list[SlideInputs]) -> list[dict]:
         embeddings = _embed_batch(slides, encoder, pool, device, precision)
         for slide, vector in zip(slides, embeddings, strict=True):  # a chunk that raises is retried slide by slide
-            if not np.isfinite(vector).all():
-                raise FloatingPointError(
-                    f"{slide.provenance.get('source', slide.slide_id)}: the slide encoder's embedding is NaN/inf "
-                    f"(largest |tile feature| {float(np.abs(slide.features).max()):.3g}); nothing was written for "
-                    "this slide. Check the tile features and --precision"
-                )
+            check_finite_output(vector[None], slide.provenance.get("source", slide.slide_id), "slide encoder")
         return [
             {
                 "slide_id": slide.slide_id,

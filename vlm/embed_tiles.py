@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vlm.batch import Batch, BatchReport, Shard
+from vlm.batch import Batch, BatchReport, Shard, check_finite_output
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.tile import TileEncoder, tensor_transform
 from vlm.formats.features import TileFeatures, TileGrid, write_features
@@ -230,16 +230,6 @@ def stream_features(
         remaining = [job for job in remaining if job.index not in done]
 
 
-def _check_finite(values: np.ndarray, source: Path, what: str) -> None:
-    """A NaN or inf output fails its slide (listed in failures.csv) instead of being written."""
-    bad = ~np.isfinite(values).all(axis=-1)
-    if bad.any():
-        raise FloatingPointError(
-            f"{source}: the {what} gave NaN/inf for {int(bad.sum())} of {len(values)} rows (first "
-            f"{int(np.flatnonzero(bad)[0])}); nothing was written for this slide. Check its input and --precision"
-        )
-
-
 def embed_grid(
     slide_path: str | os.PathLike[str],
     grid: TileGrid,
@@ -343,7 +333,7 @@ def embed_tiles(
             features = TileFeatures(result.grid, result.features, encoder=encoder.name)
             target = output_of(path)
             with batch.attempt(path):
-                _check_finite(result.features, path, "tile encoder")
+                check_finite_output(result.features, path, "tile encoder")
                 try:
                     write_features(target, features, dtype=dtype)
                 except RuntimeError as error:  # a reader died meanwhile (signalled here): not this slide's fault

@@ -1,4 +1,5 @@
-"""Training data: slide–report pairs, their splits, and the slide inputs they point to.
+"""Training data: splits of the slide–report pairs (`vlm.formats.pairs`), the reports' tokens, and the slide
+inputs the pairs point to.
 
 Splits are made by patient when a `patient_id` column exists (else by slide), so no patient's slides or
 reports appear in two splits: a model that saw one slide of a patient in training would look better on
