@@ -81,7 +81,7 @@ def _grid_attrs(grid: TileGrid) -> dict[str, object]:
 def write_tile_grid(path: str | os.PathLike[str], grid: TileGrid) -> None:
     """Write a coords-only file (the output of `vlm tile`), atomically."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset("coords", data=grid.coords)
+        h5.create_dataset("coords", data=grid.coords, fletcher32=True)
         h5.attrs.update(_grid_attrs(grid))
 
 
@@ -93,8 +93,9 @@ def write_features(path: str | os.PathLike[str], tile_features: TileFeatures, dt
             f"{path}: features have shape {features.shape}, expected [{len(tile_features.grid)}, D]"
         )
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset("coords", data=tile_features.grid.coords)
-        h5.create_dataset("features", data=features.astype(dtype))
+        # Fletcher-32 checksums: a flipped byte is refused on read instead of read as another number.
+        h5.create_dataset("coords", data=tile_features.grid.coords, fletcher32=True)
+        h5.create_dataset("features", data=features.astype(dtype), fletcher32=True)
         h5.attrs.update(_grid_attrs(tile_features.grid))
         h5.attrs["encoder"] = tile_features.encoder
 
@@ -278,13 +279,16 @@ def read_features(
     """
     path = Path(path)
     grid = read_tile_grid(path, mpp=mpp, patches=patches)
-    with h5py.File(path, "r") as h5:
-        if "features" not in h5:
-            raise FeatureFileError(f"{path}: no 'features' dataset; run `vlm embed-tiles` on this tile grid first")
-        features = np.asarray(h5["features"][:])
-        encoder = _attr(h5, "encoder")
-        if encoder is None and "encoder" in h5["features"].attrs:  # TRIDENT keeps it on `features`
-            encoder = h5["features"].attrs["encoder"]
+    try:
+        with h5py.File(path, "r") as h5:
+            if "features" not in h5:
+                raise FeatureFileError(f"{path}: no 'features' dataset; run `vlm embed-tiles` on this tile grid first")
+            features = np.asarray(h5["features"][:])
+            encoder = _attr(h5, "encoder")
+            if encoder is None and "encoder" in h5["features"].attrs:  # TRIDENT keeps it on `features`
+                encoder = h5["features"].attrs["encoder"]
+    except OSError as error:  # a damaged chunk (checksum mismatch, truncated data)
+        raise FeatureFileError(f"{path}: 'features' is not readable ({error}); re-run `vlm embed-tiles`") from error
     if isinstance(encoder, bytes):
         encoder = encoder.decode("utf-8", "replace")
     if features.ndim != 2 or len(features) != len(grid):
