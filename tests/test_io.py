@@ -130,6 +130,15 @@ def test_a_failed_first_write_leaves_no_folder(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == []
 
 
+def test_an_output_folder_that_is_a_file_is_named(tmp_path: Path) -> None:
+    """`--out results.csv` (a file) gave a bare "[Errno 17] File exists" after the whole run."""
+    (tmp_path / "results.csv").write_text("precious")
+    with pytest.raises(NotADirectoryError, match=r"results\.csv: exists and is a file, not a folder"):
+        with atomic_dir(tmp_path / "results.csv"):
+            pass
+    assert (tmp_path / "results.csv").read_text() == "precious"
+
+
 def test_current_folder_can_be_the_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     with atomic_dir(".") as tmp:

@@ -82,6 +82,8 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     `path` may be the current folder. Writers hold the folder's lock (`folder_lock`) throughout.
     """
     folder = Path(path).absolute()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{path}: exists and is a file, not a folder; choose another output folder")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder):
