@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm.io import atomic_dir, folder_lock, output_lock, recover_dir
+from vlm.io import atomic_dir, folder_lock, make_output_folder, output_lock, recover_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,6 +136,8 @@ def test_an_output_folder_that_is_a_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(NotADirectoryError, match=r"results\.csv: exists and is a file, not a folder"):
         with atomic_dir(tmp_path / "results.csv"):
             pass
+    with pytest.raises(NotADirectoryError, match=r"results\.csv: exists and is a file"):
+        make_output_folder(tmp_path / "results.csv" / "run")  # a file above the folder too
     assert (tmp_path / "results.csv").read_text() == "precious"
 
 

@@ -69,6 +69,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def make_output_folder(path: str | os.PathLike[str]) -> Path:
+    """Create an output folder (and its parents); a file in its place is refused by name, not a bare Errno 17."""
+    folder = Path(path)
+    for part in (folder, *folder.parents):
+        if part.exists() and not part.is_dir():
+            raise NotADirectoryError(f"{part}: exists and is a file, not a folder; choose another output folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty staging folder; when the block succeeds, its files become the contents of `path`.
@@ -82,10 +92,8 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     `path` may be the current folder. Writers hold the folder's lock (`folder_lock`) throughout.
     """
     folder = Path(path).absolute()
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"{path}: exists and is a file, not a folder; choose another output folder")
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    make_output_folder(path)
     with folder_lock(folder):
         recover_dir(folder)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))

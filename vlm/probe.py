@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vlm.io import atomic_path
+from vlm.io import atomic_path, make_output_folder
 from vlm.settings import N_BOOT
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ def _read_zeroshot(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _write(out: Path, report: dict[str, Any], rows: list[pd.DataFrame]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     predictions = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
     with atomic_path(out / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False, float_format="%.6g")
