@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm.io import atomic_dir, folder_lock, make_output_folder, output_lock, recover_dir
+from vlm.io import atomic_dir, atomic_path, folder_lock, make_output_folder, output_lock, recover_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,6 +138,9 @@ def test_an_output_folder_that_is_a_file_is_named(tmp_path: Path) -> None:
             pass
     with pytest.raises(NotADirectoryError, match=r"results\.csv: exists and is a file"):
         make_output_folder(tmp_path / "results.csv" / "run")  # a file above the folder too
+    with pytest.raises(NotADirectoryError, match=r"results\.csv: exists and is a file"):
+        with atomic_path(tmp_path / "results.csv" / "slides.parquet"):  # `--out results.csv/slides.parquet`
+            pass
     assert (tmp_path / "results.csv").read_text() == "precious"
 
 

@@ -26,7 +26,7 @@ from vlm.batch import Batch, BatchReport, Shard
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.tile import TileEncoder, tensor_transform
 from vlm.formats.features import TileFeatures, TileGrid, write_features
-from vlm.io import slide_id_from_path
+from vlm.io import make_output_folder, slide_id_from_path
 from vlm.wsi.dataset import SlideJob, TileChunk, TileStream
 from vlm.wsi.tiling import TilingParams
 
@@ -307,7 +307,7 @@ def embed_tiles(
     if dtype not in ("float32", "float16"):
         raise ValueError(f"feature dtype must be float32 or float16, got {dtype!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     encoder = encoder.to(device).eval()
 
     def output_of(path: Path) -> Path:

@@ -56,7 +56,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     On any exception the temporary file is removed and the exception propagates.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_output_folder(final.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -237,7 +237,7 @@ def folder_lock(
     """
     folder = Path(path).absolute()
     if create:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_output_folder(folder)
     elif not folder.is_dir():
         raise FileNotFoundError(f"{path}: no such folder")
     return file_lock(folder / LOCK_NAME, str(folder), wait=wait)
@@ -246,7 +246,7 @@ def folder_lock(
 def output_lock(path: str | os.PathLike[str], wait: bool = False) -> contextlib.AbstractContextManager[None]:
     """The lock of a file output (`.<name>.lock` beside it); by default a second writer is refused at once."""
     file = Path(path).absolute()
-    file.parent.mkdir(parents=True, exist_ok=True)
+    make_output_folder(file.parent)
     return file_lock(file.with_name(f".{file.name}.lock"), str(file), wait=wait)
 
 
