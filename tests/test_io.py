@@ -141,6 +141,12 @@ def test_an_output_folder_that_is_a_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(NotADirectoryError, match=r"results\.csv: exists and is a file"):
         with atomic_path(tmp_path / "results.csv" / "slides.parquet"):  # `--out results.csv/slides.parquet`
             pass
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "chapter1.docx").write_text("precious")
+    with pytest.raises(IsADirectoryError, match=r"thesis: is a folder, and this output is a file"):
+        with atomic_path(tmp_path / "thesis") as tmp:  # `vlm eval retrieval --out thesis/`
+            tmp.write_text("{}")
+    assert [p.name for p in (tmp_path / "thesis").iterdir()] == ["chapter1.docx"]
     assert (tmp_path / "results.csv").read_text() == "precious"
 
 

@@ -56,6 +56,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     On any exception the temporary file is removed and the exception propagates.
     """
     final = Path(path)
+    if final.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, and this output is a file; name a file (inside it, or elsewhere)")
     make_output_folder(final.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
     os.close(fd)
