@@ -57,7 +57,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     if final.is_dir():
-        raise IsADirectoryError(f"{path}: is a folder, and this output is a file; name a file (inside it, or elsewhere)")
+        raise IsADirectoryError(f"{path}: is a folder, and this output is a file; name a file inside it or elsewhere")
     make_output_folder(final.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
     os.close(fd)
@@ -278,7 +278,9 @@ def load_torch_file(path: str | os.PathLike[str], what: str, fix: str = "") -> o
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:  # OSError: a cut-short zip
+        if isinstance(error, FileNotFoundError):
+            raise
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         reason = next((line for line in lines if "Unsupported global" in line), lines[0])
         raise ValueError(
