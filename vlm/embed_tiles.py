@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from vlm.batch import Batch, BatchReport, Shard
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.tile import TileEncoder, tensor_transform
-from vlm.formats.features import TileFeatures, TileGrid, write_features
+from vlm.formats.features import TileFeatures, TileGrid, is_written, write_features
 from vlm.io import make_output_folder, slide_id_from_path
 from vlm.wsi.dataset import SlideJob, TileChunk, TileStream
 from vlm.wsi.tiling import TilingParams
@@ -316,7 +316,7 @@ def embed_tiles(
     batch = Batch(
         slides,
         key=slide_id_from_path,
-        is_done=lambda path: output_of(path).exists(),
+        is_done=lambda path: is_written(output_of(path), ("coords", "features")),
         folder=out,
         desc="embedding tiles",
         shard=shard,

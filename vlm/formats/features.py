@@ -12,6 +12,7 @@ Coordinates stay in level-0 pixels; consumers that need another unit (the GigaPa
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -24,6 +25,8 @@ import numpy as np
 
 from vlm import __version__
 from vlm.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 
 class FeatureFileError(ValueError):
@@ -296,6 +299,23 @@ def read_features(
             f"{path}: 'features' has shape {features.shape} but 'coords' has {len(grid)} rows"
         )
     return TileFeatures(grid=grid, features=features, encoder=str(encoder or "unknown"))
+
+
+def is_written(path: str | os.PathLike[str], datasets: tuple[str, ...] = ("coords",)) -> bool:
+    """Whether a resumed run may skip `path`: it opens as HDF5 and holds `datasets` (a copy cut short or a
+    damaged file is redone, with a warning, instead of being counted done and failing a later stage)."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        with h5py.File(path, "r") as h5:
+            if all(name in h5 for name in datasets):
+                return True
+            problem = f"no {[name for name in datasets if name not in h5]} dataset"
+    except OSError as error:
+        problem = f"not a readable HDF5 file ({error})"
+    log.warning("%s: %s; it is redone", path, problem)
+    return False
 
 
 def feature_files(folder: str | os.PathLike[str]) -> list[Path]:
