@@ -79,6 +79,20 @@ def test_resume_does_every_slide_once(tmp_path: Path, real_slide: Path, slide_05
     assert tile_slides([slide_05, slide_025, real_slide], out, progress=False).done == []
 
 
+def test_resume_redoes_a_damaged_output(tmp_path: Path, slide_05: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A cut-short `<slide>.h5` in --out (a copy interrupted) counted as done: "0 done, 1 skipped", exit 0,
+    and the next stage failed on it."""
+    from vlm.tile import tile_slides
+
+    out = tmp_path / "tiles"
+    assert tile_slides([slide_05], out, progress=False).done == ["synthetic_05"]
+    good = (out / "synthetic_05.h5").read_bytes()
+    (out / "synthetic_05.h5").write_bytes(good[: len(good) // 2])
+    assert tile_slides([slide_05], out, progress=False).done == ["synthetic_05"]
+    assert "synthetic_05.h5: not a readable HDF5 file" in caplog.text and "it is redone" in caplog.text
+    assert len(read_tile_grid(out / "synthetic_05.h5")) > 0
+
+
 def test_shards_split_the_slides_without_overlap(tmp_path: Path) -> None:
     names = [Path(f"s{i}.svs") for i in range(7)]
     parts = [Shard(i, 3).select(names, key=str) for i in range(3)]

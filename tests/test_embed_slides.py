@@ -79,6 +79,21 @@ def test_cli_writes_one_row_per_slide_and_resumes(features_dir: Path, checkpoint
         embed_slides([features_dir / "slide-0.h5"], out, create_slide_encoder("tiny"), pool="mean", progress=False)
 
 
+def test_a_damaged_output_to_resume_points_to_overwrite(
+    features_dir: Path, checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A damaged existing --out said "re-run `vlm embed-slides`", the very command that failed, in a loop."""
+    out = tmp_path / "slides.parquet"
+    argv = ["embed-slides", str(features_dir), "--out", str(out), "--slide-encoder", "tiny", "--checkpoint",
+            str(checkpoint), "--pool", "mean", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    out.write_bytes(out.read_bytes()[:100])
+    assert main(argv) == 2
+    assert "slides.parquet: the output to resume is damaged" in caplog.text and "pass --overwrite" in caplog.text
+    assert main([*argv, "--overwrite"]) == 0
+    assert read_slide_embeddings(out)["slide_id"].tolist() == ["slide-0", "slide-1", "slide-2"]
+
+
 def test_batched_run_equals_one_slide_at_a_time(features_dir: Path, tmp_path: Path) -> None:
     encoder = create_slide_encoder("tiny")
     paths = sorted(features_dir.glob("*.h5"))

@@ -263,6 +263,23 @@ def test_non_finite_slide_embeddings_are_refused_by_id(
     assert "['B', 'D']" in caplog.text and not (tmp_path / "index").exists()
 
 
+def test_a_flipped_byte_in_slide_embeddings_is_refused(tmp_path: Path) -> None:
+    """Bytes flipped inside the embedding page of an `embed-slides` parquet were read as other numbers."""
+    from vlm.formats.embeddings import read_slide_embeddings, write_slide_embeddings
+
+    rng = np.random.default_rng(0)
+    rows = [{"slide_id": f"S-{i}", "embedding": rng.normal(size=256).astype(np.float32).tolist(), "n_tiles": 3,
+             "encoder": "tiny", "pool": "mean"} for i in range(8)]  # fmt: skip
+    path = tmp_path / "slides.parquet"
+    write_slide_embeddings(path, rows, {"pool": "mean"})
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2  # inside the embedding values
+    data[middle : middle + 16] = bytes(byte ^ 0xFF for byte in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"slides\.parquet: not a readable parquet file .*checksum"):
+        read_slide_embeddings(path)
+
+
 def test_retrieval_does_not_import_training() -> None:
     code = ("import sys, vlm.retrieval, vlm.retrieval.evaluate, vlm.commands.retrieval\n"
             "print(sorted(m for m in sys.modules if m.startswith(('vlm.train', 'vlm.embed_slides'))))")  # fmt: skip

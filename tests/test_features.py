@@ -151,3 +151,18 @@ def test_inconsistent_or_unreadable_files_refused(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .h5 feature files"):
         feature_files(tmp_path / "empty")
+
+
+def test_a_flipped_byte_in_written_features_is_refused(tmp_path: Path) -> None:
+    """One flipped bit in the `features` data read back as a slightly different, finite number, silently."""
+    grid = make_grid(6)
+    features = np.random.default_rng(0).normal(size=(6, 64)).astype(np.float32)
+    path = tmp_path / "s.h5"
+    write_features(path, TileFeatures(grid=grid, features=features, encoder="tiny"))
+    data = bytearray(path.read_bytes())
+    offset = data.find(features.tobytes()[:256])
+    assert offset > 0
+    data[offset + 128] ^= 0x01  # a low mantissa bit: finite, wrong, invisible to a NaN check
+    path.write_bytes(bytes(data))
+    with pytest.raises(FeatureFileError, match=r"s\.h5: 'features' is not readable .*re-run `vlm embed-tiles`"):
+        read_features(path)

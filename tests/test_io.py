@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm.io import atomic_dir, folder_lock, output_lock, recover_dir
+from vlm.io import atomic_dir, atomic_path, folder_lock, make_output_folder, output_lock, recover_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,6 +128,26 @@ def test_a_failed_first_write_leaves_no_folder(tmp_path: Path) -> None:
         (tmp / "a").write_text("half")
         raise RuntimeError("boom")
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == []
+
+
+def test_an_output_folder_that_is_a_file_is_named(tmp_path: Path) -> None:
+    """`--out results.csv` (a file) gave a bare "[Errno 17] File exists" after the whole run."""
+    (tmp_path / "results.csv").write_text("precious")
+    with pytest.raises(NotADirectoryError, match=r"results\.csv: exists and is a file, not a folder"):
+        with atomic_dir(tmp_path / "results.csv"):
+            pass
+    with pytest.raises(NotADirectoryError, match=r"results\.csv: exists and is a file"):
+        make_output_folder(tmp_path / "results.csv" / "run")  # a file above the folder too
+    with pytest.raises(NotADirectoryError, match=r"results\.csv: exists and is a file"):
+        with atomic_path(tmp_path / "results.csv" / "slides.parquet"):  # `--out results.csv/slides.parquet`
+            pass
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "chapter1.docx").write_text("precious")
+    with pytest.raises(IsADirectoryError, match=r"thesis: is a folder, and this output is a file"):
+        with atomic_path(tmp_path / "thesis") as tmp:  # `vlm eval retrieval --out thesis/`
+            tmp.write_text("{}")
+    assert [p.name for p in (tmp_path / "thesis").iterdir()] == ["chapter1.docx"]
+    assert (tmp_path / "results.csv").read_text() == "precious"
 
 
 def test_current_folder_can_be_the_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -70,6 +70,17 @@ def test_weights_from_another_model_are_refused(saved: tuple[SlideTextModel, Pat
         SlideTextModel.from_pretrained(mixed)
 
 
+def test_a_flipped_byte_in_the_weights_is_refused(saved: tuple[SlideTextModel, Path], tmp_path: Path) -> None:
+    """safetensors checks no data: one flipped byte in a weight loaded as a silently different model."""
+    _, path = saved
+    damaged = shutil.copytree(path, tmp_path / "damaged")
+    data = bytearray((damaged / "model.safetensors").read_bytes())
+    data[-100] ^= 0x01  # inside the last tensor's bytes, past the JSON header
+    (damaged / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"damaged/model\.safetensors: its weights do not match the checksum"):
+        SlideTextModel.from_pretrained(damaged)
+
+
 def test_resave_replaces_folder_atomically(saved: tuple[SlideTextModel, Path], tmp_path: Path) -> None:
     model, _ = saved
     target = model.save_pretrained(tmp_path / "m")

@@ -126,3 +126,15 @@ def test_probe_names_a_nan_embedding_and_keeps_ids_as_text(tmp_path: Path) -> No
 def test_bad_shot_counts_are_refused(shots: list[str]) -> None:
     with pytest.raises(ValueError, match="--shots"):
         parse_shots(shots)
+
+
+def test_a_stray_training_label_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A spreadsheet's literal "NaN" label became a 4th class of one slide; every k-shot row was then skipped
+    with only "the smallest class has 1 training slides", naming neither the class nor its file."""
+    data = _cohort(tmp_path / "data", separation=3.0)
+    train = pd.read_csv(data["labels"])
+    train.loc[0, "label"] = "NaN"
+    train.to_csv(data["labels"], index=False)
+    run_probe(data["slides"], data["labels"], data["test"], tmp_path / "out", shots=["2"], seeds=1, n_boot=10)
+    assert "label(s) ['NaN'] occur in no slide of" in caplog.text
+    assert "2-shot skipped: class 'NaN' has 1 training slides" in caplog.text

@@ -123,3 +123,23 @@ def test_metadata_keeps_numbers_but_not_for_ids(tmp_path: Path) -> None:
     path = write(tmp_path / "meta.csv", [{"slide_id": "0001", "age": 61}, {"slide_id": "0002", "age": 70}])
     frame = read_metadata(path)
     assert frame["slide_id"].tolist() == ["0001", "0002"] and frame["age"].tolist() == [61, 70]
+
+
+def test_an_id_list_exported_by_a_spreadsheet_is_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A byte-order mark made the first id of `index remove --ids-file` (and of a slide list) unknown."""
+    from vlm.cli import main
+    from vlm.formats.tables import read_list
+    from vlm.wsi.inputs import collect_slides
+
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"\xef\xbb\xbf001\r\n\r\n# a comment\r\n002\r\n")
+    assert read_list(ids) == ["001", "002"]
+    (tmp_path / "a.svs").write_bytes(b"")
+    slides = tmp_path / "slides.txt"
+    slides.write_bytes(b"\xef\xbb\xbfa.svs\n")
+    assert collect_slides([slides]) == [tmp_path / "a.svs"]
+    assert main(["index", "remove", "--index", str(tmp_path / "ix"), "--ids-file", str(tmp_path / "absent.txt")]) == 2
+    assert "absent.txt: no such ids file" in caplog.text
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(ValueError, match=r"latin1\.txt: not a UTF-8 text list file"):
+        read_list(tmp_path / "latin1.txt")

@@ -55,6 +55,16 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         create_tile_encoder("gigapath", checkpoint=tmp_path / "absent.pth")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_checkpoint_names_the_file(tmp_path: Path, damage: str) -> None:
+    """A cut-short checkpoint gave a bare "[Errno 22] Invalid argument", an empty one a bare EOFError."""
+    torch.save(create_tile_encoder("gigapath", pretrained=False, **TINY).model.state_dict(), tmp_path / "w.pth")
+    data = (tmp_path / "w.pth").read_bytes()
+    (tmp_path / "w.pth").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    with pytest.raises(ValueError, match=r"tile encoder checkpoint .*w\.pth: not a readable checkpoint"):
+        create_tile_encoder("gigapath", checkpoint=tmp_path / "w.pth", **TINY)
+
+
 def test_any_timm_model_by_name_uses_its_own_preprocessing() -> None:
     encoder = create_tile_encoder("timm:resnet18", pretrained=False)
     assert encoder.name == "timm:resnet18" and encoder.output_dim == 512

@@ -58,7 +58,11 @@ def _existing_rows(path: Path, settings: dict) -> list[dict]:
     """Rows of a previous run to resume from; refuses a file made with another encoder or pool."""
     if not path.is_file():
         return []
-    previous, rows = read_settings_and_rows(path)
+    try:
+        previous, rows = read_settings_and_rows(path)
+    except ValueError as error:  # the reader's own advice ("re-run embed-slides") is this very command
+        raise ValueError(f"{path}: the output to resume is damaged ({error.__cause__ or error}); pass --overwrite "
+                         "to recompute every slide, or choose another --out") from error  # fmt: skip
     for key in ("encoder", "pool", "config", "weights_sha256"):
         if previous.get(key) != settings[key]:
             raise ValueError(

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from vlm.batch import Batch, BatchReport, Shard, check_finite_output
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.tile import TileEncoder, tensor_transform
-from vlm.formats.features import TileFeatures, TileGrid, write_features
-from vlm.io import slide_id_from_path
+from vlm.formats.features import TileFeatures, TileGrid, is_written, write_features
+from vlm.io import make_output_folder, slide_id_from_path
 from vlm.wsi.dataset import SlideJob, TileChunk, TileStream
 from vlm.wsi.tiling import TilingParams
 
@@ -297,7 +297,7 @@ def embed_tiles(
     if dtype not in ("float32", "float16"):
         raise ValueError(f"feature dtype must be float32 or float16, got {dtype!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     encoder = encoder.to(device).eval()
 
     def output_of(path: Path) -> Path:
@@ -306,7 +306,7 @@ def embed_tiles(
     batch = Batch(
         slides,
         key=slide_id_from_path,
-        is_done=lambda path: output_of(path).exists(),
+        is_done=lambda path: is_written(output_of(path), ("coords", "features")),
         folder=out,
         desc="embedding tiles",
         shard=shard,

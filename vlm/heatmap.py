@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from vlm.io import make_output_folder
 from vlm.model.clip import SlideTextModel
 
 if TYPE_CHECKING:
@@ -294,7 +295,7 @@ def write_heatmap(heat: SlideHeat, slide_path: str | os.PathLike[str], out: str 
     for name, column in zip(heat.measurement_names, heat.scores.T, strict=True):
         table[name] = column
     csv = table.to_csv(index=False, float_format="%.6g").encode()
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     paths = []
     for suffix, data in zip(HEATMAP_OUTPUTS, (png, geojson, csv), strict=True):
         path = out / f"{heat.slide_id}{suffix}"

@@ -56,7 +56,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     On any exception the temporary file is removed and the exception propagates.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, and this output is a file; name a file inside it or elsewhere")
+    make_output_folder(final.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -67,6 +69,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def make_output_folder(path: str | os.PathLike[str]) -> Path:
+    """Create an output folder (and its parents); a file in its place is refused by name, not a bare Errno 17."""
+    folder = Path(path)
+    for part in (folder, *folder.parents):
+        if part.exists() and not part.is_dir():
+            raise NotADirectoryError(f"{part}: exists and is a file, not a folder; choose another output folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @contextlib.contextmanager
@@ -83,7 +95,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     folder = Path(path).absolute()
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    make_output_folder(path)
     with folder_lock(folder):
         recover_dir(folder)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
@@ -227,7 +239,7 @@ def folder_lock(
     """
     folder = Path(path).absolute()
     if create:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_output_folder(folder)
     elif not folder.is_dir():
         raise FileNotFoundError(f"{path}: no such folder")
     return file_lock(folder / LOCK_NAME, str(folder), wait=wait)
@@ -236,7 +248,7 @@ def folder_lock(
 def output_lock(path: str | os.PathLike[str], wait: bool = False) -> contextlib.AbstractContextManager[None]:
     """The lock of a file output (`.<name>.lock` beside it); by default a second writer is refused at once."""
     file = Path(path).absolute()
-    file.parent.mkdir(parents=True, exist_ok=True)
+    make_output_folder(file.parent)
     return file_lock(file.with_name(f".{file.name}.lock"), str(file), wait=wait)
 
 
@@ -272,7 +284,9 @@ def load_torch_file(path: str | os.PathLike[str], what: str, fix: str = "") -> o
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:  # OSError: a cut-short zip
+        if isinstance(error, FileNotFoundError):
+            raise
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         reason = next((line for line in lines if "Unsupported global" in line), lines[0])
         raise ValueError(

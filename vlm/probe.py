@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from vlm.formats.tables import read_table
-from vlm.io import atomic_path
+from vlm.io import atomic_path, make_output_folder
 from vlm.settings import N_BOOT
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,10 @@ def run_probe(
     unknown = sorted(set(test.unique()) - set(classes))
     if unknown:
         raise ValueError(f"{test_labels}: label(s) {unknown} never occur in {labels} (classes: {classes})")
+    train_only = sorted(set(classes) - set(test.unique()))
+    if train_only:  # e.g. a spreadsheet's "NaN" or a typo: a class the test set cannot score
+        log.warning("probe: %s: label(s) %s occur in no slide of %s; they stay classes of the probe",
+                    labels, train_only, test_labels)  # fmt: skip
     test = test.sort_index()  # one canonical order: outputs do not depend on the files' row order
     train_labels = train_labels.sort_index()
     x_train, x_test = _matrix(embeddings, train_labels, slides), _matrix(embeddings, test, slides)
@@ -167,14 +171,15 @@ def run_probe(
     code = {name: i for i, name in enumerate(classes)}
     y_train = train_labels.map(code).to_numpy()
     y_test = test.map(code).to_numpy()
-    smallest = int(np.bincount(y_train, minlength=len(classes)).min())
+    counts = np.bincount(y_train, minlength=len(classes))
+    smallest, rarest = int(counts.min()), classes[int(counts.argmin())]
     positive = 1 if len(classes) == 2 else None
 
     results: list[dict[str, Any]] = []
     rows: list[pd.DataFrame] = []
     for shot in shots:
         if shot != "all" and shot > smallest:
-            log.warning("probe: %s-shot skipped: the smallest class has %d training slides", shot, smallest)
+            log.warning("probe: %s-shot skipped: class %r has %d training slides", shot, rarest, smallest)
             results.append({"shots": shot, "skipped": f"the smallest training class has {smallest} slides"})
             continue
         run_seeds = [seed] if shot == "all" else [seed + i for i in range(seeds)]
@@ -239,7 +244,7 @@ def _read_zeroshot(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _write(out: Path, report: dict[str, Any], rows: list[pd.DataFrame]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     predictions = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
     with atomic_path(out / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False, float_format="%.6g")

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vlm.batch import Batch, BatchReport, Shard
-from vlm.formats.features import write_tile_grid
-from vlm.io import slide_id_from_path
+from vlm.formats.features import is_written, write_tile_grid
+from vlm.io import make_output_folder, slide_id_from_path
 from vlm.wsi.slide import open_slide
 from vlm.wsi.tiling import TilingParams, tile_slide, write_qc_thumbnail
 
@@ -40,11 +40,11 @@ def tile_slides(
 ) -> BatchReport:
     """Tile every slide whose `<slide_id>.h5` is not yet in `out_dir`; the batch rules are `vlm.batch.Batch`'s."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     batch = Batch(
         slides,
         key=slide_id_from_path,
-        is_done=lambda path: (out / f"{slide_id_from_path(path)}.h5").exists(),
+        is_done=lambda path: is_written(out / f"{slide_id_from_path(path)}.h5"),
         folder=out,
         desc="tiling",
         shard=shard,

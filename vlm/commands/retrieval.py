@@ -144,14 +144,13 @@ def _index_add(args: argparse.Namespace) -> int:
 
 
 def _index_remove(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from vlm.formats.tables import read_list
     from vlm.io import folder_lock
     from vlm.retrieval import load_index
 
     ids = list(args.ids)
     if args.ids_file:
-        ids += [line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()]
+        ids += read_list(args.ids_file, what="ids")
     with folder_lock(args.index):
         index = load_index(args.index)
         index.remove(ids)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -214,8 +215,18 @@ def create_tile_encoder(
         create = _create_timm if name.startswith("timm:") else _create_named
         try:
             return create(name.removeprefix("timm:"), checkpoint_path, pretrained, overrides)
-        except RuntimeError as error:  # torch's load_state_dict reports mismatches as RuntimeError
-            raise ValueError(
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+            # torch.load of a cut-short file: RuntimeError (PytorchStreamReader), OSError, or EOFError when empty
+            unreadable = not isinstance(error, RuntimeError) or "PytorchStreamReader" in str(error)
+            if checkpoint_path is not None and unreadable:
+                reason = str(error).splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
+                raise ValueError(
+                    f"tile encoder checkpoint {checkpoint_path}: not a readable checkpoint ({reason}); "
+                    "re-copy or re-download it"
+                ) from error
+            if not isinstance(error, RuntimeError):
+                raise
+            raise ValueError(  # torch's load_state_dict reports mismatches as RuntimeError
                 f"tile encoder checkpoint {checkpoint_path} does not fit the {name!r} architecture: {error}"
             ) from error
     known = [*TILE_ENCODERS, "timm:<model_name>"]

@@ -8,7 +8,8 @@ pool, checkpoint) are JSON under the parquet metadata key `vlm`. A run split in 
 Every consumer (training, zero-shot, retrieval) loads through `load_slide_embeddings`, which refuses what
 would give a silent wrong answer: a slide twice, mixed widths, encoders or poolings; and `check_finite`
 refuses the slides whose embedding holds NaN or infinite values, by id (a NaN row would otherwise be
-indexed, trained on or scored like any other). Unused broken rows do not block the others.
+indexed, trained on or scored like any other). Unused broken rows do not block the others. Pages carry CRC
+checksums, so a flipped byte inside the file is refused on read instead of read as a wrong number.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def write_slide_embeddings(path: str | os.PathLike[str], rows: list[dict[str, An
     """Write rows (dicts with the `COLUMNS`) and the run's settings, atomically."""
     table = pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata({SETTINGS_KEY: json.dumps(settings)}))
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)  # so a flipped byte is refused, not read as a number
 
 
 def read_settings_and_rows(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -92,7 +93,7 @@ def read_slide_embeddings(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 def _read_file(file: Path) -> pa.Table:
     try:
-        return pq.read_table(file)
+        return pq.read_table(file, page_checksum_verification=True)  # files written without checksums still read
     except (OSError, pa.ArrowException) as error:
         raise ValueError(f"{file}: not a readable parquet file ({error}); re-run `vlm embed-slides`") from error
 

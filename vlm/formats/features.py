@@ -12,6 +12,7 @@ Coordinates stay in level-0 pixels; consumers that need another unit (the GigaPa
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -24,6 +25,8 @@ import numpy as np
 
 from vlm import __version__
 from vlm.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 
 class FeatureFileError(ValueError):
@@ -81,7 +84,7 @@ def _grid_attrs(grid: TileGrid) -> dict[str, object]:
 def write_tile_grid(path: str | os.PathLike[str], grid: TileGrid) -> None:
     """Write a coords-only file (the output of `vlm tile`), atomically."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset("coords", data=grid.coords)
+        h5.create_dataset("coords", data=grid.coords, fletcher32=True)
         h5.attrs.update(_grid_attrs(grid))
 
 
@@ -93,8 +96,9 @@ def write_features(path: str | os.PathLike[str], tile_features: TileFeatures, dt
             f"{path}: features have shape {features.shape}, expected [{len(tile_features.grid)}, D]"
         )
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset("coords", data=tile_features.grid.coords)
-        h5.create_dataset("features", data=features.astype(dtype))
+        # Fletcher-32 checksums: a flipped byte is refused on read instead of read as another number.
+        h5.create_dataset("coords", data=tile_features.grid.coords, fletcher32=True)
+        h5.create_dataset("features", data=features.astype(dtype), fletcher32=True)
         h5.attrs.update(_grid_attrs(tile_features.grid))
         h5.attrs["encoder"] = tile_features.encoder
 
@@ -291,13 +295,16 @@ def read_features(
     """
     path = Path(path)
     grid = read_tile_grid(path, mpp=mpp, patches=patches)
-    with h5py.File(path, "r") as h5:
-        if "features" not in h5:
-            raise FeatureFileError(f"{path}: no 'features' dataset; run `vlm embed-tiles` on this tile grid first")
-        features = np.asarray(h5["features"][:])
-        encoder = _attr(h5, "encoder")
-        if encoder is None and "encoder" in h5["features"].attrs:  # TRIDENT keeps it on `features`
-            encoder = h5["features"].attrs["encoder"]
+    try:
+        with h5py.File(path, "r") as h5:
+            if "features" not in h5:
+                raise FeatureFileError(f"{path}: no 'features' dataset; run `vlm embed-tiles` on this tile grid first")
+            features = np.asarray(h5["features"][:])
+            encoder = _attr(h5, "encoder")
+            if encoder is None and "encoder" in h5["features"].attrs:  # TRIDENT keeps it on `features`
+                encoder = h5["features"].attrs["encoder"]
+    except OSError as error:  # a damaged chunk (checksum mismatch, truncated data)
+        raise FeatureFileError(f"{path}: 'features' is not readable ({error}); re-run `vlm embed-tiles`") from error
     if isinstance(encoder, bytes):
         encoder = encoder.decode("utf-8", "replace")
     if features.ndim != 2 or len(features) != len(grid):
@@ -305,6 +312,23 @@ def read_features(
             f"{path}: 'features' has shape {features.shape} but 'coords' has {len(grid)} rows"
         )
     return TileFeatures(grid=grid, features=features, encoder=str(encoder or "unknown"))
+
+
+def is_written(path: str | os.PathLike[str], datasets: tuple[str, ...] = ("coords",)) -> bool:
+    """Whether a resumed run may skip `path`: it opens as HDF5 and holds `datasets` (a copy cut short or a
+    damaged file is redone, with a warning, instead of being counted done and failing a later stage)."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        with h5py.File(path, "r") as h5:
+            if all(name in h5 for name in datasets):
+                return True
+            problem = f"no {[name for name in datasets if name not in h5]} dataset"
+    except OSError as error:
+        problem = f"not a readable HDF5 file ({error})"
+    log.warning("%s: %s; it is redone", path, problem)
+    return False
 
 
 def feature_files(folder: str | os.PathLike[str]) -> list[Path]:

@@ -71,6 +71,20 @@ def read_table(
     return frame
 
 
+def read_list(path: str | os.PathLike[str], what: str = "list") -> list[str]:
+    """The entries of a one-per-line text file (ids, slide paths): stripped, blank lines and `#` comments
+    left out, a byte-order mark dropped (a spreadsheet's export would otherwise make the first entry unknown)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what} file (one entry a line)")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a UTF-8 text {what} file ({error.reason} at byte {error.start})") from error
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def _read(path: Path, suffix: str, all_text: bool) -> pd.DataFrame:
     if suffix == ".parquet":
         return pd.read_parquet(path)

@@ -7,8 +7,9 @@ Two slide towers are possible, chosen by `SlideTextConfig.slide_encoder`:
   takes tile features and coordinates).
 
 A saved model is a folder: `config.json` (this dataclass + the text model's Hugging Face config),
-`model.safetensors` (every weight, with the config's hash in its metadata) and the tokenizer files. It is
-written to a temporary folder and renamed into place, so a crash never leaves half a model behind.
+`model.safetensors` (every weight, with the config's hash and a checksum of the weights in its metadata)
+and the tokenizer files. It is written to a temporary folder and renamed into place, so a crash never leaves
+half a model behind.
 """
 
 from __future__ import annotations
@@ -237,7 +238,11 @@ class SlideTextModel(nn.Module):
             save_file(
                 state,
                 str(tmp / WEIGHTS_NAME),
-                metadata={"format": "pt", "vlm_config_sha256": self.config.digest()},
+                metadata={
+                    "format": "pt",
+                    "vlm_config_sha256": self.config.digest(),
+                    "vlm_weights_sha256": _state_digest(state),
+                },
             )
         return Path(path)
 
@@ -265,7 +270,8 @@ class SlideTextModel(nn.Module):
         config = SlideTextConfig.from_dict(values, source=str(config_file))
         try:
             with safe_open(str(weights_file), framework="pt") as handle:
-                saved_digest = (handle.metadata() or {}).get("vlm_config_sha256")
+                metadata = handle.metadata() or {}
+            saved_digest = metadata.get("vlm_config_sha256")
             state = load_file(str(weights_file))
         except SafetensorError as error:  # damaged or cut short: one line naming the file, not a Rust traceback
             raise ValueError(
@@ -275,6 +281,12 @@ class SlideTextModel(nn.Module):
             raise ValueError(
                 f"{weights_file} was not saved with this {CONFIG_NAME} (architecture hash differs); the "
                 "folder mixes files of different models: re-save it with save_pretrained or restore the pair"
+            )
+        saved_weights = metadata.get("vlm_weights_sha256")  # absent in folders saved before it was recorded
+        if saved_weights is not None and saved_weights != _state_digest(state):
+            raise ValueError(
+                f"{weights_file}: its weights do not match the checksum saved with them (the file is damaged); "
+                "re-copy the model folder or re-run `vlm train`"
             )
         check_tokenizer_files(config.tokenizer, path)
         text = text_encoder_from_config(config.text_config, path, max_length=config.max_length)
@@ -286,6 +298,17 @@ class SlideTextModel(nn.Module):
         if device is not None:
             model.to(device)
         return model.eval()
+
+
+def _state_digest(state: dict[str, Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes: safetensors itself checks no data, so a flipped
+    byte in a weight would load as a silently different model."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _normalize(x: Tensor) -> Tensor:

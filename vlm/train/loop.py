@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.formats.embeddings import load_slide_embeddings, read_embedding_settings
 from vlm.formats.pairs import SPLITS
+from vlm.io import make_output_folder
 from vlm.metrics import retrieval_recalls
 from vlm.model.clip import CLIP_INIT_LOGIT_SCALE, SlideTextModel, create_model
 from vlm.model.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, contrastive_loss, create_loss
@@ -180,7 +181,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> 
         if dist_.main:  # the settings now in force (an extension's epochs): a later --resume reads them back
             config.save(out / CONFIG_FILE)
     elif dist_.main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_folder(out)
         config.save(out / CONFIG_FILE)
         write_splits(out / "splits.csv", pairs)
     metrics = MetricsLog(out / "metrics.jsonl", dist_.main, global_step if resume else None)

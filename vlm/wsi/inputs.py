@@ -24,13 +24,10 @@ LIST_EXTENSIONS = frozenset({".txt", ".lst"})
 
 
 def _from_list_file(path: Path) -> list[Path]:
-    entries = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            entry = Path(line)
-            entries.append(entry if entry.is_absolute() else path.parent / entry)
-    return entries
+    from vlm.formats.tables import read_list
+
+    entries = [Path(line) for line in read_list(path, what="slide list")]
+    return [entry if entry.is_absolute() else path.parent / entry for entry in entries]
 
 
 def _dicom_series(path: Path) -> str | None:
