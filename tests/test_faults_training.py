@@ -393,3 +393,14 @@ def test_probe_and_zeroshot_rerun_into_their_own_folder(tmp_path: Path) -> None:
     assert cli_main(zeroshot) == 0 and cli_main(zeroshot) == 0
     assert (tmp_path / "zs" / "predictions.csv").is_file()
     assert cli_main([*zeroshot[:-4], str(tmp_path / "probe"), *zeroshot[-3:]]) == 2  # another command's folder
+
+
+def test_eval_retrieval_out_that_is_a_folder_is_named_before_evaluating(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`eval retrieval --out` is a file: a folder there was refused only after the whole evaluation."""
+    absent = str(tmp_path / "absent")
+    argv = ["eval", "retrieval", "--model", absent, "--pairs", absent, "--slides", absent, "--out", str(tmp_path)]
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(argv) == 2
+    assert f"{tmp_path}: is a folder, and this output is a file" in caplog.text

@@ -67,9 +67,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     The temporary file lives in the same folder so that the final `os.replace` is atomic on POSIX.
     On any exception the temporary file is removed and the exception propagates.
     """
-    final = Path(path)
-    if final.is_dir():
-        raise IsADirectoryError(f"{path}: is a folder, and this output is a file; name a file inside it or elsewhere")
+    final = check_output_file(path)
     make_output_folder(final.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
     os.close(fd)
@@ -81,6 +79,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_output_file(path: str | os.PathLike[str]) -> Path:
+    """Refuse a file output whose path is a folder (commands call it before their work, `atomic_path` again)."""
+    final = Path(path)
+    if final.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, and this output is a file; name a file inside it or elsewhere")
+    return final
 
 
 def make_output_folder(path: str | os.PathLike[str]) -> Path:
