@@ -297,3 +297,110 @@ def test_library_errors_are_told_from_bugs(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError) as bug:
         torch.zeros(2) @ torch.zeros(3)  # a shape bug inside vlm's own code path is not an input error
     assert not _is_library_error(bug.value) and not _is_library_error(KeyError("x"))
+
+
+# --- outputs ----------------------------------------------------------------------------------------------
+
+USER_FILE = b"slide_id,prediction\nmine,1\n"
+
+
+def _users_folder(tmp_path: Path) -> Path:
+    """A folder of the user's own files, one named like a vlm output (predictions.csv)."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "predictions.csv").write_bytes(USER_FILE)
+    return folder
+
+
+def _argv(command: str, root: Path, out: Path) -> list[str]:
+    """The command's argv with inputs that do not exist: the --out refusal must come before they are read."""
+    absent = str(root / "absent")
+    return {
+        "zeroshot": ["zeroshot", "--model", absent, "--slides", absent, "--classes", "A=a", "B=b", "--out", str(out)],
+        "probe": ["probe", "--slides", absent, "--labels", absent, "--test-labels", absent, "--out", str(out)],
+        "heatmap": ["heatmap", "--model", absent, "--features", absent, "--query", "q", "--out", str(out)],
+        "zeroshot --heatmaps": ["zeroshot", "--model", absent, "--slides", str(root), "--classes", "A=a", "B=b",
+                                "--out", str(root / "zs"), "--heatmaps", str(out)],
+    }[command]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["zeroshot", "probe", "heatmap", "zeroshot --heatmaps", "train"])
+def test_output_folder_of_the_users_files_is_refused_up_front(
+    command: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """These commands used to replace a user's same-named file in --out (index build alone refused)."""
+    mine = _users_folder(tmp_path)
+    if command == "train":
+        config = _config(tmp_path / "data", mine)
+        argv = ["train", "--pairs", config.pairs, "--slide-embeddings", str(config.slide_embeddings), "--out",
+                str(mine), "--text-encoder", config.text_encoder, "--no-progress"]  # fmt: skip
+    else:
+        argv = _argv(command, tmp_path, mine)
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(argv) == 2
+    assert f"{mine}: exists and is not a `vlm" in caplog.text and "(it holds predictions.csv)" in caplog.text
+    assert [p.name for p in mine.iterdir()] == ["predictions.csv"]
+    assert (mine / "predictions.csv").read_bytes() == USER_FILE
+    assert not (tmp_path / "zs").exists()
+
+
+@pytest.mark.parametrize("command", ["zeroshot", "probe", "heatmap", "zeroshot --heatmaps"])
+def test_output_path_that_is_a_file_is_named_before_any_input_is_read(
+    command: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    file = tmp_path / "results.csv"
+    file.write_bytes(USER_FILE)
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(_argv(command, tmp_path, file)) == 2
+    assert f"{file}: exists and is a file, not a folder" in caplog.text
+    assert file.read_bytes() == USER_FILE
+
+
+def test_train_into_a_run_folder_keeps_its_resume_rules(finished_run: Path, tmp_path: Path) -> None:
+    """A run of an earlier vlm (no marker) is still a training run: refused without --resume, resumed with it."""
+    from vlm.io import OUTPUT_MARKER
+
+    run = _copy(finished_run, tmp_path)
+    (run / OUTPUT_MARKER).unlink()
+    config = TrainConfig.load(run / CONFIG_FILE)
+    with pytest.raises(ValueError, match="already holds a training run; pass --resume"):
+        train(dataclasses.replace(config, out=str(run)))
+    assert (run / OUTPUT_MARKER).read_text() == "train\n"  # recognised as vlm's (and marked), not refused
+
+
+def test_probe_and_zeroshot_rerun_into_their_own_folder(tmp_path: Path) -> None:
+    from vlm.model.clip import build_tiny_model
+
+    rng = np.random.default_rng(0)
+    ids = [f"s{k}" for k in range(12)]
+    slides = tmp_path / "slides.parquet"
+    pd.DataFrame({"slide_id": ids, "embedding": list(rng.normal(size=(12, 64)).astype(np.float32)), "n_tiles": 10,
+                  "encoder": "tiny", "pool": "mean"}).to_parquet(slides)  # fmt: skip
+    labels = ["a" if k % 2 else "b" for k in range(12)]
+    pd.DataFrame({"slide_id": ids[:8], "label": labels[:8]}).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame({"slide_id": ids[8:], "label": labels[8:]}).to_csv(tmp_path / "test.csv", index=False)
+    probe = ["probe", "--slides", str(slides), "--labels", str(tmp_path / "train.csv"), "--test-labels",
+             str(tmp_path / "test.csv"), "--out", str(tmp_path / "probe"), "--shots", "all", "--seeds", "1",
+             "--n-boot", "20"]  # fmt: skip
+    assert cli_main(probe) == 0
+    first = (tmp_path / "probe" / "metrics.json").read_text()
+    assert cli_main(probe) == 0 and (tmp_path / "probe" / "metrics.json").read_text() == first
+
+    model = tmp_path / "model"
+    build_tiny_model(tmp_path / "build").save_pretrained(model)
+    zeroshot = ["zeroshot", "--model", str(model), "--slides", str(slides), "--classes", "A=a", "B=b", "--out",
+                str(tmp_path / "zs"), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]  # fmt: skip
+    assert cli_main(zeroshot) == 0 and cli_main(zeroshot) == 0
+    assert (tmp_path / "zs" / "predictions.csv").is_file()
+    assert cli_main([*zeroshot[:-4], str(tmp_path / "probe"), *zeroshot[-3:]]) == 2  # another command's folder
+
+
+def test_eval_retrieval_out_that_is_a_folder_is_named_before_evaluating(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`eval retrieval --out` is a file: a folder there was refused only after the whole evaluation."""
+    absent = str(tmp_path / "absent")
+    argv = ["eval", "retrieval", "--model", absent, "--pairs", absent, "--slides", absent, "--out", str(tmp_path)]
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(argv) == 2
+    assert f"{tmp_path}: is a folder, and this output is a file" in caplog.text

@@ -17,7 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from vlm.io import atomic_dir, atomic_path, folder_lock, make_output_folder, output_lock, recover_dir
+from vlm.io import (
+    OUTPUT_MARKER,
+    atomic_dir,
+    atomic_path,
+    check_output_folder,
+    claim_output_folder,
+    folder_lock,
+    make_output_folder,
+    output_lock,
+    recover_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,3 +202,90 @@ def test_output_lock_refuses_a_second_writer_and_folder_lock_waits(tmp_path: Pat
     with folder_lock(tmp_path / "index"):  # waits for the holder, then gets it
         assert time.monotonic() - start > 1.0
     holder.wait()
+
+
+# --- run folders (`claim_output_folder`) ------------------------------------------------------------------
+
+
+def test_claimed_folder_is_marked_reused_by_its_kind_and_refused_by_others(tmp_path: Path) -> None:
+    """zeroshot/train/probe/heatmap used to write into any folder, replacing a user's same-named files."""
+    out = tmp_path / "run"
+    with claim_output_folder(out, "probe"):
+        (out / "metrics.json").write_text("{}")
+    assert (out / OUTPUT_MARKER).read_text() == "probe\n"
+    with claim_output_folder(out, "probe"):  # a re-run reuses its own folder
+        pass
+    with pytest.raises(FileExistsError, match=r"run: exists and is not a `vlm zeroshot` output folder but one of "
+                       r"`vlm probe` \(it holds metrics\.json\); nothing was written"):  # fmt: skip
+        check_output_folder(out, "zeroshot")
+
+
+def test_folder_of_the_users_files_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "predictions.csv").write_bytes(b"slide_id,label\nA,1\n")
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(
+        FileExistsError,
+        match=r"mine: exists and is not a `vlm probe` output folder \(it holds "
+        r"notes\.txt, predictions\.csv\); nothing was written\. Choose a new or empty folder for --out",
+    ):
+        with claim_output_folder(mine, "probe"):
+            raise AssertionError("the block must not run")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "predictions.csv"]
+    assert (mine / "predictions.csv").read_bytes() == b"slide_id,label\nA,1\n"
+
+
+def test_a_file_or_a_file_on_the_path_is_named(tmp_path: Path) -> None:
+    file = tmp_path / "results.csv"
+    file.write_text("x")
+    for path in (file, file / "sub"):
+        with pytest.raises(NotADirectoryError, match=r"results\.csv: exists and is a file, not a folder; choose "
+                           "another --heatmaps"):  # fmt: skip
+            check_output_folder(path, "heatmaps", option="--heatmaps")
+    assert file.read_text() == "x"
+
+
+def test_empty_current_folder_works_and_a_failed_run_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError):
+        with claim_output_folder(".", "zeroshot"):
+            raise RuntimeError("failed before writing")
+    assert list(tmp_path.iterdir()) == []  # the pre-existing empty folder is left empty, not marked
+    with pytest.raises(RuntimeError):
+        with claim_output_folder("new", "zeroshot"):
+            raise RuntimeError("failed before writing")
+    assert not (tmp_path / "new").exists()  # a folder this run created is removed
+    with claim_output_folder(".", "zeroshot"):
+        (tmp_path / "run.json").write_text("{}")
+    assert (tmp_path / OUTPUT_MARKER).read_text() == "zeroshot\n"
+
+
+@pytest.mark.parametrize(
+    ("kind", "files"),
+    [
+        ("zeroshot", ["run.json", "prompts_used.json", "predictions.csv"]),
+        ("zeroshot", ["slide_embeddings.parquet"]),  # a run that failed after embedding its features folder
+        ("train", ["train_config.json", "metrics.jsonl"]),
+        ("probe", ["metrics.json", "predictions.csv", "probe.png"]),
+        ("heatmaps", ["s1.png", "s1.geojson", "s1.csv", "failures.csv"]),
+    ],
+)
+def test_folders_of_earlier_versions_are_recognised(tmp_path: Path, kind: str, files: list[str]) -> None:
+    """Run folders written before the marker existed hold their command's files: reused, then marked."""
+    for name in files:
+        (tmp_path / name).write_text("x")
+    others = [other for other in ("zeroshot", "train", "probe", "heatmaps") if other != kind]
+    for other in others:
+        with pytest.raises(FileExistsError):
+            check_output_folder(tmp_path, other)
+    with claim_output_folder(tmp_path, kind):
+        pass
+    assert (tmp_path / OUTPUT_MARKER).read_text() == f"{kind}\n"
+
+
+def test_a_users_csv_beside_heatmaps_is_not_mistaken_for_one(tmp_path: Path) -> None:
+    for name in ("s1.png", "s1.geojson", "s1.csv", "predictions.csv"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(FileExistsError, match="not a `vlm heatmap` output folder"):
+        check_output_folder(tmp_path, "heatmaps")

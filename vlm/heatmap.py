@@ -339,11 +339,12 @@ def run_heatmaps(
     """Heatmaps of each feature file for `queries`, or for each slide's own (names, texts) in `per_slide`
     (zero-shot: the predicted class). A failing slide is recorded in `<out>/failures.csv` and the batch goes on."""
     from vlm.batch import Batch
-    from vlm.io import slide_id_from_path
+    from vlm.io import check_output_folder, claim_output_folder, slide_id_from_path
 
     blank = [q for q in queries or [] if not q.strip()]
     if blank or (queries is None) == (per_slide is None):
         raise ValueError("give non-empty query texts (--query TEXT), e.g. a phrase of a report")
+    check_output_folder(out, "heatmaps")  # before any work: a folder of the user's files is refused
     encoder = slide_tower(model, slide_checkpoint)
     texts = model.encode_text(list(queries), device="cpu") if queries else None
 
@@ -358,7 +359,8 @@ def run_heatmaps(
     # every slide is redone (is_done=None): the outputs do not record the model or queries they were made for
     batch = Batch(list(map(Path, feature_paths)), key=slide_id_from_path, is_done=None, folder=out, desc="heatmaps",
                   progress=False)  # fmt: skip
-    return batch.run(one)
+    with claim_output_folder(out, "heatmaps"):
+        return batch.run(one)
 
 
 def zeroshot_heatmaps(

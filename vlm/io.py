@@ -29,6 +29,18 @@ COMMIT_NAME = ".vlm-commit"  # a complete new version, being moved into place
 FILES_NAME = ".vlm-files"  # the entries the last commit wrote (JSON list)
 STAGING_PREFIX = ".vlm-staging-"
 TRASH_NAME = ".vlm-trash"
+OUTPUT_MARKER = ".vlm-output"  # the kind of run folder vlm wrote here (`claim_output_folder`)
+# kind -> the command that writes it, and the files by which a folder of an earlier vlm (before the marker) is
+# recognised as that kind's: any one of the sets, all its files present.
+OUTPUT_KINDS: dict[str, tuple[str, tuple[frozenset[str], ...]]] = {
+    "zeroshot": (
+        "vlm zeroshot",
+        (frozenset({"run.json", "prompts_used.json"}), frozenset({"slide_embeddings.parquet"})),
+    ),
+    "train": ("vlm train", (frozenset({"train_config.json"}),)),
+    "probe": ("vlm probe", (frozenset({"metrics.json", "predictions.csv", "probe.png"}),)),
+    "heatmaps": ("vlm heatmap", ()),  # recognised by its per-slide files instead (`_is_heatmap_folder`)
+}
 LOCK_TIMEOUT_S = 600.0
 
 
@@ -55,9 +67,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     The temporary file lives in the same folder so that the final `os.replace` is atomic on POSIX.
     On any exception the temporary file is removed and the exception propagates.
     """
-    final = Path(path)
-    if final.is_dir():
-        raise IsADirectoryError(f"{path}: is a folder, and this output is a file; name a file inside it or elsewhere")
+    final = check_output_file(path)
     make_output_folder(final.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
     os.close(fd)
@@ -71,6 +81,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_output_file(path: str | os.PathLike[str]) -> Path:
+    """Refuse a file output whose path is a folder (commands call it before their work, `atomic_path` again)."""
+    final = Path(path)
+    if final.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, and this output is a file; name a file inside it or elsewhere")
+    return final
+
+
 def make_output_folder(path: str | os.PathLike[str]) -> Path:
     """Create an output folder (and its parents); a file in its place is refused by name, not a bare Errno 17."""
     folder = Path(path)
@@ -79,6 +97,92 @@ def make_output_folder(path: str | os.PathLike[str]) -> Path:
             raise NotADirectoryError(f"{part}: exists and is a file, not a folder; choose another output folder")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def foreign_folder_error(
+    path: str | os.PathLike[str], entries: list[str], what: str, option: str = "--out"
+) -> FileExistsError:
+    """The one refusal of a non-empty folder that is not `what` (an index, a `vlm probe` output...)."""
+    shown = ", ".join(entries[:5]) + (", …" if len(entries) > 5 else "")
+    return FileExistsError(
+        f"{path}: exists and is not {what} (it holds {shown}); nothing was written. Choose a new or empty folder "
+        f"for {option}"
+    )
+
+
+def _is_heatmap_folder(names: set[str]) -> bool:
+    """Per-slide `<id>.png/.geojson/.csv` (and `failures.csv`) only, as `vlm heatmap` wrote before the marker."""
+    visible = {name for name in names if not name.startswith(".")} - {"failures.csv"}
+    stems = {name[: -len(".geojson")] for name in visible if name.endswith(".geojson")}
+    return bool(stems) and all(Path(name).stem in stems and Path(name).suffix in (".png", ".csv") or
+                               name.endswith(".geojson") for name in visible)  # fmt: skip
+
+
+def output_kind(path: str | os.PathLike[str]) -> str | None:
+    """The kind of run folder `path` is (its marker, else the files an earlier vlm wrote); None if not vlm's."""
+    folder = Path(path)
+    marker = folder / OUTPUT_MARKER
+    if marker.is_file():
+        return marker.read_text(encoding="utf-8", errors="replace").strip() or None
+    names = {entry.name for entry in folder.iterdir()}
+    for kind, (_, signatures) in OUTPUT_KINDS.items():
+        if any(signature <= names for signature in signatures):
+            return kind
+    return "heatmaps" if _is_heatmap_folder(names) else None
+
+
+def check_output_folder(path: str | os.PathLike[str], kind: str, option: str = "--out") -> None:
+    """Refuse, before any work and writing nothing, an output folder that `claim_output_folder` would refuse.
+
+    Fine: a missing or empty folder (`.` included), or one that vlm wrote for the same `kind` (a re-run
+    replaces its own outputs). Refused: a file, or a non-empty folder that is not a `kind` output (it may
+    hold the user's files, which same-named outputs would replace) — the rule `index build` applies.
+    """
+    folder = Path(path)
+    for part in (folder, *folder.parents):
+        if part.exists() and not part.is_dir():
+            raise NotADirectoryError(f"{part}: exists and is a file, not a folder; choose another {option}")
+    if not folder.exists():
+        return
+    entries = sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith(INTERNAL_PREFIX))
+    found = output_kind(folder)
+    if found == kind or not entries and found is None:
+        return
+    command = OUTPUT_KINDS[kind][0]
+    if found is None:
+        raise foreign_folder_error(path, entries, f"a `{command}` output folder", option)
+    other = OUTPUT_KINDS.get(found, (f"vlm {found}",))[0]
+    raise foreign_folder_error(path, entries, f"a `{command}` output folder but one of `{other}`", option)
+
+
+@contextlib.contextmanager
+def claim_output_folder(path: str | os.PathLike[str], kind: str, write: bool = True) -> Iterator[Path]:
+    """Check `path` for a `kind` run (`check_output_folder`), create it and mark it as vlm's for the block.
+
+    The marker (`.vlm-output`, holding `kind`) is what lets a re-run reuse the folder and every other run
+    refuse it. If the block fails having written nothing, the folder is left as it was (removed when this
+    call created it). `write=False` only checks (the other processes of a distributed run).
+    """
+    folder = Path(path)
+    check_output_folder(folder, kind)
+    if not write:
+        yield folder
+        return
+    created = not folder.exists()
+    make_output_folder(folder)
+    marker = folder / OUTPUT_MARKER
+    marked = not marker.is_file()
+    if marked:
+        with atomic_path(marker) as tmp:
+            tmp.write_text(kind + "\n", encoding="utf-8")
+    try:
+        yield folder
+    except BaseException:
+        if created:
+            remove_if_unused(folder)
+        elif marked and all(entry.name in (OUTPUT_MARKER, LOCK_NAME) for entry in folder.iterdir()):
+            marker.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -121,7 +225,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 def remove_if_unused(folder: Path) -> None:
     """Remove a folder holding nothing but vlm's bookkeeping (e.g. created for an output that then failed)."""
-    if folder.is_dir() and all(e.name in (LOCK_NAME, TRASH_NAME) for e in folder.iterdir()):
+    if folder.is_dir() and all(e.name in (LOCK_NAME, TRASH_NAME, OUTPUT_MARKER) for e in folder.iterdir()):
         shutil.rmtree(folder, ignore_errors=True)
 
 

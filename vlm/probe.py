@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from vlm.formats.tables import read_table
-from vlm.io import atomic_path, make_output_folder
+from vlm.io import atomic_path, check_output_folder, claim_output_folder
 from vlm.settings import N_BOOT
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ def run_probe(
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if n_boot < 1:
         raise ValueError(f"--n-boot must be >= 1, got {n_boot}")
+    check_output_folder(out, "probe")  # before any work: a folder of the user's files is refused
     zeroshot_metrics = _read_zeroshot(zeroshot) if zeroshot is not None else None
     table = load_slide_embeddings(slides)
     embeddings = dict(zip(table.ids, table.embeddings.numpy(), strict=True))
@@ -244,14 +245,15 @@ def _read_zeroshot(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _write(out: Path, report: dict[str, Any], rows: list[pd.DataFrame]) -> None:
-    make_output_folder(out)
     predictions = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-    with atomic_path(out / "predictions.csv") as tmp:
-        predictions.to_csv(tmp, index=False, float_format="%.6g")
-    with atomic_path(out / "probe.png") as tmp:
-        tmp.write_bytes(probe_png(report))
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    figure = probe_png(report)
+    with claim_output_folder(out, "probe"):
+        with atomic_path(out / "predictions.csv") as tmp:
+            predictions.to_csv(tmp, index=False, float_format="%.6g")
+        with atomic_path(out / "probe.png") as tmp:
+            tmp.write_bytes(figure)
+        with atomic_path(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def probe_png(report: dict[str, Any], metric: str = "balanced_accuracy") -> bytes:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from vlm.formats.embeddings import SlideEmbeddings
 from vlm.formats.tables import read_table
-from vlm.io import atomic_path, cache_folder
+from vlm.io import atomic_path, cache_folder, check_output_folder, claim_output_folder
 from vlm.model.clip import SlideTextModel
 from vlm.prompts import DEFAULT_TEMPLATES, PromptTask, load_prompt_task, task_from_classes
 from vlm.settings import N_BOOT
@@ -511,6 +511,7 @@ def run_zeroshot(
     else:
         prompt_task = task_from_classes(classes, positive=positive)
     out = Path(out)
+    check_output_folder(out, "zeroshot")  # before any work: a folder of the user's files is refused
     resolved = resolve_device(device)
     if not isinstance(model, SlideTextModel):
         model_source = str(model)
@@ -519,97 +520,100 @@ def run_zeroshot(
         model_source = "<in memory>"
     raw_labels = read_labels(labels, prompt_task, label_column) if labels is not None else None
 
-    slide_ids, embeddings = read_slides(
-        slides, model, out, resolved, progress=progress, precision=precision, mpp=mpp, patches=patches
-    )
-    _refuse_non_finite(torch.as_tensor(embeddings), slide_ids, "slide embedding", source=str(slides))
-    if raw_labels is not None:
-        targets, label_report = match_labels(slide_ids, raw_labels[0], prompt_task, allow_missing_slides)
-    classifier = ZeroShotClassifier(model, prompt_task, cache_dir=cache_dir, use_cache=use_cache)
-    probabilities = classifier.predict(embeddings, ids=slide_ids, source=slides)  # [N, C]; refuses width mismatch, NaN
-    predictions = pd.DataFrame(probabilities, columns=list(prompt_task.classes))
-    predictions.insert(0, "slide_id", slide_ids)
-    predictions["predicted"] = [prompt_task.classes[i] for i in probabilities.argmax(axis=1)]
-    n_sets = len(classifier.set_prototypes)
-    headline = "median_over_prompt_sets" if n_sets else "prompt_ensemble"
-    title = f"{prompt_task.name} (pooled ensemble of {n_sets} prompt sets)" if n_sets else prompt_task.name
+    with claim_output_folder(out, "zeroshot"):
+        slide_ids, embeddings = read_slides(
+            slides, model, out, resolved, progress=progress, precision=precision, mpp=mpp, patches=patches
+        )
+        _refuse_non_finite(torch.as_tensor(embeddings), slide_ids, "slide embedding", source=str(slides))
+        if raw_labels is not None:
+            targets, label_report = match_labels(slide_ids, raw_labels[0], prompt_task, allow_missing_slides)
+        classifier = ZeroShotClassifier(model, prompt_task, cache_dir=cache_dir, use_cache=use_cache)
+        probabilities = classifier.predict(
+            embeddings, ids=slide_ids, source=slides
+        )  # [N, C]; refuses width mismatch, NaN
+        predictions = pd.DataFrame(probabilities, columns=list(prompt_task.classes))
+        predictions.insert(0, "slide_id", slide_ids)
+        predictions["predicted"] = [prompt_task.classes[i] for i in probabilities.argmax(axis=1)]
+        n_sets = len(classifier.set_prototypes)
+        headline = "median_over_prompt_sets" if n_sets else "prompt_ensemble"
+        title = f"{prompt_task.name} (pooled ensemble of {n_sets} prompt sets)" if n_sets else prompt_task.name
 
-    files: dict[str, bytes] = {}
-    result: dict[str, Any] = {}
-    if raw_labels is not None:
-        predictions["label"] = [prompt_task.classes[t] if t >= 0 else "" for t in targets]
-        mask = targets >= 0
-        if not mask.any():
-            raise ValueError(
-                f"none of the {len(slide_ids)} scored slides has a usable label in {labels} "
-                f"(column {raw_labels[1]!r}); the classes are {list(prompt_task.classes)}"
+        files: dict[str, bytes] = {}
+        result: dict[str, Any] = {}
+        if raw_labels is not None:
+            predictions["label"] = [prompt_task.classes[t] if t >= 0 else "" for t in targets]
+            mask = targets >= 0
+            if not mask.any():
+                raise ValueError(
+                    f"none of the {len(slide_ids)} scored slides has a usable label in {labels} "
+                    f"(column {raw_labels[1]!r}); the classes are {list(prompt_task.classes)}"
+                )
+            pooled = classification_metrics(
+                targets[mask],
+                probabilities[mask],
+                prompt_task.classes,
+                positive=prompt_task.positive_index,
+                n_boot=n_boot,
+                seed=seed,
             )
-        pooled = classification_metrics(
-            targets[mask],
-            probabilities[mask],
-            prompt_task.classes,
-            positive=prompt_task.positive_index,
-            n_boot=n_boot,
-            seed=seed,
-        )
-        result = {
-            "task": prompt_task.name,
-            "labels": str(labels),
-            "label_column": raw_labels[1],
+            result = {
+                "task": prompt_task.name,
+                "labels": str(labels),
+                "label_column": raw_labels[1],
+                "headline": headline,
+                **label_report,
+            }
+            if n_sets:  # MI-Zero: each set is a classifier; the headline is their median, as MI-Zero reports
+                sets = _prompt_set_summary(classifier.predict_per_set(embeddings, ids=slide_ids), targets, prompt_task)
+                result.update(
+                    {key: pooled[key] for key in ("n", "support", "classes_without_cases", "positive")},
+                    metrics=_median_metrics(sets, pooled["metrics"]),
+                    prompt_sets=sets,
+                    pooled_ensemble=pooled,
+                )
+            else:
+                result.update(pooled)
+            files["metrics.json"] = (json.dumps(result, indent=2) + "\n").encode()
+            files["roc.png"] = roc_png(
+                targets[mask],
+                probabilities[mask],
+                prompt_task.classes,
+                prompt_task.positive_index,
+                title=title,
+            )
+            files["confusion.png"] = confusion_png(
+                np.array(pooled["confusion_matrix"]["counts"]), prompt_task.classes, title=title
+            )
+        run = {
+            "vlm_version": __version__,
+            "model": model_source,
+            "slides": "<in memory>" if isinstance(slides, SlideEmbeddings) else str(slides),
+            "task": prompt_task.source,
+            "task_name": prompt_task.name,
+            "classes": list(prompt_task.classes),
+            "positive": prompt_task.positive,
+            "labels": None if labels is None else str(labels),
+            "label_column": None if raw_labels is None else raw_labels[1],
+            "prompt_sets": n_sets or 1,
             "headline": headline,
-            **label_report,
+            "predictions": "pooled ensemble of all prompt sets" if n_sets else "prompt ensemble",
+            "device": str(resolved),
+            "n_slides": len(slide_ids),
+            "n_boot": n_boot,
+            "seed": seed,
+            "logit_scale": float(model.scale().detach()),
+            "text_fingerprint": classifier.text_fingerprint,
+            "cache": str(cache_dir or default_cache_dir()) if use_cache else None,
         }
-        if n_sets:  # MI-Zero: each set is a classifier; the headline is their median, as MI-Zero reports
-            sets = _prompt_set_summary(classifier.predict_per_set(embeddings, ids=slide_ids), targets, prompt_task)
-            result.update(
-                {key: pooled[key] for key in ("n", "support", "classes_without_cases", "positive")},
-                metrics=_median_metrics(sets, pooled["metrics"]),
-                prompt_sets=sets,
-                pooled_ensemble=pooled,
-            )
-        else:
-            result.update(pooled)
-        files["metrics.json"] = (json.dumps(result, indent=2) + "\n").encode()
-        files["roc.png"] = roc_png(
-            targets[mask],
-            probabilities[mask],
-            prompt_task.classes,
-            prompt_task.positive_index,
-            title=title,
-        )
-        files["confusion.png"] = confusion_png(
-            np.array(pooled["confusion_matrix"]["counts"]), prompt_task.classes, title=title
-        )
-    run = {
-        "vlm_version": __version__,
-        "model": model_source,
-        "slides": "<in memory>" if isinstance(slides, SlideEmbeddings) else str(slides),
-        "task": prompt_task.source,
-        "task_name": prompt_task.name,
-        "classes": list(prompt_task.classes),
-        "positive": prompt_task.positive,
-        "labels": None if labels is None else str(labels),
-        "label_column": None if raw_labels is None else raw_labels[1],
-        "prompt_sets": n_sets or 1,
-        "headline": headline,
-        "predictions": "pooled ensemble of all prompt sets" if n_sets else "prompt ensemble",
-        "device": str(resolved),
-        "n_slides": len(slide_ids),
-        "n_boot": n_boot,
-        "seed": seed,
-        "logit_scale": float(model.scale().detach()),
-        "text_fingerprint": classifier.text_fingerprint,
-        "cache": str(cache_dir or default_cache_dir()) if use_cache else None,
-    }
-    files["predictions.csv"] = predictions.to_csv(index=False, float_format="%.6g").encode()
-    files["prompts_used.json"] = (json.dumps(classifier.prompts_used(), indent=2) + "\n").encode()
-    files["run.json"] = (json.dumps(run, indent=2) + "\n").encode()
-    for name, content in files.items():
-        with atomic_path(out / name) as tmp:
-            tmp.write_bytes(content)
-    for stale in set(LABEL_OUTPUTS) - set(files):
-        if (out / stale).exists():
-            (out / stale).unlink()
-            log.info("removed %s from an earlier run (this run has no labels)", out / stale)
-    log.info("zeroshot: %d slides, %d classes -> %s", len(slide_ids), len(prompt_task.classes), out)
-    return result or run
+        files["predictions.csv"] = predictions.to_csv(index=False, float_format="%.6g").encode()
+        files["prompts_used.json"] = (json.dumps(classifier.prompts_used(), indent=2) + "\n").encode()
+        files["run.json"] = (json.dumps(run, indent=2) + "\n").encode()
+        for name, content in files.items():
+            with atomic_path(out / name) as tmp:
+                tmp.write_bytes(content)
+        for stale in set(LABEL_OUTPUTS) - set(files):
+            if (out / stale).exists():
+                (out / stale).unlink()
+                log.info("removed %s from an earlier run (this run has no labels)", out / stale)
+        log.info("zeroshot: %d slides, %d classes -> %s", len(slide_ids), len(prompt_task.classes), out)
+        return result or run

@@ -191,9 +191,11 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _eval_retrieval(args: argparse.Namespace) -> int:
-    from vlm.io import atomic_path
+    from vlm.io import atomic_path, check_output_file
     from vlm.retrieval.evaluate import evaluate_retrieval
 
+    if args.out:
+        check_output_file(args.out)  # before the evaluation, not after
     metrics = evaluate_retrieval(args.model, args.pairs, args.slides, args.labels, split=args.split, ks=args.ks,
                                  n_boot=args.n_boot, seed=args.seed)  # fmt: skip
     print(f"split {metrics['split']}: {metrics['n_pairs']} pairs, {metrics['n_slides']} slides")

@@ -63,8 +63,10 @@ def _heatmap(args: argparse.Namespace) -> int:
     from vlm.device import resolve_device
     from vlm.formats.features import feature_files
     from vlm.heatmap import run_heatmaps
+    from vlm.io import check_output_folder
     from vlm.model.clip import SlideTextModel
 
+    check_output_folder(args.out, "heatmaps")  # before the model loads
     paths = [p for entry in map(Path, args.features) for p in (feature_files(entry) if entry.is_dir() else [entry])]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:

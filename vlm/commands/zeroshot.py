@@ -16,6 +16,14 @@ def _zeroshot(args: argparse.Namespace) -> int:
     features = args.heatmap_features or args.slides
     if args.heatmaps and not Path(features).is_dir():
         raise ValueError("--heatmaps needs the tile features: give --heatmap-features DIR (or --slides as a folder)")
+    if args.heatmaps:
+        from vlm.io import check_output_folder
+
+        if Path(args.heatmaps).absolute() == Path(args.out).absolute():
+            raise ValueError(
+                f"--heatmaps {args.heatmaps} is --out; give the heatmaps their own folder, e.g. OUT/heatmaps"
+            )
+        check_output_folder(args.heatmaps, "heatmaps", option="--heatmaps")  # before zero-shot runs, not after
     result = run_zeroshot(
         args.model,
         args.slides,

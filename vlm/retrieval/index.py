@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from vlm import __version__
-from vlm.io import INTERNAL_PREFIX, atomic_dir, duplicate_ids, file_sha256, recover_dir
+from vlm.io import INTERNAL_PREFIX, atomic_dir, duplicate_ids, file_sha256, foreign_folder_error, recover_dir
 from vlm.model.clip import SlideTextModel
 from vlm.retrieval import kinds
 from vlm.weights import update_state_digest
@@ -427,11 +427,7 @@ def check_index_folder(path: str | os.PathLike[str], overwrite: bool = False) ->
     try:
         read_manifest(path)
     except (FileNotFoundError, ValueError):
-        shown = ", ".join(entries[:5]) + (", …" if len(entries) > 5 else "")
-        raise FileExistsError(
-            f"{path}: exists and is not a vlm index (it holds {shown}); nothing was written. Choose a new or "
-            "empty folder for --out"
-        ) from None
+        raise foreign_folder_error(path, entries, "a vlm index") from None
     if not overwrite:
         raise FileExistsError(f"{path}: a vlm index is already there; pass --overwrite to replace it")
 

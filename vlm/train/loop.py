@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.formats.embeddings import load_slide_embeddings, read_embedding_settings
 from vlm.formats.pairs import SPLITS
-from vlm.io import make_output_folder
+from vlm.io import claim_output_folder, make_output_folder
 from vlm.metrics import retrieval_recalls
 from vlm.model.clip import CLIP_INIT_LOGIT_SCALE, SlideTextModel, create_model
 from vlm.model.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, contrastive_loss, create_loss
@@ -109,7 +110,19 @@ def evaluate(
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> Path:
-    """Train (or with `resume`, continue) an alignment run in `config.out`; return the `model/` folder."""
+    """Train (or with `resume`, continue) an alignment run in `config.out`; return the `model/` folder.
+
+    A new run claims its folder first (`claim_output_folder`): a folder of the user's files is refused
+    before any work, and one that a failed start left empty is not left behind.
+    """
+    if resume:
+        return _train(config, resume, progress)
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
+    with claim_output_folder(config.out, "train", write=main):
+        return _train(config, resume, progress)
+
+
+def _train(config: TrainConfig, resume: bool, progress: bool) -> Path:
     out = Path(config.out)
     checkpoint_path = out / CHECKPOINT
     if resume and not checkpoint_path.is_file():
