@@ -404,3 +404,13 @@ def test_eval_retrieval_out_that_is_a_folder_is_named_before_evaluating(
     with caplog.at_level(logging.ERROR):
         assert cli_main(argv) == 2
     assert f"{tmp_path}: is a folder, and this output is a file" in caplog.text
+
+
+def test_demo_refuses_a_folder_of_the_users_files(tmp_path: Path) -> None:
+    """A re-run of the demo deletes its own `align/` before retraining: never a user's folder of that name."""
+    mine = tmp_path / "mine"
+    (mine / "align").mkdir(parents=True)
+    (mine / "align" / "notes.txt").write_text("precious")
+    assert cli_main(["demo", "--out", str(mine), "--no-progress"]) == 2
+    assert (mine / "align" / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in mine.iterdir()) == ["align"]

@@ -40,6 +40,7 @@ OUTPUT_KINDS: dict[str, tuple[str, tuple[frozenset[str], ...]]] = {
     "train": ("vlm train", (frozenset({"train_config.json"}),)),
     "probe": ("vlm probe", (frozenset({"metrics.json", "predictions.csv", "probe.png"}),)),
     "heatmaps": ("vlm heatmap", ()),  # recognised by its per-slide files instead (`_is_heatmap_folder`)
+    "demo": ("vlm demo", (frozenset({"summary.md", "pairs.csv"}),)),
 }
 LOCK_TIMEOUT_S = 600.0
 

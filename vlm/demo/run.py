@@ -222,7 +222,18 @@ def _check_batch(report: Any, stage: str) -> None:
 
 
 def run_demo(settings: DemoSettings) -> DemoResult:
-    """Run every stage into `settings.out`; see the module docstring."""
+    """Run every stage into `settings.out`; see the module docstring.
+
+    The folder must be new, empty or an earlier demo's (`vlm.io.claim_output_folder`): a re-run replaces
+    the demo's own outputs, such as `align/`, and a folder of other files is refused before anything runs.
+    """
+    from vlm.io import claim_output_folder
+
+    with claim_output_folder(settings.out, "demo"):
+        return _run_demo(settings)
+
+
+def _run_demo(settings: DemoSettings) -> DemoResult:
     from vlm.embed_slides import embed_slides
     from vlm.embed_tiles import embed_tiles
     from vlm.encoders.slide import create_slide_encoder
