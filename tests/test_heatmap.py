@@ -65,6 +65,13 @@ def frozen_run(tmp_path: Path, slide_05: Path) -> dict:
     return build_frozen_run(tmp_path, [slide_05])
 
 
+def _heatmap(run: dict, *extra: str, first_query: bool = True) -> int:
+    """`vlm heatmap` on the run's model, features and out folder (query QUERIES[0] unless told), plus `extra`."""
+    query = ["--query", QUERIES[0]] if first_query else []
+    return main(["heatmap", "--model", str(run["model"]), "--features", str(run["features"]), *query,
+                 "--out", str(run["out"]), *extra])  # fmt: skip
+
+
 def test_heatmap_cli_writes_png_qupath_geojson_and_csv(frozen_run: dict[str, Path]) -> None:
     """GeoJSON as QuPath reads it (qupath/qupath, qupath-core/src/main/java/qupath/lib/io/
     PathObjectTypeAdapters.java, `PathObjectTypeAdapter.read`): `properties.objectType` "tile" makes a tile
@@ -72,24 +79,7 @@ def test_heatmap_cli_writes_png_qupath_geojson_and_csv(frozen_run: dict[str, Pat
     import uuid
 
     run = frozen_run
-    code = main(
-        [
-            "heatmap",
-            "--model",
-            str(run["model"]),
-            "--features",
-            str(run["features"]),
-            "--slide",
-            str(run["slide"]),
-            "--query",
-            QUERIES[0],
-            "--query",
-            QUERIES[1],
-            "--out",
-            str(run["out"]),
-        ]
-    )
-    assert code == 0
+    assert _heatmap(run, "--slide", str(run["slide"]), "--query", QUERIES[1]) == 0
     slide_id = run["features"].stem
     # the model carries the encoder's provenance from the parquet
     source = json.loads((run["model"] / "config.json").read_text())["slide_source"]
@@ -124,22 +114,7 @@ def test_heatmap_cli_writes_png_qupath_geojson_and_csv(frozen_run: dict[str, Pat
 
 def test_one_query_is_measured_as_score(frozen_run: dict[str, Path]) -> None:
     run = frozen_run
-    assert (
-        main(
-            [
-                "heatmap",
-                "--model",
-                str(run["model"]),
-                "--features",
-                str(run["features"]),
-                "--query",
-                QUERIES[0],
-                "--out",
-                str(run["out"]),
-            ]
-        )
-        == 0
-    )  # slide from the .h5's slide_path
+    assert _heatmap(run) == 0  # slide from the .h5's slide_path
     geojson = json.loads((run["out"] / f"{run['features'].stem}.geojson").read_text())
     assert list(geojson["features"][0]["properties"]["measurements"]) == ["score"]
 
@@ -149,22 +124,7 @@ def test_other_slide_encoder_weights_are_refused(frozen_run: dict[str, Path], tm
     torch.manual_seed(123)
     other = tmp_path / "other.pt"
     torch.save(create_slide_encoder("tiny").state_dict(), other)
-    code = main(
-        [
-            "heatmap",
-            "--model",
-            str(run["model"]),
-            "--features",
-            str(run["features"]),
-            "--slide-checkpoint",
-            str(other),
-            "--query",
-            QUERIES[0],
-            "--out",
-            str(run["out"]),
-        ]
-    )
-    assert code == 2
+    assert _heatmap(run, "--slide-checkpoint", str(other)) == 2
     assert "not the slide encoder that made this model's" in caplog.text
     assert not run["out"].exists() or not list(run["out"].glob("*.png"))
 
@@ -172,41 +132,14 @@ def test_other_slide_encoder_weights_are_refused(frozen_run: dict[str, Path], tm
 def test_model_without_provenance_is_refused(tmp_path: Path, frozen_run: dict[str, Path], caplog) -> None:
     run = frozen_run
     model_dir = build_tiny_model(tmp_path / "old").save_pretrained(tmp_path / "old_model")
-    code = main(
-        [
-            "heatmap",
-            "--model",
-            str(model_dir),
-            "--features",
-            str(run["features"]),
-            "--query",
-            QUERIES[0],
-            "--out",
-            str(run["out"]),
-        ]
-    )
-    assert code == 2 and "does not record which slide encoder" in caplog.text
+    assert _heatmap({**run, "model": model_dir}) == 2 and "does not record which slide encoder" in caplog.text
 
 
 def test_a_broken_feature_file_fails_that_slide_only(frozen_run: dict[str, Path], tmp_path: Path) -> None:
     run = frozen_run
     broken = tmp_path / "broken.h5"
     broken.write_bytes(b"not hdf5")
-    code = main(
-        [
-            "heatmap",
-            "--model",
-            str(run["model"]),
-            "--features",
-            str(run["features"]),
-            str(broken),
-            "--query",
-            QUERIES[0],
-            "--out",
-            str(run["out"]),
-        ]
-    )
-    assert code == 1
+    assert _heatmap(run, "--features", str(run["features"]), str(broken)) == 1
     assert (run["out"] / f"{run['features'].stem}.png").is_file() and not (run["out"] / "broken.png").exists()
     assert "broken" in (run["out"] / "failures.csv").read_text()
 
@@ -387,6 +320,5 @@ def test_demo_writes_heatmaps_of_held_out_slides(demo_out: Path) -> None:
 
 def test_an_empty_query_is_a_usage_error(frozen_run: dict, caplog: pytest.LogCaptureFixture) -> None:
     run = frozen_run
-    code = main(["heatmap", "--model", str(run["model"]), "--features", str(run["features"]), "--query", " ",
-                 "--out", str(run["out"])])  # fmt: skip
-    assert code == 2 and "non-empty query" in caplog.text and not run["out"].exists()
+    assert _heatmap(run, "--query", " ", first_query=False) == 2
+    assert "non-empty query" in caplog.text and not run["out"].exists()
