@@ -3,7 +3,7 @@
 Writes a cohort of mixed generated pyramidal TIFFs (JPEG, 0.5 mpp, 3 levels; tissue tile counts spread evenly
 between --min-tiles and --max-tiles), tiles them (not timed), then measures on one device:
 - `encoder`: the tile encoder alone on random tensors already on the device (the ceiling);
-- `stream`: `vlm.embed_tiles.embed_tiles` over the whole cohort (one tile stream, uint8 tiles, transform on
+- `stream`: `vlm.tile_features.embed_tiles` over the whole cohort (one tile stream, uint8 tiles, transform on
   the device), outputs written as `vlm embed-tiles` writes them;
 - `per-slide` (the old path, kept here as the baseline): one DataLoader per slide, the PIL transform in the
   workers, float32 tiles across processes, a copy back and a synchronisation every batch.
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from vlm.device import autocast
-from vlm.embed_tiles import embed_tiles
+from vlm.tile_features import embed_tiles
 from vlm.encoders.tile import TileEncoder, create_tile_encoder
 from vlm.formats.features import read_tile_grid
 from vlm.tile import tile_slides

@@ -1,7 +1,7 @@
 """Benchmark a fine-tuning step: GigaPath slide encoder + BERT text tower, contrastive loss, GradCache.
 
 Random weights and random tile features (no files: this measures the model step, not the feature reader).
-One step = `vlm.train.gradcache.contrastive_backward` over a batch of slides of --min-tiles..--max-tiles tiles
+One step = `vlm.training.gradcache.contrastive_backward` over a batch of slides of --min-tiles..--max-tiles tiles
 (right-padded, as the feature loader pads them), in chunks of --chunk pairs, then an AdamW step — the work
 `vlm train --features` does per step. Reports seconds/step, pairs/s and peak memory (CUDA allocator or RSS).
 
@@ -26,7 +26,7 @@ from vlm.device import autocast
 from vlm.encoders.text import build_tiny_text_encoder
 from vlm.model.clip import create_model
 from vlm.model.loss import contrastive_loss, create_loss
-from vlm.train.gradcache import contrastive_backward
+from vlm.training.gradcache import contrastive_backward
 
 log = logging.getLogger("bench.train")
 

@@ -15,7 +15,7 @@ import pytest
 from vlm.cli import build_parser, main
 from vlm.commands.options import given_settings
 from vlm.settings import INDEX_KINDS, POOLS, PRECISIONS
-from vlm.train.config import CONFIG_FILE, TrainConfig
+from vlm.training.config import CONFIG_FILE, TrainConfig
 
 
 def _parsers(parser: argparse.ArgumentParser, name: str = "vlm") -> Iterator[tuple[str, argparse.ArgumentParser]]:
@@ -89,8 +89,8 @@ def test_resume_refuses_settings_it_cannot_change(tmp_path: Path, caplog: pytest
 
 def test_train_refuses_a_resume_with_other_settings(tmp_path: Path) -> None:
     """`train(config, resume=True)` from Python keeps the same rule: a changed learning rate is not applied."""
-    from vlm.train.checkpoint import CHECKPOINT
-    from vlm.train.loop import train
+    from vlm.training.checkpoint import CHECKPOINT
+    from vlm.training.loop import train
 
     run = tmp_path / "run"
     saved = TrainConfig(pairs="p.csv", out=str(run), slide_embeddings="s.parquet", epochs=2)

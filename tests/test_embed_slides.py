@@ -1,4 +1,4 @@
-"""`vlm embed-slides` and `vlm.embed_slides`: parquet columns, resume, failures, shards."""
+"""`vlm embed-slides` and `vlm.slide_embeddings`: parquet columns, resume, failures, shards."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.support.peers import (
 )
 from vlm.batch import Shard
 from vlm.cli import main
-from vlm.embed_slides import embed_slides
+from vlm.slide_embeddings import embed_slides
 from vlm.encoders.slide import create_slide_encoder
 from vlm.formats.embeddings import read_slide_embeddings
 from vlm.formats.features import TileFeatures, TileGrid, write_features
@@ -108,9 +108,7 @@ def test_batched_run_equals_one_slide_at_a_time(features_dir: Path, tmp_path: Pa
 
 def test_batches_hold_slides_of_similar_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With --batch-size > 1 slides are bucketed by tile count: little padding, same numbers, rows by id."""
-    import importlib
-
-    slide_embedding = importlib.import_module("vlm.embed_slides")  # `vlm.embed_slides` is also the function
+    import vlm.slide_embeddings as slide_embedding
 
     folder = tmp_path / "features"
     folder.mkdir()
@@ -187,9 +185,9 @@ def _clam_cohort(root: Path, dim: int = 32) -> tuple[Path, Path]:
 
 def test_one_feature_file_gives_one_embedding_through_every_path(tmp_path: Path) -> None:
     """embed-slides, the training loader and zero-shot on a features folder see identical encoder inputs."""
-    from vlm.encoders.inputs import load_slide_inputs
+    from vlm.encoders.slide_inputs import load_slide_inputs
     from vlm.model.clip import build_tiny_model
-    from vlm.train.data import PrefetchingFeatureLoader, load_slide_features
+    from vlm.training.data import PrefetchingFeatureLoader, load_slide_features
     from vlm.zeroshot import read_slides
 
     features, patches = _clam_cohort(tmp_path / "clam")
@@ -231,7 +229,7 @@ def test_mixed_trident_cohort_embeds_without_mpp_and_a_contradicting_mpp_fails(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """TRIDENT records magnification, not mpp: 20× and 40× slides embed in one run, one cell per tile."""
-    from vlm.encoders.inputs import load_slide_inputs
+    from vlm.encoders.slide_inputs import load_slide_inputs
 
     folder = tmp_path / "trident"
     folder.mkdir()
@@ -243,7 +241,7 @@ def test_mixed_trident_cohort_embeds_without_mpp_and_a_contradicting_mpp_fails(
         cells = load_slide_inputs(folder / f"{name}.h5").coords
         assert len({tuple(c) for c in cells.tolist()}) == 48
     encoder = create_slide_encoder("tiny")
-    with caplog.at_level("INFO", logger="vlm.embed_slides"):
+    with caplog.at_level("INFO", logger="vlm.slide_embeddings"):
         report = embed_slides(sorted(folder.glob("*.h5")), tmp_path / "s.parquet", encoder, progress=False)
     assert report.done == ["s20", "s40"] and not report.failed
     assert "s20: level-0 0.5 µm/px from level0_magnification 20× (10 / magnification" in caplog.text
@@ -259,7 +257,7 @@ def test_cli_train_and_zeroshot_read_clam_features_with_patches_and_mpp(tmp_path
     import pandas as pd
 
     from vlm.encoders.text import build_tiny_text_encoder
-    from vlm.train.config import TrainConfig
+    from vlm.training.config import TrainConfig
 
     root = tmp_path / "clam"
     (root / "patches").mkdir(parents=True)
@@ -294,9 +292,7 @@ def test_an_interrupted_run_keeps_its_saved_rows_and_the_rerun_finishes(
     features_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The parquet is saved every `save_every` slides: a kill loses at most the unsaved ones."""
-    import importlib
-
-    slide_embedding = importlib.import_module("vlm.embed_slides")
+    import vlm.slide_embeddings as slide_embedding
     real, calls = slide_embedding._embed_batch, []
 
     def killed_at_the_third(items, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -320,9 +316,7 @@ def test_a_failing_batch_is_retried_slide_by_slide(
     features_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch that runs out of memory costs only the slide that fails alone, not its batch mates."""
-    import importlib
-
-    slide_embedding = importlib.import_module("vlm.embed_slides")
+    import vlm.slide_embeddings as slide_embedding
     real = slide_embedding._embed_batch
 
     def out_of_memory_over_100_tiles(items, *args, **kwargs):  # type: ignore[no-untyped-def]

@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision import transforms
 
 from tests.support.synthetic import tissue_image
-from vlm.embed_tiles import embed_grid, embed_tiles
+from vlm.tile_features import embed_grid, embed_tiles
 from vlm.encoders.tile import TileEncoder, create_tile_encoder, tensor_transform
 from vlm.formats.features import read_features
 from vlm.wsi.dataset import TileDataset

@@ -20,9 +20,9 @@ import torch
 
 from vlm.cli import main as cli_main
 from vlm.encoders.text import build_tiny_text_encoder
-from vlm.train.checkpoint import CHECKPOINT
-from vlm.train.config import CONFIG_FILE, TrainConfig
-from vlm.train.loop import train
+from vlm.training.checkpoint import CHECKPOINT
+from vlm.training.config import CONFIG_FILE, TrainConfig
+from vlm.training.loop import train
 
 # --- training ---------------------------------------------------------------------------------------------
 
@@ -236,7 +236,7 @@ def test_bad_feature_files_are_all_listed_before_training(tmp_path: Path) -> Non
 def test_nan_tile_features_are_refused_by_slide(tmp_path: Path) -> None:
     """One NaN tile stopped training with "features contain NaN or inf", naming neither the slide nor the file.
 
-    (The slide inputs' one loader, `vlm.encoders.inputs`, now names both; this holds it for training.)"""
+    (The slide inputs' one loader, `vlm.encoders.slide_inputs`, now names both; this holds it for training.)"""
     import h5py
 
     features = tmp_path / "features"

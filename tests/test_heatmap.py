@@ -160,7 +160,7 @@ def test_pooled_tile_scores_rank_demo_slides_as_slide_scores_do(demo_out: Path) 
     frame = read_slide_embeddings(demo_out / "slides.parquet")
     text = model.encode_text([SEARCH_QUERY])
     slide_scores = (model.encode_slide_embeddings(torch.from_numpy(np.stack(frame["embedding"]))) @ text.T)[:, 0]
-    from vlm.encoders.inputs import load_slide_inputs
+    from vlm.encoders.slide_inputs import load_slide_inputs
 
     pooled = []
     for slide_id in frame["slide_id"]:
@@ -229,7 +229,7 @@ def test_stitched_slide_each_class_phrase_is_hotter_on_its_own_half(demo_out: Pa
     Measured 2026-11-27 on the demo: 192/192 half comparisons right; raw shares (no counterfactual
     baseline) got 96/192, i.e. chance, because positions dominated them. Single phrases hold only as far as
     the slide scores themselves separate the classes for that phrase (see README)."""
-    from vlm.encoders.inputs import load_slide_inputs
+    from vlm.encoders.slide_inputs import load_slide_inputs
     from vlm.heatmap import slide_heat
 
     model = SlideTextModel.from_pretrained(demo_out / "align" / "model")

@@ -22,8 +22,8 @@ from vlm.model.clip import SlideTextModel, build_tiny_model
 from vlm.retrieval import ReportIndex, SlideIndex, build_slide_index
 from vlm.retrieval.evaluate import evaluate_retrieval
 from vlm.retrieval.kinds import choose_kind
-from vlm.train.config import TrainConfig
-from vlm.train.loop import train
+from vlm.training.config import TrainConfig
+from vlm.training.loop import train
 
 
 @functools.cache

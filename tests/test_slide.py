@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.synthetic import tissue_image
-from vlm.wsi.inputs import collect_slides
+from vlm.wsi.collect import collect_slides
 from vlm.wsi.slide import ImplausibleMppError, MissingMppError, SlideReadError, open_slide
 from vlm.wsi.synthetic import write_pyramidal_tiff
 

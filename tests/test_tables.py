@@ -129,7 +129,7 @@ def test_an_id_list_exported_by_a_spreadsheet_is_read(tmp_path: Path, caplog: py
     """A byte-order mark made the first id of `index remove --ids-file` (and of a slide list) unknown."""
     from vlm.cli import main
     from vlm.formats.tables import read_list
-    from vlm.wsi.inputs import collect_slides
+    from vlm.wsi.collect import collect_slides
 
     ids = tmp_path / "ids.txt"
     ids.write_bytes(b"\xef\xbb\xbf001\r\n\r\n# a comment\r\n002\r\n")

@@ -19,12 +19,12 @@ from vlm.encoders.text import build_tiny_text_encoder, load_text_encoder
 from vlm.formats.pairs import Pairs, load_pairs
 from vlm.model import SlideTextModel, build_tiny_model
 from vlm.model.loss import contrastive_loss, create_loss
-from vlm.train import loop
-from vlm.train.config import CONFIG_FILE, TrainConfig
-from vlm.train.data import assign_splits
-from vlm.train.gradcache import contrastive_backward
-from vlm.train.inputs import Inputs, prepare_pairs
-from vlm.train.loop import train
+from vlm.training import loop
+from vlm.training.config import CONFIG_FILE, TrainConfig
+from vlm.training.data import assign_splits
+from vlm.training.gradcache import contrastive_backward
+from vlm.training.pair_inputs import Inputs, prepare_pairs
+from vlm.training.loop import train
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -248,7 +248,7 @@ def test_full_fine_tuning_with_gradcache(data: dict[str, Path]) -> None:
 @pytest.mark.slow
 def test_gradcache_through_slide_encoder(tmp_path: Path) -> None:
     pytest.importorskip("vlm.encoders.slide")
-    from vlm.train.data import load_slide_features
+    from vlm.training.data import load_slide_features
 
     pairs, features = write_tiny_features(tmp_path, n_slides=4)
     model = build_tiny_model(tmp_path, slide_encoder="tiny", proj_dim=8).eval()
@@ -336,7 +336,7 @@ def test_csv_ids_stay_text(tmp_path: Path) -> None:
 
 def test_prefetching_loader_matches_direct_reads(tmp_path: Path) -> None:
     pytest.importorskip("vlm.encoders.slide")
-    from vlm.train.data import PrefetchingFeatureLoader, load_slide_features
+    from vlm.training.data import PrefetchingFeatureLoader, load_slide_features
 
     _, features = write_tiny_features(tmp_path, n_slides=4)
     loader = PrefetchingFeatureLoader(features)
@@ -369,7 +369,7 @@ def test_reports_are_tokenised_once_across_runs(
     re-run or a resumed run reads back instead of tokenising again."""
     import logging
 
-    from vlm.train.data import ReportTokens
+    from vlm.training.data import ReportTokens
 
     text = load_text_encoder(data["text"], max_length=8)
     reports = load_pairs(data["pairs"]).reports
@@ -389,6 +389,6 @@ def test_reports_are_tokenised_once_across_runs(
 
     monkeypatch.setenv("VLM_CACHE", str(tmp_path / "cache"))
     train(config(data, tmp_path / "one", epochs=1))
-    with caplog.at_level(logging.INFO, logger="vlm.train.data"):
+    with caplog.at_level(logging.INFO, logger="vlm.training.data"):
         train(config(data, tmp_path / "two", epochs=1))
     assert "reports' tokens read from" in caplog.text

@@ -2,14 +2,15 @@
 
 The public API is flat and lazy: `from vlm import embed_tiles` imports the module that defines it on first
 use, so `import vlm` (and `vlm --help`) loads no torch, FAISS or transformers. `_EXPORTS` is the one table
-from public name to `module:attribute`; moving a function means changing its row here, nothing else.
+from public name to `module:attribute`; moving a function means changing its row here, nothing else. No exported
+name is also the name of a module `vlm.<name>` (stage modules are named for what they hold: `vlm.training`,
+`vlm.tile_features`, `vlm.slide_embeddings`), so `import vlm.training as T` is the package and `vlm.train` the
+function, whatever was imported first.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -21,22 +22,22 @@ _EXPORTS: dict[str, str] = {
     "TilingParams": "vlm.wsi.tiling:TilingParams",
     # tile features
     "create_tile_encoder": "vlm.encoders.tile:create_tile_encoder",
-    "embed_tiles": "vlm.embed_tiles:embed_tiles",
-    "embed_grid": "vlm.embed_tiles:embed_grid",
+    "embed_tiles": "vlm.tile_features:embed_tiles",
+    "embed_grid": "vlm.tile_features:embed_grid",
     "read_features": "vlm.formats.features:read_features",
     "feature_files": "vlm.formats.features:feature_files",
     # slide embeddings
     "create_slide_encoder": "vlm.encoders.slide:create_slide_encoder",
     "to_gigapath_coords": "vlm.encoders.positions:to_gigapath_coords",
-    "load_slide_inputs": "vlm.encoders.inputs:load_slide_inputs",
-    "pad_batch": "vlm.encoders.inputs:pad_batch",
-    "embed_slides": "vlm.embed_slides:embed_slides",
+    "load_slide_inputs": "vlm.encoders.slide_inputs:load_slide_inputs",
+    "pad_batch": "vlm.encoders.slide_inputs:pad_batch",
+    "embed_slides": "vlm.slide_embeddings:embed_slides",
     "load_slide_embeddings": "vlm.formats.embeddings:load_slide_embeddings",
     # alignment model and training
     "SlideTextModel": "vlm.model.clip:SlideTextModel",
     "create_model": "vlm.model.clip:create_model",
-    "TrainConfig": "vlm.train.config:TrainConfig",
-    "train": "vlm.train.loop:train",
+    "TrainConfig": "vlm.training.config:TrainConfig",
+    "train": "vlm.training.loop:train",
     # zero-shot
     "load_prompt_task": "vlm.prompts:load_prompt_task",
     "ZeroShotClassifier": "vlm.zeroshot:ZeroShotClassifier",
@@ -78,18 +79,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
-
-
-class _PublicAPI(types.ModuleType):
-    """Importing a submodule binds it on its parent; a stage module named for its command (`vlm.train`,
-    `vlm.embed_tiles`, `vlm.embed_slides`) must not shadow the function of the same name, so a submodule is
-    never bound under an exported name. Reach such a module with `from vlm.embed_slides import …` or
-    `importlib.import_module("vlm.embed_slides")`, which read `sys.modules`."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _PublicAPI

@@ -188,7 +188,7 @@ def slide_heat(
     mpp: float | None = None,
 ) -> SlideHeat:
     """Tile scores of one feature file for `queries` (texts [Q, D] given: e.g. zero-shot class prototypes)."""
-    from vlm.encoders.inputs import prepare_slide_inputs
+    from vlm.encoders.slide_inputs import prepare_slide_inputs
     from vlm.formats.features import read_features
     from vlm.io import slide_id_from_path
 

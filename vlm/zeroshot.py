@@ -322,7 +322,7 @@ def read_slides(
         return list(slides.ids), slides.embeddings.float().numpy()
     path = Path(slides)
     if path.is_dir():
-        from vlm.embed_slides import embed_slides
+        from vlm.slide_embeddings import embed_slides
         from vlm.formats.features import feature_files
 
         if model.slide_encoder is None:

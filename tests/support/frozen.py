@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlm.embed_slides import embed_slides
+from vlm.slide_embeddings import embed_slides
 from vlm.encoders.slide import create_slide_encoder
 from vlm.formats.features import TileFeatures, TileGrid, write_features
 
@@ -17,8 +17,8 @@ def build_frozen_run(tmp_path: Path, slides: list[Path]) -> dict:
     on embeddings from `embed_slides` with a saved tiny slide encoder, and a feature file per slide (random
     32-d features on a full tile grid; 0.5-mpp tiles whatever the slide's level-0 µm/px)."""
     from vlm.encoders.text import build_tiny_text_encoder
-    from vlm.train.config import TrainConfig
-    from vlm.train.loop import build_model
+    from vlm.training.config import TrainConfig
+    from vlm.training.loop import build_model
     from vlm.wsi.slide import open_slide
 
     (tmp_path / "features").mkdir()

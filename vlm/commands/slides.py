@@ -47,7 +47,7 @@ def _feature_width(files: list[Path]) -> int | None:
 def _embed_slides(args: argparse.Namespace) -> int:
     from vlm.batch import Shard
     from vlm.device import resolve_shard_device
-    from vlm.embed_slides import embed_slides
+    from vlm.slide_embeddings import embed_slides
     from vlm.encoders.slide import create_slide_encoder
     from vlm.formats.embeddings import shard_output
     from vlm.formats.features import feature_files

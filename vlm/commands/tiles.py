@@ -43,7 +43,7 @@ def _add_batch_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from vlm.wsi.inputs import collect_slides
+    from vlm.wsi.collect import collect_slides
     from vlm.wsi.slide import open_slide
 
     status = 0
@@ -60,7 +60,7 @@ def _info(args: argparse.Namespace) -> int:
 def _tile(args: argparse.Namespace) -> int:
     from vlm.batch import Shard
     from vlm.tile import tile_slides
-    from vlm.wsi.inputs import collect_slides
+    from vlm.wsi.collect import collect_slides
     from vlm.wsi.tiling import TilingParams
 
     params = TilingParams(target_mpp=args.target_mpp, tile_size=args.tile_size, min_tissue=args.min_tissue)
@@ -75,9 +75,9 @@ def _tile(args: argparse.Namespace) -> int:
 def _embed_tiles(args: argparse.Namespace) -> int:
     from vlm.batch import Shard
     from vlm.device import resolve_shard_device
-    from vlm.embed_tiles import embed_tiles
+    from vlm.tile_features import embed_tiles
     from vlm.encoders.tile import create_tile_encoder
-    from vlm.wsi.inputs import collect_slides
+    from vlm.wsi.collect import collect_slides
     from vlm.wsi.tiling import TilingParams
 
     slides = collect_slides(args.slides)

@@ -17,7 +17,7 @@ _EPILOG = """examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from vlm.commands.options import add_config_options, add_progress
-    from vlm.train.config import TrainConfig
+    from vlm.training.config import TrainConfig
 
     p = subparsers.add_parser(
         "train", help="train slide–report alignment (CLIP-style)", epilog=_EPILOG,
@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vlm.commands.options import given_settings
-    from vlm.train.config import CONFIG_FILE, TrainConfig
-    from vlm.train.loop import train
+    from vlm.training.config import CONFIG_FILE, TrainConfig
+    from vlm.training.loop import train
 
     given = given_settings(args, TrainConfig)
     if args.resume:

@@ -39,7 +39,7 @@ def grid_cells(coords: torch.Tensor, tile_size: int, grid_size: int) -> tuple[to
         raise ValueError(
             f"tile coordinate {coords[tuple(where)].tolist()} (0.5-mpp px) is outside the "
             f"{grid_size}×{grid_size} grid of {tile_size}-px tiles (0 <= x, y < {limit}); coordinates "
-            "must be 0.5-mpp pixels — build them with vlm.encoders.inputs.load_slide_inputs"
+            "must be 0.5-mpp pixels — build them with vlm.encoders.slide_inputs.load_slide_inputs"
         )
     return cells[..., 0], cells[..., 1]
 

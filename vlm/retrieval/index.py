@@ -198,7 +198,7 @@ class SlideIndex:
         params = kinds.default_params(chosen, len(keys), vectors.shape[1])
         log.info("building a %s index of %d %s (%d-d)", chosen, len(keys), cls.content, vectors.shape[1])
         index = kinds.create_index(chosen, vectors.shape[1], params)
-        kinds.train(index, chosen, vectors, seed=seed)
+        kinds.train_index(index, chosen, vectors, seed=seed)
         ids = np.arange(len(keys), dtype=np.int64)
         index.add_with_ids(vectors, ids)
         params, recall = kinds.tune(index, chosen, params, vectors, ids, target=target_recall, k=recall_k, seed=seed)

@@ -86,7 +86,7 @@ def create_index(kind: str, dim: int, params: dict[str, Any]) -> faiss.IndexIDMa
     return faiss.IndexIDMap2(base)  # the FAISS wrapper keeps `base` alive with the map
 
 
-def train(index: faiss.IndexIDMap2, kind: str, vectors: np.ndarray, seed: int = 0) -> None:
+def train_index(index: faiss.IndexIDMap2, kind: str, vectors: np.ndarray, seed: int = 0) -> None:
     """Train IVF coarse centroids (and PQ codebooks) on a seeded sample; a no-op for flat and HNSW."""
     if kind not in ("ivf", "ivfpq"):
         return

@@ -28,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vlm.wsi.inputs import SLIDE_EXTENSIONS
+from vlm.wsi.collect import SLIDE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class ServeState:
         """Zero-shot class probabilities of a slide, from its tile features through the slide encoder."""
         import torch
 
-        from vlm.encoders.inputs import load_slide_inputs
+        from vlm.encoders.slide_inputs import load_slide_inputs
 
         if slide_id not in self._embeddings:
             config = self.encoder.config

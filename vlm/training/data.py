@@ -144,7 +144,7 @@ def check_feature_files(
 
     A bad file found mid-run (hours in, at the first batch that holds it) would stop training with one name;
     here only the grid and the dataset shapes are read (not the features), with the rules of
-    `vlm.encoders.inputs.load_slide_inputs` (same `mpp`, `patches`, position grid), so the check is quick.
+    `vlm.encoders.slide_inputs.load_slide_inputs` (same `mpp`, `patches`, position grid), so the check is quick.
     With `drop_bad` the pairs of those slides are dropped with a warning, as `--drop-missing` does.
     """
     from vlm.encoders.positions import to_gigapath_coords
@@ -191,13 +191,13 @@ def load_slide_features(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tile features [B, L, D], 0.5-mpp coords [B, L, 2] and padding mask [B, L] (True = pad) for a batch.
 
-    Each slide goes through `vlm.encoders.inputs.load_slide_inputs`, the path `vlm embed-slides` and
+    Each slide goes through `vlm.encoders.slide_inputs.load_slide_inputs`, the path `vlm embed-slides` and
     zero-shot use, so a fine-tuned model is trained on the positions it is later given. `max_tiles`
     subsamples larger slides at random (after positions are fixed), bounding memory per slide; the draw
     depends only on `seed` and the slide id, so GradCache's second pass (and a resumed run) picks the same
     tiles. `mpp` and `patches` are as for `vlm embed-slides` (`--mpp`, `--patches`).
     """
-    from vlm.encoders.inputs import load_slide_inputs, pad_batch
+    from vlm.encoders.slide_inputs import load_slide_inputs, pad_batch
 
     slides = [
         load_slide_inputs(Path(folder) / f"{slide_id}.h5", mpp=mpp, patches=patches, max_tiles=max_tiles, seed=seed)

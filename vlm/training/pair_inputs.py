@@ -19,8 +19,8 @@ from vlm.formats.embeddings import SlideEmbeddings, load_slide_embeddings
 from vlm.formats.pairs import SPLITS, Pairs, check_slides_available, load_pairs
 from vlm.io import atomic_path
 from vlm.model.clip import SlideTextModel
-from vlm.train import data as pairs_data
-from vlm.train.config import TrainConfig
+from vlm.training import data as pairs_data
+from vlm.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

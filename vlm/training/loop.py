@@ -35,7 +35,7 @@ from vlm.io import claim_output_folder, make_output_folder
 from vlm.metrics import retrieval_recalls
 from vlm.model.clip import CLIP_INIT_LOGIT_SCALE, SlideTextModel, create_model
 from vlm.model.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, contrastive_loss, create_loss
-from vlm.train.checkpoint import (
+from vlm.training.checkpoint import (
     CHECKPOINT,
     MetricsLog,
     load_checkpoint,
@@ -44,11 +44,11 @@ from vlm.train.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from vlm.train.config import CONFIG_FILE, TrainConfig
-from vlm.train.distributed import Distributed, average_gradients, init_distributed
-from vlm.train.gradcache import chunks_of, contrastive_backward
-from vlm.train.inputs import Inputs, prepare_pairs, write_splits
-from vlm.train.schedule import cosine_with_warmup, param_groups, resume_schedule
+from vlm.training.config import CONFIG_FILE, TrainConfig
+from vlm.training.distributed import Distributed, average_gradients, init_distributed
+from vlm.training.gradcache import chunks_of, contrastive_backward
+from vlm.training.pair_inputs import Inputs, prepare_pairs, write_splits
+from vlm.training.schedule import cosine_with_warmup, param_groups, resume_schedule
 
 log = logging.getLogger(__name__)
 
