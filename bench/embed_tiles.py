@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from vlm.device import autocast
-from vlm.tile_features import embed_tiles
 from vlm.encoders.tile import TileEncoder, create_tile_encoder
 from vlm.formats.features import read_tile_grid
 from vlm.tile import tile_slides
+from vlm.tile_features import embed_tiles
 from vlm.wsi.dataset import TileDataset
 from vlm.wsi.slide import open_slide
 from vlm.wsi.synthetic import write_pyramidal_tiff

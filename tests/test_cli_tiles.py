@@ -161,8 +161,8 @@ def test_embed_tiles_with_a_real_timm_vit_through_dataloader_workers(
 
 
 def test_embed_tiles_shards_write_disjoint_files(tmp_path: Path, slide_05: Path, real_slide: Path) -> None:
-    from vlm.tile_features import embed_tiles
     from vlm.encoders.tile import create_tile_encoder
+    from vlm.tile_features import embed_tiles
 
     encoder = create_tile_encoder("gigapath", pretrained=False, embed_dim=48, depth=1, num_heads=2)
     import torch

@@ -19,10 +19,10 @@ from tests.support.peers import (
 )
 from vlm.batch import Shard
 from vlm.cli import main
-from vlm.slide_embeddings import embed_slides
 from vlm.encoders.slide import create_slide_encoder
 from vlm.formats.embeddings import read_slide_embeddings
 from vlm.formats.features import TileFeatures, TileGrid, write_features
+from vlm.slide_embeddings import embed_slides
 
 
 def _write_slide(folder: Path, name: str, n: int, seed: int, dim: int = 32, mpp: float = 0.25) -> Path:

@@ -23,9 +23,9 @@ from PIL import Image
 from torchvision import transforms
 
 from tests.support.synthetic import tissue_image
-from vlm.tile_features import embed_grid, embed_tiles
 from vlm.encoders.tile import TileEncoder, create_tile_encoder, tensor_transform
 from vlm.formats.features import read_features
+from vlm.tile_features import embed_grid, embed_tiles
 from vlm.wsi.dataset import TileDataset
 from vlm.wsi.slide import open_slide
 from vlm.wsi.synthetic import write_pyramidal_tiff

@@ -211,10 +211,10 @@ def _read_until(stream: object, word: str) -> str:
 
 def test_two_concurrent_embed_slides_into_one_file(tmp_path: Path) -> None:
     """Two `vlm embed-slides` writing one --out each rewrote the file with its own rows only."""
-    from vlm.slide_embeddings import embed_slides
     from vlm.encoders.slide import create_slide_encoder
     from vlm.formats.features import TileFeatures, TileGrid, write_features
     from vlm.io import output_lock
+    from vlm.slide_embeddings import embed_slides
 
     rng = np.random.default_rng(0)
     coords = np.stack(np.meshgrid(np.arange(4), np.arange(4)), -1).reshape(-1, 2) * 512
@@ -282,7 +282,8 @@ def test_a_flipped_byte_in_slide_embeddings_is_refused(tmp_path: Path) -> None:
 
 def test_retrieval_does_not_import_training() -> None:
     code = ("import sys, vlm.retrieval, vlm.retrieval.evaluate, vlm.commands.retrieval\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('vlm.training', 'vlm.slide_embeddings'))))")  # fmt: skip
+            "print(sorted(m for m in sys.modules\n"
+            "             if m.startswith(('vlm.training', 'vlm.slide_embeddings'))))")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -23,8 +23,8 @@ from vlm.training import loop
 from vlm.training.config import CONFIG_FILE, TrainConfig
 from vlm.training.data import assign_splits
 from vlm.training.gradcache import contrastive_backward
-from vlm.training.pair_inputs import Inputs, prepare_pairs
 from vlm.training.loop import train
+from vlm.training.pair_inputs import Inputs, prepare_pairs
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -29,8 +29,8 @@ import torch
 
 from vlm.batch import Batch, BatchReport, Shard, check_finite_output
 from vlm.device import autocast, autocast_dtype, resolve_device
-from vlm.encoders.slide_inputs import SlideInputs, load_slide_inputs, pad_batch
 from vlm.encoders.slide import SLIDE_ENCODER_PRESETS, GigaPathSlideEncoder
+from vlm.encoders.slide_inputs import SlideInputs, load_slide_inputs, pad_batch
 from vlm.formats.embeddings import read_settings_and_rows, shard_output, write_slide_embeddings
 from vlm.formats.features import MPP_FROM_FILE, feature_shape
 from vlm.io import file_sha256, output_lock, slide_id_from_path
@@ -134,7 +134,8 @@ def embed_slides(
     then taken in order of tile count, so each batch holds slides of similar length and pads little. On GPU
     this helps for many small slides, on CPU 1 is as fast. Rows are written in slide-id order either way.
     `mpp` overrides the files' level-0 µm/px; `patches` is CLAM's patches folder (see
-    `vlm.formats.features.read_tile_grid`). Every slide goes through `vlm.encoders.slide_inputs.load_slide_inputs`, as in
+    `vlm.formats.features.read_tile_grid`). Every slide goes through
+    `vlm.encoders.slide_inputs.load_slide_inputs`, as in
     training and zero-shot. `checkpoint` is only recorded in the file's metadata (path and sha256), with a
     hash of the encoder's weights, so that a model trained on these embeddings knows which encoder made them.
     `device` and `precision` are names ("auto", "cuda:1", "bf16", …) resolved by `vlm.device`; an impossible

@@ -322,8 +322,8 @@ def read_slides(
         return list(slides.ids), slides.embeddings.float().numpy()
     path = Path(slides)
     if path.is_dir():
-        from vlm.slide_embeddings import embed_slides
         from vlm.formats.features import feature_files
+        from vlm.slide_embeddings import embed_slides
 
         if model.slide_encoder is None:
             raise ValueError(

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlm.slide_embeddings import embed_slides
 from vlm.encoders.slide import create_slide_encoder
 from vlm.formats.features import TileFeatures, TileGrid, write_features
+from vlm.slide_embeddings import embed_slides
 
 
 def build_frozen_run(tmp_path: Path, slides: list[Path]) -> dict:

@@ -47,10 +47,10 @@ def _feature_width(files: list[Path]) -> int | None:
 def _embed_slides(args: argparse.Namespace) -> int:
     from vlm.batch import Shard
     from vlm.device import resolve_shard_device
-    from vlm.slide_embeddings import embed_slides
     from vlm.encoders.slide import create_slide_encoder
     from vlm.formats.embeddings import shard_output
     from vlm.formats.features import feature_files
+    from vlm.slide_embeddings import embed_slides
 
     seed_random_weights(args)
     if args.checkpoint is None and args.slide_encoder != "gigapath" and not args.random_weights:

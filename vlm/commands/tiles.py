@@ -75,8 +75,8 @@ def _tile(args: argparse.Namespace) -> int:
 def _embed_tiles(args: argparse.Namespace) -> int:
     from vlm.batch import Shard
     from vlm.device import resolve_shard_device
-    from vlm.tile_features import embed_tiles
     from vlm.encoders.tile import create_tile_encoder
+    from vlm.tile_features import embed_tiles
     from vlm.wsi.collect import collect_slides
     from vlm.wsi.tiling import TilingParams
 

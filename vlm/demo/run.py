@@ -234,15 +234,15 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
 
 def _run_demo(settings: DemoSettings) -> DemoResult:
-    from vlm.slide_embeddings import embed_slides
-    from vlm.tile_features import embed_tiles
     from vlm.encoders.slide import create_slide_encoder
     from vlm.encoders.tile import create_tile_encoder
     from vlm.formats.embeddings import SlideEmbeddings, load_slide_embeddings
     from vlm.formats.features import feature_files
     from vlm.probe import run_probe
     from vlm.retrieval import SlideIndex
+    from vlm.slide_embeddings import embed_slides
     from vlm.tile import tile_slides
+    from vlm.tile_features import embed_tiles
     from vlm.training.config import TrainConfig
     from vlm.training.loop import train
     from vlm.zeroshot import run_zeroshot
