@@ -16,6 +16,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
+    # cohorts: reports + slides -> pairs, public tables -> labels
+    "build_pairs": "vlm.cohort:build_pairs",
+    "clean_report": "vlm.report_cleaning:clean_report",
+    "load_cleaning_rules": "vlm.report_cleaning:load_cleaning_rules",
+    "build_labels": "vlm.labels:build_labels",
+    "read_maf": "vlm.formats.maf:read_maf",
     # slides and tiles
     "open_slide": "vlm.wsi.slide:open_slide",
     "tile_slides": "vlm.tile:tile_slides",
