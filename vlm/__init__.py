@@ -16,6 +16,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
+    # errors: every error vlm raises on purpose is a VlmError
+    "VlmError": "vlm.errors:VlmError",
+    "InputError": "vlm.errors:InputError",
+    "MissingInputError": "vlm.errors:MissingInputError",
+    "UsageError": "vlm.errors:UsageError",
+    "RunError": "vlm.errors:RunError",
     # slides and tiles
     "open_slide": "vlm.wsi.slide:open_slide",
     "tile_slides": "vlm.tile:tile_slides",
