@@ -60,14 +60,9 @@ _EXPORTS: dict[str, str] = {
     "classification_metrics": "vlm.metrics:classification_metrics",
     "retrieval_recalls": "vlm.metrics:retrieval_recalls",
     "roc_png": "vlm.plots:roc_png",
-    # shipped data, devices, demo
+    # shipped data, devices (the demo's names are in `vlm.demo`)
     "shipped_tasks": "vlm.resources:shipped_tasks",
     "resolve_device": "vlm.device:resolve_device",
-    "DemoSettings": "vlm.demo.run:DemoSettings",
-    "run_demo": "vlm.demo.run:run_demo",
-    "demo_text_encoder": "vlm.demo.run:minilm_path",
-    "DEMO_SEARCH_QUERY": "vlm.demo.run:SEARCH_QUERY",
-    "check_wording_unseen": "vlm.demo.run:check_wording_unseen",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
