@@ -46,7 +46,7 @@ _EXPORTS: dict[str, str] = {
     "train": "vlm.training.loop:train",
     # zero-shot
     "load_prompt_task": "vlm.prompts:load_prompt_task",
-    "ZeroShotClassifier": "vlm.zeroshot:ZeroShotClassifier",
+    "ZeroShotClassifier": "vlm.model.zeroshot:ZeroShotClassifier",
     "run_zeroshot": "vlm.zeroshot:run_zeroshot",
     # retrieval
     "SlideIndex": "vlm.retrieval.index:SlideIndex",
