@@ -303,3 +303,35 @@ def test_labels_bad_maf_gets_one_clear_error(pairs_csv: Path, tmp_path: Path, ca
     code, error = _code_and_error(["labels", "--maf", str(tmp_path / "m.maf.gz"), "--capture-mb", "0",
                                    "--pairs", str(pairs_csv), "--out", str(out)], caplog)  # fmt: skip
     assert code == 2 and "--capture-mb" in error
+
+
+def test_pairs_from_slide_files_and_from_slide_embeddings(tmp_path: Path, slide_05: Path) -> None:
+    """The other two slide sources give the same slide ids: slide file names, an embed-slides parquet."""
+    from vlm.formats.embeddings import write_slide_embeddings
+
+    reports = _reports(tmp_path / "TCGA_Reports.csv")
+    names = [s for s, c in SLIDES.items() if c == B] + [s for s, c in SLIDES.items() if c == D]
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in names:
+        (folder / f"{name}{slide_05.suffix}").symlink_to(slide_05)
+    parquet = tmp_path / "slides.parquet"
+    rows = [{"slide_id": n, "embedding": [0.0] * 4, "n_tiles": 1, "encoder": "tiny", "pool": "mean"} for n in names]
+    write_slide_embeddings(parquet, rows, {"pool": "mean"})
+    for flag, source in (("--slides", folder), ("--embeddings", parquet)):
+        out = tmp_path / f"{flag[2:]}.csv"
+        args = ["pairs", "--reports", str(reports), flag, str(source), "--match", "tcga", "--no-token-count"]
+        assert main([*args, "--out", str(out)]) == 0
+        assert load_pairs(out).slide_ids == [names[0]]  # B's slide; D has no report
+
+
+def test_labels_from_a_cbioportal_maf(pairs_csv: Path, tmp_path: Path) -> None:
+    """cBioPortal's data_mutations.txt: plain text, `#version 2.4`, sample barcodes without vial (TCGA-..-01)."""
+    maf = tmp_path / "data_mutations.txt"
+    rows = [("Hugo_Symbol", "Variant_Classification", "Tumor_Sample_Barcode"),
+            ("KRAS", "Missense_Mutation", f"{B}-01"), ("TP53", "Silent", f"{A}-01")]  # fmt: skip
+    maf.write_text("#version 2.4\n" + "".join("\t".join(row) + "\n" for row in rows))
+    out = tmp_path / "kras.csv"
+    assert main(["labels", "--maf", str(maf), "--gene", "KRAS", "--pairs", str(pairs_csv), "--out", str(out)]) == 0
+    labels = pd.read_csv(out).drop_duplicates("patient_id").set_index("patient_id")
+    assert labels["KRAS"].to_dict() == {A: 0, B: 1}

@@ -32,6 +32,7 @@ from typing import Any
 
 import pandas as pd
 
+from vlm.errors import InputError, UsageError
 from vlm.formats import tcga
 from vlm.formats.tables import read_table
 from vlm.io import atomic_path, check_output_file, duplicate_ids
@@ -68,11 +69,11 @@ def match_rule(spec: str) -> MatchRule:
         frame = read_table(path, required=("slide_id",), what="slide-to-case", all_text=True)
         column = next((c for c in ("patient_id", "case_id") if c in frame.columns), None)
         if column is None:
-            raise ValueError(f"{path}: a slide-to-case table needs slide_id and patient_id (or case_id) columns; "
+            raise InputError(f"{path}: a slide-to-case table needs slide_id and patient_id (or case_id) columns; "
                              f"found {list(frame.columns)}")  # fmt: skip
         repeated = duplicate_ids(frame["slide_id"].str.strip())
         if repeated:
-            raise ValueError(f"{path}: slide id(s) listed more than once, e.g. {repeated[:5]}; one case per slide")
+            raise InputError(f"{path}: slide id(s) listed more than once, e.g. {repeated[:5]}; one case per slide")
         table = {s.strip(): c.strip() for s, c in zip(frame["slide_id"], frame[column], strict=True) if c.strip()}
         return MatchRule(spec, table.get, lambda report_id: report_id.strip() or None, strict=False)
     if spec.startswith("regex:"):
@@ -80,9 +81,9 @@ def match_rule(spec: str) -> MatchRule:
         try:
             pattern = re.compile(text)
         except re.error as error:
-            raise ValueError(f"--match regex:{text}: not a valid regular expression ({error})") from error
+            raise UsageError(f"`match` regex:{text}: not a valid regular expression ({error})") from error
         if pattern.groups == 0:
-            raise ValueError(f"--match regex:{text}: needs a group, named 'case' or the first, that captures the case")
+            raise UsageError(f"`match` regex:{text}: needs a group, named 'case' or the first, that captures the case")
 
         def case_of(value: str) -> str | None:
             found = pattern.search(value)
@@ -92,7 +93,7 @@ def match_rule(spec: str) -> MatchRule:
             return case or None
 
         return MatchRule(spec, case_of, case_of, strict=False)
-    raise ValueError(f"unknown --match rule {spec!r}; use tcga, table:FILE or regex:PATTERN")
+    raise UsageError(f"unknown `match` rule {spec!r}; use tcga, table:FILE or regex:PATTERN")
 
 
 def slide_ids_from(
@@ -105,7 +106,7 @@ def slide_ids_from(
     given = [(name, value) for name, value in (("--features", features), ("--slides", slides),
                                                ("--embeddings", embeddings)) if value is not None]  # fmt: skip
     if len(given) != 1:
-        raise ValueError("give exactly one of --features DIR, --slides DIR or --embeddings PARQUET")
+        raise UsageError("give exactly one of `features` (a folder), `slides` (a folder) or `embeddings` (a parquet)")
     flag, value = given[0]
     if flag == "--features":
         from vlm.formats.features import feature_files
@@ -122,7 +123,7 @@ def slide_ids_from(
         ids = [str(s) for s in read_slide_embeddings(value)["slide_id"]]
     repeated = duplicate_ids(ids)
     if repeated:
-        raise ValueError(f"{value}: slide id(s) found more than once, e.g. {repeated[:5]}; one file per slide")
+        raise InputError(f"{value}: slide id(s) found more than once, e.g. {repeated[:5]}; one file per slide")
     return ids, str(value)
 
 
@@ -130,12 +131,12 @@ def _pick_column(frame: pd.DataFrame, given: str | None, candidates: Sequence[st
                  path: Path) -> str:  # fmt: skip
     if given is not None:
         if given not in frame.columns:
-            raise ValueError(f"{path}: no column {given!r} ({flag}); found {list(frame.columns)}")
+            raise InputError(f"{path}: no column {given!r} ({flag}); found {list(frame.columns)}")
         return given
     for column in candidates:
         if column in frame.columns:
             return column
-    raise ValueError(
+    raise InputError(
         f"{path}: no {what} column: expected one of {list(candidates)} (TCGA-Reports has patient_filename and "
         f"text), found {list(frame.columns)}; name yours with {flag}"
     )
@@ -151,10 +152,10 @@ def read_reports(
     """case -> report text, case -> split (when the table has a `split` column), and what was left out."""
     path = Path(path)
     if duplicates not in DUPLICATE_POLICIES:
-        raise ValueError(f"duplicate-report policy must be one of {DUPLICATE_POLICIES}, got {duplicates!r}")
+        raise UsageError(f"`duplicate_reports` must be one of {DUPLICATE_POLICIES}, got {duplicates!r}")
     frame = read_table(path, what="reports", all_text=True)
-    id_col = _pick_column(frame, id_column, REPORT_ID_COLUMNS, "report id", "--report-id-column", path)
-    text_col = _pick_column(frame, text_column, REPORT_TEXT_COLUMNS, "report text", "--report-text-column", path)
+    id_col = _pick_column(frame, id_column, REPORT_ID_COLUMNS, "report id", "`report_id_column`", path)
+    text_col = _pick_column(frame, text_column, REPORT_TEXT_COLUMNS, "report text", "`report_text_column`", path)
     texts: dict[str, list[str]] = {}
     splits: dict[str, str] = {}
     unmatched: list[str] = []
@@ -164,10 +165,10 @@ def read_reports(
         case = rule.report_case(report_id) if report_id else None
         if case is None:
             if rule.strict:
-                raise ValueError(
+                raise InputError(
                     f"{path}: row {row}: report id {report_id!r} in {id_col!r} is not a TCGA case barcode "
                     "(TCGA-XX-XXXX, optionally .<uuid> as TCGA-Reports' patient_filename); fix the id or use "
-                    "--match table:FILE / regex:PATTERN"
+                    "`match` table:FILE / regex:PATTERN"
                 )
             unmatched.append(report_id or f"(row {row}: empty id)")
             continue
@@ -179,9 +180,9 @@ def read_reports(
             splits[case] = frame["split"].iloc[row - 2].strip().lower()
     conflicting = sorted(case for case, items in texts.items() if len(set(items)) > 1)
     if conflicting and duplicates == "refuse":
-        raise ValueError(
+        raise InputError(
             f"{path}: {len(conflicting)} case(s) have several report rows with different text, e.g. "
-            f"{conflicting[:5]}; keep one row per case, or pass --duplicate-reports join to join them in file order"
+            f"{conflicting[:5]}; keep one row per case, or pass `duplicate_reports` join to join them in file order"
         )
     reports = {case: "\n".join(dict.fromkeys(items)) for case, items in texts.items()}
     repeated = sorted(case for case, items in texts.items() if len(items) > 1)
@@ -217,7 +218,7 @@ def build_pairs(
     out = check_output_file(out)
     unknown = sorted(set(slide_types) - set(tcga.SLIDE_TYPES))
     if unknown or not slide_types:
-        raise ValueError(f"slide types {unknown or '(none)'}: choose from {', '.join(tcga.SLIDE_TYPES)}")
+        raise UsageError(f"`slide_types` {unknown or '(none)'}: choose from {', '.join(tcga.SLIDE_TYPES)}")
     rule = match_rule(match)
     case_reports, splits, left_out = read_reports(reports, rule, report_id_column, report_text_column,
                                                   duplicate_reports)  # fmt: skip
@@ -251,9 +252,9 @@ def build_pairs(
                 continue
         slide_cases[slide_id] = case
     if not_barcodes:
-        raise ValueError(
+        raise InputError(
             f"{len(not_barcodes)} slide id(s) in {slide_source} are not GDC slide names "
-            f"(TCGA-XX-XXXX-01Z-00-DX1[.<uuid>]), e.g. {not_barcodes[:5]}; rename them or use --match table:FILE"
+            f"(TCGA-XX-XXXX-01Z-00-DX1[.<uuid>]), e.g. {not_barcodes[:5]}; rename them or use `match` table:FILE"
         )
 
     rows = [(slide, case) for slide, case in slide_cases.items() if case in case_reports]
@@ -262,8 +263,8 @@ def build_pairs(
     paired_cases = {case for _, case in rows}
     reports_without_slide = sorted(set(case_reports) - paired_cases)
     if not rows:
-        raise ValueError(
-            f"no slide of {slide_source} matched a report of {reports} under --match {match} (slides "
+        raise InputError(
+            f"no slide of {slide_source} matched a report of {reports} under `match` {match} (slides "
             f"{len(slide_ids)}, reports {len(case_reports)}, e.g. slide {list(slide_ids)[:1]} and case "
             f"{sorted(case_reports)[:1]}); check the rule and the slide types ({', '.join(slide_types)})"
         )

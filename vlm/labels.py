@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from vlm.errors import InputError, UsageError
 from vlm.formats import tcga
 from vlm.formats.maf import NON_SILENT, read_maf
 from vlm.formats.pairs import load_pairs
@@ -45,7 +46,7 @@ def _maf_samples(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, 
     empty = frame["Tumor_Sample_Barcode"] == ""
     if empty.any():
         rows = [int(i) for i in frame.index[empty][:5]]
-        raise ValueError(f"{path}: {int(empty.sum())} row(s) with an empty Tumor_Sample_Barcode (data rows {rows})")
+        raise InputError(f"{path}: {int(empty.sum())} row(s) with an empty Tumor_Sample_Barcode (data rows {rows})")
     return frame[tumour].reset_index(drop=True), {"normal_aliquots_ignored": normal}
 
 
@@ -55,7 +56,7 @@ def gene_status(maf: str | os.PathLike[str], gene: str) -> tuple[dict[str, int],
     if not (frame["Hugo_Symbol"] == gene).any():
         close = sorted({g for g in frame["Hugo_Symbol"].unique() if g.upper() == gene.upper()})
         hint = f" (did you mean {close}?)" if close else ""
-        raise ValueError(
+        raise InputError(
             f"{maf}: gene {gene!r} has no variant of any class in this MAF{hint}; every case would be wild-type, "
             "which is more likely a wrong symbol (HGNC, as Hugo_Symbol) or MAF than the truth"
         )
@@ -75,7 +76,7 @@ def tumour_mutational_burden(
     (listed as conflicting), since no single label is right for all its slides.
     """
     if not capture_mb or capture_mb <= 0:
-        raise ValueError(f"--capture-mb must be the positive size of the sequenced territory in Mb, got {capture_mb}")
+        raise UsageError(f"`capture_mb` must be the positive size of the sequenced territory in Mb, got {capture_mb}")
     frame, notes = _maf_samples(maf)
     counted = frame[frame["Variant_Classification"].isin(NON_SILENT)]
     per_aliquot = counted.groupby("Tumor_Sample_Barcode").size()
@@ -107,7 +108,7 @@ def case_classes(
     frame = read_table(cases, what="case labels", all_text=True)
     id_col = next((c for c in ("patient_id", "case_id") if c in frame.columns), None)
     if id_col is None or column not in frame.columns:
-        raise ValueError(f"{cases}: a case table needs patient_id (or case_id) and {column!r} columns; found "
+        raise InputError(f"{cases}: a case table needs patient_id (or case_id) and {column!r} columns; found "
                          f"{list(frame.columns)}")  # fmt: skip
     values: dict[str, set[str]] = collections.defaultdict(set)
     for case, value in zip(frame[id_col], frame[column], strict=True):
@@ -115,7 +116,7 @@ def case_classes(
             values[case.strip()].add(value.strip())
     conflicting = sorted(case for case, found in values.items() if len(found) > 1)
     if conflicting:
-        raise ValueError(f"{cases}: case(s) with different {column!r} values, e.g. {conflicting[:5]}; one per case")
+        raise InputError(f"{cases}: case(s) with different {column!r} values, e.g. {conflicting[:5]}; one per case")
     raw = {case: next(iter(found)) for case, found in values.items()}
     notes: dict[str, Any] = {}
     if task is None:
@@ -147,7 +148,7 @@ def build_labels(
     out = check_output_file(out)
     pairs_table = load_pairs(pairs)
     if pairs_table.patient_ids is None:
-        raise ValueError(f"{pairs}: labels are per case, and this pairs table has no patient_id column (vlm pairs "
+        raise InputError(f"{pairs}: labels are per case, and this pairs table has no patient_id column (vlm pairs "
                          "writes it)")  # fmt: skip
     extra: dict[str, dict[str, float]] = {}
     if maf is not None and gene and capture_mb is None and cases is None:
@@ -161,7 +162,7 @@ def build_labels(
         labels, label_column, notes = case_classes(cases, column, task)
         source = {"cases": str(cases), "column": column, "task": None if task is None else str(task)}
     else:
-        raise ValueError("give one label source: --maf FILE --gene SYMBOL, --maf FILE --capture-mb MB (TMB), or "
+        raise UsageError("give one label source: `maf` FILE `gene` SYMBOL, `maf` FILE `capture_mb` MB (TMB), or "
                          "--cases TABLE --column NAME [--task TASK]")  # fmt: skip
     rows = []
     unknown: list[str] = []
@@ -174,7 +175,7 @@ def build_labels(
             unknown.append(case)
     unknown_cases = sorted(set(unknown))
     if not rows:
-        raise ValueError(f"none of the {len(set(pairs_table.patient_ids))} cases of {pairs} has a label in "
+        raise InputError(f"none of the {len(set(pairs_table.patient_ids))} cases of {pairs} has a label in "
                          f"{maf or cases}; check that both name cases the same way (e.g. TCGA-XX-XXXX)")  # fmt: skip
     labelled_cases = {row["patient_id"]: row[label_column] for row in rows}
     report = {

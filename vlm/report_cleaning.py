@@ -28,6 +28,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from vlm.errors import InputError, MissingInputError
+
 DEFAULT_RULES = "report_cleaning.yaml"
 _KEYS = {"dehyphenate", "collapse_whitespace", "max_removed_line_chars", "line_rules", "span_rules"}
 _HYPHENATED = re.compile(r"(?<=[A-Za-z])-[ \t]*\n[ \t]*(?=[a-z])")
@@ -75,20 +77,20 @@ def load_cleaning_rules(path: str | os.PathLike[str] | None = None) -> CleaningR
     else:
         file = Path(path)
         if not file.is_file():
-            raise FileNotFoundError(f"{file}: no such cleaning-rules file (YAML, laid out as vlm's {DEFAULT_RULES})")
+            raise MissingInputError(f"{file}: no such cleaning-rules file (YAML, laid out as vlm's {DEFAULT_RULES})")
         text, source = file.read_text(encoding="utf-8"), str(file)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ValueError(f"{source}: not valid YAML ({error})") from error
+        raise InputError(f"{source}: not valid YAML ({error})") from error
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping with line_rules and span_rules")
+        raise InputError(f"{source}: expected a mapping with line_rules and span_rules")
     unknown = sorted(set(data) - _KEYS)
     if unknown:
-        raise ValueError(f"{source}: unknown field(s) {unknown}; known: {sorted(_KEYS)}")
+        raise InputError(f"{source}: unknown field(s) {unknown}; known: {sorted(_KEYS)}")
     limit = data.get("max_removed_line_chars", 120)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise ValueError(f"{source}: max_removed_line_chars must be a positive integer, got {limit!r}")
+        raise InputError(f"{source}: max_removed_line_chars must be a positive integer, got {limit!r}")
     return CleaningRules(
         line_rules=_rules(data.get("line_rules") or {}, "line_rules", source, whole_line=True),
         span_rules=_rules(data.get("span_rules") or {}, "span_rules", source, whole_line=False),
@@ -101,7 +103,7 @@ def load_cleaning_rules(path: str | os.PathLike[str] | None = None) -> CleaningR
 
 def _rules(spec: Any, field: str, source: str, whole_line: bool) -> tuple[Rule, ...]:
     if not isinstance(spec, dict):
-        raise ValueError(f"{source}: {field} must map rule names to patterns")
+        raise InputError(f"{source}: {field} must map rule names to patterns")
     rules = []
     for name, value in spec.items():
         where = f"{source}: {field}.{name}"
@@ -111,18 +113,18 @@ def _rules(spec: Any, field: str, source: str, whole_line: bool) -> tuple[Rule, 
             pattern, case = value["pattern"], value.get("case", "insensitive")
             extra = sorted(set(value) - {"pattern", "case"})
             if extra:
-                raise ValueError(f"{where}: unknown key(s) {extra}; a rule has pattern and case")
+                raise InputError(f"{where}: unknown key(s) {extra}; a rule has pattern and case")
         else:
-            raise ValueError(f"{where}: expected a pattern string or {{pattern: ..., case: ...}}")
+            raise InputError(f"{where}: expected a pattern string or {{pattern: ..., case: ...}}")
         if case not in ("insensitive", "sensitive"):
-            raise ValueError(f"{where}: case must be 'insensitive' or 'sensitive', got {case!r}")
+            raise InputError(f"{where}: case must be 'insensitive' or 'sensitive', got {case!r}")
         flags = re.IGNORECASE if case == "insensitive" else 0
         try:
             compiled = re.compile(f"(?:{pattern})" if whole_line else pattern, flags)
         except re.error as error:
-            raise ValueError(f"{where}: not a valid regular expression ({error})") from error
+            raise InputError(f"{where}: not a valid regular expression ({error})") from error
         if compiled.fullmatch("") is not None and not whole_line:
-            raise ValueError(f"{where}: the pattern matches empty text; it would remove nothing but loop forever")
+            raise InputError(f"{where}: the pattern matches empty text; it would remove nothing but loop forever")
         rules.append(Rule(str(name), compiled))
     return tuple(rules)
 

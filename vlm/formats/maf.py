@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from vlm.errors import InputError, MissingInputError
+
 REQUIRED_COLUMNS: tuple[str, ...] = ("Hugo_Symbol", "Variant_Classification", "Tumor_Sample_Barcode")
 NON_SILENT: tuple[str, ...] = (
     "Frame_Shift_Del",
@@ -42,7 +44,7 @@ def read_maf(path: str | os.PathLike[str]) -> pd.DataFrame:
     """The three label columns of a MAF (plain or gzipped), as text; one clear error for a file that is not one."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such MAF file")
+        raise MissingInputError(f"{path}: no such MAF file")
     try:
         gzipped = _is_gzip(path)
         opened = gzip.open(path, "rt", encoding="utf-8") if gzipped else path.open("r", encoding="utf-8-sig")
@@ -56,12 +58,12 @@ def read_maf(path: str | os.PathLike[str]) -> pd.DataFrame:
                 header = line.rstrip("\r\n")
                 break
     except (UnicodeDecodeError, OSError, EOFError) as error:
-        raise ValueError(f"{path}: not a readable MAF (tab-separated text, plain or gzipped): {error}") from error
+        raise InputError(f"{path}: not a readable MAF (tab-separated text, plain or gzipped): {error}") from error
     columns = header.split("\t")
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if not header or missing:
         found = columns[:8] if header else []
-        raise ValueError(
+        raise InputError(
             f"{path}: not a MAF with the columns vlm needs: missing {missing or list(REQUIRED_COLUMNS)} (found "
             f"{found}{' …' if len(columns) > 8 else ''}). vlm reads GDC / cBioPortal MAFs: '#' header lines, then "
             "a tab-separated header with Hugo_Symbol, Variant_Classification and Tumor_Sample_Barcode"
