@@ -335,3 +335,20 @@ def test_labels_from_a_cbioportal_maf(pairs_csv: Path, tmp_path: Path) -> None:
     assert main(["labels", "--maf", str(maf), "--gene", "KRAS", "--pairs", str(pairs_csv), "--out", str(out)]) == 0
     labels = pd.read_csv(out).drop_duplicates("patient_id").set_index("patient_id")
     assert labels["KRAS"].to_dict() == {A: 0, B: 1}
+
+
+def test_labels_from_a_folder_of_gdc_mafs_counts_analysed_aliquots_without_rows(
+    pairs_csv: Path, tmp_path: Path
+) -> None:
+    """gdc-client puts each file in a folder named by its UUID; an aliquot the header lists without any
+    variant row was sequenced: wild-type, not unknown."""
+    download = tmp_path / "maf"
+    for index, (variants, quiet) in enumerate(
+        [([("EGFR", "In_Frame_Del", f"{A}-01A-11D-A000-08")], ()), ([], (f"{B}-01A-11D-A000-08",))]
+    ):
+        (download / UUIDS[index]).mkdir(parents=True)
+        write_gdc_maf(download / UUIDS[index] / f"part{index}.wxs.maf.gz", variants, without_variants=quiet)
+    out = tmp_path / "egfr.csv"
+    assert main(["labels", "--maf", str(download), "--gene", "EGFR", "--pairs", str(pairs_csv), "--out", str(out)]) == 0
+    labels = pd.read_csv(out).drop_duplicates("patient_id").set_index("patient_id")
+    assert labels["EGFR"].to_dict() == {A: 1, B: 0}

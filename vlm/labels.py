@@ -19,13 +19,14 @@ import collections
 import json
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 
 from vlm.errors import InputError, UsageError
 from vlm.formats import tcga
-from vlm.formats.maf import NON_SILENT, read_maf
+from vlm.formats.maf import NON_SILENT, maf_files, read_maf
 from vlm.formats.pairs import load_pairs
 from vlm.formats.tables import read_table
 from vlm.io import atomic_path, check_output_file
@@ -36,29 +37,40 @@ TMB_COLUMN = "TMB"
 _LISTED = 50
 
 
-def _maf_samples(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """MAF rows of tumour aliquots, with a `case` column; what was set aside (normal aliquots) is counted."""
-    frame = read_maf(path)
+MafInput = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]  # one MAF, or several files / folders
+
+
+def _maf_samples(path: MafInput) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """MAF rows of tumour aliquots, with a `case` column, from one or more MAF files or folders; aliquots a
+    GDC header lists without any row are kept as rows of no gene (sequenced, nothing found)."""
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    frames = [read_maf(file) for file in maf_files(paths)]
+    listed = {a for f in frames for a in f.attrs["sequenced_aliquots"]}
+    frame = pd.concat(frames, ignore_index=True)
+    silent = sorted(listed - set(frame["Tumor_Sample_Barcode"]))
+    if silent:
+        empty = {"Hugo_Symbol": "", "Variant_Classification": "", "Tumor_Sample_Barcode": silent}
+        frame = pd.concat([frame, pd.DataFrame(empty)], ignore_index=True)
     parsed = [tcga.parse_aliquot(b) for b in frame["Tumor_Sample_Barcode"]]
     frame["case"] = [p[0] if p else b for p, b in zip(parsed, frame["Tumor_Sample_Barcode"], strict=True)]
     tumour = [p is None or tcga.is_tumour_sample(p[1]) for p in parsed]
     normal = sorted({b for b, keep in zip(frame["Tumor_Sample_Barcode"], tumour, strict=True) if not keep})
     empty = frame["Tumor_Sample_Barcode"] == ""
     if empty.any():
-        rows = [int(i) for i in frame.index[empty][:5]]
-        raise InputError(f"{path}: {int(empty.sum())} row(s) with an empty Tumor_Sample_Barcode (data rows {rows})")
+        where = ", ".join(_names(path))
+        raise InputError(f"{where}: {int(empty.sum())} MAF row(s) with an empty Tumor_Sample_Barcode")
     return frame[tumour].reset_index(drop=True), {"normal_aliquots_ignored": normal}
 
 
-def gene_status(maf: str | os.PathLike[str], gene: str) -> tuple[dict[str, int], dict[str, Any]]:
+def gene_status(maf: MafInput, gene: str) -> tuple[dict[str, int], dict[str, Any]]:
     """case -> 1 (mutant) / 0 (wild-type) for every case in the MAF; absent cases are not in the result."""
     frame, notes = _maf_samples(maf)
     if not (frame["Hugo_Symbol"] == gene).any():
         close = sorted({g for g in frame["Hugo_Symbol"].unique() if g.upper() == gene.upper()})
         hint = f" (did you mean {close}?)" if close else ""
         raise InputError(
-            f"{maf}: gene {gene!r} has no variant of any class in this MAF{hint}; every case would be wild-type, "
-            "which is more likely a wrong symbol (HGNC, as Hugo_Symbol) or MAF than the truth"
+            f"{', '.join(_names(maf))}: gene {gene!r} has no variant of any class in this MAF{hint}; every case "
+            "would be wild-type, which is more likely a wrong symbol (HGNC, as Hugo_Symbol) or MAF than the truth"
         )
     hit = (frame["Hugo_Symbol"] == gene) & frame["Variant_Classification"].isin(NON_SILENT)
     mutant = set(frame.loc[hit, "case"])
@@ -68,7 +80,7 @@ def gene_status(maf: str | os.PathLike[str], gene: str) -> tuple[dict[str, int],
 
 
 def tumour_mutational_burden(
-    maf: str | os.PathLike[str], capture_mb: float, threshold: float
+    maf: MafInput, capture_mb: float, threshold: float
 ) -> tuple[dict[str, str], dict[str, float], dict[str, Any]]:
     """case -> "high"/"low" and case -> mutations per Mb (non-silent coding variants / `capture_mb`).
 
@@ -135,7 +147,7 @@ def build_labels(
     pairs: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    maf: str | os.PathLike[str] | None = None,
+    maf: MafInput | None = None,
     gene: str | None = None,
     capture_mb: float | None = None,
     tmb_threshold: float = 10.0,
@@ -153,10 +165,10 @@ def build_labels(
     extra: dict[str, dict[str, float]] = {}
     if maf is not None and gene and capture_mb is None and cases is None:
         labels, notes = gene_status(maf, gene)
-        label_column, source = gene, {"maf": str(maf), "gene": gene}
+        label_column, source = gene, {"maf": _names(maf), "gene": gene}
     elif maf is not None and capture_mb is not None and not gene and cases is None:
         labels, burden, notes = tumour_mutational_burden(maf, capture_mb, tmb_threshold)
-        label_column, source = TMB_COLUMN, {"maf": str(maf), "capture_mb": capture_mb, "threshold": tmb_threshold}
+        label_column, source = TMB_COLUMN, {"maf": _names(maf), "capture_mb": capture_mb, "threshold": tmb_threshold}
         extra["TMB_per_Mb"] = burden
     elif cases is not None and column and maf is None:
         labels, label_column, notes = case_classes(cases, column, task)
@@ -175,8 +187,11 @@ def build_labels(
             unknown.append(case)
     unknown_cases = sorted(set(unknown))
     if not rows:
-        raise InputError(f"none of the {len(set(pairs_table.patient_ids))} cases of {pairs} has a label in "
-                         f"{maf or cases}; check that both name cases the same way (e.g. TCGA-XX-XXXX)")  # fmt: skip
+        source = ", ".join(_names(maf)) if maf is not None else cases
+        raise InputError(
+            f"none of the {len(set(pairs_table.patient_ids))} cases of {pairs} has a label in {source}; check that "
+            "both name cases the same way (e.g. TCGA-XX-XXXX)"
+        )
     labelled_cases = {row["patient_id"]: row[label_column] for row in rows}
     report = {
         "pairs": str(pairs),
@@ -199,6 +214,10 @@ def build_labels(
     log.info("labels: %d slides of %d cases (%d cases unknown) -> %s", len(rows), len(labelled_cases),
              len(unknown_cases), out)  # fmt: skip
     return report
+
+
+def _names(maf: MafInput) -> list[str]:
+    return [str(maf)] if isinstance(maf, str | os.PathLike) else [str(m) for m in maf]
 
 
 def labels_summary(report: dict[str, Any]) -> str:

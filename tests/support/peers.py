@@ -199,11 +199,17 @@ GDC_MAF_COLUMNS = (
 )
 
 
-def write_gdc_maf(path: Path, variants: list[tuple[str, str, str]], columns: tuple[str, ...] = GDC_MAF_COLUMNS) -> Path:
-    """`variants`: (Hugo_Symbol, Variant_Classification, Tumor_Sample_Barcode) rows."""
+def write_gdc_maf(
+    path: Path,
+    variants: list[tuple[str, str, str]],
+    columns: tuple[str, ...] = GDC_MAF_COLUMNS,
+    without_variants: tuple[str, ...] = (),
+) -> Path:
+    """`variants`: (Hugo_Symbol, Variant_Classification, Tumor_Sample_Barcode) rows; `without_variants`:
+    analysed aliquots with no row (listed in the header only, as the GDC lists every analysed aliquot)."""
     import gzip
 
-    aliquots = list(dict.fromkeys(barcode for _, _, barcode in variants))
+    aliquots = list(dict.fromkeys([*(barcode for _, _, barcode in variants), *without_variants]))
     lines = [
         "#version gdc-1.0.0",
         "#filedate 20220104",

@@ -70,7 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     q.add_argument("--pairs", required=True, metavar="CSV", help="pairs table with patient_id (from vlm pairs)")
     q.add_argument("--out", required=True, metavar="CSV", help="labels table to write")
-    q.add_argument("--maf", metavar="FILE", help="MAF (GDC masked somatic or cBioPortal), plain or .gz")
+    q.add_argument("--maf", nargs="+", metavar="FILE",
+                   help="MAF file(s) or folder(s) of them (GDC masked somatic mutation files as gdc-client "
+                   "downloads them, or cBioPortal's data_mutations.txt), plain or .gz")  # fmt: skip
     q.add_argument("--gene", metavar="SYMBOL", help="gene (Hugo_Symbol) whose status is the label: 1 = any "
                    "non-silent coding variant, 0 = sequenced without one")  # fmt: skip
     q.add_argument("--capture-mb", type=float, metavar="MB", help="TMB: size of the sequenced territory in Mb "

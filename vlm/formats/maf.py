@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -51,8 +52,11 @@ def read_maf(path: str | os.PathLike[str]) -> pd.DataFrame:
         with opened as stream:
             skipped = 0
             header = ""
+            properties: dict[str, str] = {}
             for line in stream:
                 if line.startswith("#"):
+                    key, _, value = line[1:].strip().partition(" ")
+                    properties[key] = value.strip()
                     skipped += 1
                     continue
                 header = line.rstrip("\r\n")
@@ -74,4 +78,27 @@ def read_maf(path: str | os.PathLike[str]) -> pd.DataFrame:
     )  # fmt: skip
     for column in REQUIRED_COLUMNS:
         frame[column] = frame[column].str.strip()
+    # GDC MAFs name every tumour aliquot they analysed, including those without a variant that passed
+    # masking (`#tumor.aliquots.submitter_id a,b`): sequenced too. (`#tumor.aliquot` holds a UUID: not used.)
+    listed = properties.get("tumor.aliquots.submitter_id", "")
+    frame.attrs["sequenced_aliquots"] = [a.strip() for a in listed.split(",") if a.strip()]
+    frame.attrs["source"] = str(path)
     return frame
+
+
+def maf_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """MAF files from files and folders (a folder: its *.maf and *.maf.gz, recursively, as gdc-client lays
+    out one folder per downloaded file)."""
+    files: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith((".maf", ".maf.gz")))
+            if not found:
+                raise MissingInputError(f"{path}: folder holds no .maf or .maf.gz file")
+            files.extend(found)
+        else:
+            files.append(path)
+    if not files:
+        raise MissingInputError("no MAF file given")
+    return files
