@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.support.synthetic import DIAGNOSES, DIM, GRADES
+from vlm.cli import main as cli_main
 from vlm.encoders.text import build_tiny_text_encoder
 from vlm.formats.pairs import Pairs
 from vlm.metrics import retrieval_recalls
@@ -69,6 +70,12 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "pairs": pairs, "embeddings": embeddings}
 
 
+@pytest.fixture(scope="module")
+def case_run(cohort: dict[str, Path]) -> list[dict]:
+    """The cohort trained with case batches (the default)."""
+    return run(cohort["root"], "cases", cohort["pairs"], cohort["embeddings"])
+
+
 def self_negative_floor(epoch: int, step: int, batch_size: int) -> float:
     """The least CLIP loss a plain shuffled batch allows: its slide→report half has, for a slide whose case
     has c rows in the batch, c identical report columns, so softmax gives the right one at most 1/c: loss >=
@@ -103,12 +110,12 @@ def test_case_batches_hold_one_slide_per_case_and_visit_every_slide() -> None:
 
 
 def test_multi_slide_cases_train_below_the_self_negative_floor(
-    cohort: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    cohort: dict[str, Path], case_run: list[dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """8 cases x 3 near-identical slides, one report each. Plain shuffled batches (every row its own case, as
     before cases were known) never go below their self-negative floor; case batches fall far below it, and
     validation R@1 by the row's exact slide is 0 by construction while by case it finds the slides."""
-    logged = run(cohort["root"], "cases", cohort["pairs"], cohort["embeddings"])
+    logged = case_run
     first = logged[0]
     assert first["cases/train"] == N_TRAIN and first["pairs/train"] == N_TRAIN * SLIDES_PER_CASE
     assert "case" in first["definitions"]["val/report_to_slide/R@K"]
@@ -140,3 +147,23 @@ def test_retrieval_recalls_by_case() -> None:
     rng = torch.Generator().manual_seed(0)
     s, t = torch.randn(8, 4, generator=rng), torch.randn(8, 4, generator=rng)
     assert retrieval_recalls(s, t, cases=list(range(8))) == retrieval_recalls(s, t)
+
+
+def test_eval_retrieval_counts_the_case(
+    cohort: dict[str, Path], case_run: list[dict], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vlm eval retrieval` on the validation cases (3 identical slides each): by the row's own slide R@1 would
+    be 0 (two equal slides rank above it); by case, the trained model finds the case's slides."""
+    out = cohort["root"] / "eval.json"
+    argv = ["eval", "retrieval", "--model", str(cohort["root"] / "cases" / "model"), "--pairs", str(cohort["pairs"]),
+            "--slides", str(cohort["embeddings"]), "--split", "val", "--n-boot", "50", "--out", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    assert "12 pairs, 12 slides, 4 cases" in capsys.readouterr().out
+    metrics = json.loads(out.read_text())
+    assert metrics["n_cases"] == 4 and "own case" in metrics["definitions"]["report_to_slide"]
+    best = max((r for r in case_run if "val/mean_recall" in r), key=lambda r: r["val/mean_recall"])
+    # model/ is the best validation epoch's model, on the same pairs: the same case-level figures
+    assert best["val/report_to_slide/R@1"] >= 0.5
+    for key in ("report_to_slide/R@1", "slide_to_report/R@1", "report_to_slide/R@5"):
+        direction, k = key.split("/")
+        assert metrics[direction][k]["value"] == pytest.approx(best[f"val/{key}"]), key
