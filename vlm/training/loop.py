@@ -3,13 +3,15 @@
 A run folder holds everything needed to use or continue it:
 - `train_config.json`  the resolved `TrainConfig` (a resumed run reads it back);
 - `splits.csv`         slide_id, patient_id, split of every pair (evaluate on `test`, never tune on it);
-- `metrics.jsonl`      one JSON object per step (`train/loss`, `lr`, …) and per epoch (`val/…`);
+- `metrics.jsonl`      counts and metric definitions (`METRIC_DEFINITIONS`) first, then one JSON object per step
+                       (`train/loss`, `lr`, …) and per epoch (`val/…`, recall counted by case);
 - `model/`             the best model by validation mean recall (the last one without a validation split);
 - `last/`              the model after the latest epoch;
 - `checkpoints/last.pt` model, optimizer, scheduler, AMP scaler, RNG states and data position (`checkpoint`).
 
 The package splits by concern, as open_clip's training code does: `config` (the settings), `inputs` (pairs,
-splits, slide and report inputs), `schedule` (AdamW groups, learning rate), `checkpoint` (run-folder state),
+splits, slide and report inputs), `batches` (one slide per case in a batch), `schedule` (AdamW groups, learning
+rate), `checkpoint` (run-folder state),
 `distributed` (torchrun ranks), `gradcache`; this module builds the model and runs the loop.
 """
 
