@@ -167,3 +167,29 @@ def test_eval_retrieval_counts_the_case(
     for key in ("report_to_slide/R@1", "slide_to_report/R@1", "report_to_slide/R@5"):
         direction, k = key.split("/")
         assert metrics[direction][k]["value"] == pytest.approx(best[f"val/{key}"]), key
+
+
+def test_one_slide_cases_train_exactly_as_plain_shuffling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Distinct patients, reports and slides: every row its own case, and the batches are those of plain
+    shuffling (`randperm` of the training rows per epoch, cut into full batches), as before cases existed."""
+    from tests.support.synthetic import write_synthetic
+    from vlm.formats.pairs import load_pairs
+    from vlm.training import loop
+
+    pairs, embeddings = write_synthetic(tmp_path)
+    build_tiny_text_encoder(tmp_path / "text", dropout=0.0)
+    seen: list[list[int]] = []
+    original = loop._train_step
+
+    def recording(model, inputs, rows, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(list(rows))
+        return original(model, inputs, rows, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_step", recording)
+    run(tmp_path, "plain", pairs, embeddings, epochs=2, batch_size=12, seed=3)
+    train_rows = load_pairs(pairs).indices("train")
+    expected = []
+    for epoch in range(2):
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(3 * 100_003 + epoch)).tolist()
+        expected += [[train_rows[i] for i in order[s * 12 : (s + 1) * 12]] for s in range(len(train_rows) // 12)]
+    assert seen == expected
