@@ -270,6 +270,18 @@ def test_labels_gene_status_from_a_gdc_maf(pairs_csv: Path, tmp_path: Path) -> N
     assert column == "EGFR" and set(raw) == {"1", "0"}
 
 
+def test_labels_leave_normal_slides_unlabelled(cohort: dict[str, Path], tmp_path: Path) -> None:
+    """A normal-tissue slide paired on request does not carry its case's tumour mutation."""
+    code, pairs = _pairs(cohort, "--slide-types", "diagnostic", "normal", "--no-token-count")
+    assert code == 0
+    out = tmp_path / "egfr.csv"
+    assert main(["labels", "--maf", str(_maf(tmp_path / "m.maf.gz")), "--gene", "EGFR", "--pairs", str(pairs),
+                 "--out", str(out)]) == 0  # fmt: skip
+    normal = f"{A}-11A-01-TS1.{UUIDS[3]}"
+    assert normal in set(pd.read_csv(pairs)["slide_id"]) and normal not in set(pd.read_csv(out)["slide_id"])
+    assert json.loads((tmp_path / "egfr_report.json").read_text())["listed"]["normal_slides_not_labelled"] == [normal]
+
+
 def test_labels_tmb_and_case_classes(pairs_csv: Path, tmp_path: Path) -> None:
     maf = _maf(tmp_path / "luad.maf.gz")
     out = tmp_path / "tmb.csv"

@@ -92,10 +92,12 @@ def test_reproduce_on_tcga_recipe_runs_offline(tmp_path: Path) -> None:
     for task, labels in (("nsclc_subtyping", "subtype.csv"), ("luad_egfr_mutation", "egfr.csv")):
         run = out / f"zeroshot_{task}"
         assert main(["zeroshot", "--model", str(out / "align" / "model"), "--slides", str(out / "slides.parquet"),
-                     "--task", task, "--labels", str(out / labels), "--n-boot", "20",
+                     "--task", task, "--labels", str(out / labels), "--level", "case", "--n-boot", "20",
                      "--out", str(run), "--no-progress"]) == 0  # fmt: skip
         metrics = json.loads((run / "metrics.json").read_text())
-        assert metrics["n_evaluated"] == len(pairs)
+        assert metrics["n_evaluated"] == len(LUAD + LUSC)  # one prediction per case, not per slide
+        predictions = pd.read_csv(run / "predictions.csv")
+        assert sorted(predictions["patient_id"]) == sorted(LUAD + LUSC)
         assert math.isfinite(metrics["metrics"]["auroc"]["value"] if "auroc" in metrics["metrics"] else
                              metrics["metrics"]["balanced_accuracy"]["value"])  # fmt: skip
 

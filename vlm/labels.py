@@ -178,8 +178,12 @@ def build_labels(
                          "--cases TABLE --column NAME [--task TASK]")  # fmt: skip
     rows = []
     unknown: list[str] = []
+    normal: list[str] = []
     for slide_id, case in zip(pairs_table.slide_ids, pairs_table.patient_ids, strict=True):
-        if case in labels:
+        barcode = tcga.parse_slide_id(slide_id)
+        if barcode is not None and barcode.kind == "normal":
+            normal.append(slide_id)  # normal tissue does not carry the tumour's mutation or cancer type
+        elif case in labels:
             row = {"slide_id": slide_id, "patient_id": case, label_column: labels[case]}
             row.update({name: values[case] for name, values in extra.items()})
             rows.append(row)
@@ -202,8 +206,10 @@ def build_labels(
         "classes": {str(k): v for k, v in sorted(collections.Counter(labelled_cases.values()).items())},
         "cases_unknown": len(unknown_cases),
         "slides_unknown": len(unknown),
+        "normal_slides_not_labelled": len(normal),
         "listed": {
             "cases_unknown": unknown_cases[:_LISTED],
+            "normal_slides_not_labelled": normal[:_LISTED],
             **{k: (v[:_LISTED] if isinstance(v, list) else v) for k, v in notes.items()},
         },  # fmt: skip
     }
