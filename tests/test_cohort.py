@@ -209,6 +209,16 @@ def test_pairs_bad_input_gets_one_clear_error(cohort: dict[str, Path], tmp_path:
     assert code == 2 and "not GDC slide names" in error and "slide_001" in error
 
 
+def test_pairs_keep_the_split_of_the_reports_table(cohort: dict[str, Path], tmp_path: Path) -> None:
+    reports = pd.read_csv(cohort["reports"])
+    reports["split"] = ["train", "test", "val"]
+    reports.to_csv(cohort["reports"], index=False)
+    code, out = _pairs(cohort, "--no-token-count")
+    assert code == 0
+    pairs = load_pairs(out)
+    assert dict(zip(pairs.patient_ids, pairs.splits, strict=True)) == {A: "train", B: "test"}
+
+
 def test_pairs_table_rule(cohort: dict[str, Path], tmp_path: Path) -> None:
     table = tmp_path / "slide_to_case.csv"
     pd.DataFrame({"slide_id": ["s1", "s2", "s3"], "patient_id": ["H1", "H1", "H2"]}).to_csv(table, index=False)
@@ -283,6 +293,8 @@ def test_labels_leave_normal_slides_unlabelled(cohort: dict[str, Path], tmp_path
 
 
 def test_labels_tmb_and_case_classes(pairs_csv: Path, tmp_path: Path) -> None:
+    from vlm.prompts import load_prompt_task
+
     maf = _maf(tmp_path / "luad.maf.gz")
     out = tmp_path / "tmb.csv"
     assert main(["labels", "--maf", str(maf), "--capture-mb", "0.2", "--pairs", str(pairs_csv), "--out",
@@ -290,6 +302,8 @@ def test_labels_tmb_and_case_classes(pairs_csv: Path, tmp_path: Path) -> None:
     labels = pd.read_csv(out).drop_duplicates("patient_id").set_index("patient_id")
     assert labels.loc[A, "TMB"] == "high" and labels.loc[B, "TMB"] == "low"
     assert labels.loc[A, "TMB_per_Mb"] == pytest.approx(15.0) and labels.loc[B, "TMB_per_Mb"] == pytest.approx(5.0)
+    tmb_task = load_prompt_task("tmb_high_vs_low")  # the shipped task reads the column and its values
+    assert tmb_task.label_column == "TMB" and {tmb_task.label_to_class(v) for v in labels["TMB"]} == {"high", "low"}
 
     cases = tmp_path / "tcga_patient_to_cancer_type.csv"
     pd.DataFrame({"patient_id": [A, B, C], "cancer_type": ["LUAD", "LUSC", "KIRC"]}).to_csv(cases, index=False)

@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "RunError": "vlm.errors:RunError",
     # cohorts: reports + slides -> pairs, public tables -> labels
     "build_pairs": "vlm.cohort:build_pairs",
+    "slide_ids_from": "vlm.cohort:slide_ids_from",
     "clean_report": "vlm.report_cleaning:clean_report",
     "load_cleaning_rules": "vlm.report_cleaning:load_cleaning_rules",
     "build_labels": "vlm.labels:build_labels",
