@@ -378,3 +378,14 @@ def test_labels_from_a_folder_of_gdc_mafs_counts_analysed_aliquots_without_rows(
     assert main(["labels", "--maf", str(download), "--gene", "EGFR", "--pairs", str(pairs_csv), "--out", str(out)]) == 0
     labels = pd.read_csv(out).drop_duplicates("patient_id").set_index("patient_id")
     assert labels["EGFR"].to_dict() == {A: 1, B: 0}
+
+
+def test_pairs_without_the_tokenizer_fail_before_writing_and_say_how_to_skip_counts(
+    cohort: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = cohort["out"] / "pairs.csv"
+    args = ["pairs", "--reports", str(cohort["reports"]), "--features", str(cohort["features"]), "--match", "tcga",
+            "--text-encoder", "vlm-tests/no-such-tokenizer", "--out", str(out)]  # fmt: skip
+    code, error = _code_and_error(args, caplog)
+    assert code == 1 and "--no-token-count" in error and not out.exists()
