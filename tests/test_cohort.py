@@ -9,6 +9,7 @@ data/tcga_metadata/tcga_patient_to_cancer_type.csv layout (`patient_id,cancer_ty
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from pathlib import Path
 
@@ -302,6 +303,14 @@ def test_labels_tmb_and_case_classes(pairs_csv: Path, tmp_path: Path) -> None:
     labels = pd.read_csv(out).drop_duplicates("patient_id").set_index("patient_id")
     assert labels.loc[A, "TMB"] == "high" and labels.loc[B, "TMB"] == "low"
     assert labels.loc[A, "TMB_per_Mb"] == pytest.approx(15.0) and labels.loc[B, "TMB_per_Mb"] == pytest.approx(5.0)
+    # one variant on two rows (two transcripts) counts once: A stays at 15 per Mb
+    lines = gzip.open(maf, "rt").read().splitlines()
+    duplicated = tmp_path / "duplicated.maf.gz"
+    with gzip.open(duplicated, "wt") as handle:
+        handle.write("\n".join([*lines, lines[6]]) + "\n")
+    assert main(["labels", "--maf", str(duplicated), "--capture-mb", "0.2", "--pairs", str(pairs_csv), "--out",
+                 str(tmp_path / "tmb2.csv")]) == 0  # fmt: skip
+    assert pd.read_csv(tmp_path / "tmb2.csv").set_index("patient_id").loc[A, "TMB_per_Mb"].max() == pytest.approx(15.0)
     tmb_task = load_prompt_task("tmb_high_vs_low")  # the shipped task reads the column and its values
     assert tmb_task.label_column == "TMB" and {tmb_task.label_to_class(v) for v in labels["TMB"]} == {"high", "low"}
 

@@ -26,7 +26,7 @@ import pandas as pd
 
 from vlm.errors import InputError, UsageError
 from vlm.formats import tcga
-from vlm.formats.maf import NON_SILENT, maf_files, read_maf
+from vlm.formats.maf import NON_SILENT, VARIANT_COLUMNS, maf_files, read_maf
 from vlm.formats.pairs import load_pairs
 from vlm.formats.tables import read_table
 from vlm.io import atomic_path, check_output_file
@@ -91,6 +91,12 @@ def tumour_mutational_burden(
         raise UsageError(f"`capture_mb` must be the positive size of the sequenced territory in Mb, got {capture_mb}")
     frame, notes = _maf_samples(maf)
     counted = frame[frame["Variant_Classification"].isin(NON_SILENT)]
+    # one variant listed twice for an aliquot (two transcripts) counts once, as maftools' removeDuplicatedVariants
+    position = [c for c in VARIANT_COLUMNS if c in counted.columns]
+    if len(position) == len(VARIANT_COLUMNS):
+        known = counted[position].notna().all(axis=1) & (counted[position] != "").all(axis=1)
+        unique = counted[known].drop_duplicates(["Tumor_Sample_Barcode", *position])
+        counted = pd.concat([unique, counted[~known]])  # rows without a position are all kept
     per_aliquot = counted.groupby("Tumor_Sample_Barcode").size()
     aliquot_case = dict(zip(frame["Tumor_Sample_Barcode"], frame["case"], strict=True))
     values: dict[str, list[float]] = collections.defaultdict(list)

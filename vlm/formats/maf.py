@@ -23,6 +23,8 @@ import pandas as pd
 from vlm.errors import InputError, MissingInputError
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("Hugo_Symbol", "Variant_Classification", "Tumor_Sample_Barcode")
+#: read when present: they tell one variant reported on two rows (two transcripts) from two variants
+VARIANT_COLUMNS: tuple[str, ...] = ("Chromosome", "Start_Position", "Reference_Allele", "Tumor_Seq_Allele2")
 NON_SILENT: tuple[str, ...] = (
     "Frame_Shift_Del",
     "Frame_Shift_Ins",
@@ -72,8 +74,9 @@ def read_maf(path: str | os.PathLike[str]) -> pd.DataFrame:
             f"{found}{' …' if len(columns) > 8 else ''}). vlm reads GDC / cBioPortal MAFs: '#' header lines, then "
             "a tab-separated header with Hugo_Symbol, Variant_Classification and Tumor_Sample_Barcode"
         )
+    wanted = [*REQUIRED_COLUMNS, *(c for c in VARIANT_COLUMNS if c in columns)]
     frame = pd.read_csv(
-        path, sep="\t", skiprows=skipped, usecols=list(REQUIRED_COLUMNS), dtype=str, keep_default_na=False,
+        path, sep="\t", skiprows=skipped, usecols=wanted, dtype=str, keep_default_na=False,
         compression="gzip" if gzipped else None, encoding="utf-8-sig", low_memory=False,
     )  # fmt: skip
     for column in REQUIRED_COLUMNS:
