@@ -193,3 +193,33 @@ def test_one_slide_cases_train_exactly_as_plain_shuffling(tmp_path: Path, monkey
         order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(3 * 100_003 + epoch)).tolist()
         expected += [[train_rows[i] for i in order[s * 12 : (s + 1) * 12]] for s in range(len(train_rows) // 12)]
     assert seen == expected
+
+
+def test_zeroshot_case_level_is_the_softmax_of_mean_logits(
+    cohort: dict[str, Path], case_run: list[dict], tmp_path: Path
+) -> None:
+    """`vlm zeroshot --level case` with the cohort's trained model: its logits are far apart, so the mean of
+    logits and the mean of probabilities differ clearly, and the case rows must be the former."""
+    slides = pd.read_parquet(cohort["embeddings"])["slide_id"].tolist()[: N_TRAIN * SLIDES_PER_CASE]
+    labels = tmp_path / "labels.csv"  # cases of the zero-shot labels: 3 slides of different training cases each
+    pd.DataFrame({"slide_id": slides, "patient_id": [f"P{i % 8}" for i in range(len(slides))],
+                  "label": ["a" if i % 8 < 4 else "b" for i in range(len(slides))]}).to_csv(labels, index=False)
+    slide_table = tmp_path / "slides.parquet"
+    pd.read_parquet(cohort["embeddings"]).iloc[: len(slides)].to_parquet(slide_table)
+    common = ["zeroshot", "--model", str(cohort["root"] / "cases" / "model"), "--slides", str(slide_table),
+              "--classes", f"a={GRADES[0]} grade {DIAGNOSES[0]}", f"b={GRADES[5]} grade {DIAGNOSES[1]}",
+              "--labels", str(labels), "--n-boot", "20", "--no-cache"]  # fmt: skip
+    assert cli_main([*common, "--out", str(tmp_path / "slide")]) == 0
+    assert cli_main([*common, "--out", str(tmp_path / "case"), "--level", "case"]) == 0
+    per_slide = pd.read_csv(tmp_path / "slide" / "predictions.csv").set_index("slide_id")
+    per_case = pd.read_csv(tmp_path / "case" / "predictions.csv")
+    assert len(per_case) == 8 and json.loads((tmp_path / "case" / "metrics.json").read_text())["n"] == 8
+    for _, row in per_case.iterrows():
+        p = per_slide.loc[row["slide_ids"].split(";"), ["a", "b"]].to_numpy()
+        log_mean = np.log(p).mean(axis=0)  # softmax is shift-invariant: mean log p ~ mean logits
+        expected = np.exp(log_mean) / np.exp(log_mean).sum()
+        np.testing.assert_allclose(row[["a", "b"]].to_numpy(float), expected, atol=1e-4)
+    mean_of_probabilities = np.stack(
+        [per_slide.loc[ids.split(";"), ["a", "b"]].to_numpy().mean(axis=0) for ids in per_case["slide_ids"]]
+    )
+    assert np.abs(per_case[["a", "b"]].to_numpy() - mean_of_probabilities).max() > 1e-2  # the test can tell
