@@ -398,3 +398,25 @@ def test_pairs_without_the_tokenizer_fail_before_writing_and_say_how_to_skip_cou
             "--text-encoder", "vlm-tests/no-such-tokenizer", "--out", str(out)]  # fmt: skip
     code, error = _code_and_error(args, caplog)
     assert code == 1 and "--no-token-count" in error and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "case", "kind"),
+    [
+        ("TCGA-05-4244-01Z-00-DX1.d4ff32cd-38cf-40ea-8213-45c2b100ac01", "TCGA-05-4244", "diagnostic"),
+        ("TCGA-06-0174-01Z-00-DX10.9FDC2626-C1DC-4B4F-9452-6ADB2F6397FB", "TCGA-06-0174", "diagnostic"),
+        ("TCGA-A8-A0A7-01Z-00-DX1", "TCGA-A8-A0A7", "diagnostic"),
+        ("TCGA-BH-A0H7-01A-01-MSA", "TCGA-BH-A0H7", "frozen"),
+        ("TCGA-AG-A01N-01A-02-BS2", "TCGA-AG-A01N", "frozen"),
+        ("TCGA-CH-5761-11A-01-TS1", "TCGA-CH-5761", "normal"),
+        ("TCGA-05-4244", None, None),  # a case, not a slide
+        ("TCGA-05-4244-01Z-00-DX1.not-a-uuid", None, None),
+        ("BLGSP-71-06-00076-01A-01-S2-HE", None, None),
+    ],
+)
+def test_gdc_slide_names(name: str, case: str | None, kind: str | None) -> None:
+    """Slide names as the GDC serves them (DX diagnostic, TS/BS/MS frozen sections, sample types 10-19 normal)."""
+    from vlm.formats.tcga import parse_slide_id
+
+    barcode = parse_slide_id(name)
+    assert (barcode.case, barcode.kind) == (case, kind) if case else barcode is None

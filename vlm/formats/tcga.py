@@ -26,7 +26,7 @@ _UUID = r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f
 _CASE = re.compile(rf"^{CASE_PATTERN}$")
 _SLIDE = re.compile(
     rf"^(?P<case>{CASE_PATTERN})-(?P<sample>\d{{2}})(?P<vial>[A-Z])-(?P<portion>\d{{2}})-"
-    rf"(?P<section>DX|TS|BS|MS)(?P<number>[0-9A-Z])(?:\.(?P<uuid>{_UUID}))?$"
+    rf"(?P<section>DX|TS|BS|MS)(?P<number>[0-9A-Z]{{1,2}})(?:\.(?P<uuid>{_UUID}))?$"
 )
 _REPORT = re.compile(rf"^(?P<case>{CASE_PATTERN})(?:\.(?P<uuid>{_UUID}))?$")
 _ALIQUOT = re.compile(rf"^(?P<case>{CASE_PATTERN})-(?P<sample>\d{{2}})[A-Z]?(?:-.*)?$")
