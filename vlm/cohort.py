@@ -3,7 +3,7 @@
 A report describes a case; a case has several slides. `build_pairs` matches every slide to its case by a
 rule, pairs it with the case's (cleaned) report and writes `slide_id, patient_id, report[, split]`, plus a
 run report (`<out stem>_report.json`) that lists everything not paired and why, and the cleaning audit
-(`<out stem>_cleaning_audit.csv`). Nothing is dropped without being listed there.
+(`<out stem>_cleaning_audit.csv`). Nothing is dropped without being listed there, id by id.
 
 Matching rules (`match`):
 - `tcga`: the case is the 12-character barcode `TCGA-XX-XXXX` of GDC slide names and TCGA-Reports ids
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 REPORT_ID_COLUMNS: tuple[str, ...] = ("patient_filename", "patient_id", "case_id", "report_id")
 REPORT_TEXT_COLUMNS: tuple[str, ...] = ("text", "report")
 DUPLICATE_POLICIES: tuple[str, ...] = ("refuse", "join")
-_LISTED = 50  # ids listed per category in the run report (counts are always complete)
 
 
 @dataclass(frozen=True)
@@ -295,15 +294,15 @@ def build_pairs(
         "slides_per_case": {str(k): v for k, v in sorted(collections.Counter(per_case.values()).items())},
         "tokens": tokens,
         "listed": {
-            "reports_without_slide": reports_without_slide[:_LISTED],
-            "slides_without_report": slides_without_report[:_LISTED],
-            "slides_without_case": unmatched_slides[:_LISTED],
-            "slides_excluded_by_type": {kind: ids[:_LISTED] for kind, ids in sorted(excluded.items())},
-            "unmatched_report_ids": left_out["unmatched_report_ids"][:_LISTED],
-            "empty_reports": left_out["empty_reports"][:_LISTED],
-            "reports_emptied_by_cleaning": emptied[:_LISTED],
-            "cases_with_several_report_rows": left_out["cases_with_several_report_rows"][:_LISTED],
-            "joined_cases": left_out["joined_cases"][:_LISTED],
+            "reports_without_slide": reports_without_slide,
+            "slides_without_report": slides_without_report,
+            "slides_without_case": unmatched_slides,
+            "slides_excluded_by_type": {kind: ids for kind, ids in sorted(excluded.items())},
+            "unmatched_report_ids": left_out["unmatched_report_ids"],
+            "empty_reports": left_out["empty_reports"],
+            "reports_emptied_by_cleaning": emptied,
+            "cases_with_several_report_rows": left_out["cases_with_several_report_rows"],
+            "joined_cases": left_out["joined_cases"],
         },
     }
     frame = pd.DataFrame({"slide_id": [s for s, _ in rows], "patient_id": [c for _, c in rows],

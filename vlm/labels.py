@@ -34,7 +34,6 @@ from vlm.io import atomic_path, check_output_file
 log = logging.getLogger(__name__)
 
 TMB_COLUMN = "TMB"
-_LISTED = 50
 
 
 MafInput = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]  # one MAF, or several files / folders
@@ -214,9 +213,9 @@ def build_labels(
         "slides_unknown": len(unknown),
         "normal_slides_not_labelled": len(normal),
         "listed": {
-            "cases_unknown": unknown_cases[:_LISTED],
-            "normal_slides_not_labelled": normal[:_LISTED],
-            **{k: (v[:_LISTED] if isinstance(v, list) else v) for k, v in notes.items()},
+            "cases_unknown": unknown_cases,
+            "normal_slides_not_labelled": normal,
+            **notes,
         },  # fmt: skip
     }
     with atomic_path(out) as tmp:
