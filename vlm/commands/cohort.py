@@ -18,7 +18,8 @@ a text column: text or report); slide ids are file names without extension. Writ
 
 _LABELS_EPILOG = """examples:
   vlm labels --maf TCGA-LUAD.masked.maf.gz --gene EGFR --pairs cohort/pairs.csv --out cohort/egfr.csv
-  vlm labels --maf TCGA-LUAD.masked.maf.gz --capture-mb 38 --pairs cohort/pairs.csv --out cohort/tmb.csv
+  vlm labels --maf TCGA-LUAD.masked.maf.gz --capture-mb <Mb your assay covers> --pairs cohort/pairs.csv \\
+      --out cohort/tmb.csv
   vlm labels --cases tcga_patient_to_cancer_type.csv --column cancer_type --task nsclc_subtyping \\
       --pairs cohort/pairs.csv --out cohort/subtype.csv
 
