@@ -53,14 +53,19 @@ def _reports(path: Path) -> Path:
     })  # fmt: skip
 
 
-@pytest.fixture()
-def cohort(tmp_path: Path) -> dict[str, Path]:
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vlm.encoders.text import build_tiny_text_encoder
 
+    return build_tiny_text_encoder(tmp_path_factory.mktemp("text"))
+
+
+@pytest.fixture()
+def cohort(tmp_path: Path, tiny_text: Path) -> dict[str, Path]:
     return {
         "features": _features(tmp_path / "features", list(SLIDES)),
         "reports": _reports(tmp_path / "TCGA_Reports.csv"),
-        "text": build_tiny_text_encoder(tmp_path / "text"),
+        "text": tiny_text,
         "out": tmp_path / "cohort",
     }
 
