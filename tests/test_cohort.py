@@ -136,6 +136,7 @@ def test_cleaning_audit_lists_every_removed_line_and_keeps_the_diagnosis(tmp_pat
         ("patient_line", "Patient Name: DOE, JANE"), ("mrn", "MRN: 12345678"), ("dob", "DOB: 01/02/1950"),
         ("accession", "Accession #: S11-12345"), ("page_number", "Page 1 of 2"), ("date", "03/04/2011"),
         ("printed_by", "Printed by: jsmith"), ("end_of_report", "*** End of Report ***"),
+        ("dehyphenate", "adeno-<line break>carcinoma"),
     }  # fmt: skip
     assert all(row["patient_id"] == "P1" for row in audit)
 

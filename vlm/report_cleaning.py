@@ -32,7 +32,7 @@ from vlm.errors import InputError, MissingInputError
 
 DEFAULT_RULES = "report_cleaning.yaml"
 _KEYS = {"dehyphenate", "collapse_whitespace", "max_removed_line_chars", "line_rules", "span_rules"}
-_HYPHENATED = re.compile(r"(?<=[A-Za-z])-[ \t]*\n[ \t]*(?=[a-z])")
+_HYPHENATED = re.compile(r"([A-Za-z]+)-[ \t]*\n[ \t]*([a-z]+)")
 _SPACES = re.compile(r"[ \t\u00a0]{2,}|\t")
 _SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([.,;:])")
 _LONE_PUNCTUATION = re.compile(r"([.,;:])(?:\s*[.,;:])+")
@@ -62,7 +62,7 @@ class AuditEntry:
 
     report_id: str
     line: int
-    scope: str  # "line" (the whole line) or "span" (part of it)
+    scope: str  # "line" (the whole line), "span" (part of it) or "join" (a word hyphenated at a line end)
     rule: str
     removed: str
 
@@ -130,11 +130,20 @@ def _rules(spec: Any, field: str, source: str, whole_line: bool) -> tuple[Rule, 
 
 
 def clean_report(text: str, rules: CleaningRules, report_id: str = "") -> tuple[str, list[AuditEntry]]:
-    """One report's text, cleaned by `rules`, and the audit of what was removed (lines joined by newlines)."""
+    """One report's text, cleaned by `rules`, and the audit of what was removed or joined (the text's lines
+    joined by newlines; audit line numbers count the lines after the OCR joins, except for the joins)."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if rules.dehyphenate:
-        text = _HYPHENATED.sub("", text)
     audit: list[AuditEntry] = []
+    if rules.dehyphenate:  # audited too (scope "join"), with the line of the hyphen in the text as given
+
+        def join(match: re.Match[str]) -> str:
+            line = text.count("\n", 0, match.start()) + 1
+            audit.append(
+                AuditEntry(report_id, line, "join", "dehyphenate", match.group(0).replace("\n", "<line break>"))
+            )
+            return match.group(1) + match.group(2)
+
+        text = _HYPHENATED.sub(join, text)
     kept: list[str] = []
     for number, raw in enumerate(text.split("\n"), start=1):
         line = _SPACES.sub(" ", raw).strip() if rules.collapse_whitespace else raw.strip()
