@@ -175,8 +175,10 @@ def read_reports(
             empty.append(case)
             continue
         texts.setdefault(case, []).append(text)
-        if "split" in frame.columns and frame["split"].iloc[row - 2].strip():
-            splits[case] = frame["split"].iloc[row - 2].strip().lower()
+        split = frame["split"].iloc[row - 2].strip().lower() if "split" in frame.columns else ""
+        if split and splits.setdefault(case, split) != split:
+            raise InputError(f"{path}: row {row}: case {case} is in split {splits[case]!r} on an earlier row and "
+                             f"{split!r} here; a case belongs to one split")  # fmt: skip
     conflicting = sorted(case for case, items in texts.items() if len(set(items)) > 1)
     if conflicting and duplicates == "refuse":
         raise InputError(
