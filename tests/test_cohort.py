@@ -70,6 +70,11 @@ def cohort(tmp_path: Path, tiny_text: Path) -> dict[str, Path]:
     }
 
 
+def _pairs_args(cohort: dict[str, Path], out: str = "pairs.csv") -> list[str]:
+    return ["pairs", "--reports", str(cohort["reports"]), "--features", str(cohort["features"]), "--match", "tcga",
+            "--out", str(cohort["out"] / out), "--text-encoder", str(cohort["text"])]  # fmt: skip
+
+
 def _pairs(cohort: dict[str, Path], *extra: str, out: str = "pairs.csv") -> tuple[int, Path]:
     target = cohort["out"] / out
     code = main(["pairs", "--reports", str(cohort["reports"]), "--features", str(cohort["features"]), "--match",
@@ -216,7 +221,7 @@ def test_pairs_bad_input_gets_one_clear_error(cohort: dict[str, Path], tmp_path:
     assert code == 2 and "not GDC slide names" in error and "slide_001" in error
 
 
-def test_pairs_keep_the_split_of_the_reports_table(cohort: dict[str, Path], tmp_path: Path) -> None:
+def test_pairs_keep_the_split_of_the_reports_table(cohort: dict[str, Path], caplog) -> None:
     reports = pd.read_csv(cohort["reports"])
     reports["split"] = ["train", "test", "val"]
     reports.to_csv(cohort["reports"], index=False)
@@ -224,6 +229,10 @@ def test_pairs_keep_the_split_of_the_reports_table(cohort: dict[str, Path], tmp_
     assert code == 0
     pairs = load_pairs(out)
     assert dict(zip(pairs.patient_ids, pairs.splits, strict=True)) == {A: "train", B: "test"}
+    twice = pd.concat([reports, reports.iloc[[0]].assign(split="test")])  # same report, another split
+    twice.to_csv(cohort["reports"], index=False)
+    code, error = _code_and_error([*_pairs_args(cohort), "--no-token-count"], caplog)
+    assert code == 2 and "one split" in error and A in error
 
 
 def test_pairs_table_rule(cohort: dict[str, Path], tmp_path: Path) -> None:
