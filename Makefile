@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install test test-fast lint docs demo clean
 
 install: $(STAMP)
 
@@ -31,8 +31,13 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/vlm demo --out demo_out
 
+# The docs site (docs/ + mkdocs.yml) into site/; --strict: any warning (broken link or anchor, a page left out
+# of the nav, an unreadable docstring) fails. Never add -q: it hides the warnings, and strict then passes.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 lint: $(STAMP)
 	$(BIN)/ruff check vlm tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out site
