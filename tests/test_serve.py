@@ -217,7 +217,11 @@ class Browser:
 
         executable = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
         if executable is None:
-            pytest.fail("no chromium on PATH; install it (Debian: apt-get install -y chromium; .ci/run does)")
+            # CI must run the browser tests (it fails without a browser); elsewhere they skip, saying why
+            message = "no Chromium on PATH: `make install` installs it where it can (Debian: apt-get install chromium)"
+            if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+                pytest.fail(message)
+            pytest.skip(message)
         self.process = subprocess.Popen(
             [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,900", "about:blank"],
