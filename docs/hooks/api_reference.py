@@ -29,7 +29,8 @@ def api_reference(init: Path) -> str:
     for line in lines:
         line = line.strip()
         if line.startswith("#"):
-            out.append(f"## {line.lstrip('# ').capitalize()}\n")
+            title = line.lstrip("# ")
+            out.append(f"## {title[:1].upper()}{title[1:]}\n")
             continue
         match = re.match(r'"(\w+)":\s*"([\w.]+):(\w+)"', line)
         if match is None:
