@@ -61,7 +61,7 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: $(STAMP)
-	$(BIN)/ruff check vlm tests bench
+	$(BIN)/ruff check vlm tests bench docs/hooks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out site
