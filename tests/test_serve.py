@@ -396,13 +396,13 @@ def test_a_bad_port_fails_before_anything_loads(tmp_path: Path, caplog: pytest.L
     for port in ("-1", "70000"):
         caplog.clear()
         assert main(["serve", "--index", str(tmp_path / "no-index"), "--port", port]) == 2
-        assert f"--port {port}: a TCP port is a number 0–65535" in caplog.text
+        assert f"--port {port} is not a TCP port: give 0–65535" in caplog.text
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         caplog.clear()
         assert main(["serve", "--index", str(tmp_path / "no-index"), "--port", str(busy.getsockname()[1])]) == 2
-        assert "cannot listen on 127.0.0.1 port" in caplog.text
+        assert "cannot listen on 127.0.0.1 port" in caplog.text and "choose another --port" in caplog.text
 
 
 def test_moved_truncated_or_foreign_files_answer_410_and_serving_goes_on(site: dict, tmp_path: Path) -> None:

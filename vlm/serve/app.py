@@ -398,16 +398,18 @@ def serve(
 
     import uvicorn
 
+    from vlm.errors import UsageError
+
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"--port {port}: a TCP port is a number 0–65535 (0 picks a free one)")
+        raise UsageError(f"`port` {port} is not a TCP port: give 0–65535 (0 picks a free one)")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as error:
-            raise OSError(f"cannot listen on {host} port {port} ({error.strerror or error}); "
-                          "choose another --port, or --port 0 for a free one") from error  # fmt: skip
+            raise UsageError(f"cannot listen on {host} port {port} ({error.strerror or error}); "
+                             "choose another `port`, or 0 for a free one") from error  # fmt: skip
         app = create_app(index, host=host, **options)
         bound = sock.getsockname()[1]
         print(f"vlm serve: open http://{'[' + host + ']' if ':' in host else host}:{bound}/ (Ctrl-C stops)",
