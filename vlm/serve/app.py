@@ -58,8 +58,10 @@ def _scan(roots: Sequence[str | os.PathLike[str]], suffixes: Collection[str], wa
             raise FileNotFoundError(f"{root}: not a folder (give folders of slides / feature files)")
         real_root = root.resolve()
         for path in sorted(root.iterdir()):
+            if path.suffix.lower() not in suffixes:
+                continue
             slide_id = slide_id_from_path(path)
-            if path.suffix.lower() not in suffixes or slide_id not in wanted or slide_id in found:
+            if slide_id not in wanted or slide_id in found:
                 continue
             real = path.resolve()
             if not real.is_file() or not real.is_relative_to(real_root):
