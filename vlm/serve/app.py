@@ -414,7 +414,8 @@ def serve(
                              "choose another `port`, or 0 for a free one") from error  # fmt: skip
         app = create_app(index, host=host, **options)
         bound = sock.getsockname()[1]
-        print(f"vlm serve: open http://{'[' + host + ']' if ':' in host else host}:{bound}/ (Ctrl-C stops)",
+        name = "127.0.0.1" if host in WILDCARD_HOSTS else host  # a wildcard is no address to open (nor answered)
+        print(f"vlm serve: open http://{'[' + name + ']' if ':' in name else name}:{bound}/ (Ctrl-C stops)",
               flush=True)  # fmt: skip
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
