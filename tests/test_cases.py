@@ -51,7 +51,7 @@ def write_cohort(root: Path, n_train: int = 12, n_val: int = 4, patient_column: 
 
 def run(root: Path, name: str, pairs: Path, embeddings: Path, **overrides: object) -> list[dict]:
     values: dict[str, object] = dict(
-        pairs=str(pairs), out=str(root / name), slide_embeddings=str(embeddings), text_encoder=str(root / "text"),
+        pairs=str(pairs), out=str(root / name), embeddings=str(embeddings), text_encoder=str(root / "text"),
         max_length=16, proj_dim=16, epochs=EPOCHS, batch_size=16, lr=5e-3,
     )  # fmt: skip
     values.update(overrides)
@@ -155,8 +155,9 @@ def test_eval_retrieval_counts_the_case(
     """`vlm eval retrieval` on the validation cases (3 identical slides each): by the row's own slide R@1 would
     be 0 (two equal slides rank above it); by case, the trained model finds the case's slides."""
     out = cohort["root"] / "eval.json"
-    argv = ["eval", "retrieval", "--model", str(cohort["root"] / "cases" / "model"), "--pairs", str(cohort["pairs"]),
-            "--slides", str(cohort["embeddings"]), "--split", "val", "--n-boot", "50", "--out", str(out)]  # fmt: skip
+    argv = ["eval", "retrieval", "--model", str(cohort["root"] / "cases" / "model"),
+            "--pairs", str(cohort["pairs"]), "--embeddings", str(cohort["embeddings"]),
+            "--split", "val", "--n-boot", "50", "--out", str(out)]  # fmt: skip
     assert cli_main(argv) == 0
     assert "12 pairs, 12 slides, 4 cases" in capsys.readouterr().out
     metrics = json.loads(out.read_text())
@@ -206,7 +207,7 @@ def test_zeroshot_case_level_is_the_softmax_of_mean_logits(
                   "label": ["a" if i % 8 < 4 else "b" for i in range(len(slides))]}).to_csv(labels, index=False)
     slide_table = tmp_path / "slides.parquet"
     pd.read_parquet(cohort["embeddings"]).iloc[: len(slides)].to_parquet(slide_table)
-    common = ["zeroshot", "--model", str(cohort["root"] / "cases" / "model"), "--slides", str(slide_table),
+    common = ["zeroshot", "--model", str(cohort["root"] / "cases" / "model"), "--embeddings", str(slide_table),
               "--classes", f"a={GRADES[0]} grade {DIAGNOSES[0]}", f"b={GRADES[5]} grade {DIAGNOSES[1]}",
               "--labels", str(labels), "--n-boot", "20", "--no-cache"]  # fmt: skip
     assert cli_main([*common, "--out", str(tmp_path / "slide")]) == 0

@@ -63,8 +63,8 @@ def test_train_flags_are_the_config_fields_with_their_defaults() -> None:
             entry = "".join(parser._get_formatter()._format_action(action).split())  # its lines on the page
             assert f"(default:{field.default})" in entry, field.name  # (long values wrap at a hyphen)
     # what is not typed comes from the dataclass, so Python and the command line train the same run
-    minimal = ["--pairs", "p.csv", "--out", "o", "--slide-embeddings", "s.parquet"]
-    assert _config(minimal) == TrainConfig(pairs="p.csv", out="o", slide_embeddings="s.parquet")
+    minimal = ["--pairs", "p.csv", "--out", "o", "--embeddings", "s.parquet"]
+    assert _config(minimal) == TrainConfig(pairs="p.csv", out="o", embeddings="s.parquet")
     typed = _config([*minimal, "--contrastive-batch", "8", "--freeze-text", "--lr", "0.001", "--val-fraction", "0"])
     assert (typed.batch_size, typed.freeze_text, typed.lr, typed.val_fraction) == (8, True, 0.001, 0.0)
 
@@ -79,7 +79,7 @@ def test_resume_refuses_settings_it_cannot_change(tmp_path: Path, caplog: pytest
     """They used to be ignored with a log line: a run 'resumed with --lr 0.5' kept its old learning rate."""
     run = tmp_path / "run"
     run.mkdir()
-    TrainConfig(pairs="p.csv", out=str(run), slide_embeddings="s.parquet").save(run / CONFIG_FILE)
+    TrainConfig(pairs="p.csv", out=str(run), embeddings="s.parquet").save(run / CONFIG_FILE)
     before = sorted(p.name for p in run.iterdir())
     with caplog.at_level(logging.ERROR):
         assert main(["train", "--resume", str(run), "--lr", "0.5", "--freeze-text", "--epochs", "3"]) == 2
@@ -93,7 +93,7 @@ def test_train_refuses_a_resume_with_other_settings(tmp_path: Path) -> None:
     from vlm.training.loop import train
 
     run = tmp_path / "run"
-    saved = TrainConfig(pairs="p.csv", out=str(run), slide_embeddings="s.parquet", epochs=2)
+    saved = TrainConfig(pairs="p.csv", out=str(run), embeddings="s.parquet", epochs=2)
     run.mkdir()
     saved.save(run / CONFIG_FILE)
     (run / CHECKPOINT).parent.mkdir()
@@ -107,4 +107,4 @@ def test_train_refuses_a_resume_with_other_settings(tmp_path: Path) -> None:
 @pytest.mark.parametrize("setting", ["pool", "loss", "precision"])
 def test_config_checks_the_named_choices_as_the_command_line_does(setting: str) -> None:
     with pytest.raises(ValueError, match=f"unknown {setting} 'bogus'; choose one of"):
-        TrainConfig(pairs="p.csv", out="o", slide_embeddings="s.parquet", **{setting: "bogus"})
+        TrainConfig(pairs="p.csv", out="o", embeddings="s.parquet", **{setting: "bogus"})

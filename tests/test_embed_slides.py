@@ -20,7 +20,7 @@ from tests.support.peers import (
 from vlm.batch import Shard
 from vlm.cli import main
 from vlm.encoders.slide import create_slide_encoder
-from vlm.formats.embeddings import read_slide_embeddings
+from vlm.formats.embeddings import load_slide_embeddings, read_slide_embeddings
 from vlm.formats.features import TileFeatures, TileGrid, write_features
 from vlm.slide_embeddings import embed_slides
 
@@ -187,8 +187,8 @@ def test_one_feature_file_gives_one_embedding_through_every_path(tmp_path: Path)
     """embed-slides, the training loader and zero-shot on a features folder see identical encoder inputs."""
     from vlm.encoders.slide_inputs import load_slide_inputs
     from vlm.model.clip import build_tiny_model
+    from vlm.slide_embeddings import embed_with_model
     from vlm.training.data import PrefetchingFeatureLoader, load_slide_features
-    from vlm.zeroshot import read_slides
 
     features, patches = _clam_cohort(tmp_path / "clam")
     model = build_tiny_model(tmp_path / "model", slide_encoder="tiny").eval()
@@ -207,9 +207,11 @@ def test_one_feature_file_gives_one_embedding_through_every_path(tmp_path: Path)
     assert torch.equal(f, f2) and torch.equal(c, c2)
     with torch.no_grad():
         trained = encoder(f, c, padding_mask=mask, pool=pool).numpy()
-    ids, zero_shot = read_slides(features, model, tmp_path / "zs", torch.device("cpu"), progress=False,
-                                 mpp=0.2495, patches=patches)  # fmt: skip
-    assert ids == ["s1"]
+    assert not embed_with_model(features, model, tmp_path / "zs.parquet", device="cpu", progress=False, mpp=0.2495,
+                                patches=patches).failed  # fmt: skip
+    table = load_slide_embeddings(tmp_path / "zs.parquet")
+    assert table.ids == ["s1"]
+    zero_shot = table.embeddings.numpy()
     np.testing.assert_allclose(trained, embedded, rtol=0, atol=1e-6)
     np.testing.assert_allclose(zero_shot, embedded, rtol=0, atol=1e-6)
 
@@ -253,7 +255,7 @@ def test_mixed_trident_cohort_embeds_without_mpp_and_a_contradicting_mpp_fails(
 
 @pytest.mark.slow
 def test_cli_train_and_zeroshot_read_clam_features_with_patches_and_mpp(tmp_path: Path) -> None:
-    """`vlm train --features` and `vlm zeroshot --slides <folder>` take `--patches` / `--mpp` too."""
+    """`vlm train --features` and `vlm zeroshot --features <folder>` take `--patches` / `--mpp` too."""
     import pandas as pd
 
     from vlm.encoders.text import build_tiny_text_encoder
@@ -282,7 +284,7 @@ def test_cli_train_and_zeroshot_read_clam_features_with_patches_and_mpp(tmp_path
     saved = TrainConfig.load(tmp_path / "run" / "train_config.json")
     assert (saved.mpp, saved.patches) == (0.2495, str(root / "patches"))
     out = tmp_path / "zs"
-    argv = ["zeroshot", "--model", str(tmp_path / "run" / "model"), "--slides", str(root / "h5_files"),
+    argv = ["zeroshot", "--model", str(tmp_path / "run" / "model"), "--features", str(root / "h5_files"),
             "--out", str(out), "--classes", "a=first kind", "b=second kind", "--no-progress", *geometry]  # fmt: skip
     assert main(argv) == 0
     assert read_slide_embeddings(out / "slide_embeddings.parquet")["n_tiles"].tolist() == [12] * 6

@@ -21,7 +21,7 @@ def test_each_kind_is_a_vlm_error_and_the_builtin_a_user_catches() -> None:
 
 
 def test_parameter_names_become_the_flags_of_the_command_that_ran() -> None:
-    args = build_parser().parse_args(["index", "build", "--slides", "s.parquet", "--model", "m", "--out", "o"])
+    args = build_parser().parse_args(["index", "build", "--embeddings", "s.parquet", "--model", "m", "--out", "o"])
     message = "`target_recall` must be in (0, 1]; `slides.parquet` has no `vector` column"
     shown = with_flag_names(message, args._flags)
     assert shown == "--target-recall must be in (0, 1]; `slides.parquet` has no `vector` column"

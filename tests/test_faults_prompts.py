@@ -120,7 +120,7 @@ def test_cli_zeroshot_with_a_missing_tokenizer_exits_2(
     (folder / "tokenizer.json").unlink()
     slides = _slides(tmp_path, np.random.default_rng(0).normal(size=(4, 64)))
     out = tmp_path / "zs"
-    args = ["zeroshot", "--model", str(folder), "--slides", str(slides), "--out", str(out), "--task", str(NSCLC)]
+    args = ["zeroshot", "--model", str(folder), "--embeddings", str(slides), "--out", str(out), "--task", str(NSCLC)]
     with caplog.at_level(logging.ERROR):
         assert main([*args, "--no-cache"]) == 2
     assert "tokenizer.json" in caplog.text and not out.exists()
@@ -254,7 +254,7 @@ def test_non_finite_slides_are_refused_by_id(
     embeddings[4, : 8 if np.isnan(value) else None] = value  # one NaN is enough; overflow needs a whole row
     slides = _slides(tmp_path, embeddings)
     out = tmp_path / "zs"
-    args = ["zeroshot", "--model", str(model_dir), "--slides", str(slides), "--out", str(out), "--task", str(NSCLC)]
+    args = ["zeroshot", "--model", str(model_dir), "--embeddings", str(slides), "--out", str(out), "--task", str(NSCLC)]
     with caplog.at_level(logging.ERROR):
         assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 2
     assert f"{slides}: 2 slide(s)" in caplog.text and "['slide-2', 'slide-4']" in caplog.text

@@ -39,12 +39,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     build_tiny_model(root / "tok", slide_embed_dim=64, proj_dim=32).save_pretrained(root / "model")
     slides = _slides(root / "slides.parquet", [f"S-{i:02d}" for i in range(20)])
     index = root / "index"
-    assert main(["index", "build", "--model", str(root / "model"), "--slides", str(slides), "--out", str(index)]) == 0
+    argv = ["index", "build", "--model", str(root / "model"), "--embeddings", str(slides), "--out", str(index)]
+    assert main(argv) == 0
     return {"root": root, "model": root / "model", "slides": slides, "index": index}
 
 
 def _build(world: dict[str, Path], out: Path | str, *extra: str) -> int:
-    return main(["index", "build", "--model", str(world["model"]), "--slides", str(world["slides"]), "--out",
+    return main(["index", "build", "--model", str(world["model"]), "--embeddings", str(world["slides"]), "--out",
                  str(out), *extra])  # fmt: skip
 
 
@@ -189,7 +190,7 @@ def test_two_concurrent_index_adds_keep_both(world: dict[str, Path], tmp_path: P
     index = _copy_index(world, tmp_path)
     batches = [_slides(tmp_path / f"new{n}.parquet", [f"N{n}-{i}" for i in range(3)], seed=n) for n in (1, 2)]
     with folder_lock(index):  # both start while the index is busy, so that they really run at the same time
-        runs = [_vlm("index", "add", "--index", str(index), "--slides", str(batch)) for batch in batches]
+        runs = [_vlm("index", "add", "--index", str(index), "--embeddings", str(batch)) for batch in batches]
         for run in runs:  # each reports that it waits
             assert run.stderr is not None
             assert "waiting for another vlm process" in _read_until(run.stderr, "waiting")
@@ -258,7 +259,7 @@ def test_non_finite_slide_embeddings_are_refused_by_id(
     slides.check_finite(["C", "A"])  # unused broken rows do not block the others
     with pytest.raises(ValueError, match=r"s\.parquet: 2 slide\(s\) have NaN or infinite .*\['B', 'D'\]"):
         slides.check_finite(["A", "B", "D"])
-    assert main(["index", "build", "--model", str(world["model"]), "--slides", str(path), "--out",
+    assert main(["index", "build", "--model", str(world["model"]), "--embeddings", str(path), "--out",
                  str(tmp_path / "index")]) == 2  # fmt: skip
     assert "['B', 'D']" in caplog.text and not (tmp_path / "index").exists()
 

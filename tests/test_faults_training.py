@@ -61,7 +61,7 @@ def _config(root: Path, out: Path, embeddings: np.ndarray | None = None, **overr
     values: dict[str, object] = dict(
         pairs=str(pairs),
         out=str(out),
-        slide_embeddings=str(slides),
+        embeddings=str(slides),
         text_encoder=str(text),
         max_length=8,
         proj_dim=8,
@@ -190,7 +190,7 @@ def test_non_finite_loss_stops_training_and_saves_nothing(tmp_path: Path) -> Non
         train(config)
     assert not (out / "model").exists() and not (out / CHECKPOINT).exists()
     shutil.rmtree(out)
-    argv = ["train", "--pairs", config.pairs, "--slide-embeddings", str(config.slide_embeddings), "--out", str(out),
+    argv = ["train", "--pairs", config.pairs, "--embeddings", str(config.embeddings), "--out", str(out),
             "--text-encoder", config.text_encoder, "--max-length", "8", "--proj-dim", "8", "--epochs", "1",
             "--batch-size", "4", "--lr", "1e30", "--warmup-steps", "0", "--no-progress"]  # fmt: skip
     assert cli_main(argv) == 1
@@ -222,7 +222,7 @@ def test_bad_feature_files_are_all_listed_before_training(tmp_path: Path) -> Non
         del h5.attrs["mpp"]  # a file that cannot be placed on a physical scale
     (features / "s6.h5").write_bytes((features / "s6.h5").read_bytes()[:300])  # a copy cut short
     out = tmp_path / "run"
-    config = _config(tmp_path / "data", out, pairs=str(pairs), slide_embeddings=None, features=str(features),
+    config = _config(tmp_path / "data", out, pairs=str(pairs), embeddings=None, features=str(features),
                      slide_encoder="tiny", batch_size=2)  # fmt: skip
     expected = r"2 feature file\(s\).*\n  s3: .*'mpp'.*\n  s6: .*not a readable HDF5[^\n]*\n.*--drop-missing"
     with pytest.raises(ValueError, match=expected):
@@ -243,7 +243,7 @@ def test_nan_tile_features_are_refused_by_slide(tmp_path: Path) -> None:
     pairs = _write_feature_files(features)
     with h5py.File(features / "s2.h5", "a") as h5:
         h5["features"][3, 5] = np.nan
-    config = _config(tmp_path / "data", tmp_path / "run", pairs=str(pairs), slide_embeddings=None,
+    config = _config(tmp_path / "data", tmp_path / "run", pairs=str(pairs), embeddings=None,
                      features=str(features), slide_encoder="tiny", batch_size=6)  # fmt: skip
     with pytest.raises(ValueError, match=r"slide 's2' \(.*s2\.h5\): 1 of 6 tiles have NaN/inf features"):
         train(config)
@@ -269,7 +269,7 @@ def test_damaged_safetensors_is_one_line_naming_the_file(
 ) -> None:
     """A flipped byte in model.safetensors used to reach the user as a SafetensorError traceback."""
     model = _damaged_model(tmp_path)
-    argv = ["eval", "retrieval", "--model", str(model), "--pairs", "p.csv", "--slides", "s.parquet"]
+    argv = ["eval", "retrieval", "--model", str(model), "--pairs", "p.csv", "--embeddings", "s.parquet"]
     with caplog.at_level(logging.ERROR):
         assert cli_main(["-v", *argv] if verbose else argv) == 2
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -316,10 +316,11 @@ def _argv(command: str, root: Path, out: Path) -> list[str]:
     """The command's argv with inputs that do not exist: the --out refusal must come before they are read."""
     absent = str(root / "absent")
     return {
-        "zeroshot": ["zeroshot", "--model", absent, "--slides", absent, "--classes", "A=a", "B=b", "--out", str(out)],
-        "probe": ["probe", "--slides", absent, "--labels", absent, "--test-labels", absent, "--out", str(out)],
+        "zeroshot": ["zeroshot", "--model", absent, "--embeddings", absent, "--classes", "A=a", "B=b",
+                     "--out", str(out)],
+        "probe": ["probe", "--embeddings", absent, "--labels", absent, "--test-labels", absent, "--out", str(out)],
         "heatmap": ["heatmap", "--model", absent, "--features", absent, "--query", "q", "--out", str(out)],
-        "zeroshot --heatmaps": ["zeroshot", "--model", absent, "--slides", str(root), "--classes", "A=a", "B=b",
+        "zeroshot --heatmaps": ["zeroshot", "--model", absent, "--features", str(root), "--classes", "A=a", "B=b",
                                 "--out", str(root / "zs"), "--heatmaps", str(out)],
     }[command]  # fmt: skip
 
@@ -332,7 +333,7 @@ def test_output_folder_of_the_users_files_is_refused_up_front(
     mine = _users_folder(tmp_path)
     if command == "train":
         config = _config(tmp_path / "data", mine)
-        argv = ["train", "--pairs", config.pairs, "--slide-embeddings", str(config.slide_embeddings), "--out",
+        argv = ["train", "--pairs", config.pairs, "--embeddings", str(config.embeddings), "--out",
                 str(mine), "--text-encoder", config.text_encoder, "--no-progress"]  # fmt: skip
     else:
         argv = _argv(command, tmp_path, mine)
@@ -379,7 +380,7 @@ def test_probe_and_zeroshot_rerun_into_their_own_folder(tmp_path: Path) -> None:
     labels = ["a" if k % 2 else "b" for k in range(12)]
     pd.DataFrame({"slide_id": ids[:8], "label": labels[:8]}).to_csv(tmp_path / "train.csv", index=False)
     pd.DataFrame({"slide_id": ids[8:], "label": labels[8:]}).to_csv(tmp_path / "test.csv", index=False)
-    probe = ["probe", "--slides", str(slides), "--labels", str(tmp_path / "train.csv"), "--test-labels",
+    probe = ["probe", "--embeddings", str(slides), "--labels", str(tmp_path / "train.csv"), "--test-labels",
              str(tmp_path / "test.csv"), "--out", str(tmp_path / "probe"), "--shots", "all", "--seeds", "1",
              "--n-boot", "20"]  # fmt: skip
     assert cli_main(probe) == 0
@@ -388,7 +389,7 @@ def test_probe_and_zeroshot_rerun_into_their_own_folder(tmp_path: Path) -> None:
 
     model = tmp_path / "model"
     build_tiny_model(tmp_path / "build").save_pretrained(model)
-    zeroshot = ["zeroshot", "--model", str(model), "--slides", str(slides), "--classes", "A=a", "B=b", "--out",
+    zeroshot = ["zeroshot", "--model", str(model), "--embeddings", str(slides), "--classes", "A=a", "B=b", "--out",
                 str(tmp_path / "zs"), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]  # fmt: skip
     assert cli_main(zeroshot) == 0 and cli_main(zeroshot) == 0
     assert (tmp_path / "zs" / "predictions.csv").is_file()
@@ -400,7 +401,7 @@ def test_eval_retrieval_out_that_is_a_folder_is_named_before_evaluating(
 ) -> None:
     """`eval retrieval --out` is a file: a folder there was refused only after the whole evaluation."""
     absent = str(tmp_path / "absent")
-    argv = ["eval", "retrieval", "--model", absent, "--pairs", absent, "--slides", absent, "--out", str(tmp_path)]
+    argv = ["eval", "retrieval", "--model", absent, "--pairs", absent, "--embeddings", absent, "--out", str(tmp_path)]
     with caplog.at_level(logging.ERROR):
         assert cli_main(argv) == 2
     assert f"{tmp_path}: is a folder, and this output is a file" in caplog.text

@@ -265,7 +265,7 @@ def test_stitched_slide_each_class_phrase_is_hotter_on_its_own_half(demo_out: Pa
 def test_zeroshot_heatmaps_use_each_slides_predicted_class(frozen_run: dict, tmp_path: Path) -> None:
     run = frozen_run
     out = tmp_path / "zs"
-    code = main(["zeroshot", "--model", str(run["model"]), "--slides", str(run["parquet"]), "--classes",
+    code = main(["zeroshot", "--model", str(run["model"]), "--embeddings", str(run["parquet"]), "--classes",
                  "papillary=papillary carcinoma", "solid=solid carcinoma", "--out", str(out), "--no-cache",
                  "--heatmaps", str(out / "heat"), "--heatmap-features", str(run["features"].parent)])  # fmt: skip
     assert code == 0

@@ -40,7 +40,7 @@ def test_probe_learns_separable_classes_and_reports_every_shot(tmp_path: Path) -
     zeroshot = tmp_path / "zs.json"
     zeroshot.write_text(json.dumps({"n": 18, "metrics": {"balanced_accuracy": {"value": 0.5, "ci_low": 0.3,
                                                                                "ci_high": 0.7}}}))  # fmt: skip
-    assert main(["probe", "--slides", str(data["slides"]), "--labels", str(data["labels"]), "--test-labels",
+    assert main(["probe", "--embeddings", str(data["slides"]), "--labels", str(data["labels"]), "--test-labels",
                  str(data["test"]), "--out", str(tmp_path / "probe"), "--shots", "1", "4", "16", "all",
                  "--seeds", "3", "--n-boot", "200", "--zeroshot", str(zeroshot)]) == 0  # fmt: skip
     report = json.loads((tmp_path / "probe" / "metrics.json").read_text())
@@ -147,7 +147,7 @@ def test_probe_case_level_counts_cases(tmp_path: Path, caplog: pytest.LogCapture
         table = pd.read_csv(data[name])
         table["patient_id"] = [f"{s[:-3]}-P{int(s[-2:]) // 3}" for s in table["slide_id"]]
         table.to_csv(data[name], index=False)
-    argv = ["probe", "--slides", str(data["slides"]), "--labels", str(data["labels"]), "--test-labels",
+    argv = ["probe", "--embeddings", str(data["slides"]), "--labels", str(data["labels"]), "--test-labels",
             str(data["test"]), "--shots", "1", "all", "--seeds", "2", "--n-boot", "50", "--level", "case"]  # fmt: skip
     assert main([*argv, "--out", str(tmp_path / "probe")]) == 0
     report = json.loads((tmp_path / "probe" / "metrics.json").read_text())

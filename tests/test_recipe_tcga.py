@@ -80,7 +80,7 @@ def test_reproduce_on_tcga_recipe_runs_offline(tmp_path: Path) -> None:
 
     assert main(["embed-slides", str(files["features"]), "--out", str(out / "slides.parquet"), "--slide-encoder",
                  "tiny", "--random-weights", "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
-    assert main(["train", "--pairs", str(out / "pairs.csv"), "--slide-embeddings", str(out / "slides.parquet"),
+    assert main(["train", "--pairs", str(out / "pairs.csv"), "--embeddings", str(out / "slides.parquet"),
                  "--out", str(out / "align"), "--text-encoder", str(text), "--max-length", "64", "--proj-dim", "8",
                  "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
 
@@ -91,7 +91,7 @@ def test_reproduce_on_tcga_recipe_runs_offline(tmp_path: Path) -> None:
 
     for task, labels in (("nsclc_subtyping", "subtype.csv"), ("luad_egfr_mutation", "egfr.csv")):
         run = out / f"zeroshot_{task}"
-        assert main(["zeroshot", "--model", str(out / "align" / "model"), "--slides", str(out / "slides.parquet"),
+        assert main(["zeroshot", "--model", str(out / "align" / "model"), "--embeddings", str(out / "slides.parquet"),
                      "--task", task, "--labels", str(out / labels), "--level", "case", "--n-boot", "20",
                      "--out", str(run), "--no-progress"]) == 0  # fmt: skip
         metrics = json.loads((run / "metrics.json").read_text())
@@ -102,6 +102,6 @@ def test_reproduce_on_tcga_recipe_runs_offline(tmp_path: Path) -> None:
                              metrics["metrics"]["balanced_accuracy"]["value"])  # fmt: skip
 
     assert main(["eval", "retrieval", "--model", str(out / "align" / "model"), "--pairs", str(out / "pairs.csv"),
-                 "--slides", str(out / "slides.parquet"), "--labels", str(out / "subtype.csv"), "--n-boot", "20",
+                 "--embeddings", str(out / "slides.parquet"), "--labels", str(out / "subtype.csv"), "--n-boot", "20",
                  "--out", str(out / "retrieval.json")]) == 0  # fmt: skip
     assert json.loads((out / "retrieval.json").read_text())

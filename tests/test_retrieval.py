@@ -37,7 +37,7 @@ def trained_run(base: Path) -> tuple[Path, Path, Path]:
     root.mkdir(exist_ok=True)
     pairs, embeddings = write_synthetic(root)
     text = build_tiny_text_encoder(root / "text")
-    model = train(TrainConfig(pairs=str(pairs), out=str(root / "run"), slide_embeddings=str(embeddings),
+    model = train(TrainConfig(pairs=str(pairs), out=str(root / "run"), embeddings=str(embeddings),
                               text_encoder=str(text), max_length=16, proj_dim=16, epochs=20, batch_size=12,
                               lr=1e-2, seed=0))  # fmt: skip
     return pairs, embeddings, model

@@ -54,7 +54,7 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> list[dict[str, o
 
 def test_build_then_search_by_text_and_slide(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     index = files["root"] / "index"
-    assert main(["index", "build", "--model", str(files["model"]), "--slides", str(files["slides"]),
+    assert main(["index", "build", "--model", str(files["model"]), "--embeddings", str(files["slides"]),
                  "--out", str(index), "--metadata", str(files["meta"])]) == 0  # fmt: skip
     assert {p.name for p in index.iterdir() if not p.name.startswith(".vlm")} == {
         "index.faiss",
@@ -79,10 +79,10 @@ def test_build_then_search_by_text_and_slide(files: dict[str, Path], capsys: pyt
 def test_add_remove_and_errors(files: dict[str, Path], capsys: pytest.CaptureFixture[str],
                                caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     index = files["root"] / "edited"
-    assert main(["index", "build", "--model", str(files["model"]), "--slides", str(files["slides"]),
+    assert main(["index", "build", "--model", str(files["model"]), "--embeddings", str(files["slides"]),
                  "--out", str(index), "--kind", "hnsw"]) == 0  # fmt: skip
-    assert main(["index", "add", "--index", str(index), "--slides", str(files["new"])]) == 0
-    assert main(["index", "add", "--index", str(index), "--slides", str(files["new"])]) == 2
+    assert main(["index", "add", "--index", str(index), "--embeddings", str(files["new"])]) == 0
+    assert main(["index", "add", "--index", str(index), "--embeddings", str(files["new"])]) == 2
     assert "already in the index" in caplog.text
     assert main(["index", "remove", "--index", str(index), "TCGA-00", "NEW-1"]) == 0
     assert json.loads((index / "manifest.json").read_text())["count"] == 30
@@ -107,7 +107,7 @@ def test_report_index_slide_to_report(files: dict[str, Path], capsys: pytest.Cap
     index = files["root"] / "report-index"
     assert main(["index", "build-reports", "--model", str(files["model"]), "--pairs", str(files["pairs"]),
                  "--out", str(index)]) == 0  # fmt: skip
-    hits = run_json(capsys, "search", "--index", str(index), "--slide-id", "TCGA-05", "--slides",
+    hits = run_json(capsys, "search", "--index", str(index), "--slide-id", "TCGA-05", "--embeddings",
                     str(files["slides"]), "-k", "5")  # fmt: skip
     assert len(hits) == 5 and all({"rank", "report_id", "slide_id", "score", "report"} <= set(h) for h in hits)
     assert main(["search", "--index", str(index), "--slide-id", "TCGA-05"]) == 2  # needs --slides
@@ -118,7 +118,7 @@ def test_report_index_slide_to_report(files: dict[str, Path], capsys: pytest.Cap
 def test_eval_retrieval(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     out = files["root"] / "metrics.json"
     assert main(["eval", "retrieval", "--model", str(files["model"]), "--pairs", str(files["pairs"]),
-                 "--slides", str(files["slides"]), "--labels", str(files["labels"]), "--n-boot", "100",
+                 "--embeddings", str(files["slides"]), "--labels", str(files["labels"]), "--n-boot", "100",
                  "--out", str(out)]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "report_to_slide" in printed and "MVAcc@5" in printed
@@ -137,7 +137,7 @@ def test_metadata_ids_that_look_missing_keep_their_rows(files: dict[str, Path], 
     ids = ["NA", "null", "None", "nan", "TCGA-01"]
     slides = write_slides(tmp_path / "slides.parquet", ids, seed=2)
     (tmp_path / "meta.csv").write_text("slide_id,site\n" + "".join(f"{i},site-{i}\n" for i in ids))
-    assert main(["index", "build", "--model", str(files["model"]), "--slides", str(slides), "--out",
+    assert main(["index", "build", "--model", str(files["model"]), "--embeddings", str(slides), "--out",
                  str(tmp_path / "index"), "--metadata", str(tmp_path / "meta.csv")]) == 0  # fmt: skip
     hits = run_json(capsys, "search", "--index", str(tmp_path / "index"), "adenocarcinoma", "-k", "5")
     assert {h["slide_id"]: h["site"] for h in hits} == {i: f"site-{i}" for i in ids}

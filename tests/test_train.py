@@ -45,7 +45,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def config(data: dict[str, Path], out: Path, **overrides: object) -> TrainConfig:
     values: dict[str, object] = dict(
-        pairs=str(data["pairs"]), out=str(out), slide_embeddings=str(data["embeddings"]),
+        pairs=str(data["pairs"]), out=str(out), embeddings=str(data["embeddings"]),
         text_encoder=str(data["text"]), max_length=16, proj_dim=16, epochs=2, batch_size=12, lr=2e-3,
     )  # fmt: skip
     values.update(overrides)
@@ -59,7 +59,7 @@ def records(run: Path) -> list[dict[str, float]]:
 @pytest.mark.slow
 def test_cli_train_end_to_end_learns(data: dict[str, Path]) -> None:
     out = data["root"] / "cli-run"
-    argv = ["train", "--pairs", str(data["pairs"]), "--slide-embeddings", str(data["embeddings"]), "--out", str(out),
+    argv = ["train", "--pairs", str(data["pairs"]), "--embeddings", str(data["embeddings"]), "--out", str(out),
             "--text-encoder", str(data["text"]), "--max-length", "16", "--proj-dim", "16", "--epochs", "12",
             "--batch-size", "12", "--lr", "2e-3", "--seed", "0"]  # fmt: skip
     assert cli_main(argv) == 0
@@ -237,7 +237,7 @@ def test_full_fine_tuning_with_gradcache(data: dict[str, Path]) -> None:
     pytest.importorskip("vlm.encoders.slide")
     pairs, features = write_tiny_features(data["root"], n_slides=8)
     out = data["root"] / "full"
-    train(config(data, out, pairs=str(pairs), slide_embeddings=None, features=str(features), slide_encoder="tiny",
+    train(config(data, out, pairs=str(pairs), embeddings=None, features=str(features), slide_encoder="tiny",
                  batch_size=3, chunk_size=2, epochs=1, val_fraction=0.25, max_tiles=8))  # fmt: skip
     model = SlideTextModel.from_pretrained(out / "model")
     assert model.slide_encoder is not None and model.config.slide_encoder == "tiny"
@@ -284,7 +284,7 @@ def test_torchrun_two_processes_match_one_process(data: dict[str, Path], tmp_pat
 
     text = build_tiny_text_encoder(tmp_path / "text", dropout=0.0)  # no dropout: ranks draw different masks
     train(config(data, tmp_path / "single", text_encoder=str(text), epochs=1))
-    argv = ["--pairs", str(data["pairs"]), "--slide-embeddings", str(data["embeddings"]),
+    argv = ["--pairs", str(data["pairs"]), "--embeddings", str(data["embeddings"]),
             "--out", str(tmp_path / "ddp"), "--text-encoder", str(text), "--max-length", "16",
             "--proj-dim", "16", "--epochs", "1", "--batch-size", "12", "--lr", "2e-3"]  # fmt: skip
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -105,7 +105,7 @@ def test_installed_wheel_runs_a_shipped_task_by_name_outside_the_checkout(tmp_pa
     assert Path(where[0]).is_relative_to(tmp_path / "env") and where[1:] == ["True", "True"]
 
     run = subprocess.run(
-        [bin_dir / "vlm", "zeroshot", "--model", "model", "--slides", "slides.parquet", "--task", "nsclc_subtyping",
+        [bin_dir / "vlm", "zeroshot", "--model", "model", "--embeddings", "slides.parquet", "--task", "nsclc_subtyping",
          "--labels", "labels.csv", "--out", "zs", "--n-boot", "20", "--cache-dir", "cache", "--no-progress"],
         cwd=work, env=env, capture_output=True, text=True,
     )  # fmt: skip

@@ -182,7 +182,7 @@ def _write_inputs(folder: Path, embeddings: np.ndarray, labels: list[str | None]
 
 
 def _zeroshot(model_dir: Path, slides: Path, out: Path, *extra: str) -> int:
-    args = ["zeroshot", "--model", str(model_dir), "--slides", str(slides), "--out", str(out)]
+    args = ["zeroshot", "--model", str(model_dir), "--embeddings", str(slides), "--out", str(out)]
     return main([*args, "--cache-dir", str(out.parent / "cache"), "--n-boot", "50", *extra])
 
 

@@ -45,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "load_slide_inputs": "vlm.encoders.slide_inputs:load_slide_inputs",
     "pad_batch": "vlm.encoders.slide_inputs:pad_batch",
     "embed_slides": "vlm.slide_embeddings:embed_slides",
+    "embed_with_model": "vlm.slide_embeddings:embed_with_model",
     "load_slide_embeddings": "vlm.formats.embeddings:load_slide_embeddings",
     # alignment model and training
     "SlideTextModel": "vlm.model.clip:SlideTextModel",
@@ -55,6 +56,9 @@ _EXPORTS: dict[str, str] = {
     "load_prompt_task": "vlm.prompts:load_prompt_task",
     "ZeroShotClassifier": "vlm.model.zeroshot:ZeroShotClassifier",
     "run_zeroshot": "vlm.zeroshot:run_zeroshot",
+    "classify_zero_shot": "vlm.zeroshot:classify_zero_shot",
+    "write_zeroshot": "vlm.zeroshot:write_zeroshot",
+    "ZeroShotResult": "vlm.zeroshot:ZeroShotResult",
     # retrieval
     "SlideIndex": "vlm.retrieval.index:SlideIndex",
     "ReportIndex": "vlm.retrieval.reports:ReportIndex",

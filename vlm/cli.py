@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from vlm import __version__
 from vlm.commands import cohort, demo, probe, retrieval, slides, tiles, train, view, zeroshot
+from vlm.commands.options import DeprecatedSpelling
 from vlm.errors import VlmError, with_flag_names
 from vlm.hub import WeightsUnavailable
 
@@ -79,7 +80,8 @@ def _record_flags(parser: argparse.ArgumentParser) -> None:
     """Each (sub)command records its parameter → flag names, so that an error naming a parameter of the library
     (`n_boot`) is shown with the flag the user typed (`--n-boot`)."""
     flags = {action.dest: max(action.option_strings, key=len) for action in parser._actions
-             if action.option_strings and action.dest not in ("help", "version")}  # fmt: skip
+             if action.option_strings and action.dest not in ("help", "version")
+             and not isinstance(action, DeprecatedSpelling)}  # fmt: skip
     parser.set_defaults(_flags=flags)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

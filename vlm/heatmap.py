@@ -88,7 +88,7 @@ def slide_tower(model: SlideTextModel, checkpoint: str | os.PathLike[str] | None
     if not source or "config" not in source:
         raise ValueError(
             "this model does not record which slide encoder made its slide embeddings (trained before vlm "
-            "recorded it, or on embeddings from another tool); retrain it with `vlm train --slide-embeddings` "
+            "recorded it, or on embeddings from another tool); retrain it with `vlm train --embeddings` "
             "on a parquet from this vlm's `vlm embed-slides`"
         )
     _check_pool(str(source.get("pool")))

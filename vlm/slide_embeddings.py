@@ -196,3 +196,31 @@ def embed_slides(
     if not target.exists():  # nothing new and no earlier file: an empty table, so the output always exists
         rows.save()
     return report
+
+
+def embed_with_model(
+    features: str | os.PathLike[str],
+    model: Any,
+    out: str | os.PathLike[str],
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    progress: bool = True,
+    mpp: float | None = None,
+    patches: str | os.PathLike[str] | None = None,
+) -> BatchReport:
+    """A folder of tile features embedded with a trained `SlideTextModel`'s own slide encoder and pool into `out`.
+
+    How `vlm zeroshot --features` scores tile features: the embeddings are the ones the model was trained on.
+    A model trained on cached embeddings has no slide encoder; the error says what to run instead.
+    """
+    from vlm.formats.features import feature_files
+
+    if model.slide_encoder is None:
+        raise ValueError(
+            f"--features {features}: this model has no slide encoder (it was trained on cached slide embeddings). "
+            f"Embed the slides with the slide encoder the model was trained on, `vlm embed-slides {features} --out "
+            "slides.parquet`, then pass --embeddings slides.parquet"
+        )
+    log.info("embedding %s with the model's slide encoder into %s", features, out)
+    return embed_slides(feature_files(features), out, model.slide_encoder, pool=model.config.pool, device=device,
+                        precision=precision, progress=progress, mpp=mpp, patches=patches)  # fmt: skip

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,56 +39,22 @@ log = logging.getLogger(__name__)
 LABEL_OUTPUTS = ("metrics.json", "roc.png", "confusion.png")
 
 
-def read_slides(
-    slides: str | os.PathLike[str] | SlideEmbeddings,
-    model: SlideTextModel,
-    out: Path,
-    device: torch.device,
-    progress: bool = True,
-    precision: str = "auto",
-    mpp: float | None = None,
-    patches: str | os.PathLike[str] | None = None,
-) -> tuple[list[str], np.ndarray]:
-    """Slide ids and unprojected embeddings [N, E] from a `vlm embed-slides` parquet or a features folder.
+def load_embeddings(embeddings: str | os.PathLike[str] | SlideEmbeddings) -> tuple[list[str], np.ndarray]:
+    """Slide ids and unprojected embeddings [N, E] of a `vlm embed-slides` parquet, or of one already loaded.
 
-    A features folder is embedded with the model's own slide encoder into `out/slide_embeddings.parquet`
-    (resumable); a model trained on cached embeddings has none, and the error says what to run instead.
-    `mpp` / `patches` are `vlm embed-slides`' `--mpp` / `--patches` for that folder.
-    An in-memory `SlideEmbeddings` (from `load_slide_embeddings`) is used as it is.
+    A folder of tile features is refused with the fix: it is embedded first (`vlm embed-slides`, or
+    `vlm zeroshot --features`, which embeds it with the model's own slide encoder).
     """
     from vlm.formats.embeddings import load_slide_embeddings
 
-    if isinstance(slides, SlideEmbeddings):
-        return list(slides.ids), slides.embeddings.float().numpy()
-    path = Path(slides)
-    if path.is_dir():
-        from vlm.formats.features import feature_files
-        from vlm.slide_embeddings import embed_slides
-
-        if model.slide_encoder is None:
-            raise ValueError(
-                f"--slides {path} is a folder of tile features, but this model has no slide encoder (it "
-                "was trained on cached slide embeddings). Embed the slides with the slide encoder the model "
-                f"was trained on, `vlm embed-slides {path} --out slides.parquet`, then pass "
-                "--slides slides.parquet"
-            )
-        target = out / "slide_embeddings.parquet"
-        log.info("embedding %s with the model's slide encoder into %s", path, target)
-        report = embed_slides(
-            feature_files(path),
-            target,
-            model.slide_encoder,
-            pool=model.config.pool,
-            device=device,
-            precision=precision,
-            progress=progress,
-            mpp=mpp,
-            patches=patches,
+    if isinstance(embeddings, SlideEmbeddings):
+        return list(embeddings.ids), embeddings.embeddings.float().numpy()
+    if Path(embeddings).is_dir():
+        raise ValueError(
+            f"{embeddings} is a folder, not a slide-embeddings parquet: embed its tile features first "
+            f"(`vlm embed-slides {embeddings} --out slides.parquet`), or give it as `vlm zeroshot --features`"
         )
-        if report.failed:
-            log.error("%d slides failed to embed (listed in %s) and are not scored", len(report.failed), out)
-        path = target
-    table = load_slide_embeddings(path)
+    table = load_slide_embeddings(embeddings)
     return table.ids, table.embeddings.numpy()
 
 
@@ -128,7 +95,7 @@ def match_labels(
     if not_scored and not allow_missing_slides:
         raise ValueError(
             f"{len(not_scored)} slide id(s) in the labels file are not among the scored slides "
-            f"(e.g. {not_scored[:5]}); check --slides, or pass --allow-missing-slides to evaluate the rest"
+            f"(e.g. {not_scored[:5]}); check --embeddings, or pass --allow-missing-slides to evaluate the rest"
         )
     targets = np.full(len(slide_ids), -1, dtype=np.int64)
     unlabelled, unknown = [], {}
@@ -202,9 +169,267 @@ def _median_metrics(sets: dict[str, Any], pooled: dict[str, Any]) -> dict[str, A
     return out
 
 
+@dataclass
+class ZeroShotResult:
+    """What a zero-shot run computed, held in memory: `write_zeroshot` turns it into the run folder.
+
+    Rows are slides, or cases with `level="case"` (`members` then lists each case's slides).
+    """
+
+    task: PromptTask
+    level: str
+    ids: list[str]  # slide ids, or patient ids at level "case"
+    probabilities: np.ndarray  # [N, C], columns in task.classes order
+    predictions: pd.DataFrame  # predictions.csv: id column(s), one probability column per class, predicted[, label]
+    prompts_used: dict[str, Any]  # prompts_used.json
+    run: dict[str, Any]  # run.json: settings and provenance
+    targets: np.ndarray | None = None  # class index per row (-1: not evaluable); None without labels
+    metrics: dict[str, Any] | None = None  # metrics.json; None without labels
+    members: list[list[str]] | None = None  # each case's slides (level "case")
+
+    @property
+    def predicted(self) -> list[str]:
+        """The predicted class code of each row."""
+        return list(self.predictions["predicted"])
+
+    def summary(self) -> dict[str, Any]:
+        """The metrics, or without labels the run settings: what `run_zeroshot` returns."""
+        return self.metrics or self.run
+
+
+@dataclass
+class _Request:
+    """The checked inputs of a zero-shot run: read before any model, embedding or output is touched."""
+
+    task: PromptTask
+    level: str
+    labels: str | os.PathLike[str] | None
+    raw_labels: tuple[pd.Series, str] | None  # label per slide (per case at level "case"), and its column
+    slide_cases: Any = None  # slide -> case (level "case"), from the labels' patient_id column
+
+
+def _check_request(
+    task: str | os.PathLike[str] | PromptTask | None,
+    classes: Sequence[str] | Mapping[str, Sequence[str]] | None,
+    positive: str | None,
+    labels: str | os.PathLike[str] | None,
+    label_column: str | None,
+    level: str,
+    n_boot: int,
+) -> _Request:
+    """Every argument checked and the prompt task and labels read, so that a bad one fails before any work."""
+    if (task is None) == (classes is None):
+        raise ValueError("give exactly one of --task (a prompt file) or --classes (CODE=synonym ...)")
+    if positive is not None and task is not None:
+        raise ValueError("--positive goes with --classes; a task file names its positive class itself")
+    if n_boot < 1:
+        raise ValueError(f"--n-boot must be >= 1, got {n_boot}")
+    if isinstance(task, PromptTask):
+        prompt_task = task
+    elif task is not None:
+        prompt_task = load_prompt_task(task)
+    else:
+        prompt_task = task_from_classes(classes, positive=positive)
+    raw_labels = read_labels(labels, prompt_task, label_column) if labels is not None else None
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+    if level == "case" and labels is None:
+        raise ValueError("--level case needs --labels with a patient_id column naming each slide's case")
+    slide_cases = read_slide_cases(labels) if level == "case" and labels is not None else None
+    if slide_cases is not None and raw_labels is not None:  # one label per case, checked before any work
+        raw_labels = (case_labels(raw_labels[0], slide_cases, labels), raw_labels[1])
+    return _Request(prompt_task, level, labels, raw_labels, slide_cases)
+
+
+def _score(
+    classifier: ZeroShotClassifier, request: _Request, slide_ids: list[str], embeddings: np.ndarray, source: str
+) -> tuple[list[str], list[list[str]] | None, np.ndarray, Any]:
+    """Row ids, case members, probabilities [N, C] and a function giving each prompt set's probabilities."""
+    cases = request.slide_cases
+    if cases is None:
+        probabilities = classifier.predict(embeddings, ids=slide_ids, source=source)  # [N, C]; refuses NaN, width
+
+        def per_set() -> list[np.ndarray]:
+            return classifier.predict_per_set(embeddings, ids=slide_ids)
+
+        return slide_ids, None, probabilities, per_set
+    logits = classifier.predict(embeddings, ids=slide_ids, source=source, logits=True)  # one row per case:
+    case_ids, members, case_logits = mean_by_case(slide_ids, cases, logits)  # softmax of its slides' mean logits
+
+    def per_set_cases() -> list[np.ndarray]:
+        sets = classifier.predict_per_set(embeddings, ids=slide_ids, logits=True)
+        return [softmax(mean_by_case(slide_ids, cases, s)[2]) for s in sets]
+
+    return case_ids, members, softmax(case_logits), per_set_cases
+
+
+def _evaluate(
+    request: _Request, ids: list[str], probabilities: np.ndarray, per_set: Any, n_sets: int,
+    allow_missing_slides: bool, n_boot: int, seed: int,
+) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+    """Class index per row and the metrics.json content: pooled metrics with CIs, or MI-Zero's median."""
+    from vlm.metrics import classification_metrics
+
+    task, (raw, column) = request.task, request.raw_labels
+    targets, label_report = match_labels(ids, raw, task, allow_missing_slides)
+    mask = targets >= 0
+    if not mask.any():
+        raise ValueError(
+            f"none of the {len(ids)} scored {request.level}s has a usable label in {request.labels} "
+            f"(column {column!r}); the classes are {list(task.classes)}"
+        )
+    pooled = classification_metrics(targets[mask], probabilities[mask], task.classes,
+                                    positive=task.positive_index, n_boot=n_boot, seed=seed)  # fmt: skip
+    metrics = {"level": request.level, "task": task.name, "labels": str(request.labels), "label_column": column,
+               "headline": _headline(n_sets), **label_report}  # fmt: skip
+    if not n_sets:
+        return targets, {**metrics, **pooled}
+    sets = _prompt_set_summary(per_set(), targets, task)  # MI-Zero: each set a classifier, headline their median
+    metrics.update({key: pooled[key] for key in ("n", "support", "classes_without_cases", "positive")},
+                   metrics=_median_metrics(sets, pooled["metrics"]), prompt_sets=sets,
+                   pooled_ensemble=pooled)  # fmt: skip
+    return targets, metrics
+
+
+def _headline(n_sets: int) -> str:
+    return "median_over_prompt_sets" if n_sets else "prompt_ensemble"
+
+
+def _predictions(
+    task: PromptTask, ids: list[str], members: list[list[str]] | None, probabilities: np.ndarray,
+    targets: np.ndarray | None,
+) -> pd.DataFrame:  # fmt: skip
+    """predictions.csv: one row per slide (or case with its slide_ids), probabilities, predicted[, label]."""
+    frame = pd.DataFrame(probabilities, columns=list(task.classes))
+    if members is None:
+        frame.insert(0, "slide_id", ids)
+    else:
+        frame.insert(0, "patient_id", ids)
+        frame.insert(1, "slide_ids", [";".join(m) for m in members])
+    frame["predicted"] = [task.classes[i] for i in probabilities.argmax(axis=1)]
+    if targets is not None:
+        frame["label"] = [task.classes[t] if t >= 0 else "" for t in targets]
+    return frame
+
+
+def _compute(
+    model: SlideTextModel, embeddings: str | os.PathLike[str] | SlideEmbeddings, request: _Request, *,
+    record: dict[str, Any], allow_missing_slides: bool, cache_dir: str | os.PathLike[str] | None, use_cache: bool,
+    n_boot: int, seed: int,
+) -> ZeroShotResult:  # fmt: skip
+    """Score the checked request; `record` holds the run.json entries the caller knows (model, source, device)."""
+    from vlm import __version__
+
+    slide_ids, vectors = load_embeddings(embeddings)
+    source = record["slides"]
+    _refuse_non_finite(torch.as_tensor(vectors), slide_ids, "slide embedding", source=source)
+    classifier = ZeroShotClassifier(model, request.task, cache_dir=cache_dir, use_cache=use_cache)
+    ids, members, probabilities, per_set = _score(classifier, request, slide_ids, vectors, source)
+    n_sets = len(classifier.set_prototypes)
+    targets = metrics = None
+    if request.raw_labels is not None:
+        targets, metrics = _evaluate(request, ids, probabilities, per_set, n_sets, allow_missing_slides, n_boot, seed)
+    task = request.task
+    run = {
+        "vlm_version": __version__, "model": record["model"], "slides": source, "task": task.source,
+        "task_name": task.name, "classes": list(task.classes), "positive": task.positive,
+        "labels": None if request.labels is None else str(request.labels),
+        "label_column": None if request.raw_labels is None else request.raw_labels[1],
+        "prompt_sets": n_sets or 1, "headline": _headline(n_sets),
+        "predictions": "pooled ensemble of all prompt sets" if n_sets else "prompt ensemble",
+        "device": record["device"], "precision": record["precision"], "level": request.level,
+        "n_slides": len(slide_ids), **({"n_cases": len(ids)} if members is not None else {}),
+        "n_boot": n_boot, "seed": seed, "logit_scale": float(model.scale().detach()),
+        "text_fingerprint": classifier.text_fingerprint,
+        "cache": str(cache_dir or default_cache_dir()) if use_cache else None,
+    }  # fmt: skip
+    return ZeroShotResult(task, request.level, ids, probabilities, _predictions(task, ids, members, probabilities,
+                          targets), classifier.prompts_used(), run, targets, metrics, members)  # fmt: skip
+
+
+def _load_model(model: str | os.PathLike[str] | SlideTextModel, device: torch.device) -> tuple[SlideTextModel, str]:
+    """The model and how run.json names it."""
+    if isinstance(model, SlideTextModel):
+        return model, "<in memory>"
+    return SlideTextModel.from_pretrained(model, device=device), str(model)
+
+
+def classify_zero_shot(
+    model: str | os.PathLike[str] | SlideTextModel,
+    embeddings: str | os.PathLike[str] | SlideEmbeddings,
+    *,
+    task: str | os.PathLike[str] | PromptTask | None = None,
+    classes: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+    positive: str | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    label_column: str | None = None,
+    allow_missing_slides: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+    precision: str = "auto",
+    level: str = "slide",
+) -> ZeroShotResult:
+    """Zero-shot classify slide embeddings (a parquet or a loaded `SlideEmbeddings`) with a prompt task, in memory.
+
+    The computing part of `run_zeroshot`, for notebooks: the same predictions and, with `labels`, the same
+    metrics, and no files (`write_zeroshot` writes them). `task` is a prompt file or a shipped task's name;
+    `classes` the alternative `{code: synonyms}`. `precision` is recorded; scoring runs in fp32.
+    """
+    from vlm.device import resolve_device
+
+    request = _check_request(task, classes, positive, labels, label_column, level, n_boot)
+    resolved = resolve_device(device)
+    loaded, model_source = _load_model(model, resolved)
+    record = {"model": model_source, "slides": _source(embeddings), "device": str(resolved), "precision": precision}
+    return _compute(loaded, embeddings, request, record=record, allow_missing_slides=allow_missing_slides,
+                    cache_dir=cache_dir, use_cache=use_cache, n_boot=n_boot, seed=seed)  # fmt: skip
+
+
+def _source(embeddings: Any) -> str:
+    return "<in memory>" if isinstance(embeddings, SlideEmbeddings) else str(embeddings)
+
+
+def write_zeroshot(result: ZeroShotResult, out: str | os.PathLike[str]) -> None:
+    """Write a result's run folder: predictions.csv, prompts_used.json, run.json and, with labels, metrics.json,
+    roc.png and confusion.png (each atomically, all rendered first); label outputs of an earlier run are
+    removed when this one has none."""
+    from vlm.plots import confusion_png, roc_png
+
+    out = Path(out)
+    files: dict[str, bytes] = {}
+    if result.metrics is not None and result.targets is not None:
+        task, mask = result.task, result.targets >= 0
+        n_sets = result.metrics.get("prompt_sets", {}).get("n_sets", 0)
+        title = f"{task.name} (pooled ensemble of {n_sets} prompt sets)" if n_sets else task.name
+        pooled = result.metrics.get("pooled_ensemble", result.metrics)
+        files["metrics.json"] = (json.dumps(result.metrics, indent=2) + "\n").encode()
+        files["roc.png"] = roc_png(result.targets[mask], result.probabilities[mask], task.classes,
+                                   task.positive_index, title=title)  # fmt: skip
+        files["confusion.png"] = confusion_png(np.array(pooled["confusion_matrix"]["counts"]), task.classes,
+                                               title=title)  # fmt: skip
+    files["predictions.csv"] = result.predictions.to_csv(index=False, float_format="%.6g").encode()
+    files["prompts_used.json"] = (json.dumps(result.prompts_used, indent=2) + "\n").encode()
+    files["run.json"] = (json.dumps(result.run, indent=2) + "\n").encode()
+    with claim_output_folder(out, "zeroshot"):  # a folder of the user's own files is refused
+        for name, content in files.items():
+            with atomic_path(out / name) as tmp:
+                tmp.write_bytes(content)
+        for stale in set(LABEL_OUTPUTS) - set(files):
+            if (out / stale).exists():
+                (out / stale).unlink()
+                log.info("removed %s from an earlier run (this run has no labels)", out / stale)
+
+
+# `embed(model, parquet, device, precision)`: writes slide embeddings of the model's own slide encoder to parquet.
+Embed = Callable[[SlideTextModel, Path, torch.device, str], None]
+
+
 def run_zeroshot(
     model: str | os.PathLike[str] | SlideTextModel,
-    slides: str | os.PathLike[str] | SlideEmbeddings,
+    embeddings: str | os.PathLike[str] | SlideEmbeddings,
     out: str | os.PathLike[str],
     *,
     task: str | os.PathLike[str] | PromptTask | None = None,
@@ -218,171 +443,35 @@ def run_zeroshot(
     n_boot: int = N_BOOT,
     seed: int = 0,
     device: str | torch.device | None = "auto",
-    progress: bool = True,
     precision: str = "auto",
-    mpp: float | None = None,
-    patches: str | os.PathLike[str] | None = None,
     level: str = "slide",
+    embed: Embed | None = None,
 ) -> dict[str, Any]:
-    """The `vlm zeroshot` job: score slides against a prompt task and write the run folder `out`.
+    """The `vlm zeroshot` job: check every input, compute (`classify_zero_shot`), write the run folder `out`
+    (`write_zeroshot`).
 
-    Writes predictions.csv (slide_id, one probability column per class, predicted[, label]),
-    or with `level="case"` one row per case (patient_id, slide_ids, probabilities of the mean of its slides'
-    logits, `vlm.case_level`; cases from the labels' patient_id column, metrics over cases),
-    prompts_used.json, run.json and, with `labels`, metrics.json, roc.png and confusion.png. Every input
-    is checked and every result computed before the first file is written (each atomically), so a bad
-    input leaves no partial output; only a features folder given as `slides` is first embedded into
-    `out/slide_embeddings.parquet`, which a re-run resumes. `slides` may also be a `SlideEmbeddings` already
-    in memory; `task` a shipped task's name. Returns the metrics (or, without labels, the run settings).
+    predictions.csv has slide_id, one probability column per class, predicted[, label]; with `level="case"`
+    one row per case (patient_id, slide_ids, probabilities of the mean of its slides' logits,
+    `vlm.case_level`; cases from the labels' patient_id column, metrics over cases). Every input is checked
+    and every result computed before the first file is written, so a bad input leaves no partial output.
+    `embed`, when given, makes the slide embeddings once the inputs are checked and `out` is claimed:
+    `embeddings` is then the folder of tile features it embeds into `out/slide_embeddings.parquet` (which a
+    re-run resumes; `vlm zeroshot --features`). Returns the metrics (or, without labels, the run settings).
     """
-    from vlm import __version__
     from vlm.device import resolve_device
-    from vlm.metrics import classification_metrics
-    from vlm.plots import confusion_png, roc_png
 
-    if (task is None) == (classes is None):
-        raise ValueError("give exactly one of --task (a prompt file) or --classes (CODE=synonym ...)")
-    if positive is not None and task is not None:
-        raise ValueError("--positive goes with --classes; a task file names its positive class itself")
-    if n_boot < 1:
-        raise ValueError(f"--n-boot must be >= 1, got {n_boot}")
-    if isinstance(task, PromptTask):
-        prompt_task = task
-    elif task is not None:
-        prompt_task = load_prompt_task(task)
-    else:
-        prompt_task = task_from_classes(classes, positive=positive)
+    request = _check_request(task, classes, positive, labels, label_column, level, n_boot)
     out = Path(out)
     check_output_folder(out, "zeroshot")  # before any work: a folder of the user's files is refused
     resolved = resolve_device(device)
-    if not isinstance(model, SlideTextModel):
-        model_source = str(model)
-        model = SlideTextModel.from_pretrained(model, device=resolved)
-    else:
-        model_source = "<in memory>"
-    raw_labels = read_labels(labels, prompt_task, label_column) if labels is not None else None
-    if level not in LEVELS:
-        raise ValueError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
-    if level == "case" and labels is None:
-        raise ValueError("--level case needs --labels with a patient_id column naming each slide's case")
-    slide_cases = read_slide_cases(labels) if level == "case" and labels is not None else None
-    if slide_cases is not None and raw_labels is not None:  # one label per case, checked before any work
-        raw_labels = (case_labels(raw_labels[0], slide_cases, labels), raw_labels[1])
-
+    loaded, model_source = _load_model(model, resolved)
+    record = {"model": model_source, "slides": _source(embeddings), "device": str(resolved), "precision": precision}
     with claim_output_folder(out, "zeroshot"):
-        slide_ids, embeddings = read_slides(
-            slides, model, out, resolved, progress=progress, precision=precision, mpp=mpp, patches=patches
-        )
-        _refuse_non_finite(torch.as_tensor(embeddings), slide_ids, "slide embedding", source=str(slides))
-        classifier = ZeroShotClassifier(model, prompt_task, cache_dir=cache_dir, use_cache=use_cache)
-        scored_slides = slide_ids
-        if slide_cases is None:
-            probabilities = classifier.predict(
-                embeddings, ids=slide_ids, source=slides
-            )  # [N, C]; refuses width mismatch, NaN
-
-            def per_set() -> list[np.ndarray]:
-                return classifier.predict_per_set(embeddings, ids=slide_ids)
-        else:  # one row per case: softmax of the mean of its slides' logits
-            logits = classifier.predict(embeddings, ids=slide_ids, source=slides, logits=True)
-            slide_ids, members, case_logits = mean_by_case(scored_slides, slide_cases, logits)
-            probabilities = softmax(case_logits)
-
-            def per_set() -> list[np.ndarray]:
-                sets = classifier.predict_per_set(embeddings, ids=scored_slides, logits=True)
-                return [softmax(mean_by_case(scored_slides, slide_cases, s)[2]) for s in sets]
-        if raw_labels is not None:
-            targets, label_report = match_labels(slide_ids, raw_labels[0], prompt_task, allow_missing_slides)
-        predictions = pd.DataFrame(probabilities, columns=list(prompt_task.classes))
-        if slide_cases is None:
-            predictions.insert(0, "slide_id", slide_ids)
-        else:
-            predictions.insert(0, "patient_id", slide_ids)
-            predictions.insert(1, "slide_ids", [";".join(m) for m in members])
-        predictions["predicted"] = [prompt_task.classes[i] for i in probabilities.argmax(axis=1)]
-        n_sets = len(classifier.set_prototypes)
-        headline = "median_over_prompt_sets" if n_sets else "prompt_ensemble"
-        title = f"{prompt_task.name} (pooled ensemble of {n_sets} prompt sets)" if n_sets else prompt_task.name
-
-        files: dict[str, bytes] = {}
-        result: dict[str, Any] = {}
-        if raw_labels is not None:
-            predictions["label"] = [prompt_task.classes[t] if t >= 0 else "" for t in targets]
-            mask = targets >= 0
-            if not mask.any():
-                raise ValueError(
-                    f"none of the {len(slide_ids)} scored {level}s has a usable label in {labels} "
-                    f"(column {raw_labels[1]!r}); the classes are {list(prompt_task.classes)}"
-                )
-            pooled = classification_metrics(
-                targets[mask],
-                probabilities[mask],
-                prompt_task.classes,
-                positive=prompt_task.positive_index,
-                n_boot=n_boot,
-                seed=seed,
-            )
-            result = {
-                "level": level,
-                "task": prompt_task.name,
-                "labels": str(labels),
-                "label_column": raw_labels[1],
-                "headline": headline,
-                **label_report,
-            }
-            if n_sets:  # MI-Zero: each set is a classifier; the headline is their median, as MI-Zero reports
-                sets = _prompt_set_summary(per_set(), targets, prompt_task)
-                result.update(
-                    {key: pooled[key] for key in ("n", "support", "classes_without_cases", "positive")},
-                    metrics=_median_metrics(sets, pooled["metrics"]),
-                    prompt_sets=sets,
-                    pooled_ensemble=pooled,
-                )
-            else:
-                result.update(pooled)
-            files["metrics.json"] = (json.dumps(result, indent=2) + "\n").encode()
-            files["roc.png"] = roc_png(
-                targets[mask],
-                probabilities[mask],
-                prompt_task.classes,
-                prompt_task.positive_index,
-                title=title,
-            )
-            files["confusion.png"] = confusion_png(
-                np.array(pooled["confusion_matrix"]["counts"]), prompt_task.classes, title=title
-            )
-        run = {
-            "vlm_version": __version__,
-            "model": model_source,
-            "slides": "<in memory>" if isinstance(slides, SlideEmbeddings) else str(slides),
-            "task": prompt_task.source,
-            "task_name": prompt_task.name,
-            "classes": list(prompt_task.classes),
-            "positive": prompt_task.positive,
-            "labels": None if labels is None else str(labels),
-            "label_column": None if raw_labels is None else raw_labels[1],
-            "prompt_sets": n_sets or 1,
-            "headline": headline,
-            "predictions": "pooled ensemble of all prompt sets" if n_sets else "prompt ensemble",
-            "device": str(resolved),
-            "level": level,
-            "n_slides": len(scored_slides),
-            **({"n_cases": len(slide_ids)} if slide_cases is not None else {}),
-            "n_boot": n_boot,
-            "seed": seed,
-            "logit_scale": float(model.scale().detach()),
-            "text_fingerprint": classifier.text_fingerprint,
-            "cache": str(cache_dir or default_cache_dir()) if use_cache else None,
-        }
-        files["predictions.csv"] = predictions.to_csv(index=False, float_format="%.6g").encode()
-        files["prompts_used.json"] = (json.dumps(classifier.prompts_used(), indent=2) + "\n").encode()
-        files["run.json"] = (json.dumps(run, indent=2) + "\n").encode()
-        for name, content in files.items():
-            with atomic_path(out / name) as tmp:
-                tmp.write_bytes(content)
-        for stale in set(LABEL_OUTPUTS) - set(files):
-            if (out / stale).exists():
-                (out / stale).unlink()
-                log.info("removed %s from an earlier run (this run has no labels)", out / stale)
-        log.info("zeroshot: %d slides, %d classes -> %s", len(scored_slides), len(prompt_task.classes), out)
-        return result or run
+        if embed is not None:
+            embed(loaded, out / "slide_embeddings.parquet", resolved, precision)
+            embeddings = out / "slide_embeddings.parquet"
+        result = _compute(loaded, embeddings, request, record=record, allow_missing_slides=allow_missing_slides,
+                          cache_dir=cache_dir, use_cache=use_cache, n_boot=n_boot, seed=seed)  # fmt: skip
+        write_zeroshot(result, out)
+    log.info("zeroshot: %d slides, %d classes -> %s", result.run["n_slides"], len(result.task.classes), out)
+    return result.summary()

@@ -1,4 +1,4 @@
-"""A tiny frozen-tower model with its slide encoder saved, as `vlm train --slide-embeddings` makes one."""
+"""A tiny frozen-tower model with its slide encoder saved, as `vlm train --embeddings` makes one."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vlm.slide_embeddings import embed_slides
 
 
 def build_frozen_run(tmp_path: Path, slides: list[Path]) -> dict:
-    """A tiny frozen-tower model made the way `vlm train --slide-embeddings` makes it (its `build_model`),
+    """A tiny frozen-tower model made the way `vlm train --embeddings` makes it (its `build_model`),
     on embeddings from `embed_slides` with a saved tiny slide encoder, and a feature file per slide (random
     32-d features on a full tile grid; 0.5-mpp tiles whatever the slide's level-0 µm/px)."""
     from vlm.encoders.text import build_tiny_text_encoder
@@ -40,7 +40,7 @@ def build_frozen_run(tmp_path: Path, slides: list[Path]) -> dict:
     parquet = tmp_path / "slides.parquet"
     embed_slides(feature_files, parquet, encoder, progress=False, checkpoint=str(checkpoint))
     text = build_tiny_text_encoder(tmp_path / "text")
-    config = TrainConfig(pairs="unused.csv", out=str(tmp_path / "run"), slide_embeddings=str(parquet),
+    config = TrainConfig(pairs="unused.csv", out=str(tmp_path / "run"), embeddings=str(parquet),
                          text_encoder=str(text), proj_dim=32, max_length=64)  # fmt: skip
     model_dir = build_model(config, 64, None).save_pretrained(tmp_path / "model")
     return {"model": model_dir, "features": feature_files[0], "slide": slides[0], "parquet": parquet,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from vlm.settings import N_BOOT, POOLS, PRECISIONS
@@ -49,6 +51,50 @@ def _add(parser: Any, name: str, default: Any, **overrides: Any) -> argparse.Act
 def _escape(text: str) -> str:
     """Plain text as an argparse help string (`%` is its format character)."""
     return text.replace("%", "%%")
+
+
+class DeprecatedSpelling(argparse.Action):
+    """An old spelling of a flag, kept for one release: hidden from --help, it sets the new flag's value and
+    prints one warning naming the new flag. `route(value)` picks the new flag's action when the old spelling
+    meant two kinds of input (a parquet or a folder)."""
+
+    def __init__(
+        self, option_strings: list[str], dest: str, route: Callable[[Any], argparse.Action], **kwargs: Any
+    ) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+        self.route = route
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        new = self.route(values)
+        flag = max(new.option_strings, key=len)
+        shown = values if isinstance(values, str) else " ".join(map(str, values))
+        print(f"{parser.prog}: warning: {option_string} {shown} is deprecated and will be removed in the next "
+              f"release; use {flag} {shown}", file=sys.stderr)  # fmt: skip
+        setattr(namespace, new.dest, values)
+
+
+def add_deprecated(container: Any, old: str, new: argparse.Action,
+                   route: Callable[[Any], argparse.Action] | None = None) -> argparse.Action:  # fmt: skip
+    """`old` as a deprecated spelling of the action `new` (or of the action `route(value)` returns).
+
+    Add it to the same container (a mutually exclusive group keeps both spellings from being given together).
+    """
+    return container.add_argument(old, dest="_deprecated_" + old.lstrip("-").replace("-", "_"),
+                                  action=DeprecatedSpelling, route=route or (lambda _: new), nargs=new.nargs,
+                                  metavar=new.metavar)  # fmt: skip
+
+
+def add_embeddings(parser: Any, help: str, required: bool = True, old: str | None = "--slides") -> argparse.Action:
+    """`--embeddings PARQUET`: the slide-embeddings parquet of `vlm embed-slides`, under one name in every command.
+
+    `old` is the spelling this command used before (accepted with a deprecation warning for one release).
+    """
+    group = parser.add_mutually_exclusive_group(required=required)
+    action = group.add_argument("--embeddings", metavar="PARQUET", help=_escape(help))
+    if old:
+        add_deprecated(group, old, action)
+    return action
 
 
 def add_device(parser: Any, default: str = "auto") -> None:
@@ -119,8 +165,8 @@ def add_config_options(parser: argparse.ArgumentParser, config: type) -> dict[st
 
     Every flag's parsed default is None (False for a boolean), so `given_settings` tells what the user typed;
     the help shows the field's default, which the dataclass applies. A field's metadata may add `flags` (its
-    spellings), `choices`, `metavar` and `exclusive` (fields sharing that name exclude each other). Returns
-    the actions by field name.
+    spellings), `deprecated` (old spellings, see `add_deprecated`), `choices`, `metavar` and `exclusive` (fields
+    sharing that name exclude each other). Returns the actions by field name.
     """
     hints = typing.get_type_hints(config)
     groups: dict[str, Any] = {}
@@ -153,6 +199,8 @@ def add_config_options(parser: argparse.ArgumentParser, config: type) -> dict[st
         spec.setdefault("type", kind)
         actions[field.name] = target.add_argument(*flags, dest=field.name, default=None, help=_escape(help_text),
                                                   **spec)  # fmt: skip
+        for old in meta.get("deprecated", ()):
+            add_deprecated(target, old, actions[field.name])
     return actions
 
 

@@ -8,8 +8,8 @@ import logging
 log = logging.getLogger(__name__)
 
 _EPILOG = """examples:
-  vlm probe --slides runs/slides.parquet --labels train_labels.csv --test-labels test_labels.csv --out runs/probe
-  vlm probe --slides runs/slides.parquet --labels train_labels.csv --test-labels test_labels.csv --out runs/probe \\
+  vlm probe --embeddings runs/slides.parquet --labels train_labels.csv --test-labels test_labels.csv --out runs/probe
+  vlm probe --embeddings runs/slides.parquet --labels train_labels.csv --test-labels test_labels.csv --out runs/probe \\
       --shots 1 4 16 all --seeds 10 --zeroshot runs/zs/metrics.json
 """
 
@@ -18,7 +18,7 @@ def _probe(args: argparse.Namespace) -> int:
     from vlm.probe import run_probe
 
     report = run_probe(
-        args.slides, args.labels, args.test_labels, args.out, shots=args.shots, seeds=args.seeds,
+        args.embeddings, args.labels, args.test_labels, args.out, shots=args.shots, seeds=args.seeds,
         zeroshot=args.zeroshot, label_column=args.label_column, n_boot=args.n_boot, seed=args.seed, level=args.level,
     )  # fmt: skip
     for entry in report["shots"]:
@@ -40,7 +40,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from vlm.commands.options import add_bootstrap, add_seed
+    from vlm.commands.options import add_bootstrap, add_embeddings, add_seed
 
     parser = subparsers.add_parser(
         "probe", help="supervised baseline: logistic regression on slide embeddings, by number of shots",
@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "AUROC, weighted F1 with bootstrap CIs; spread over seeds), predictions.csv and probe.png.",
         epilog=_EPILOG,
     )  # fmt: skip
-    parser.add_argument("--slides", required=True, help="slide embeddings parquet from `vlm embed-slides`")
+    add_embeddings(parser, "slide embeddings parquet from `vlm embed-slides`")
     parser.add_argument("--labels", required=True, help="slide_id,label table (CSV/TSV/Parquet/JSONL), training")
     parser.add_argument("--test-labels", required=True, help="slide_id,label table (CSV/TSV/Parquet/JSONL), held out")
     parser.add_argument("--out", required=True, help="output folder")

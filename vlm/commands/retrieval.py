@@ -7,7 +7,7 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
-from vlm.commands.options import add_bootstrap, add_overwrite, add_seed
+from vlm.commands.options import add_bootstrap, add_embeddings, add_overwrite, add_seed
 from vlm.settings import INDEX_KINDS
 
 if TYPE_CHECKING:
@@ -16,15 +16,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _INDEX_EPILOG = """examples:
-  vlm index build --model runs/align/model --slides runs/slides.parquet --out runs/index --metadata meta.csv
+  vlm index build --model runs/align/model --embeddings runs/slides.parquet --out runs/index --metadata meta.csv
   vlm index build-reports --model runs/align/model --pairs reports.csv --out runs/report-index
-  vlm index add --index runs/index --slides runs/new_slides.parquet
+  vlm index add --index runs/index --embeddings runs/new_slides.parquet
   vlm index remove --index runs/index TCGA-XX-0001 TCGA-XX-0002
 """
 _SEARCH_EPILOG = """examples:
   vlm search --index runs/index "poorly differentiated squamous cell carcinoma with keratinization" -k 10
   vlm search --index runs/index --slide-id TCGA-XX-XXXX -k 10 --json
-  vlm search --index runs/report-index --slide-id TCGA-XX-XXXX --slides runs/slides.parquet   # slide -> report
+  vlm search --index runs/report-index --slide-id TCGA-XX-XXXX --embeddings runs/slides.parquet   # slide -> report
 """
 _KIND_HELP = ("auto (flat up to 100k items, ivf up to 4M, ivfpq above), flat (exact), ivf, hnsw, "
               "ivfpq")  # fmt: skip
@@ -57,7 +57,7 @@ def _register_index(subparsers: argparse._SubParsersAction) -> None:
         description="Projects each slide embedding with the model's slide head and writes a FAISS index folder "
         "(index, ids, metadata, manifest) for `vlm search`.",
     )  # fmt: skip
-    build.add_argument("--slides", required=True, help="slide embeddings parquet from `vlm embed-slides`")
+    add_embeddings(build, "slide embeddings parquet from `vlm embed-slides`")
     build.add_argument("--metadata", help="CSV / Parquet / JSONL with slide_id and columns to show in results")
     _build_options(build)
     build.set_defaults(func=_index_build)
@@ -69,7 +69,7 @@ def _register_index(subparsers: argparse._SubParsersAction) -> None:
 
     add = actions.add_parser("add", help="add slides to an index without rebuilding it")
     add.add_argument("--index", required=True, help="index folder")
-    add.add_argument("--slides", required=True, help="parquet of the new slides' embeddings (all must be new)")
+    add_embeddings(add, "slide embeddings parquet of the new slides (all must be new)")
     add.add_argument("--metadata", help="metadata table of the new slides")
     add.add_argument("--model", help="model folder (default: the one recorded in the index)")
     add.set_defaults(func=_index_add)
@@ -87,8 +87,8 @@ def _register_search(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, help="index folder from `vlm index build` / `build-reports`")
     p.add_argument("text", nargs="?", help="query text, e.g. a report phrase (needs the model)")
     p.add_argument("--slide-id", help="query by a slide (in a slide index: no model needed)")
-    p.add_argument("--slides", help="slide embeddings parquet holding the --slide-id slide: needed on a report "
-                   "index, and on a slide index for a slide that is not in it")  # fmt: skip
+    add_embeddings(p, "slide embeddings parquet holding the --slide-id slide: needed on a report index, and on a "
+                   "slide index for a slide that is not in it", required=False)  # fmt: skip
     p.add_argument("-k", type=int, default=10, help="results to return")
     p.add_argument("--model", help="model folder (default: the one recorded in the index manifest)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {rank, slide_id, score, …}")
@@ -108,7 +108,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--model", required=True, help="model folder from `vlm train`")
     r.add_argument("--pairs", required=True, help="CSV / Parquet / JSONL with slide_id, report [, patient_id, split]; "
                    "rows of one patient_id (or report text) are one case")  # fmt: skip
-    r.add_argument("--slides", required=True, help="slide embeddings parquet from `vlm embed-slides`")
+    add_embeddings(r, "slide embeddings parquet from `vlm embed-slides`")
     r.add_argument("--labels", help="CSV / Parquet / JSONL with slide_id, label for slide -> slide metrics")
     r.add_argument("--split", default="auto", choices=("auto", "train", "val", "test", "all"),
                    help="pairs to evaluate; auto = test when the pairs have a split column, else all")  # fmt: skip
@@ -122,7 +122,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 def _index_build(args: argparse.Namespace) -> int:
     from vlm.retrieval import build_slide_index
 
-    index = build_slide_index(args.model, args.slides, args.out, metadata=args.metadata, overwrite=args.overwrite,
+    index = build_slide_index(args.model, args.embeddings, args.out, metadata=args.metadata, overwrite=args.overwrite,
                               kind=args.kind, target_recall=args.target_recall, seed=args.seed)  # fmt: skip
     print(_summary(index, args.out))
     return 0
@@ -143,7 +143,7 @@ def _index_add(args: argparse.Namespace) -> int:
 
     with folder_lock(args.index):  # load-add-save as one step: a concurrent add waits, then adds to this result
         index = SlideIndex.load(args.index, model=args.model)
-        added = add_slides(index, args.slides, args.metadata)
+        added = add_slides(index, args.embeddings, args.metadata)
         index.save(args.index)
     print(f"added {len(added)} slides -> {_summary(index, args.index)}")
     return 0
@@ -176,13 +176,14 @@ def _search(args: argparse.Namespace) -> int:
     if args.text is not None:
         results = index.search_text(args.text, k=args.k)
     elif isinstance(index, ReportIndex):
-        if args.slides is None:
-            raise ValueError("a report index is searched by slide through its embedding: add --slides slides.parquet")
-        results = index.search_slide(args.slide_id, load_slide_embeddings(args.slides), k=args.k)
-    elif args.slides is not None:  # a slide outside this slide index, by its embedding in --slides
-        table = load_slide_embeddings(args.slides)
+        if args.embeddings is None:
+            raise ValueError("a report index is searched by slide through its embedding: add --embeddings "
+                             "slides.parquet")  # fmt: skip
+        results = index.search_slide(args.slide_id, load_slide_embeddings(args.embeddings), k=args.k)
+    elif args.embeddings is not None:  # a slide outside this slide index, by its embedding in --embeddings
+        table = load_slide_embeddings(args.embeddings)
         if args.slide_id not in table.row:
-            raise ValueError(f"{args.slides}: no slide {args.slide_id!r} (it has {len(table.ids)} slides)")
+            raise ValueError(f"{args.embeddings}: no slide {args.slide_id!r} (it has {len(table.ids)} slides)")
         results = index.search_embeddings(table.lookup([args.slide_id]), k=args.k)
     else:
         results = index.search_slide(args.slide_id, k=args.k)
@@ -202,7 +203,7 @@ def _eval_retrieval(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output_file(args.out)  # before the evaluation, not after
-    metrics = evaluate_retrieval(args.model, args.pairs, args.slides, args.labels, split=args.split, ks=args.ks,
+    metrics = evaluate_retrieval(args.model, args.pairs, args.embeddings, args.labels, split=args.split, ks=args.ks,
                                  n_boot=args.n_boot, seed=args.seed)  # fmt: skip
     print(f"split {metrics['split']}: {metrics['n_pairs']} pairs, {metrics['n_slides']} slides, "
           f"{metrics['n_cases']} cases (a hit is any slide / report of the query's case)")  # fmt: skip

@@ -8,7 +8,7 @@ import logging
 log = logging.getLogger(__name__)
 
 _EPILOG = """examples:
-  vlm train --pairs reports.csv --slide-embeddings runs/slides.parquet --out runs/align
+  vlm train --pairs reports.csv --embeddings runs/slides.parquet --out runs/align
   vlm train --pairs reports.csv --features runs/features --out runs/align-full \\
       --slide-checkpoint slide_encoder.pth --contrastive-batch 256 --chunk-size 4
   vlm train --resume runs/align          # continue after a crash (flags come from the run's config)
@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
         model_dir = train(config, resume=True, progress=not args.no_progress)
     else:
         missing = [flag for flag, name in (("--pairs", "pairs"), ("--out", "out")) if name not in given]
-        if not ({"slide_embeddings", "features"} & set(given)):
-            missing.append("--slide-embeddings or --features")
+        if not ({"embeddings", "features"} & set(given)):
+            missing.append("--embeddings or --features")
         if missing:
             raise ValueError(f"vlm train needs {', '.join(missing)} (or --resume RUN)")
         model_dir = train(TrainConfig(**given), progress=not args.no_progress)

@@ -4,31 +4,53 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-def _zeroshot(args: argparse.Namespace) -> int:
+def _check_heatmaps(args: argparse.Namespace) -> str | None:
+    """The tile-feature folder of --heatmaps, checked with the heatmaps' folder before zero-shot runs."""
     from pathlib import Path
 
+    if not args.heatmaps:
+        return None
+    features = args.heatmap_features or args.features
+    if not features or not Path(features).is_dir():
+        raise ValueError("--heatmaps needs the tile features: give --heatmap-features DIR (or --features DIR)")
+    if args.level == "case":
+        raise ValueError("--heatmaps draws one heatmap per slide: run it with --level slide")
+    from vlm.io import check_output_folder
+
+    if Path(args.heatmaps).absolute() == Path(args.out).absolute():
+        raise ValueError(f"--heatmaps {args.heatmaps} is --out; give the heatmaps their own folder, e.g. OUT/heatmaps")
+    check_output_folder(args.heatmaps, "heatmaps", option="--heatmaps")  # before zero-shot runs, not after
+    return features
+
+
+def _embedder(args: argparse.Namespace) -> Callable[[Any, Path, Any, str], None]:
+    """`--features`: embed the folder with the model's own slide encoder once run_zeroshot has checked the rest."""
+
+    def embed(model: Any, target: Path, device: Any, precision: str) -> None:  # a `vlm.zeroshot.Embed`
+        from vlm.slide_embeddings import embed_with_model
+
+        report = embed_with_model(args.features, model, target, device=device, precision=precision,
+                                  progress=not args.no_progress, mpp=args.mpp, patches=args.patches)  # fmt: skip
+        if report.failed:
+            log.error("%d slides failed to embed (listed in %s) and are not scored", len(report.failed), args.out)
+
+    return embed
+
+
+def _zeroshot(args: argparse.Namespace) -> int:
     from vlm.zeroshot import run_zeroshot
 
-    features = args.heatmap_features or args.slides
-    if args.heatmaps and not Path(features).is_dir():
-        raise ValueError("--heatmaps needs the tile features: give --heatmap-features DIR (or --slides as a folder)")
-    if args.heatmaps and args.level == "case":
-        raise ValueError("--heatmaps draws one heatmap per slide: run it with --level slide")
-    if args.heatmaps:
-        from vlm.io import check_output_folder
-
-        if Path(args.heatmaps).absolute() == Path(args.out).absolute():
-            raise ValueError(
-                f"--heatmaps {args.heatmaps} is --out; give the heatmaps their own folder, e.g. OUT/heatmaps"
-            )
-        check_output_folder(args.heatmaps, "heatmaps", option="--heatmaps")  # before zero-shot runs, not after
+    features = _check_heatmaps(args)
     result = run_zeroshot(
         args.model,
-        args.slides,
+        args.embeddings or args.features,
         args.out,
         task=args.task,
         classes=args.classes,
@@ -41,10 +63,9 @@ def _zeroshot(args: argparse.Namespace) -> int:
         n_boot=args.n_boot,
         seed=args.seed,
         device=args.device,
-        progress=not args.no_progress,
-        mpp=args.mpp,
-        patches=args.patches,
+        precision=args.precision,
         level=args.level,
+        embed=_embedder(args) if args.features else None,
     )
     status = 0
     if args.heatmaps:
@@ -111,7 +132,15 @@ def _prompts_check(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from vlm.commands.options import add_bootstrap, add_device, add_feature_file_options, add_progress, add_seed
+    from vlm.commands.options import (
+        add_bootstrap,
+        add_deprecated,
+        add_device,
+        add_feature_file_options,
+        add_precision,
+        add_progress,
+        add_seed,
+    )
 
     parser = subparsers.add_parser(
         "zeroshot",
@@ -133,12 +162,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="classes on the command line, e.g. 'LUAD=lung adenocarcinoma|adenocarcinoma of the lung'",
     )
     parser.add_argument("--positive", help="with --classes and two classes: the positive class code")
-    parser.add_argument(
-        "--slides",
-        required=True,
-        help="slide embeddings parquet from `vlm embed-slides`, or a folder of tile-feature .h5 files "
-        "(embedded with the model's own slide encoder)",
-    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    embeddings = source.add_argument("--embeddings", metavar="PARQUET",
+                                     help="slide embeddings parquet from `vlm embed-slides`")  # fmt: skip
+    features = source.add_argument("--features", metavar="DIR", help="folder of tile-feature .h5 files, embedded "
+                                   "with the model's own slide encoder into OUT/slide_embeddings.parquet")  # fmt: skip
+    add_deprecated(source, "--slides", embeddings, route=lambda value: features if Path(value).is_dir() else embeddings)
     add_feature_file_options(parser)
     parser.add_argument(
         "--labels",
@@ -167,9 +196,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_bootstrap(parser)
     add_seed(parser, "bootstrap seed")
     add_device(parser)
+    add_precision(parser)
     add_progress(parser)
     parser.add_argument("--heatmaps", metavar="DIR", help="also write each slide's heatmap of its predicted class")
-    parser.add_argument("--heatmap-features", metavar="DIR", help="tile features for --heatmaps (default: --slides)")
+    parser.add_argument("--heatmap-features", metavar="DIR", help="tile features for --heatmaps (default: --features)")
     parser.add_argument("--heatmap-slides", nargs="+", default=[], metavar="PATH",
                         help="slide files or folders for --heatmaps (default: the path in each .h5)")
     parser.add_argument("--slide-checkpoint", help="slide encoder weights for --heatmaps (default: the recorded one)")

@@ -289,7 +289,7 @@ def _run_demo(settings: DemoSettings) -> DemoResult:
         if align.exists():
             shutil.rmtree(align)  # a demo re-run trains afresh
         config = TrainConfig(
-            pairs=str(pairs_csv), out=str(align), slide_embeddings=str(slides_parquet),
+            pairs=str(pairs_csv), out=str(align), embeddings=str(slides_parquet),
             text_encoder=str(minilm_path()), max_length=96, proj_dim=128, epochs=settings.epochs,
             batch_size=8, lr=1e-3, weight_decay=0.05, freeze_text=True, seed=settings.seed, device="cpu",
             drop_missing=True,

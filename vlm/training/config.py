@@ -17,6 +17,8 @@ from vlm.io import atomic_path
 from vlm.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER, LOSSES, POOLS, PRECISIONS
 
 CONFIG_FILE = "train_config.json"
+# Fields renamed since a release that saved configs: old name -> new name, applied when a saved config is read.
+_RENAMED = {"slide_embeddings": "embeddings"}
 
 
 def _setting(default: Any = dataclasses.MISSING, help: str = "", group: str = "", **cli: Any) -> Any:
@@ -38,9 +40,10 @@ class TrainConfig:
         group="data",
     )
     out: str = _setting(help="run folder (model/, metrics.jsonl, checkpoints/)", group="data")
-    slide_embeddings: str | None = _setting(
-        None, "slide embeddings parquet from `vlm embed-slides` (frozen tower)", "data", exclusive="slide input"
-    )
+    embeddings: str | None = _setting(
+        None, "slide embeddings parquet from `vlm embed-slides` (frozen tower)", "data", exclusive="slide input",
+        metavar="PARQUET", deprecated=("--slide-embeddings",),
+    )  # fmt: skip
     features: str | None = _setting(
         None, "folder of <slide_id>.h5 tile features (fine-tunes the slide encoder)", "data", exclusive="slide input"
     )
@@ -88,8 +91,8 @@ class TrainConfig:
     precision: str = _setting("auto", group="optimisation")  # help and choices: the shared --precision
 
     def __post_init__(self) -> None:
-        if (self.slide_embeddings is None) == (self.features is None):
-            raise ValueError("give exactly one slide input: --slide-embeddings (frozen) or --features (fine-tuning)")
+        if (self.embeddings is None) == (self.features is None):
+            raise ValueError("give exactly one slide input: --embeddings (frozen) or --features (fine-tuning)")
         for name in ("epochs", "batch_size", "eval_batch_size", "proj_dim", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -121,7 +124,7 @@ class TrainConfig:
 
     @property
     def frozen(self) -> bool:
-        return self.slide_embeddings is not None
+        return self.embeddings is not None
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
@@ -132,6 +135,9 @@ class TrainConfig:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; --resume needs a run folder written by `vlm train`")
         values = json.loads(path.read_text())
+        for old, new in _RENAMED.items():  # a run saved by an earlier vlm still resumes
+            if old in values and new not in values:
+                values[new] = values.pop(old)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -86,7 +86,7 @@ def build_model(config: TrainConfig, slide_dim: int | None, resume_dir: Path | N
         init_logit_bias=SIGLIP_INIT_LOGIT_BIAS if siglip else None,
     )
     if config.frozen:  # which slide encoder made the embeddings: tile heatmaps rebuild it from this
-        model.config.slide_source = read_embedding_settings(config.slide_embeddings) or None
+        model.config.slide_source = read_embedding_settings(config.embeddings) or None
     return model
 
 
@@ -171,7 +171,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> Path:
         remove_unfinished(out)
     seed_everything(config.seed)
 
-    table = load_slide_embeddings(config.slide_embeddings) if config.slide_embeddings is not None else None
+    table = load_slide_embeddings(config.embeddings) if config.embeddings is not None else None
     pairs = prepare_pairs(config, table)  # the parquet is read once, for the checks and the inputs
     inputs = Inputs(config, pairs, device, table)
     train_rows, val_rows = pairs.indices("train"), pairs.indices("val")

@@ -31,13 +31,13 @@ class Inputs:
     def __init__(
         self, config: TrainConfig, pairs: Pairs, device: torch.device, table: SlideEmbeddings | None = None
     ) -> None:
-        """`table`: `config.slide_embeddings` when already loaded (else it is read here)."""
+        """`table`: `config.embeddings` when already loaded (else it is read here)."""
         self.config, self.pairs, self.device = config, pairs, device
         self.embeddings: Tensor | None = None
         self.slide_dim: int | None = None  # width of the cached slide embeddings (None: feature files)
         self._text_features: Tensor | None = None
-        if config.slide_embeddings is not None:
-            table = table if table is not None else load_slide_embeddings(config.slide_embeddings)
+        if config.embeddings is not None:
+            table = table if table is not None else load_slide_embeddings(config.embeddings)
             self.embeddings = table.lookup(pairs.slide_ids).to(device)  # [N_pairs, D]
             self.slide_dim = table.dim
             used = pairs.indices("train") + pairs.indices("val")  # test rows are never read by training
@@ -104,12 +104,12 @@ class Inputs:
 
 def prepare_pairs(config: TrainConfig, table: SlideEmbeddings | None = None) -> Pairs:
     """The run's pairs with their splits, checked against the slide inputs (`table`: the loaded
-    `config.slide_embeddings`, else it is read here)."""
+    `config.embeddings`, else it is read here)."""
     pairs = load_pairs(config.pairs)
     pairs = pairs_data.assign_splits(pairs, config.val_fraction, config.test_fraction, config.seed)
-    if config.slide_embeddings is not None:
-        ids = set((table if table is not None else load_slide_embeddings(config.slide_embeddings)).ids)
-        source = config.slide_embeddings
+    if config.embeddings is not None:
+        ids = set((table if table is not None else load_slide_embeddings(config.embeddings)).ids)
+        source = config.embeddings
     else:
         ids = pairs_data.feature_slide_ids(config.features or "")
         source = str(config.features)
