@@ -114,6 +114,21 @@ def test_resume_gives_the_same_next_losses(data: dict[str, Path], monkeypatch: p
                 assert mine[key] == pytest.approx(ref[key], abs=1e-6), (mine["step"], key)
 
 
+def test_a_run_saved_with_the_old_field_name_still_resumes(data: dict[str, Path]) -> None:
+    """Runs saved before `slide_embeddings` became `embeddings` (train_config.json and the checkpoint's copy)
+    resume with `vlm train --resume`; the file is rewritten under the new name."""
+    run = data["root"] / "old-run"
+    train(config(data, run, epochs=1))
+    saved = json.loads((run / CONFIG_FILE).read_text())
+    saved = {("slide_embeddings" if key == "embeddings" else key): value for key, value in saved.items()}
+    (run / CONFIG_FILE).write_text(json.dumps(saved, indent=2) + "\n")  # as vlm 0.1 wrote it
+    assert cli_main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    assert [r["step"] for r in records(run) if "lr" in r] == [1, 2, 3, 4, 5, 6]  # 3 steps per epoch, both epochs
+    resumed = json.loads((run / CONFIG_FILE).read_text())
+    assert resumed["embeddings"] == str(data["embeddings"]) and "slide_embeddings" not in resumed
+    assert TrainConfig.load(run / CONFIG_FILE).epochs == 2
+
+
 def test_resume_with_more_epochs_continues_the_schedule_smoothly(data: dict[str, Path]) -> None:
     """`--resume --epochs N` on a finished run: no step at learning rate 0, no jump; the ramp survives a crash."""
     import dataclasses

@@ -303,10 +303,14 @@ def test_cli_embeds_a_features_folder_with_the_models_slide_encoder(tmp_path: Pa
         tiles = TileFeatures(grid=grid, features=rng.standard_normal((20, 32)).astype(np.float32))
         write_features(features / f"slide-{index}.h5", tiles)
     out = tmp_path / "zs"
-    assert _zeroshot(tmp_path / "model", features, out, "--task", str(NSCLC), "--no-progress") == 0
+    argv = ["zeroshot", "--model", str(tmp_path / "model"), "--features", str(features), "--out", str(out),
+            "--task", str(NSCLC), "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--precision", "fp32"]
+    assert main(argv) == 0
     predictions = pd.read_csv(out / "predictions.csv")
     assert sorted(predictions["slide_id"]) == ["slide-0", "slide-1", "slide-2"]
     assert (out / "slide_embeddings.parquet").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert (run["slides"], run["precision"]) == (str(features), "fp32")  # the folder the user gave, not the parquet
 
 
 def test_mizero_headline_is_the_median_over_prompt_sets(
@@ -438,3 +442,39 @@ def test_cli_case_level_means_the_slides_logits(
     assert _zeroshot(model_dir, slides, tmp_path / "nocase", *args) != 0
     assert "--level case needs a 'patient_id' column" in caplog.text
     assert not (tmp_path / "mixed").exists() and not (tmp_path / "nocase").exists()
+
+
+def test_the_result_in_memory_is_what_the_job_writes(model: SlideTextModel, model_dir: Path, tmp_path: Path) -> None:
+    """`classify_zero_shot` needs no folder; `write_zeroshot` of its result gives the job's files byte for byte
+    (run.json aside, which names the model as given)."""
+    from vlm import ZeroShotResult, classify_zero_shot, run_zeroshot, write_zeroshot
+
+    descriptions = ["the slide shows lung adenocarcinoma", "the slide shows lung squamous cell carcinoma"]
+    truth = np.arange(12) % 2
+    slides, labels = _write_inputs(tmp_path, _slides_from_text(model, descriptions, truth, 0.05),
+                                   [["LUAD", "LUSC"][t] for t in truth])  # fmt: skip
+    common = dict(task=NSCLC, labels=labels, cache_dir=tmp_path / "cache", n_boot=30, seed=1)
+    result = classify_zero_shot(model_dir, slides, **common)
+    assert isinstance(result, ZeroShotResult) and not (tmp_path / "mem").exists()
+    assert result.ids == [f"TCGA-{i:02d}" for i in range(12)]
+    assert result.probabilities.shape == (12, 2)
+    assert result.predicted == [result.task.classes[i] for i in result.probabilities.argmax(1)]
+    assert result.metrics is not None and result.targets is not None
+    summary = run_zeroshot(model_dir, slides, tmp_path / "job", **common, progress=False)
+    assert summary == result.metrics
+    write_zeroshot(result, tmp_path / "mem")
+    for name in ("predictions.csv", "metrics.json", "prompts_used.json", "roc.png", "confusion.png"):
+        assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "job" / name).read_bytes(), name
+    assert json.loads((tmp_path / "mem" / "run.json").read_text()) == json.loads(
+        (tmp_path / "job" / "run.json").read_text()
+    )
+
+
+def test_run_zeroshot_refuses_a_features_folder_it_is_not_told_how_to_embed(model_dir: Path, tmp_path: Path) -> None:
+    """The library scores embeddings; a folder is embedded by `vlm zeroshot --features` (or `embed=`)."""
+    from vlm.zeroshot import run_zeroshot
+
+    (tmp_path / "features").mkdir()
+    with pytest.raises(ValueError, match=r"features is a folder, not a slide-embeddings parquet: .*--features"):
+        run_zeroshot(model_dir, tmp_path / "features", tmp_path / "zs", task=NSCLC, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "zs").exists()

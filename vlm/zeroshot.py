@@ -29,7 +29,7 @@ from vlm.model.zeroshot import (
     default_cache_dir,
 )
 from vlm.prompts import PromptTask, load_prompt_task, task_from_classes
-from vlm.settings import N_BOOT
+from vlm.settings import N_BOOT, PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +216,11 @@ def _check_request(
     label_column: str | None,
     level: str,
     n_boot: int,
+    precision: str,
 ) -> _Request:
     """Every argument checked and the prompt task and labels read, so that a bad one fails before any work."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if (task is None) == (classes is None):
         raise ValueError("give exactly one of --task (a prompt file) or --classes (CODE=synonym ...)")
     if positive is not None and task is not None:
@@ -380,7 +383,7 @@ def classify_zero_shot(
     """
     from vlm.device import resolve_device
 
-    request = _check_request(task, classes, positive, labels, label_column, level, n_boot)
+    request = _check_request(task, classes, positive, labels, label_column, level, n_boot, precision)
     resolved = resolve_device(device)
     loaded, model_source = _load_model(model, resolved)
     record = {"model": model_source, "slides": _source(embeddings), "device": str(resolved), "precision": precision}
@@ -423,8 +426,9 @@ def write_zeroshot(result: ZeroShotResult, out: str | os.PathLike[str]) -> None:
                 log.info("removed %s from an earlier run (this run has no labels)", out / stale)
 
 
-# `embed(model, parquet, device, precision)`: writes slide embeddings of the model's own slide encoder to parquet.
-Embed = Callable[[SlideTextModel, Path, torch.device, str], None]
+# `embed(model, parquet, device, precision, progress)`: writes the slide embeddings of the model's own slide encoder
+# to parquet (`vlm zeroshot --features`).
+Embed = Callable[[SlideTextModel, Path, torch.device, str, bool], None]
 
 
 def run_zeroshot(
@@ -444,6 +448,7 @@ def run_zeroshot(
     seed: int = 0,
     device: str | torch.device | None = "auto",
     precision: str = "auto",
+    progress: bool = True,
     level: str = "slide",
     embed: Embed | None = None,
 ) -> dict[str, Any]:
@@ -456,11 +461,12 @@ def run_zeroshot(
     and every result computed before the first file is written, so a bad input leaves no partial output.
     `embed`, when given, makes the slide embeddings once the inputs are checked and `out` is claimed:
     `embeddings` is then the folder of tile features it embeds into `out/slide_embeddings.parquet` (which a
-    re-run resumes; `vlm zeroshot --features`). Returns the metrics (or, without labels, the run settings).
+    re-run resumes; `vlm zeroshot --features`), with progress bars if `progress`. Returns the metrics (or,
+    without labels, the run settings).
     """
     from vlm.device import resolve_device
 
-    request = _check_request(task, classes, positive, labels, label_column, level, n_boot)
+    request = _check_request(task, classes, positive, labels, label_column, level, n_boot, precision)
     out = Path(out)
     check_output_folder(out, "zeroshot")  # before any work: a folder of the user's files is refused
     resolved = resolve_device(device)
@@ -468,7 +474,7 @@ def run_zeroshot(
     record = {"model": model_source, "slides": _source(embeddings), "device": str(resolved), "precision": precision}
     with claim_output_folder(out, "zeroshot"):
         if embed is not None:
-            embed(loaded, out / "slide_embeddings.parquet", resolved, precision)
+            embed(loaded, out / "slide_embeddings.parquet", resolved, precision, progress)
             embeddings = out / "slide_embeddings.parquet"
         result = _compute(loaded, embeddings, request, record=record, allow_missing_slides=allow_missing_slides,
                           cache_dir=cache_dir, use_cache=use_cache, n_boot=n_boot, seed=seed)  # fmt: skip

@@ -30,14 +30,14 @@ def _check_heatmaps(args: argparse.Namespace) -> str | None:
     return features
 
 
-def _embedder(args: argparse.Namespace) -> Callable[[Any, Path, Any, str], None]:
+def _embedder(args: argparse.Namespace) -> Callable[[Any, Path, Any, str, bool], None]:
     """`--features`: embed the folder with the model's own slide encoder once run_zeroshot has checked the rest."""
 
-    def embed(model: Any, target: Path, device: Any, precision: str) -> None:  # a `vlm.zeroshot.Embed`
+    def embed(model: Any, target: Path, device: Any, precision: str, progress: bool) -> None:  # a `vlm.zeroshot.Embed`
         from vlm.slide_embeddings import embed_with_model
 
         report = embed_with_model(args.features, model, target, device=device, precision=precision,
-                                  progress=not args.no_progress, mpp=args.mpp, patches=args.patches)  # fmt: skip
+                                  progress=progress, mpp=args.mpp, patches=args.patches)  # fmt: skip
         if report.failed:
             log.error("%d slides failed to embed (listed in %s) and are not scored", len(report.failed), args.out)
 
@@ -64,6 +64,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         precision=args.precision,
+        progress=not args.no_progress,
         level=args.level,
         embed=_embedder(args) if args.features else None,
     )
