@@ -11,7 +11,7 @@ Tiles/s of each, its ratio to the encoder alone, and model FLOP utilisation (FLO
 FlopCounterMode; peak from --peak-tflops or the card's bf16 dense figure when known).
 
     python bench/embed_tiles.py                                   # CPU, timm:vit_tiny_patch16_224, CI-sized
-    python bench/embed_tiles.py --device cuda --model gigapath --slides 12 --min-tiles 500 --max-tiles 4000 \
+    python bench/embed_tiles.py --device cuda --model gigapath --n-slides 12 --min-tiles 500 --max-tiles 4000 \
         --workers 15 --batch-size 128 --json results.jsonl
 """
 
@@ -177,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default=None, help="tile encoder (default: gigapath on CUDA, timm vit_tiny on CPU)")
-    parser.add_argument("--slides", type=int, default=4)
+    parser.add_argument("--n-slides", type=int, default=4, help="synthetic slides to make (without --cohort)")
     parser.add_argument("--min-tiles", type=int, default=40)
     parser.add_argument("--max-tiles", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -207,7 +207,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         started = time.perf_counter()
-        slides = make_cohort(args.cohort or work / "slides", args.slides, args.min_tiles, args.max_tiles, args.workers)
+        cohort = args.cohort or work / "slides"
+        slides = make_cohort(cohort, args.n_slides, args.min_tiles, args.max_tiles, args.workers)
         tile_slides(slides, work / "grids", workers=max(1, args.workers), progress=False)
         n_tiles = sum(len(read_tile_grid(work / "grids" / f"{path.stem}.h5")) for path in slides)
         log.info(

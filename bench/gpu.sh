@@ -28,7 +28,7 @@ START=$SECONDS
 
 if [[ "${1:-}" == "--smoke" ]]; then
   export OMP_NUM_THREADS=1
-  "$PYTHON" bench/embed_tiles.py --device cpu --slides 2 --min-tiles 12 --max-tiles 24 --batch-size 16 \
+  "$PYTHON" bench/embed_tiles.py --device cpu --n-slides 2 --min-tiles 12 --max-tiles 24 --batch-size 16 \
     --workers 1 --json "$RESULTS"
   "$PYTHON" bench/slide_encoder.py --device cpu --tiles 200 --baseline-tiles 200 --compiled-tiles 200 --threads 1 \
     --json "$RESULTS"
@@ -39,10 +39,10 @@ else
   "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'bench/gpu.sh needs CUDA (or --smoke)'"
   WORKERS=${WORKERS:-$(( $(nproc) - 1 ))}
   # 12 mixed slides of 500-3,000 tissue tiles (~21k tiles): stream, old per-slide path, encoder alone
-  "$PYTHON" bench/embed_tiles.py --device cuda --model gigapath --slides 12 --min-tiles 500 --max-tiles 3000 \
+  "$PYTHON" bench/embed_tiles.py --device cuda --model gigapath --n-slides 12 --min-tiles 500 --max-tiles 3000 \
     --batch-size 128 --workers "$WORKERS" --precision bf16 --json "$RESULTS"
   if [[ "${COMPILE:-0}" == "1" ]]; then
-    "$PYTHON" bench/embed_tiles.py --device cuda --model gigapath --slides 4 --min-tiles 500 --max-tiles 3000 \
+    "$PYTHON" bench/embed_tiles.py --device cuda --model gigapath --n-slides 4 --min-tiles 500 --max-tiles 3000 \
       --batch-size 128 --workers "$WORKERS" --precision bf16 --compile --no-baseline --json "$RESULTS"
   fi
   "$PYTHON" bench/slide_encoder.py --device cuda --precision bf16 --tiles 10000 70000 --baseline-tiles 10000 \

@@ -177,8 +177,8 @@ def new_slide_commands(demo: Path) -> list[str]:
         f'vlm embed-slides "$OUT/features" --out "$OUT/slides.parquet" --slide-encoder {DEMO_SLIDE_ENCODER} '
         f'--checkpoint "$DEMO/encoders/slide_encoder.pth" --pool {DEMO_POOL} --device cpu',
         'vlm zeroshot --model "$DEMO/align/model" --task "$DEMO/encoders/demo_morphology.yaml" '
-        '--slides "$OUT/slides.parquet" --out "$OUT/zeroshot" --cache-dir "$OUT/cache" --device cpu',
-        'vlm search --index "$DEMO/index" --slide-id "$SLIDE_ID" --slides "$OUT/slides.parquet" -k 5 --json '
+        '--embeddings "$OUT/slides.parquet" --out "$OUT/zeroshot" --cache-dir "$OUT/cache" --device cpu',
+        'vlm search --index "$DEMO/index" --slide-id "$SLIDE_ID" --embeddings "$OUT/slides.parquet" -k 5 --json '
         '> "$OUT/search.json.part" && mv "$OUT/search.json.part" "$OUT/search.json"',
     ]
 

@@ -1,6 +1,6 @@
 """What the slide encoder sees: the one path from a feature file to encoder inputs.
 
-`vlm embed-slides`, `vlm train --features` and `vlm zeroshot --slides <features folder>` all call
+`vlm embed-slides`, `vlm train --features` and `vlm zeroshot --features <folder>` all call
 `load_slide_inputs`, so a slide gets the same features, the same position cells and the same checks
 whichever command reads it: float32 features, finite and of the encoder's width; positions by the rule of
 `vlm.encoders.positions.gigapath_cells` (computed on the whole grid, before any tile subsampling, so a
