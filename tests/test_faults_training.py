@@ -50,11 +50,11 @@ def _write_pairs(root: Path, embeddings: np.ndarray) -> tuple[Path, Path]:
     return pairs, slides
 
 
-def _config(root: Path, out: Path, embeddings: np.ndarray | None = None, **overrides: object) -> TrainConfig:
-    if embeddings is None:
-        embeddings = np.random.default_rng(0).normal(size=(16, DIM))
+def _config(root: Path, out: Path, vectors: np.ndarray | None = None, **overrides: object) -> TrainConfig:
+    if vectors is None:
+        vectors = np.random.default_rng(0).normal(size=(16, DIM))
     root.mkdir(parents=True, exist_ok=True)
-    pairs, slides = _write_pairs(root, embeddings)
+    pairs, slides = _write_pairs(root, vectors)
     text = root / "text"
     if not text.exists():
         build_tiny_text_encoder(text)
