@@ -83,6 +83,7 @@ def test_cli_train_end_to_end_learns(data: dict[str, Path]) -> None:
     assert emb.shape == text.shape == (3, 16)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_next_losses(data: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     reference = data["root"] / "uninterrupted"
     train(config(data, reference, checkpoint_every=4))
@@ -113,6 +114,7 @@ def test_resume_gives_the_same_next_losses(data: dict[str, Path], monkeypatch: p
                 assert mine[key] == pytest.approx(ref[key], abs=1e-6), (mine["step"], key)
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_continues_the_schedule_smoothly(data: dict[str, Path]) -> None:
     """`--resume --epochs N` on a finished run: no step at learning rate 0, no jump; the ramp survives a crash."""
     import dataclasses
