@@ -74,8 +74,9 @@ def test_cli_train_end_to_end_learns(data: dict[str, Path]) -> None:
     assert best["val/slide_to_report/R@1"] > 2 * chance or best["val/report_to_slide/R@1"] > 2 * chance
     assert set(pd.read_csv(out / "splits.csv")["split"]) == {"train", "val", "test"}
     assert json.loads((out / "train_config.json").read_text())["epochs"] == 12
-    assert logged[0] == {"step": 0, "pairs/train": 36, "pairs/val": 12, "pairs/test": 4, "truncated_reports": 1,
-                         "max_length": 16}  # fmt: skip
+    assert logged[0] == {"step": 0, "pairs/train": 36, "pairs/val": 12, "pairs/test": 4, "cases/train": 36,
+                         "cases/val": 12, "cases/test": 1,  # the 4 test rows share one report text
+                         "truncated_reports": 1, "max_length": 16, "definitions": loop.METRIC_DEFINITIONS}  # fmt: skip
     model = SlideTextModel.from_pretrained(out / "model")  # `model/` is the best epoch's model
     slides = pd.read_parquet(data["embeddings"]).iloc[[0, 4, 8]]
     emb = model.encode_slide_embeddings(torch.tensor(np.stack(slides["embedding"].to_list()), dtype=torch.float32))
