@@ -155,7 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--level", choices=("slide", "case"), default="slide",
-        help="slide: one prediction per slide (default); case: for labels given per case, one prediction per "
+        help="slide: one prediction per slide; case: for labels given per case, one prediction per "
         "patient_id of --labels (it needs that column): the softmax of the mean of its slides' logits, metrics "
         "over cases, predictions.csv with each case's slide_ids",
     )  # fmt: skip
