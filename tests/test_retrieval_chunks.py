@@ -58,6 +58,7 @@ def test_sample_is_the_rows_with_the_smallest_draws() -> None:
     np.testing.assert_array_equal(rows[:, 0], ids)  # each kept row is still the one its id names
 
 
+@pytest.mark.slow  # trains an ivfpq index
 def test_auto_picks_ivfpq_above_the_threshold_and_says_why(model: SlideTextModel, caplog) -> None:  # noqa: ANN001
     blocks, keys = chunked(12_000)
     with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.INFO, logger="vlm.retrieval.index"):
@@ -70,6 +71,7 @@ def test_auto_picks_ivfpq_above_the_threshold_and_says_why(model: SlideTextModel
     assert "building a ivfpq index of 12000 slides" in caplog.text and "12,000 vectors > 10,000" in caplog.text
 
 
+@pytest.mark.slow  # trains an ivfpq index
 def test_recall_against_exact_search(built: tuple[SlideIndex, np.ndarray]) -> None:
     index, vectors = built
     assert index.kind == "ivfpq" and len(index) == N and index.manifest["recall"]["reached"]
@@ -83,6 +85,7 @@ def test_recall_against_exact_search(built: tuple[SlideIndex, np.ndarray]) -> No
     assert index.search_slide(["s0", "s29999"], k=1, include_self=True)["slide_id"].tolist() == ["s0", "s29999"]
 
 
+@pytest.mark.slow  # trains an ivfpq index
 def test_save_load_round_trip(built: tuple[SlideIndex, np.ndarray], model: SlideTextModel, tmp_path: Path) -> None:
     index, vectors = built
     index.save(tmp_path / "index")
@@ -94,6 +97,7 @@ def test_save_load_round_trip(built: tuple[SlideIndex, np.ndarray], model: Slide
     np.testing.assert_allclose(scores, again_scores)
 
 
+@pytest.mark.slow  # trains an ivfpq index
 def test_damaged_index_file_is_refused_naming_it(built: tuple[SlideIndex, np.ndarray], tmp_path: Path) -> None:
     index, _ = built
     index.save(tmp_path / "index")

@@ -651,7 +651,7 @@ def _blocks(
     for number, (vectors, block_keys) in enumerate(chunks):
         block_keys = [str(k) for k in block_keys]
         vectors = _check_vectors(vectors, len(block_keys), dim)
-        digest = hashlib.blake2b(vectors.tobytes(), digest_size=16).digest()
+        digest = hashlib.blake2b(vectors, digest_size=16).digest()  # the contiguous array itself, no copy
         if first_pass:
             keys.extend(block_keys)
             digests.append(digest)
