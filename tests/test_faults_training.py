@@ -451,3 +451,31 @@ def test_train_outputs_follow_the_umask(tmp_path: Path, umask: int) -> None:
     assert not wrong, f"expected {oct(0o666 & ~umask)}"
     folders = [p for p in out.rglob("*") if p.is_dir()]
     assert all(p.stat().st_mode & 0o777 == 0o777 & ~umask for p in folders)
+
+
+def test_ctrl_c_during_train_is_one_line_naming_the_checkpoint_and_the_resume(tmp_path: Path) -> None:
+    """SIGINT printed a 30-line KeyboardInterrupt traceback; now: where the last checkpoint is, how to resume,
+    exit code 130 (the shell's for SIGINT). A real `vlm train` process, interrupted after its first checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = _config(tmp_path / "data", tmp_path / "unused")
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "vlm", "train", "--pairs", config.pairs, "--slide-embeddings",
+            config.slide_embeddings, "--text-encoder", config.text_encoder, "--max-length", "8", "--proj-dim", "8",
+            "--epochs", "100000", "--batch-size", "4", "--checkpoint-every", "1", "--out", str(out), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / CHECKPOINT).is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (out / CHECKPOINT).is_file(), process.communicate(timeout=5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.endswith(f"the last checkpoint is {out / CHECKPOINT}; continue with: vlm train --resume {out}"), stderr
