@@ -190,3 +190,19 @@ def test_a_240_character_slide_name_is_tiled(tmp_path: Path, slide_05: Path) -> 
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [f"{slide_id}.h5", f"{slide_id}.png"]
     assert read_tile_grid(out / f"{slide_id}.h5").coords.shape[0] > 0
     assert not list(out.glob(".*.part"))
+
+
+@pytest.mark.parametrize("name", ["...tiff", "..tiff", ".ome.tiff"])
+def test_a_file_name_that_leaves_no_slide_id_is_refused(
+    tmp_path: Path, slide_05: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`...tiff` had the id `..`: its grid was `<out>/...h5` and its viewer link `/slide/..` opened the search
+    page. The whole run is refused before any slide is read, naming the file."""
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    shutil.copy(slide_05, folder / "good.tiff")
+    shutil.copy(slide_05, folder / name)
+    out = tmp_path / "tiles"
+    assert main(["tile", str(folder), "--out", str(out), "--no-progress"]) == 2
+    assert f"{folder / name}: the file name leaves the slide id" in caplog.text and "rename the file" in caplog.text
+    assert not out.exists() or not any(out.rglob("*.h5"))

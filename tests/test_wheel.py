@@ -34,6 +34,7 @@ NOT_SOURCE = (
     ".pytest_cache",
     ".ruff_cache",
     "demo_out",
+    "site",
     "runs",
     ".ipynb_checkpoints",
 )

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from vlm.cli import main
 from vlm.model.clip import SlideTextModel, build_tiny_model
-from vlm.zeroshot import ZeroShotClassifier, zero_shot_probabilities
+from vlm.model.zeroshot import ZeroShotClassifier, zero_shot_probabilities
 
 PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
 NSCLC = PROMPTS / "nsclc_subtyping.yaml"
@@ -89,6 +89,7 @@ classes:
   LUAD: [lung adenocarcinoma, pulmonary adenocarcinoma]
   LUSC: [lung squamous cell carcinoma]
 templates: ["CLASSNAME.", "an H&E image of CLASSNAME.", "histology shows CLASSNAME."]
+...
 """
 
 
