@@ -96,12 +96,13 @@ def test_new_slide_script_takes_names_that_start_with_a_dash(demo_out: Path, tmp
     import shutil
     import subprocess
 
-    from vlm.demo.run import _write_new_slide_script
+    from vlm.demo.run import PROMPT_FILE, _write_new_slide_script
 
     demo = tmp_path / "demo"
-    demo.mkdir()
-    for part in ("encoders", "align", "index"):  # what the script reads from its own folder
+    (demo / "encoders").mkdir(parents=True)
+    for part in ("align", "index", "encoders/tile_encoder.pth", "encoders/slide_encoder.pth"):  # what it reads
         (demo / part).symlink_to(demo_out / part)
+    shutil.copy(PROMPT_FILE, demo / "encoders" / PROMPT_FILE.name)  # this version's task file, as the demo does
     script = _write_new_slide_script(demo)
     shutil.copy(Path(__file__).parent / "data" / "cmu_small_region.svs", tmp_path / "-x.svs")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
