@@ -395,3 +395,16 @@ def test_reports_are_tokenised_once_across_runs(
     with caplog.at_level(logging.INFO, logger="vlm.training.data"):
         train(config(data, tmp_path / "two", epochs=1))
     assert "reports' tokens read from" in caplog.text
+
+
+def test_train_on_features_of_mixed_tile_encoders_is_refused_before_training(data: dict[str, Path]) -> None:
+    """`train --features` ran on a folder mixing tile encoders of the same width (the pre-flight checked widths)."""
+    import h5py
+
+    pairs, features = write_tiny_features(data["root"] / "mixed", n_slides=4)
+    with h5py.File(features / "s2.h5", "r+") as h5:
+        h5.attrs["encoder"] = "timm:resnet18"
+    out = data["root"] / "mixed-run"
+    with pytest.raises(ValueError, match=r"mix tile encoders: 3 record 'synthetic', but s2.h5 \('timm:resnet18'\)"):
+        train(config(data, out, pairs=str(pairs), slide_embeddings=None, features=str(features), slide_encoder="tiny"))
+    assert not out.exists()
