@@ -201,8 +201,8 @@ def _unseen_prototypes(model: SlideTextModel) -> tuple[list[str], torch.Tensor]:
     training report (the demo's own check for its search query), as zero-shot ensembles them."""
     from vlm.demo.cohort import report_phrases
     from vlm.demo.run import PROMPT_FILE, check_wording_unseen
+    from vlm.model.zeroshot import ZeroShotClassifier
     from vlm.prompts import load_prompt_task
-    from vlm.zeroshot import ZeroShotClassifier
 
     reports = report_phrases()
 
@@ -274,7 +274,7 @@ def test_zeroshot_heatmaps_use_each_slides_predicted_class(frozen_run: dict, tmp
     geojson = json.loads((out / "heat" / f"{slide_id}.geojson").read_text())
     assert geojson["properties"]["queries"][0].startswith(f"{predicted[slide_id]} (predicted")
     # the heat of the predicted class averages to that class's cosine score, which zero-shot turned into p
-    from vlm.zeroshot import ZeroShotClassifier
+    from vlm.model.zeroshot import ZeroShotClassifier
 
     model = SlideTextModel.from_pretrained(run["model"])
     classifier = ZeroShotClassifier.from_classes(

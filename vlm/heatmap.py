@@ -378,8 +378,8 @@ def zeroshot_heatmaps(
     class's prompt ensemble, as zero-shot scored it) is the query. `features` is a folder of .h5 files."""
     from vlm.formats.features import feature_files
     from vlm.formats.tables import read_table
+    from vlm.model.zeroshot import ZeroShotClassifier
     from vlm.prompts import load_prompt_task, task_from_classes
-    from vlm.zeroshot import ZeroShotClassifier
 
     loaded = SlideTextModel.from_pretrained(model)
     prompt_task = load_prompt_task(task) if task is not None else task_from_classes(classes)
