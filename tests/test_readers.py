@@ -99,7 +99,7 @@ def test_auto_falls_back_to_openslide_and_tifffile_refuses(real_slide: Path) -> 
         assert slide.read_region_array((0, 0), 0, (16, 16)).shape == (16, 16, 3)
     with pytest.raises(ReaderUnavailableError, match=r"boxes_0\.dcm.*dicom.*--reader openslide"):
         open_slide(dicom, reader="tifffile")
-    with pytest.raises(ValueError, match="--reader must be one of auto, openslide, tifffile"):
+    with pytest.raises(ValueError, match="`reader` must be one of auto, openslide, tifffile"):
         open_slide(real_slide, reader="fast")
     for reader in ("auto", "tifffile"):  # OpenSlide refuses it first, with the same message as ever
         with pytest.raises(SlideReadError, match=r"unopenable\.tiff.*not a slide OpenSlide can read"):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlm.errors import InputError, UsageError
 from vlm.settings import READERS
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,14 @@ _COMPRESSIONS = (1, 5, 7, 8, 32946)
 _PHOTOMETRICS = (2, 6)  # RGB, YCbCr
 
 
-class ReaderUnavailableError(ValueError):
+class ReaderUnavailableError(InputError):
     """The requested reader cannot read this slide (explicit `--reader` only; `auto` falls back)."""
 
 
 def check_reader(reader: str) -> str:
     """`reader` if it is one of READERS, else a ValueError listing them."""
     if reader not in READERS:
-        raise ValueError(f"--reader must be one of {', '.join(READERS)}; got {reader!r}")
+        raise UsageError(f"`reader` must be one of {', '.join(READERS)}; got {reader!r}")
     return reader
 
 
