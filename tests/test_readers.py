@@ -9,6 +9,7 @@ rounds apart shows here first, and `--reader openslide` stays as the reference.
 
 from __future__ import annotations
 
+import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -146,3 +147,24 @@ def test_cli_reader_choice(
     assert ['"reader": "tifffile"' in out[0], '"reader": "openslide"' in out[1]] == [True, True]
     assert main(["info", "--reader", "tifffile", str(FIXTURES / "boxes_0.dcm")]) == 1
     assert "boxes_0.dcm" in caplog.text and "--reader openslide" in caplog.text
+
+
+def _read_in_child(slide: Slide, queue: multiprocessing.Queue) -> None:
+    queue.put(slide.read_region_array((100, 100), 0, (600, 600)))
+
+
+def test_a_handle_used_before_a_fork_still_reads_in_the_child(slide_025: Path) -> None:
+    """DataLoader workers are forked: a decode pool inherited from the parent has no threads (fastslide hangs
+    there); the reader starts its own in the child."""
+    with open_slide(slide_025) as slide:
+        expected = slide.read_region_array((100, 100), 0, (600, 600))  # 9 tiles: the parent's pool runs
+        assert slide._fast is not None and slide._fast._pool is not None
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_read_in_child, args=(slide, queue))
+        child.start()
+        try:
+            np.testing.assert_array_equal(queue.get(timeout=60), expected)
+        finally:
+            child.join(timeout=10)
+            child.kill()

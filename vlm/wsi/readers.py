@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ TIFF_VENDORS = ("generic-tiff", "aperio")
 # TIFF compressions tifffile decodes with the same libraries OpenSlide uses: none, LZW, deflate, JPEG
 _COMPRESSIONS = (1, 5, 7, 8, 32946)
 _PHOTOMETRICS = (2, 6)  # RGB, YCbCr
+DECODE_THREADS = min(4, os.cpu_count() or 1)  # per handle, for regions over several tiles
 
 
 class ReaderUnavailableError(InputError):
@@ -53,10 +55,16 @@ class TiffTileReader:
     decoding keeps no state.
     """
 
-    def __init__(self, path: str | os.PathLike[str], levels: tuple[tuple[int, int], ...]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], levels: tuple[tuple[int, int], ...], threads: int = DECODE_THREADS
+    ) -> None:
         import tifffile
 
         self.path = Path(path)
+        self.threads = max(1, threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid: int | None = None
+        self._fd: int | None = None
         if not hasattr(os, "pread"):
             raise ReaderUnavailableError(f"{self.path}: the tifffile reader needs os.pread (not on this platform)")
         try:
@@ -84,30 +92,53 @@ class TiffTileReader:
         raise ReaderUnavailableError(f"{self.path}: no tiled TIFF page holds the {width} x {height} level")
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        """RGB [height, width, 3] of `level` from level pixel (x, y); white where the region leaves the image."""
+        """RGB [height, width, 3] of `level` from level pixel (x, y); white where the region leaves the image.
+
+        A region over several tiles decodes them on a small thread pool (libjpeg-turbo releases the GIL), as
+        OpenSlide's peers do; one tile (vlm's aligned grid reads) is decoded in the calling thread.
+        """
         page, tile_w, tile_h, cols, offsets, counts, decode, tables = self._levels[level]
         image_w, image_h = page.imagewidth, page.imagelength
         out = np.full((height, width, 3), 255, np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, image_w), min(y + height, image_h)
-        for row in range(y0 // tile_h, (y1 - 1) // tile_h + 1) if y1 > y0 and x1 > x0 else ():
-            for col in range(x0 // tile_w, (x1 - 1) // tile_w + 1):
-                index = row * cols + col
-                if not counts[index]:  # a sparse tile: OpenSlide leaves it transparent, i.e. white here
-                    continue
-                data = os.pread(self._fd, counts[index], offsets[index])
-                try:
-                    tile, _, _ = decode(data, index, jpegtables=tables)
-                except Exception as error:  # imagecodecs raises its own error types per codec
-                    raise OSError(f"tile {index} of the {image_w} x {image_h} level: {error}") from error
-                tile = tile.reshape(tile.shape[-3:])
-                left, top = col * tile_w, row * tile_h
-                ty0, ty1 = max(y0, top), min(y1, top + tile_h)
-                tx0, tx1 = max(x0, left), min(x1, left + tile_w)
-                out[ty0 - y : ty1 - y, tx0 - x : tx1 - x] = tile[ty0 - top : ty1 - top, tx0 - left : tx1 - left, :3]
+        if x1 <= x0 or y1 <= y0:
+            return out
+        tiles = [(row, col) for row in range(y0 // tile_h, (y1 - 1) // tile_h + 1)
+                 for col in range(x0 // tile_w, (x1 - 1) // tile_w + 1)
+                 if counts[row * cols + col]]  # a sparse tile: OpenSlide leaves it transparent, i.e. white here
+
+        def paste(tile_at: tuple[int, int]) -> None:
+            row, col = tile_at
+            index = row * cols + col
+            data = os.pread(self._fd, counts[index], offsets[index])
+            try:
+                tile, _, _ = decode(data, index, jpegtables=tables)
+            except Exception as error:  # imagecodecs raises its own error types per codec
+                raise OSError(f"tile {index} of the {image_w} x {image_h} level: {error}") from error
+            tile = tile.reshape(tile.shape[-3:])
+            left, top = col * tile_w, row * tile_h
+            ty0, ty1 = max(y0, top), min(y1, top + tile_h)
+            tx0, tx1 = max(x0, left), min(x1, left + tile_w)
+            out[ty0 - y : ty1 - y, tx0 - x : tx1 - x] = tile[ty0 - top : ty1 - top, tx0 - left : tx1 - left, :3]
+
+        if len(tiles) > 1 and self.threads > 1:
+            list(self._executor().map(paste, tiles))  # disjoint parts of `out`; re-raises a tile's error
+        else:
+            for tile_at in tiles:
+                paste(tile_at)
         return out
 
+    def _executor(self) -> ThreadPoolExecutor:
+        """This process's decode pool: a pool inherited through fork has no threads and would wait forever."""
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool, self._pool_pid = ThreadPoolExecutor(self.threads, thread_name_prefix="vlm-tiff"), os.getpid()
+        return self._pool
+
     def close(self) -> None:
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown()
+        self._pool = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
