@@ -110,9 +110,11 @@ zs.tl.feature_extraction(wsi, model=model, model_name="resnet18", device="cpu", 
 done(time.perf_counter() - start, len(wsi["tiles"]), zs.__version__)
 """,
         "slide2vec": """
-import slide2vec
-sys.exit("slide2vec embeds with its registry's named models, whose weights come from the Hugging Face Hub "
-         "(unreachable offline); it takes no local random-weight module")
+import importlib.util
+if importlib.util.find_spec("slide2vec") is None:
+    sys.exit("not installed (it pulls hs2p[asap,cucim,sam2,vips]: cuCIM is CUDA-only)")
+sys.exit("its encoder registry (slide2vec/encoders/models: uni, virchow, gigapath, conch, ...) holds named "
+         "foundation models whose weights come from the Hugging Face Hub (unreachable offline); no resnet18")
 """,
     },
     "raw reads": {
