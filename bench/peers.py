@@ -37,11 +37,12 @@ VLM_ROOT = Path(__file__).resolve().parents[1]
 
 # Each child reads SLIDE, READS from the environment and prints one JSON line: seconds, count, version.
 _PRELUDE = """
-import json, os, resource, sys, time
+import json, os, sys, time
 import numpy as np
 SLIDE, READS = os.environ["SLIDE"], int(os.environ["READS"])
 def done(seconds, count, version):
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its parent's peak
+    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
     print(json.dumps({"seconds": seconds, "count": int(count), "version": version, "peak_mb": round(peak)}))
 def random_xy(width, height):
     return np.random.default_rng(0).integers(0, [width - 256, height - 256], (READS, 2))
