@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from tests.support.encoders import tiny_gigapath
 from tests.support.synthetic import tissue_image
 from vlm.encoders.tile import TileEncoder, create_tile_encoder, tensor_transform
 from vlm.formats.features import read_features
@@ -32,11 +33,6 @@ from vlm.wsi.synthetic import write_pyramidal_tiff
 from vlm.wsi.tiling import TilingParams, read_plan, tile_slide
 
 CPU = torch.device("cpu")
-
-
-def tiny_gigapath() -> TileEncoder:
-    # init_values=1: with the published 1e-5 layer scale a random ViT gives every tile (nearly) the same CLS
-    return create_tile_encoder("gigapath", pretrained=False, embed_dim=48, depth=1, num_heads=2, init_values=1.0)
 
 
 @torch.inference_mode()

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_embed_tiles import tiny_gigapath
+from tests.support.encoders import tiny_gigapath
 from vlm.cli import main
 from vlm.tile_features import embed_grid
 from vlm.wsi.readers import ReaderUnavailableError
