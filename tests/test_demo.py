@@ -125,7 +125,8 @@ def test_three_notebooks_are_shipped() -> None:
 def test_demo_prompts_and_query_use_wording_no_training_report_has() -> None:
     """An honest showcase: zero-shot prompts and the search query share no word pair with the demo's reports
     (three synonyms and one template once did, and zero-shot accuracy fell from 0.917 to 0.750 without them)."""
-    from vlm import DEMO_SEARCH_QUERY, check_wording_unseen, load_prompt_task
+    from vlm import load_prompt_task
+    from vlm.demo import DEMO_SEARCH_QUERY, check_wording_unseen
 
     prompts = [p for ps in load_prompt_task("demo_morphology").expand().values() for p in ps]
     assert len(prompts) == 180

@@ -20,7 +20,8 @@ import torch
 
 from vlm.cli import main
 from vlm.model.clip import SlideTextModel, build_tiny_model
-from vlm.zeroshot import ZeroShotClassifier, embed_prompts, run_zeroshot, text_fingerprint
+from vlm.model.zeroshot import ZeroShotClassifier, embed_prompts, text_fingerprint
+from vlm.zeroshot import run_zeroshot
 
 NSCLC = Path(__file__).resolve().parents[1] / "prompts" / "nsclc_subtyping.yaml"
 SMALL_TASK = """\
@@ -212,7 +213,7 @@ def test_cache_key_covers_the_tokenizer(model_dir: Path, tmp_path: Path) -> None
 
 
 def test_run_hashes_the_text_tower_once(model: SlideTextModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vlm.zeroshot as zeroshot
+    import vlm.model.zeroshot as zeroshot
 
     calls: list[int] = []
     original = zeroshot.text_fingerprint

@@ -201,8 +201,8 @@ def _unseen_prototypes(model: SlideTextModel) -> tuple[list[str], torch.Tensor]:
     training report (the demo's own check for its search query), as zero-shot ensembles them."""
     from vlm.demo.cohort import report_phrases
     from vlm.demo.run import PROMPT_FILE, check_wording_unseen
+    from vlm.model.zeroshot import ZeroShotClassifier
     from vlm.prompts import load_prompt_task
-    from vlm.zeroshot import ZeroShotClassifier
 
     reports = report_phrases()
 
@@ -275,7 +275,7 @@ def test_zeroshot_heatmaps_use_each_slides_predicted_class(frozen_run: dict, tmp
     assert geojson["properties"]["queries"][0].startswith(f"{predicted[slide_id]} vs other classes")
     # by default the map is the predicted class against the other (contrastive): its heat averages to the
     # difference of the two cosine scores, the quantity zero-shot turned into p
-    from vlm.zeroshot import ZeroShotClassifier
+    from vlm.model.zeroshot import ZeroShotClassifier
 
     model = SlideTextModel.from_pretrained(run["model"])
     classifier = ZeroShotClassifier.from_classes(

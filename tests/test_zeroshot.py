@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from vlm.cli import main
 from vlm.model.clip import SlideTextModel, build_tiny_model
-from vlm.zeroshot import ZeroShotClassifier, zero_shot_probabilities
+from vlm.model.zeroshot import ZeroShotClassifier, zero_shot_probabilities
 
 PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
 NSCLC = PROMPTS / "nsclc_subtyping.yaml"

@@ -16,6 +16,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
+    # errors: every error vlm raises on purpose is a VlmError
+    "VlmError": "vlm.errors:VlmError",
+    "InputError": "vlm.errors:InputError",
+    "MissingInputError": "vlm.errors:MissingInputError",
+    "UsageError": "vlm.errors:UsageError",
+    "RunError": "vlm.errors:RunError",
     # slides and tiles
     "open_slide": "vlm.wsi.slide:open_slide",
     "tile_slides": "vlm.tile:tile_slides",
@@ -40,7 +46,7 @@ _EXPORTS: dict[str, str] = {
     "train": "vlm.training.loop:train",
     # zero-shot
     "load_prompt_task": "vlm.prompts:load_prompt_task",
-    "ZeroShotClassifier": "vlm.zeroshot:ZeroShotClassifier",
+    "ZeroShotClassifier": "vlm.model.zeroshot:ZeroShotClassifier",
     "run_zeroshot": "vlm.zeroshot:run_zeroshot",
     # retrieval
     "SlideIndex": "vlm.retrieval.index:SlideIndex",
@@ -54,14 +60,9 @@ _EXPORTS: dict[str, str] = {
     "classification_metrics": "vlm.metrics:classification_metrics",
     "retrieval_recalls": "vlm.metrics:retrieval_recalls",
     "roc_png": "vlm.plots:roc_png",
-    # shipped data, devices, demo
+    # shipped data, devices (the demo's names are in `vlm.demo`)
     "shipped_tasks": "vlm.resources:shipped_tasks",
     "resolve_device": "vlm.device:resolve_device",
-    "DemoSettings": "vlm.demo.run:DemoSettings",
-    "run_demo": "vlm.demo.run:run_demo",
-    "demo_text_encoder": "vlm.demo.run:minilm_path",
-    "DEMO_SEARCH_QUERY": "vlm.demo.run:SEARCH_QUERY",
-    "check_wording_unseen": "vlm.demo.run:check_wording_unseen",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from vlm import __version__
 from vlm.commands import demo, probe, retrieval, slides, tiles, train, view, zeroshot
+from vlm.errors import VlmError, with_flag_names
 from vlm.hub import WeightsUnavailable
 
 log = logging.getLogger("vlm")
@@ -70,7 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     for module in _COMMAND_MODULES:
         module.register(subparsers)
     _describe(parser)
+    _record_flags(parser)
     return parser
+
+
+def _record_flags(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command records its parameter → flag names, so that an error naming a parameter of the library
+    (`n_boot`) is shown with the flag the user typed (`--n-boot`)."""
+    flags = {action.dest: max(action.option_strings, key=len) for action in parser._actions
+             if action.option_strings and action.dest not in ("help", "version")}  # fmt: skip
+    parser.set_defaults(_flags=flags)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _record_flags(sub)
 
 
 def _describe(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return int(args.func(args))
+    except VlmError as error:  # raised on purpose: the message says what is wrong and what to do
+        log.error("%s", with_flag_names(str(error), args._flags), exc_info=args.verbose)
+        return error.exit_code
     except WeightsUnavailable as error:
         # A well-formed command that cannot get its weights here: a failure (1), not a usage error (2).
         log.error("%s", error)

@@ -287,7 +287,7 @@ def task_targets(
     quantity the prediction compares), or alone (`"class"`)."""
     from vlm.model.attribution import contrast_texts
     from vlm.prompts import load_prompt_task, task_from_classes
-    from vlm.zeroshot import ZeroShotClassifier
+    from vlm.model.zeroshot import ZeroShotClassifier
 
     if target not in TARGETS:
         raise ValueError(f"unknown heatmap target {target!r}; choose one of {', '.join(TARGETS)}")

@@ -183,7 +183,7 @@ def create_app(
         slide_checkpoint=str(slide_checkpoint) if slide_checkpoint else None,
     )
     if task is not None:
-        from vlm.zeroshot import ZeroShotClassifier
+        from vlm.model.zeroshot import ZeroShotClassifier
 
         state.classifier = ZeroShotClassifier.from_prompt_file(loaded.model, task)
     log.info("serving %d slides (%d with slide files, %d with features)", len(keys), len(state.slides),
