@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from vlm.errors import InputError, UsageError
 from vlm.io import make_output_folder
 from vlm.model.attribution import RANDOM_SPREADS, SlideHeat, slide_heat, slide_tower
 from vlm.model.clip import SlideTextModel
@@ -176,7 +177,7 @@ def slide_file_for(feature_path: Path, slides: Sequence[str | os.PathLike[str]])
     if len(given) == 1 and len(given) == len(slides):  # the user named one slide file for these features
         if recorded and Path(recorded).is_file() and Path(recorded).samefile(given[0]):
             return given[0]
-        raise ValueError(
+        raise InputError(
             f"{feature_path} (slide {slide_id!r}, cut from {recorded or 'an unrecorded file'}) and --slide "
             f"{given[0]} (slide {slide_id_from_path(given[0])!r}): the features are not of this slide; pass the "
             "slide they were cut from"
@@ -198,7 +199,7 @@ def check_tiles_inside(feature_path: Path, slide_path: Path, coords: np.ndarray)
         width, height = slide.dimensions
     outside = (coords[:, 0] < 0) | (coords[:, 1] < 0) | (coords[:, 0] >= width) | (coords[:, 1] >= height)
     if outside.any():
-        raise ValueError(
+        raise InputError(
             f"{feature_path} and {slide_path}: {int(outside.sum())} of {len(coords)} tiles lie outside the slide's "
             f"{width} x {height} px image; these features were not cut from this slide. Pass the slide they "
             "were made from (--slide), or re-run vlm tile / embed-tiles on this one"
@@ -234,9 +235,9 @@ def run_heatmaps(
         raise ValueError("give non-empty query texts (--query TEXT), e.g. a phrase of a report")
     repeated = sorted({q for q in queries or [] if list(queries or []).count(q) > 1})
     if repeated:
-        raise ValueError(f"query {repeated[0]!r} is given more than once; give each query once")
+        raise UsageError(f"query {repeated[0]!r} is given more than once; give each query once")
     if method not in METHODS:
-        raise ValueError(f"unknown heatmap method {method!r}; choose one of {', '.join(METHODS)}")
+        raise UsageError(f"unknown heatmap method {method!r}; choose one of {', '.join(METHODS)}")
     check_output_folder(out, "heatmaps")  # before any work: a folder of the user's files is refused
     device = resolve_device(device)
     autocast_dtype(device, precision)  # an impossible precision fails here, before any slide
@@ -286,11 +287,11 @@ def task_targets(
     ensemble, as zero-shot scores it) against the mean of the other classes' (`target="contrast"`, the
     quantity the prediction compares), or alone (`"class"`)."""
     from vlm.model.attribution import contrast_texts
-    from vlm.prompts import load_prompt_task, task_from_classes
     from vlm.model.zeroshot import ZeroShotClassifier
+    from vlm.prompts import load_prompt_task, task_from_classes
 
     if target not in TARGETS:
-        raise ValueError(f"unknown heatmap target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise UsageError(f"unknown heatmap target {target!r}; choose one of {', '.join(TARGETS)}")
     prompt_task = load_prompt_task(task) if task is not None else task_from_classes(classes)
     classifier = ZeroShotClassifier(model, prompt_task, cache_dir=cache_dir)
     names = list(classifier.classes)

@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlm.errors import InputError, UsageError
 from vlm.model.clip import SlideTextModel
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ def contrast_texts(prototypes: torch.Tensor) -> torch.Tensor:
     """
     count = len(prototypes)
     if count < 2:
-        raise ValueError("a contrastive map needs a task with at least two classes; map one phrase instead")
+        raise UsageError("a contrastive map needs a task with at least two classes; map one phrase instead")
     total = prototypes.sum(0, keepdim=True)
     return prototypes - (total - prototypes) / (count - 1)
 
@@ -246,7 +247,7 @@ def occlusion_blocks(coords: np.ndarray, tile_size: float, block: int | str = "a
     else:
         side = int(block)
         if side < 1:
-            raise ValueError(f"occlusion block must be at least 1 tile, got {block!r}")
+            raise UsageError(f"occlusion block must be at least 1 tile, got {block!r}")
     _, ids = np.unique(cells // side, axis=0, return_inverse=True)
     return ids.reshape(-1)
 
@@ -266,7 +267,7 @@ def occlusion_scores(
     everything = np.arange(len(features))
     blocks = [everything[ids != b] for b in range(ids.max() + 1)]
     if any(len(rest) == 0 for rest in blocks):  # one block holds every tile: nothing would be left
-        raise ValueError(f"the slide's {len(features)} tiles fall in one occlusion block; give a smaller block")
+        raise InputError(f"the slide's {len(features)} tiles fall in one occlusion block; give a smaller block")
     scores = subset_scores(model, encoder, features, coords, [everything, *blocks], texts, precision,
                            tokens_per_pass)  # fmt: skip
     slide = scores[0]
@@ -334,9 +335,9 @@ def faithfulness(
     curves of all maps are re-encoded together, batched."""
     n = len(features)
     if n < 2:
-        raise ValueError("faithfulness needs a slide of at least two tiles")
+        raise InputError("faithfulness needs a slide of at least two tiles")
     if steps < 2 or random_orders < 2:
-        raise ValueError(f"faithfulness needs steps >= 2 and random_orders >= 2, got {steps} and {random_orders}")
+        raise UsageError(f"faithfulness needs steps >= 2 and random_orders >= 2, got {steps} and {random_orders}")
     rng = np.random.default_rng(seed)
     orders = [np.argsort(-scores[:, q], kind="stable") for q in range(scores.shape[1])]
     orders += [rng.permutation(n) for _ in range(random_orders)]
@@ -403,7 +404,7 @@ def slide_heat(
     from vlm.io import slide_id_from_path
 
     if method not in METHODS:
-        raise ValueError(f"unknown heatmap method {method!r}; choose one of {', '.join(METHODS)}")
+        raise UsageError(f"unknown heatmap method {method!r}; choose one of {', '.join(METHODS)}")
     if texts is None:
         texts = model.encode_text(list(queries), device="cpu")
     config = encoder.config
