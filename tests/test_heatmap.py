@@ -517,9 +517,11 @@ def test_image_composite_through_the_whole_pipeline_is_measured_and_reported(dem
     measurement runs and its table reports each class's half and faithfulness (whatever they are: the demo's
     encoders are random)."""
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location("bench_heatmaps", Path(__file__).parents[1] / "bench" / "heatmaps.py")
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up while being defined
     spec.loader.exec_module(bench)
     right = bench.held_out_right(demo_out)
     a, b = sorted(right)[:2]
