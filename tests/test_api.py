@@ -6,6 +6,7 @@ import ast
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -78,12 +79,12 @@ def test_notebooks_use_only_the_flat_api() -> None:
 
 
 def test_readme_python_snippets_use_only_the_flat_api() -> None:
-    readme = (ROOT / "README.md").read_text()
-    blocks = readme.split("```python")[1:]
-    assert blocks
-    for block in blocks:
-        deep = sorted(m for m in _imports(block.split("```")[0]) if m.startswith("vlm."))
-        assert deep == [], f"README snippet imports {deep}"
+    """The README's and the docs pages' snippets import only `from vlm import …`."""
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in page.read_text().split("```python")[1:]:
+            code = textwrap.dedent(block.split("```")[0])
+            deep = sorted(m for m in _imports(code) if m.startswith("vlm."))
+            assert deep == [], f"{page.relative_to(ROOT)}: snippet imports {deep}"
 
 
 def test_shipped_tasks_are_the_prompts_folder_and_load_by_name() -> None:
@@ -120,7 +121,7 @@ def test_the_library_never_reads_tests() -> None:
 def test_no_reference_to_documents_that_do_not_exist() -> None:
     """Section marks of design/style documents the repository does not have point a reader nowhere."""
     documents = [name for name in ("DESIGN", "STYLE") if not (ROOT / f"{name}.md").exists()]
-    files = [ROOT / "README.md", *ROOT.glob("prompts/*"), *ROOT.glob("notebooks/*.ipynb")]
+    files = [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("prompts/*"), *ROOT.glob("notebooks/*.ipynb")]
     files += [p for folder in ("vlm", "tests", "bench") for p in (ROOT / folder).rglob("*.py")]
     for path in files:
         text = path.read_text()

@@ -177,3 +177,19 @@ def test_embed_tiles_shards_write_disjoint_files(tmp_path: Path, slide_05: Path,
     tissue_tiles = read_features(tmp_path / "synthetic_05.h5")
     x0, y0, _, _ = TISSUE_05
     assert tuple(tissue_tiles.coords[0]) == (x0, y0)
+
+
+@pytest.mark.parametrize("name", ["...tiff", "..tiff", ".ome.tiff"])
+def test_a_file_name_that_leaves_no_slide_id_is_refused(
+    tmp_path: Path, slide_05: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`...tiff` had the id `..`: its grid was `<out>/...h5` and its viewer link `/slide/..` opened the search
+    page. The whole run is refused before any slide is read, naming the file."""
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    shutil.copy(slide_05, folder / "good.tiff")
+    shutil.copy(slide_05, folder / name)
+    out = tmp_path / "tiles"
+    assert main(["tile", str(folder), "--out", str(out), "--no-progress"]) == 2
+    assert f"{folder / name}: the file name leaves the slide id" in caplog.text and "rename the file" in caplog.text
+    assert not out.exists() or not any(out.rglob("*.h5"))

@@ -30,6 +30,7 @@ classes:
   LUAD: [lung adenocarcinoma, pulmonary adenocarcinoma]
   LUSC: [lung squamous cell carcinoma]
 templates: ["CLASSNAME.", "an H&E image of CLASSNAME.", "histology shows CLASSNAME."]
+...
 """
 
 

@@ -181,6 +181,7 @@ def _vlm(*argv: str) -> subprocess.Popen[str]:
                             text=True, env=env, cwd=ROOT)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_two_concurrent_index_adds_keep_both(world: dict[str, Path], tmp_path: Path) -> None:
     """Two `vlm index add` at once both said they succeeded, and one's slides were lost."""
     from vlm.io import folder_lock

@@ -114,6 +114,7 @@ def random_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_random_weights_from_the_command_line_are_seeded(random_features: Path, tmp_path: Path) -> None:
     from vlm.cli import main
     from vlm.formats.features import read_features
@@ -153,6 +154,7 @@ def test_random_weights_and_checkpoint_exclude_each_other(random_features: Path,
                  "tiny", "--random-weights", "--checkpoint", str(tmp_path / "w.pth")]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "gated"),
     [
@@ -181,11 +183,19 @@ def test_hub_weights_fail_fast_with_one_message(
     assert len(errors) == 1, result.stderr
     message = errors[0]
     assert ("is gated" in message) is gated and ("not gated" in message) is (not gated)
-    for hint in ("--checkpoint", "--random-weights", "HF_HUB_OFFLINE", "README, section 'Real weights"):
+    for hint in ("--checkpoint", "--random-weights", "HF_HUB_OFFLINE", "docs/weights.md ('Real weights"):
         assert hint in message
     assert "Retrying" not in result.stderr and "WARNING" not in result.stderr
     assert elapsed < 25  # imports included; the hub's own retries took 32 s
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.h5"))
+
+
+def test_the_weights_page_the_message_names_exists() -> None:
+    """The hub error sends the user to a docs page: that page exists and has the section the message names."""
+    from vlm.hub import WEIGHTS_DOC
+
+    page, section = WEIGHTS_DOC.removesuffix("')").split(" ('")
+    assert f"# {section}\n" in (Path(__file__).parents[1] / page).read_text()
 
 
 def test_text_encoder_from_the_hub_fails_fast_offline() -> None:

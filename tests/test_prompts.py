@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,8 @@ from vlm.prompts import (
     template_list,
 )
 
-PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = REPO / "prompts"
 UPSTREAM = Path(__file__).resolve().parent / "fixtures" / "prompts"  # peers' real files; see SOURCES.md there
 TITAN_CONFIG = UPSTREAM / "titan_config_tcga-ot.yaml"
 CONCH_NSCLC = UPSTREAM / "conch_nsclc_prompts_all_per_class.json"
@@ -35,6 +39,7 @@ classes:
 {TEMPLATES_LINE}labels:
   column: EGFR
   map: {{"1": mut, "0": wt}}
+...
 """
 
 
@@ -101,7 +106,7 @@ def test_expansion_is_exact(tmp_path: Path) -> None:
             "classes.wt[0]",
         ),
         (lambda t: t.replace("type: binary", "type: regression"), "'type'"),
-        (lambda t: t + "colour: blue\n", "unknown field"),
+        (lambda t: t.replace("labels:", "colour: blue\nlabels:"), "unknown field"),
         (lambda t: t.replace('"0": wt', '"0": wildtype'), "labels.map.0"),
         (lambda t: t.replace("  wt: [EGFR wild-type lung adenocarcinoma]\n", ""), "'classes'"),
         (
@@ -288,3 +293,50 @@ def test_classes_from_the_command_line() -> None:
         task_from_classes(["LUAD=x", "LUAD=y"])
     with pytest.raises(ValueError, match="positive"):
         task_from_classes(["a=x", "b=y"], positive="c")
+
+
+def _alias_bomb(field: str, levels: int = 9) -> str:
+    """A "billion laughs" task file: `field` holds 10**levels leaves through nested aliases (a few hundred bytes)."""
+    chain = ["&l0 [" + ", ".join(["lol"] * 10) + "]"]
+    chain += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, levels + 1)]
+    return GOOD.replace("name: demo\n", f"name: demo\n{field}: [{', '.join(chain)}]\n" if field != "name" else
+                        f"name: [{', '.join(chain)}]\n")  # fmt: skip
+
+
+@pytest.mark.parametrize("field", ["name", "description"])
+def test_an_alias_bomb_in_a_free_text_field_is_refused_at_once(tmp_path: Path, field: str) -> None:
+    """10**9 leaves: turning the value into text took minutes and gigabytes. Run in a subprocess with a time
+    limit, so that the bug fails this test instead of hanging the suite."""
+    path = _write(tmp_path, _alias_bomb(field), "bomb.yaml")
+    done = subprocess.run([sys.executable, "-m", "vlm", "prompts", "check", str(path)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert done.returncode == 1
+    assert "bomb.yaml" in done.stdout + done.stderr
+    assert "alias *l0 (line " in done.stdout + done.stderr and "repeats a list or mapping" in done.stdout + done.stderr
+
+
+def test_aliases_of_single_values_still_load(tmp_path: Path) -> None:
+    text = GOOD.replace("name: demo", "name: &n demo\ndescription: *n")
+    task = load_prompt_task(_write(tmp_path, text))
+    assert task.name == task.description == "demo"
+
+
+@pytest.mark.parametrize("value", ["[a, b]", "{a: b}"])
+@pytest.mark.parametrize("field", ["name", "description"])
+def test_free_text_fields_must_be_text(tmp_path: Path, field: str, value: str) -> None:
+    text = GOOD.replace("name: demo\n", f"name: demo\n{field}: {value}\n" if field != "name" else f"name: {value}\n")
+    with pytest.raises(ValueError, match=rf"task\.yaml: field '{field}' must be text, got a (list|dict)"):
+        load_prompt_task(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize("path", sorted(PROMPTS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_a_task_file_cut_at_any_line_end_is_refused(tmp_path: Path, path: Path) -> None:
+    """A copy cut short at a line end is still valid YAML: it lost its last classes, templates or label
+    mappings silently. Every shipped file, cut after each of its lines, is refused; whole, it loads."""
+    lines = path.read_text().splitlines(keepends=True)
+    assert lines[-1] == "...\n"
+    for end in range(1, len(lines)):
+        cut = _write(tmp_path, "".join(lines[:end]), "cut.yaml")
+        with pytest.raises(ValueError, match=r"cut\.yaml: "):
+            load_prompt_task(cut)
+    assert load_prompt_task(_write(tmp_path, "".join(lines), "whole.yaml")).classes

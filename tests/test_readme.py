@@ -1,5 +1,5 @@
-"""The README's commands stay true: every `vlm …` line parses with the real CLI, and those that can run
-offline on the repository's own files do run."""
+"""The commands of the README and of the docs pages stay true: every `vlm …` line parses with the real CLI, and
+those that can run offline on the repository's own files do run."""
 
 from __future__ import annotations
 
@@ -14,9 +14,17 @@ from vlm.cli import build_parser, main
 ROOT = Path(__file__).parents[1]
 
 
+def documents() -> list[Path]:
+    """The README and every page of the docs site."""
+    pages = sorted((ROOT / "docs").glob("*.md"))
+    assert pages, "docs/ has no pages"
+    return [ROOT / "README.md", *pages]
+
+
 def readme_commands() -> list[str]:
-    """`vlm …` commands from the README's bash blocks, continuation lines joined, comments dropped."""
-    text = (ROOT / "README.md").read_text()
+    """`vlm …` commands from the bash blocks of the README and the docs pages, continuation lines joined,
+    comments dropped."""
+    text = "\n".join(path.read_text() for path in documents())
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", block)

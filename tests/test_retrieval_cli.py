@@ -128,3 +128,16 @@ def test_eval_retrieval(files: dict[str, Path], capsys: pytest.CaptureFixture[st
         value = metrics[group][name]
         assert 0 <= value["ci_low"] <= value["value"] <= value["ci_high"] <= 1
     assert 0 <= metrics["mean_recall"]["value"] <= 1
+
+
+def test_metadata_ids_that_look_missing_keep_their_rows(files: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    """Slides named NA, null, None, nan: pandas read their metadata ids as missing, so the build said
+    "listed more than once" (one such id silently lost its metadata)."""
+    ids = ["NA", "null", "None", "nan", "TCGA-01"]
+    slides = write_slides(tmp_path / "slides.parquet", ids, seed=2)
+    (tmp_path / "meta.csv").write_text("slide_id,site\n" + "".join(f"{i},site-{i}\n" for i in ids))
+    assert main(["index", "build", "--model", str(files["model"]), "--slides", str(slides), "--out",
+                 str(tmp_path / "index"), "--metadata", str(tmp_path / "meta.csv")]) == 0  # fmt: skip
+    hits = run_json(capsys, "search", "--index", str(tmp_path / "index"), "adenocarcinoma", "-k", "5")
+    assert {h["slide_id"]: h["site"] for h in hits} == {i: f"site-{i}" for i in ids}

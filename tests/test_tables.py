@@ -143,3 +143,43 @@ def test_an_id_list_exported_by_a_spreadsheet_is_read(tmp_path: Path, caplog: py
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
     with pytest.raises(ValueError, match=r"latin1\.txt: not a UTF-8 text list file"):
         read_list(tmp_path / "latin1.txt")
+
+
+NA_LIKE_IDS = ["NA", "null", "None", "nan", "N/A", "NaN", "#N/A"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet", ".jsonl"])
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_ids_that_look_like_missing_values_stay_ids(tmp_path: Path, suffix: str, reader: str) -> None:
+    """pandas reads "NA", "null", "None", "nan" as missing: one such slide silently lost its metadata and
+    several were reported as one id "listed more than once"."""
+    rows = [{"slide_id": i, "report": f"report {n}", "label": "LUAD", "patient_id": i} for n, i in
+            enumerate(NA_LIKE_IDS)]  # fmt: skip
+    result = READERS[reader](write(tmp_path / f"t{suffix}", rows))
+    if reader == "pairs":
+        assert result.slide_ids == NA_LIKE_IDS and result.patient_ids == NA_LIKE_IDS
+    elif reader == "zeroshot-labels":
+        assert list(result.index) == NA_LIKE_IDS
+    else:
+        assert result["slide_id"].tolist() == NA_LIKE_IDS and result["patient_id"].tolist() == NA_LIKE_IDS
+
+
+def test_metadata_numbers_still_read_na_as_missing(tmp_path: Path) -> None:
+    path = tmp_path / "meta.csv"
+    path.write_text("slide_id,age\nNA,61\nnull,NA\n")
+    frame = read_metadata(path)
+    assert frame["slide_id"].tolist() == ["NA", "null"]
+    assert frame["age"].iloc[0] == 61 and pd.isna(frame["age"].iloc[1])
+
+
+def test_jsonl_lines_split_on_newline_only(tmp_path: Path) -> None:
+    """JSON Lines ends a record at "\\n" only; U+2028, U+0085 and a lone "\\r" inside strings are text, and a
+    file with both "\\r\\n" and "\\n" endings (edited on two systems) reads the same."""
+    reports = ["line\u2028separator", "next\u0085line", "carriage\rreturn", "para\u2029graph", "form\x0cfeed"]
+    rows = [{"slide_id": f"S{n}", "report": r, "label": "LUAD"} for n, r in enumerate(reports)]
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes((lines[0] + "\r\n" + lines[1] + "\n" + lines[2] + "\r\n\r\n" + "\n".join(lines[3:])).encode())
+    pairs = load_pairs(path)
+    assert pairs.slide_ids == [r["slide_id"] for r in rows] and list(pairs.reports) == reports
+    assert read_table(path)["report"].tolist() == reports

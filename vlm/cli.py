@@ -15,14 +15,14 @@ import traceback
 from collections.abc import Sequence
 
 from vlm import __version__
-from vlm.commands import demo, probe, retrieval, slides, tiles, train, view, zeroshot
+from vlm.commands import cohort, demo, probe, retrieval, slides, tiles, train, view, zeroshot
 from vlm.errors import VlmError, with_flag_names
 from vlm.hub import WeightsUnavailable
 
 log = logging.getLogger("vlm")
 
 # Listed in pipeline order, which is the order `vlm --help` shows.
-_COMMAND_MODULES = (tiles, slides, train, zeroshot, probe, retrieval, view, demo)
+_COMMAND_MODULES = (cohort, tiles, slides, train, zeroshot, probe, retrieval, view, demo)
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -18,7 +18,8 @@ from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
 
-README_SECTION = "README, section 'Real weights: Prov-GigaPath and PubMedBERT'"
+# where a user reads how to get the weights (a page of the docs site); tests check that the page says so
+WEIGHTS_DOC = "docs/weights.md ('Real weights: Prov-GigaPath and PubMedBERT')"
 _PROBE_TIMEOUT_S = 3.0
 
 
@@ -54,7 +55,7 @@ def weights_message(what: str, repo: str, *, gated: bool, flag: str, reason: str
         f"could not load the weights of {what} from the Hugging Face Hub repo {repo}: {reason}. {access}. "
         f"Without network: pass local weights with {flag} {local} (download them once elsewhere)"
         + (", or --random-weights for an untrained encoder (smoke tests only)" if local == "FILE" else "")
-        + f". HF_HUB_OFFLINE=1 skips every network attempt. See the {README_SECTION}."
+        + f". HF_HUB_OFFLINE=1 skips every network attempt. See {WEIGHTS_DOC}."
     )
 
 

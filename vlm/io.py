@@ -21,6 +21,8 @@ from pathlib import Path
 
 import filelock
 
+from vlm.errors import InputError
+
 log = logging.getLogger(__name__)
 
 INTERNAL_PREFIX = ".vlm"  # names of vlm's bookkeeping inside folder outputs
@@ -364,12 +366,20 @@ def cache_folder(kind: str) -> Path:
 
 
 def slide_id_from_path(path: str | os.PathLike[str]) -> str:
-    """The slide id is the file name without its extension (`TCGA-XX.svs` -> `TCGA-XX`)."""
+    """The slide id is the file name without its extension (`TCGA-XX.svs` -> `TCGA-XX`).
+
+    A name that leaves no usable id (`...tiff` -> `..`, `..tiff` -> `.`, `.ome.tiff` -> empty) is refused: such an
+    id is a path segment, so its output file or viewer link would name the folder above or this one.
+    """
     name = Path(path).name
+    slide_id = Path(name).stem
     for multi in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(multi):
-            return name[: -len(multi)]
-    return Path(name).stem
+            slide_id = name[: -len(multi)]
+    if slide_id in ("", ".", ".."):
+        raise InputError(f"{path}: the file name leaves the slide id {slide_id!r} (the name without its extension), "
+                         "which cannot name outputs or links; rename the file")  # fmt: skip
+    return slide_id
 
 
 def duplicate_ids(ids: Iterable[str]) -> list[str]:

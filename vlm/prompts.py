@@ -168,11 +168,39 @@ class PromptTask:
 # --- loading ------------------------------------------------------------------------------------------
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
+END_MARKER = "..."  # YAML's end-of-document marker: the last line of a vlm task file
 
 
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+class _PromptLoader(yaml.SafeLoader):
+    """SafeLoader for prompt files: no duplicate mapping keys (PyYAML silently keeps the last one), aliases of
+    single values only, and a record of whether the document ends with the explicit end marker `...`.
+
+    An alias of a list or mapping is refused: nine nested aliases make a 10⁹-leaf "billion laughs" value
+    that costs minutes and gigabytes once anything walks or prints it; a prompt file has no need of them.
+    """
+
+    explicit_end = False
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            if isinstance(self.anchors.get(event.anchor), yaml.CollectionNode):
+                raise ValueError(
+                    f"alias *{event.anchor} (line {event.start_mark.line + 1}) repeats a list or mapping; prompt "
+                    "files allow aliases of single values only: write the entries out"
+                )
+        return super().compose_node(parent, index)
+
+    def compose_document(self) -> yaml.Node:
+        # as yaml.composer.Composer.compose_document, keeping whether the DOCUMENT-END event was explicit
+        self.get_event()
+        node = self.compose_node(None, None)
+        self.explicit_end = self.get_event().explicit
+        self.anchors = {}
+        return node
+
+
+def _construct_unique_mapping(loader: _PromptLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
@@ -182,7 +210,7 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
     return loader.construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+_PromptLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
 def _no_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -193,13 +221,18 @@ def _no_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path) -> tuple[Any, bool]:
+    """The file's data, and whether it ends explicitly (YAML's `...`; JSON always does: a cut one does not parse)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prompt file not found")
     try:
         if path.suffix.lower() == ".json":
-            return json.loads(path.read_text(), object_pairs_hook=_no_duplicate_json_keys)
-        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+            return json.loads(path.read_text(), object_pairs_hook=_no_duplicate_json_keys), True
+        loader = _PromptLoader(path.read_text())
+        try:
+            return loader.get_single_data(), loader.explicit_end
+        finally:
+            loader.dispose()
     except (yaml.YAMLError, json.JSONDecodeError, ValueError) as error:
         raise ValueError(f"{path}: cannot parse: {error}") from error
 
@@ -208,7 +241,7 @@ def load_prompt_task(path: str | os.PathLike[str]) -> PromptTask:
     """Read and validate a prompt file of any supported format (detected from its content), or a task shipped
     with vlm by name (`nsclc_subtyping`)."""
     path = resolve_task(path)
-    data = _read(path)
+    data, complete = _read(path)
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected a mapping at the top level (see prompts/README.md)")
     conch_like = all(isinstance(v, dict) and "classnames" in v for v in data.values())
@@ -216,6 +249,12 @@ def load_prompt_task(path: str | os.PathLike[str]) -> PromptTask:
         return _from_conch_json(path, data)
     if "prompts" in data:
         return _from_titan_yaml(path, data)
+    if not complete:
+        raise ValueError(
+            f"{path}: the last line is not `{END_MARKER}` (YAML's end-of-document marker), which vlm task files end "
+            "with: without it a file cut short at a line end still reads, with classes, templates or label "
+            f"mappings missing. If the file is complete, add the line `{END_MARKER}` at its end"
+        )
     return _from_vlm_yaml(path, data)
 
 
@@ -287,13 +326,13 @@ def _from_vlm_yaml(path: Path, data: dict[str, Any]) -> PromptTask:
         raise ValueError(f"{path}: field 'positive' is only for type: binary (this task is multiclass)")
     column, label_map = _labels(path, data.get("labels"), codes)
     return PromptTask(
-        name=str(data.get("name") or path.stem),
+        name=_text(path, data, "name") or path.stem,
         classes=codes,
         prompt_sets=(prompt_set,),
         positive=positive,
         label_column=column,
         label_map=label_map,
-        description=str(data.get("description") or ""),
+        description=_text(path, data, "description"),
         source=str(path),
         format="vlm",
     )
@@ -359,7 +398,7 @@ def _from_titan_yaml(path: Path, data: dict[str, Any]) -> PromptTask:
     if not isinstance(target, str) or not target:
         raise ValueError(f"{path}: field 'target' must be the label column's name, got {target!r}")
     return PromptTask(
-        name=str(data.get("name") or path.stem),
+        name=_text(path, data, "name") or path.stem,
         classes=classes,
         prompt_sets=(PromptSet({c: prompt_set.classnames[c] for c in classes}, prompt_set.templates),),
         label_column=target,
@@ -396,6 +435,17 @@ def _titan_class_order(
 
 
 # --- field validation ---------------------------------------------------------------------------------
+
+
+def _text(source: object, data: Mapping[str, Any], key: str) -> str:
+    """A free-text field (`name`, `description`): a string, or "" when absent; a list or mapping is refused
+    before anything turns it into text."""
+    value = data.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError(f"{source}: field '{key}' must be text, got a {type(value).__name__}")
+    return str(value)
 
 
 def _synonyms(source: object, where: str, value: object, shared: str = "error") -> dict[str, tuple[str, ...]]:

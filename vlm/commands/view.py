@@ -63,8 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--features", nargs="+", default=[], help="folders of tile-feature .h5 files (heatmaps)")
     s.add_argument("--task", help="prompt file: zero-shot probabilities on each slide page")
     s.add_argument("--slide-checkpoint", help="slide encoder weights (default: the one the model records)")
-    s.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--host", default="127.0.0.1",
+        help="address to bind (127.0.0.1: this machine only); requests naming another host are refused (400)",
+    )  # fmt: skip
+    s.add_argument("--port", type=int, default=8000, help="TCP port, 0–65535 (0: a free one, printed)")
     s.add_argument(
         "--allow-remote", action="store_true",
         help="allow a --host other than localhost: anyone who can reach it sees the slides (no authentication)",
@@ -104,7 +107,7 @@ def _heatmap(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from vlm.serve.app import LOCAL_HOSTS, serve
+        from vlm.serve.app import LOCAL_HOSTS, WILDCARD_HOSTS, serve
     except ImportError as error:
         raise ImportError(f"vlm serve needs FastAPI, uvicorn, Jinja2 ({error}); pip install -e '.[serve]'") from error
 
@@ -115,6 +118,9 @@ def _serve(args: argparse.Namespace) -> int:
         )
     if args.host not in LOCAL_HOSTS:
         log.warning("serving on %s: anyone who can reach this address can search and view the slides", args.host)
+    if args.host in WILDCARD_HOSTS:
+        log.warning("--host %s: only requests addressed to %s are answered (Host header check); give --host the "
+                    "address or name other machines use", args.host, "/".join(LOCAL_HOSTS))  # fmt: skip
     serve(args.index, model=args.model, slides=args.slides, features=args.features, task=args.task,
           slide_checkpoint=args.slide_checkpoint, host=args.host, port=args.port)  # fmt: skip
     return 0

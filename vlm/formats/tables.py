@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -85,33 +86,42 @@ def read_list(path: str | os.PathLike[str], what: str = "list") -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
+def read_json_lines(text: str) -> list[Any]:
+    """The values of a JSON Lines text: one JSON value a line, lines split on "\\n" only as the format defines
+    (`str.splitlines` would also split inside strings holding U+2028, U+0085 or a lone "\\r"); a "\\r\\n"
+    ending is whitespace JSON ignores; blank lines are skipped. A bad line is a ValueError naming its number."""
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"line {number} is not JSON: {error.msg}") from None
+    return records
+
+
 def _read(path: Path, suffix: str, all_text: bool) -> pd.DataFrame:
     if suffix == ".parquet":
         return pd.read_parquet(path)
     if suffix in (".csv", ".tsv"):
-        # dtype=str for ids is decided after reading the header; keep_default_na=False keeps "NA" (a real id
-        # or label) as text. utf-8-sig drops a byte-order mark.
-        header = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", nrows=0, encoding="utf-8-sig")
-        text = {c: str for c in header.columns if all_text or is_id_column(str(c).strip())}
-        return pd.read_csv(
-            path,
-            sep="\t" if suffix == ".tsv" else ",",
-            dtype=text,
-            keep_default_na=not all_text,
-            encoding="utf-8-sig",
-        )
+        # Text columns (ids; every column with all_text) are read with keep_default_na=False, so "NA", "null",
+        # "None", "nan" stay the ids or labels they are; other columns keep pandas' missing values (an empty
+        # or "NA" number is NaN). utf-8-sig drops a byte-order mark.
+        sep = "\t" if suffix == ".tsv" else ","
+        header = pd.read_csv(path, sep=sep, nrows=0, encoding="utf-8-sig")
+        text = [c for c in header.columns if all_text or is_id_column(str(c).strip())]
+        frame = pd.read_csv(path, sep=sep, dtype=dict.fromkeys(text, str), keep_default_na=not all_text,
+                            encoding="utf-8-sig")  # fmt: skip
+        if text and not all_text:
+            as_text = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, usecols=text, encoding="utf-8-sig")
+            frame[text] = as_text[text]
+        return frame
     text = path.read_text(encoding="utf-8-sig")
     if suffix == ".json" and text.lstrip().startswith("["):
         records = json.loads(text)
     else:
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"line {number} is not JSON: {error.msg}") from None
+        records = read_json_lines(text)
     if not all(isinstance(r, dict) for r in records):
         raise ValueError("each line must be a JSON object")
     if not records:

@@ -7,16 +7,21 @@ OpenSeadragon deep-zoom viewer, fed by OpenSlide's `DeepZoomGenerator`.
 Safety: URLs carry slide ids only, never paths. At start-up the slide and feature folders are scanned once
 into an id -> file table (files whose real path leaves their folder, e.g. through a symlink, are skipped),
 so no request can name a file outside those folders; static files come from the package's own folder.
+Requests whose `Host` header names another host are refused (400, Starlette's `TrustedHostMiddleware`): a page
+on another site that rebinds its DNS name to 127.0.0.1 cannot read the search API, metadata or tiles.
+A slide or feature file that stops being readable after start-up (moved, cut short, replaced) answers 410 with
+a message naming it; the server keeps serving the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
 import os
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::")
 PER_PAGE = 10
 MAX_QUERY_CHARS = 500
 MAX_PAGE = 100
@@ -52,8 +58,10 @@ def _scan(roots: Sequence[str | os.PathLike[str]], suffixes: Collection[str], wa
             raise FileNotFoundError(f"{root}: not a folder (give folders of slides / feature files)")
         real_root = root.resolve()
         for path in sorted(root.iterdir()):
+            if path.suffix.lower() not in suffixes:
+                continue
             slide_id = slide_id_from_path(path)
-            if path.suffix.lower() not in suffixes or slide_id not in wanted or slide_id in found:
+            if slide_id not in wanted or slide_id in found:
                 continue
             real = path.resolve()
             if not real.is_file() or not real.is_relative_to(real_root):
@@ -61,6 +69,27 @@ def _scan(roots: Sequence[str | os.PathLike[str]], suffixes: Collection[str], wa
                 continue
             found[slide_id] = real
     return found
+
+
+def allowed_hosts(host: str) -> list[str]:
+    """The `Host` header values (without port) the server answers: this machine's names and `host` itself.
+
+    IPv6 literals are bracketed, as they stand in a `Host` header. A wildcard bind address (0.0.0.0) is no
+    name a client uses, so only the local names are answered then.
+    """
+    names = {*LOCAL_HOSTS, host} - set(WILDCARD_HOSTS)
+    return sorted(f"[{name}]" if ":" in name else name.lower() for name in names)
+
+
+class FileGone(Exception):
+    """A slide or feature file that was readable at start-up no longer is (moved, cut short, replaced)."""
+
+
+def _unreadable_errors() -> tuple[type[BaseException], ...]:
+    """What OpenSlide, h5py and vlm's readers raise on a missing, truncated or foreign file."""
+    import openslide
+
+    return (OSError, ValueError, KeyError, openslide.OpenSlideError)
 
 
 @dataclass
@@ -88,14 +117,34 @@ class ServeState:
             self._encoder = slide_tower(self.index.model, self.slide_checkpoint)
         return self._encoder
 
+    @contextlib.contextmanager
+    def reading(self, slide_id: str, path: Path, what: str) -> Iterator[None]:
+        """Turn a read error of `path` into `FileGone` naming it, and forget what was cached for the slide
+        (an OpenSlide handle that failed once stays failed; a restored file is then opened afresh)."""
+        try:
+            yield
+        except _unreadable_errors() as error:
+            self._deepzoom.pop(slide_id, None)
+            self._thumbs.pop(slide_id, None)
+            self._embeddings.pop(slide_id, None)
+            for key in [k for k in self._heat if k[0] == slide_id]:
+                del self._heat[key]
+            reason = "it is no longer there" if not path.exists() else f"{type(error).__name__}: {error}"
+            log.warning("slide %s: cannot read its %s file %s (%s)", slide_id, what, path, reason)
+            raise FileGone(
+                f"slide {slide_id}: its {what} file {path.name} can no longer be read ({reason}); it was moved, "
+                "cut short or replaced after vlm serve started. Restore it, or restart vlm serve"
+            ) from error
+
     def opened(self, slide_id: str) -> Any:
         """(OpenSlide, DeepZoomGenerator) of a slide, opened once."""
         import openslide
         from openslide.deepzoom import DeepZoomGenerator
 
         if slide_id not in self._deepzoom:
-            slide = openslide.OpenSlide(str(self.slides[slide_id]))
-            self._deepzoom[slide_id] = (slide, DeepZoomGenerator(slide, DZ_TILE, 1))
+            with self.reading(slide_id, self.slides[slide_id], "slide"):
+                slide = openslide.OpenSlide(str(self.slides[slide_id]))
+                self._deepzoom[slide_id] = (slide, DeepZoomGenerator(slide, DZ_TILE, 1))
         return self._deepzoom[slide_id]
 
     def deepzoom(self, slide_id: str) -> Any:
@@ -103,7 +152,9 @@ class ServeState:
 
     def thumbnail(self, slide_id: str) -> bytes:
         if slide_id not in self._thumbs:
-            image = self.opened(slide_id)[0].get_thumbnail((256, 256))
+            slide = self.opened(slide_id)[0]
+            with self.reading(slide_id, self.slides[slide_id], "slide"):
+                image = slide.get_thumbnail((256, 256))
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="PNG")
             self._thumbs[slide_id] = buffer.getvalue()
@@ -118,7 +169,8 @@ class ServeState:
 
         key = (slide_id, query)
         if key not in self._heat:
-            heat = slide_heat(self.index.model, self.encoder, self.features[slide_id], [query], faithful=False)
+            with self.reading(slide_id, self.features[slide_id], "tile-feature"):
+                heat = slide_heat(self.index.model, self.encoder, self.features[slide_id], [query], faithful=False)
             dimensions = self.opened(slide_id)[0].dimensions
             rgba = heat_rgba(heat_grid(heat, 0, dimensions, heat.tile_size / HEAT_PIXELS_PER_TILE), alpha=0.7)
             buffer = io.BytesIO()
@@ -134,8 +186,9 @@ class ServeState:
 
         if slide_id not in self._embeddings:
             config = self.encoder.config
-            slide = load_slide_inputs(self.features[slide_id], config.in_dim, None, None, config.tile_size,
-                                      config.grid_size)  # fmt: skip
+            with self.reading(slide_id, self.features[slide_id], "tile-feature"):
+                slide = load_slide_inputs(self.features[slide_id], config.in_dim, None, None, config.tile_size,
+                                          config.grid_size)  # fmt: skip
             features, coords = slide.features, slide.coords
             with torch.no_grad():
                 self._embeddings[slide_id] = self.encoder(
@@ -168,8 +221,12 @@ def create_app(
     features: Sequence[str | os.PathLike[str]] = (),
     task: str | os.PathLike[str] | None = None,
     slide_checkpoint: str | os.PathLike[str] | None = None,
+    host: str = "127.0.0.1",
 ) -> FastAPI:
-    """The FastAPI app over a slide index; `slides` / `features` are the only folders files are read from."""
+    """The FastAPI app over a slide index; `slides` / `features` are the only folders files are read from, and
+    only requests addressed to this machine or to `host` are answered (see `allowed_hosts`)."""
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
     from vlm.retrieval import ReportIndex, load_index
 
     loaded = load_index(index, model=model)
@@ -191,6 +248,7 @@ def create_app(
 
     app = FastAPI(title="vlm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.vlm = state
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host))
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
     meta_columns = [c for c in loaded.metadata.columns if c not in ("faiss_id", loaded.key)]
@@ -215,6 +273,14 @@ def create_app(
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
         return page(request, "error.html", error.status_code, message=str(error.detail), q="")
+
+    @app.exception_handler(FileGone)
+    async def file_gone(request: Request, error: FileGone) -> Response:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": str(error)}, status_code=410)
+        if request.url.path.startswith("/slide/"):
+            return page(request, "error.html", 410, message=str(error), q="")
+        return Response(str(error), status_code=410, media_type="text/plain")
 
     def search(q: str | None, similar: str | None, k: int) -> tuple[Any, str]:
         if similar:
@@ -262,13 +328,13 @@ def create_app(
                 else:
                     with state.lock:
                         heat_score = state.heat_png(slide_id, q)[1]
-            except (ValueError, FileNotFoundError) as error:
+            except (ValueError, FileNotFoundError, FileGone) as error:
                 notes.append(f"no heatmap: {error}")
         if state.classifier is not None and slide_id in state.features:
             try:
                 with state.lock:
                     probabilities = state.probabilities(slide_id)
-            except (ValueError, FileNotFoundError) as error:
+            except (ValueError, FileNotFoundError, FileGone) as error:
                 notes.append(f"no zero-shot probabilities: {error}")
         message = "; ".join(notes) or None
         row = loaded.metadata[loaded.metadata[loaded.key] == slide_id].iloc[0]
@@ -310,7 +376,8 @@ def create_app(
             cols, rows = generator.level_tiles[level]
             if not (0 <= col < cols and 0 <= row < rows):
                 raise HTTPException(404, f"no tile {col}_{row} at level {level}")
-            tile = generator.get_tile(level, (col, row))
+            with state.reading(slide_id, state.slides[slide_id], "slide"):
+                tile = generator.get_tile(level, (col, row))
             state.tiles_served += 1
         buffer = io.BytesIO()
         tile.convert("RGB").save(buffer, format="JPEG", quality=85)
@@ -325,12 +392,35 @@ def serve(
     port: int = 8000,
     **options: Any,
 ) -> None:
-    """Build the app and run it with uvicorn until interrupted."""
+    """Build the app and run it with uvicorn until interrupted.
+
+    The port is checked and bound before the model loads, so a bad or busy port fails at once; `port=0` takes
+    a free port and the printed address is the one bound.
+    """
+    import socket
+
     import uvicorn
 
-    app = create_app(index, **options)
-    print(f"vlm serve: open http://{'[' + host + ']' if ':' in host else host}:{port}/ (Ctrl-C stops)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    from vlm.errors import UsageError
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise UsageError(f"`port` {port} is not a TCP port: give 0–65535 (0 picks a free one)")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise UsageError(f"cannot listen on {host} port {port} ({error.strerror or error}); "
+                             "choose another `port`, or 0 for a free one") from error  # fmt: skip
+        app = create_app(index, host=host, **options)
+        bound = sock.getsockname()[1]
+        name = "127.0.0.1" if host in WILDCARD_HOSTS else host  # a wildcard is no address to open (nor answered)
+        print(f"vlm serve: open http://{'[' + name + ']' if ':' in name else name}:{bound}/ (Ctrl-C stops)",
+              flush=True)  # fmt: skip
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
-__all__ = ["LOCAL_HOSTS", "ServeState", "create_app", "serve"]
+__all__ = ["LOCAL_HOSTS", "FileGone", "ServeState", "allowed_hosts", "create_app", "serve"]

@@ -1,6 +1,6 @@
 """Find tissue on a low-resolution view of the slide.
 
-Method (documented in the README): read the pyramid level closest to (and not coarser than) the mask
+Method (documented in docs/slides.md): read the pyramid level closest to (and not coarser than) the mask
 resolution, resize it to the mask grid, convert to HSV and threshold the saturation channel with Otsu's
 method — H&E-stained tissue is coloured, glass and background are grey or white. The threshold is never
 below `min_saturation`, so an empty (all-white) slide yields no tissue rather than thresholded noise.
