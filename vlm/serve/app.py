@@ -111,7 +111,7 @@ class ServeState:
 
     @property
     def encoder(self) -> Any:
-        from vlm.heatmap import slide_tower
+        from vlm.model.attribution import slide_tower
 
         if self._encoder is None:
             self._encoder = slide_tower(self.index.model, self.slide_checkpoint)
@@ -164,12 +164,13 @@ class ServeState:
         """The query's tile heat over the whole slide as a transparent PNG, and the slide score."""
         from PIL import Image
 
-        from vlm.heatmap import heat_grid, heat_rgba, slide_heat
+        from vlm.model.attribution import slide_heat
+        from vlm.plots import heat_grid, heat_rgba
 
         key = (slide_id, query)
         if key not in self._heat:
             with self.reading(slide_id, self.features[slide_id], "tile-feature"):
-                heat = slide_heat(self.index.model, self.encoder, self.features[slide_id], [query])
+                heat = slide_heat(self.index.model, self.encoder, self.features[slide_id], [query], faithful=False)
             dimensions = self.opened(slide_id)[0].dimensions
             rgba = heat_rgba(heat_grid(heat, 0, dimensions, heat.tile_size / HEAT_PIXELS_PER_TILE), alpha=0.7)
             buffer = io.BytesIO()
