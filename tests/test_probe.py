@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,54 @@ def test_a_stray_training_label_is_named(tmp_path: Path, caplog: pytest.LogCaptu
     train = pd.read_csv(data["labels"])
     train.loc[0, "label"] = "NaN"
     train.to_csv(data["labels"], index=False)
-    run_probe(data["slides"], data["labels"], data["test"], tmp_path / "out", shots=["2"], seeds=1, n_boot=10)
+    run_probe(data["slides"], data["labels"], data["test"], tmp_path / "out", shots=["2", "all"], seeds=1, n_boot=10)
     assert "label(s) ['NaN'] occur in no slide of" in caplog.text
     assert "2-shot skipped: class 'NaN' has 1 training slides" in caplog.text
+    skipped = json.loads((tmp_path / "out" / "metrics.json").read_text())["shots"][0]
+    assert skipped == {"shots": 2, "skipped": "class 'NaN' has only 1 training slides"}
+
+
+def test_shots_that_no_class_can_fill_are_one_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`--shots 4 8` with one training slide per class exited 0 with a 1-byte predictions.csv and no results."""
+    data = _cohort(tmp_path / "data", separation=3.0, n_train=1)
+    out = tmp_path / "probe"
+    argv = ["probe", "--slides", str(data["slides"]), "--labels", str(data["labels"]), "--test-labels",
+            str(data["test"]), "--out", str(out), "--shots", "4", "8", "--n-boot", "10"]  # fmt: skip
+    assert main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and str(data["labels"]) in errors[0], errors
+    assert "(4 8) can be drawn: class 'glandular' has 1 training slides" in errors[0]
+    assert not out.exists()  # nothing written
+    assert main([*argv[:-4], "1", "8", "--n-boot", "10"]) == 0  # the shots that can run do, the others say why
+    shots = json.loads((out / "metrics.json").read_text())["shots"]
+    assert shots[0]["n_runs"] == 5
+    assert shots[1] == {"shots": 8, "skipped": "class 'glandular' has only 1 training slides"}
+
+
+def test_probe_case_level_counts_cases(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--level case: 3 slides per patient; shots draw patients, test metrics are over patients."""
+    data = _cohort(tmp_path / "data", separation=3.0)
+    for name in ("labels", "test"):
+        table = pd.read_csv(data[name])
+        table["patient_id"] = [f"{s[:-3]}-P{int(s[-2:]) // 3}" for s in table["slide_id"]]
+        table.to_csv(data[name], index=False)
+    argv = ["probe", "--slides", str(data["slides"]), "--labels", str(data["labels"]), "--test-labels",
+            str(data["test"]), "--shots", "1", "all", "--seeds", "2", "--n-boot", "50", "--level", "case"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "probe")]) == 0
+    report = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    assert report["level"] == "case" and report["n_test"] == 6 and report["n_test_slides"] == 18
+    assert report["n_train_cases"] == 12 and report["support_test"] == {name: 2 for name in CLASSES}
+    by_shot = {str(entry["shots"]): entry for entry in report["shots"]}
+    assert [run["n_train"] for run in by_shot["1"]["runs"]] == [9, 9]  # one patient (3 slides) per class
+    assert by_shot["all"]["runs"][0]["C_source"] == "4-fold CV"  # 4 patients per class: folds by patient
+    assert by_shot["all"]["metrics"]["balanced_accuracy"]["value"] >= 0.9
+    predictions = pd.read_csv(tmp_path / "probe" / "predictions.csv")
+    assert list(predictions.columns[:4]) == ["patient_id", "slide_ids", "shots", "seed"]
+    assert len(predictions) == 6 * 3 and "glandular-12;glandular-13;glandular-14" in set(predictions["slide_ids"])
+    np.testing.assert_allclose(predictions.filter(like="p_").sum(axis=1), 1, atol=1e-6)
+
+    test = pd.read_csv(data["test"])
+    test.loc[0, "patient_id"] = "glandular-P0"  # a training patient's slide in the test table
+    test.to_csv(data["test"], index=False)
+    assert main([*argv, "--out", str(tmp_path / "leak")]) != 0
+    assert "1 patient(s) have slides in both" in caplog.text and not (tmp_path / "leak").exists()

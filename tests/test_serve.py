@@ -345,6 +345,7 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
         opened.close()
 
 
+@pytest.mark.slow
 def test_in_chromium_search_and_slide_pages_render_load_tiles_without_errors(
     server: str, site: dict, browser: Browser, tmp_path: Path
 ) -> None:

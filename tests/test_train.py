@@ -74,8 +74,9 @@ def test_cli_train_end_to_end_learns(data: dict[str, Path]) -> None:
     assert best["val/slide_to_report/R@1"] > 2 * chance or best["val/report_to_slide/R@1"] > 2 * chance
     assert set(pd.read_csv(out / "splits.csv")["split"]) == {"train", "val", "test"}
     assert json.loads((out / "train_config.json").read_text())["epochs"] == 12
-    assert logged[0] == {"step": 0, "pairs/train": 36, "pairs/val": 12, "pairs/test": 4, "truncated_reports": 1,
-                         "max_length": 16}  # fmt: skip
+    assert logged[0] == {"step": 0, "pairs/train": 36, "pairs/val": 12, "pairs/test": 4, "cases/train": 36,
+                         "cases/val": 12, "cases/test": 1,  # the 4 test rows share one report text
+                         "truncated_reports": 1, "max_length": 16, "definitions": loop.METRIC_DEFINITIONS}  # fmt: skip
     model = SlideTextModel.from_pretrained(out / "model")  # `model/` is the best epoch's model
     slides = pd.read_parquet(data["embeddings"]).iloc[[0, 4, 8]]
     emb = model.encode_slide_embeddings(torch.tensor(np.stack(slides["embedding"].to_list()), dtype=torch.float32))
@@ -83,6 +84,7 @@ def test_cli_train_end_to_end_learns(data: dict[str, Path]) -> None:
     assert emb.shape == text.shape == (3, 16)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_next_losses(data: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     reference = data["root"] / "uninterrupted"
     train(config(data, reference, checkpoint_every=4))
@@ -113,6 +115,7 @@ def test_resume_gives_the_same_next_losses(data: dict[str, Path], monkeypatch: p
                 assert mine[key] == pytest.approx(ref[key], abs=1e-6), (mine["step"], key)
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_continues_the_schedule_smoothly(data: dict[str, Path]) -> None:
     """`--resume --epochs N` on a finished run: no step at learning rate 0, no jump; the ramp survives a crash."""
     import dataclasses
@@ -392,3 +395,16 @@ def test_reports_are_tokenised_once_across_runs(
     with caplog.at_level(logging.INFO, logger="vlm.training.data"):
         train(config(data, tmp_path / "two", epochs=1))
     assert "reports' tokens read from" in caplog.text
+
+
+def test_train_on_features_of_mixed_tile_encoders_is_refused_before_training(data: dict[str, Path]) -> None:
+    """`train --features` ran on a folder mixing tile encoders of the same width (the pre-flight checked widths)."""
+    import h5py
+
+    pairs, features = write_tiny_features(data["root"] / "mixed", n_slides=4)
+    with h5py.File(features / "s2.h5", "r+") as h5:
+        h5.attrs["encoder"] = "timm:resnet18"
+    out = data["root"] / "mixed-run"
+    with pytest.raises(ValueError, match=r"mix tile encoders: 3 record 'synthetic', but s2.h5 \('timm:resnet18'\)"):
+        train(config(data, out, pairs=str(pairs), slide_embeddings=None, features=str(features), slide_encoder="tiny"))
+    assert not out.exists()

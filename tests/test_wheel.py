@@ -80,6 +80,7 @@ def test_installed_wheel_runs_a_shipped_task_by_name_outside_the_checkout(tmp_pa
     names = zipfile.ZipFile(wheel).namelist()
     assert "vlm/_data/prompts/nsclc_subtyping.yaml" in names and "vlm/_data/cmu_small_region.svs" in names
     assert not [n for n in names if n.startswith("tests/")]
+    assert "vlm/_data/report_cleaning.yaml" in names  # vlm pairs' default cleaning rules
     shipped = {Path(n).stem for n in names if n.startswith("vlm/_data/prompts/") and n.endswith(".yaml")}
     assert shipped == {p.stem for p in (ROOT / "prompts").glob("*.yaml")}
 

@@ -399,3 +399,42 @@ def test_titan_labels_default_to_its_target_column(tmp_path: Path) -> None:
     assert column == "OncoTreeCode"
     targets, _ = match_labels(["s1", "s2"], raw, task)
     assert [task.classes[t] for t in targets] == ["IDC", "LUAD"]
+
+
+def test_cli_case_level_means_the_slides_logits(
+    model: SlideTextModel, model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--level case: one row per patient_id, softmax of the mean of its slides' logits, metrics over cases."""
+    descriptions = ["the slide shows lung adenocarcinoma", "the slide shows lung squamous cell carcinoma"]
+    truth = np.repeat(np.arange(8) % 2, 3)  # 8 cases x 3 slides, one label per case
+    embeddings = _slides_from_text(model, descriptions, truth, noise=0.05)
+    slides, labels_csv = _write_inputs(tmp_path, embeddings, ["LUAD" if t == 0 else "LUSC" for t in truth])
+    table = pd.read_csv(labels_csv)
+    table["patient_id"] = [f"P{i // 3}" for i in range(len(table))]
+    table.to_csv(labels_csv, index=False)
+    assert _zeroshot(model_dir, slides, tmp_path / "slide", "--task", str(NSCLC), "--labels", str(labels_csv)) == 0
+    assert _zeroshot(model_dir, slides, tmp_path / "case", "--task", str(NSCLC), "--labels", str(labels_csv),
+                     "--level", "case") == 0  # fmt: skip
+    per_slide = pd.read_csv(tmp_path / "slide" / "predictions.csv")
+    per_case = pd.read_csv(tmp_path / "case" / "predictions.csv")
+    assert list(per_case.columns) == ["patient_id", "slide_ids", "LUAD", "LUSC", "predicted", "label"]
+    assert per_case["patient_id"].tolist() == [f"P{i}" for i in range(8)]
+    assert per_case["slide_ids"][1] == "TCGA-03;TCGA-04;TCGA-05"
+    # softmax is shift-invariant per slide, so the mean of log-probabilities stands in for the mean of logits
+    log_p = np.log(per_slide[["LUAD", "LUSC"]].to_numpy()).reshape(8, 3, 2).mean(axis=1)
+    expected = np.exp(log_p) / np.exp(log_p).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(per_case[["LUAD", "LUSC"]].to_numpy(), expected, atol=1e-5)
+    metrics = json.loads((tmp_path / "case" / "metrics.json").read_text())
+    assert metrics["level"] == "case" and metrics["n"] == 8 and metrics["n_scored"] == 8
+    assert json.loads((tmp_path / "case" / "run.json").read_text())["n_cases"] == 8
+
+    table.loc[1, "label"] = "LUSC"  # P0's slides now disagree
+    table.to_csv(labels_csv, index=False)
+    args = ("--task", str(NSCLC), "--labels", str(labels_csv), "--level", "case")
+    caplog.clear()
+    assert _zeroshot(model_dir, slides, tmp_path / "mixed", *args) != 0
+    assert "1 case(s) have slides with different labels (P0: ['LUAD', 'LUSC'])" in caplog.text
+    table.drop(columns="patient_id").to_csv(labels_csv, index=False)
+    assert _zeroshot(model_dir, slides, tmp_path / "nocase", *args) != 0
+    assert "--level case needs a 'patient_id' column" in caplog.text
+    assert not (tmp_path / "mixed").exists() and not (tmp_path / "nocase").exists()

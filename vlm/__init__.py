@@ -22,6 +22,13 @@ _EXPORTS: dict[str, str] = {
     "MissingInputError": "vlm.errors:MissingInputError",
     "UsageError": "vlm.errors:UsageError",
     "RunError": "vlm.errors:RunError",
+    # cohorts: reports + slides -> pairs, public tables -> labels
+    "build_pairs": "vlm.cohort:build_pairs",
+    "slide_ids_from": "vlm.cohort:slide_ids_from",
+    "clean_report": "vlm.report_cleaning:clean_report",
+    "load_cleaning_rules": "vlm.report_cleaning:load_cleaning_rules",
+    "build_labels": "vlm.labels:build_labels",
+    "read_maf": "vlm.formats.maf:read_maf",
     # slides and tiles
     "open_slide": "vlm.wsi.slide:open_slide",
     "tile_slides": "vlm.tile:tile_slides",

@@ -15,14 +15,14 @@ import traceback
 from collections.abc import Sequence
 
 from vlm import __version__
-from vlm.commands import demo, probe, retrieval, slides, tiles, train, view, zeroshot
+from vlm.commands import cohort, demo, probe, retrieval, slides, tiles, train, view, zeroshot
 from vlm.errors import VlmError, with_flag_names
 from vlm.hub import WeightsUnavailable
 
 log = logging.getLogger("vlm")
 
 # Listed in pipeline order, which is the order `vlm --help` shows.
-_COMMAND_MODULES = (tiles, slides, train, zeroshot, probe, retrieval, view, demo)
+_COMMAND_MODULES = (cohort, tiles, slides, train, zeroshot, probe, retrieval, view, demo)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -120,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # User-facing errors carry their fix in the message; a traceback would only hide it (-v shows it).
         log.error("%s", error, exc_info=args.verbose)
         return 2
+    except KeyboardInterrupt as error:  # Ctrl-C: one line (what was kept, how to go on), the shell's code 130
+        log.error("%s", str(error) or "interrupted", exc_info=args.verbose)
+        return 130
     except FloatingPointError as error:  # training diverged on these data: the run failed, not its usage
         log.error("%s", error, exc_info=args.verbose)
         return 1

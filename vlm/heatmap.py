@@ -339,12 +339,14 @@ def run_heatmaps(
     """Heatmaps of each feature file for `queries`, or for each slide's own (names, texts) in `per_slide`
     (zero-shot: the predicted class). A failing slide is recorded in `<out>/failures.csv` and the batch goes on."""
     from vlm.batch import Batch
+    from vlm.encoders.slide_inputs import check_tile_encoders
     from vlm.io import check_output_folder, claim_output_folder, slide_id_from_path
 
     blank = [q for q in queries or [] if not q.strip()]
     if blank or (queries is None) == (per_slide is None):
         raise ValueError("give non-empty query texts (--query TEXT), e.g. a phrase of a report")
     check_output_folder(out, "heatmaps")  # before any work: a folder of the user's files is refused
+    check_tile_encoders(feature_paths, model.config.slide_encoder, source=model.config.slide_source)
     encoder = slide_tower(model, slide_checkpoint)
     texts = model.encode_text(list(queries), device="cpu") if queries else None
 

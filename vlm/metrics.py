@@ -39,14 +39,28 @@ def recall_at_k(similarity: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int,
     return {int(k): float((rank < k).float().mean()) for k in ks}
 
 
-def retrieval_recalls(slide: Tensor, text: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_recalls(
+    slide: Tensor, text: Tensor, ks: Sequence[int] = (1, 5, 10), cases: Sequence[int] | None = None
+) -> dict[str, float]:
     """Report→slide and slide→report Recall@K of paired, normalised embeddings (row i of each is a pair).
 
     Keys name the direction and K (`report_to_slide/R@1`, …) plus `mean_recall` over both directions and
-    all K, the single number used to pick the best checkpoint.
+    all K, the single number used to pick the best checkpoint. With `cases` (one case number per row,
+    `Pairs.cases`), a query's hit is any item of its case: report→slide counts any slide of the report's
+    case, slide→report any report row of the slide's case (ranked by `first_relevant_rank`).
     """
     similarity = text.float() @ slide.float().T  # [N reports, N slides]
     out: dict[str, float] = {}
+    if cases is not None and len(set(cases)) < len(cases):
+        case = np.asarray(cases)
+        relevant = case[:, None] == case[None, :]
+        sim = similarity.detach().cpu().numpy()
+        for name, (scores, rel) in (("report_to_slide", (sim, relevant)), ("slide_to_report", (sim.T, relevant.T))):
+            rank = first_relevant_rank(scores, rel)
+            for k in ks:
+                out[f"{name}/R@{k}"] = float((rank < k).mean())
+        out["mean_recall"] = float(np.mean(list(out.values())))
+        return out
     for name, sim in (("report_to_slide", similarity), ("slide_to_report", similarity.T)):
         for k, value in recall_at_k(sim, ks).items():
             out[f"{name}/R@{k}"] = value

@@ -14,6 +14,11 @@ evaluates it on held-out slides with the same metrics (and bootstrap CIs) as `vl
 
 Outputs in `out`: `metrics.json`, `predictions.csv` (one row per test slide, shot count and seed) and
 `probe.png` (balanced accuracy against shots, zero-shot drawn as a line when its metrics file is given).
+
+With `level="case"` (labels given per case; both label tables need `patient_id`): shots count cases per
+class (all slides of a drawn case train, each with the case's label), cross-validation folds keep a case's
+slides together, no patient may be in both tables, and each test case is scored by the mean of its slides'
+logits (`vlm.case_level`); metrics and predictions.csv are per case.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vlm.case_level import LEVELS, case_labels, mean_by_case, read_slide_cases, softmax
 from vlm.formats.tables import read_table
 from vlm.io import atomic_path, check_output_folder, claim_output_folder
 from vlm.settings import N_BOOT
@@ -86,23 +92,34 @@ def _matrix(embeddings: dict[str, np.ndarray], labels: pd.Series, path: str | os
     return np.stack([embeddings[s] for s in labels.index]).astype(np.float64)
 
 
-def _fit(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[Any, float, str]:
-    """Standardise + logistic regression with C chosen by stratified CV on (x, y) only."""
+def _logits(model: Any, x: np.ndarray) -> np.ndarray:
+    """[N, C] logits whose softmax is the probe's `predict_proba` (binary: [0, decision])."""
+    scores = model.decision_function(x)
+    return np.stack([np.zeros_like(scores), scores], axis=1) if scores.ndim == 1 else scores
+
+
+def _fit(x: np.ndarray, y: np.ndarray, seed: int, groups: np.ndarray | None = None) -> tuple[Any, float, str]:
+    """Standardise + logistic regression with C chosen by stratified CV on (x, y) only; with `groups` (each
+    row's case) a case's slides stay in one fold."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    folds = min(MAX_CV_FOLDS, int(np.bincount(y).min()))
+    if groups is None:
+        folds = min(MAX_CV_FOLDS, int(np.bincount(y).min()))
+    else:  # cases per class
+        folds = min(MAX_CV_FOLDS, int(min(len(set(groups[y == c])) for c in np.unique(y))))
     if folds < 2:
         pipeline.set_params(logisticregression__C=1.0).fit(x, y)
         return pipeline, 1.0, "fixed"
     search = GridSearchCV(
         pipeline, {"logisticregression__C": list(C_GRID)}, scoring="balanced_accuracy",
-        cv=StratifiedKFold(folds, shuffle=True, random_state=seed), refit=True,
+        cv=(StratifiedKFold if groups is None else StratifiedGroupKFold)(folds, shuffle=True, random_state=seed),
+        refit=True,
     )  # fmt: skip
-    search.fit(x, y)
+    search.fit(x, y, groups=groups)
     return search.best_estimator_, float(search.best_params_["logisticregression__C"]), f"{folds}-fold CV"
 
 
@@ -135,6 +152,7 @@ def run_probe(
     label_column: str = "label",
     n_boot: int = N_BOOT,
     seed: int = 0,
+    level: str = "slide",
 ) -> dict[str, Any]:
     """Fit and evaluate the linear probe for each shot count (see the module docstring); return metrics.json."""
     from vlm.formats.embeddings import load_slide_embeddings
@@ -145,6 +163,8 @@ def run_probe(
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if n_boot < 1:
         raise ValueError(f"--n-boot must be >= 1, got {n_boot}")
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
     check_output_folder(out, "probe")  # before any work: a folder of the user's files is refused
     zeroshot_metrics = _read_zeroshot(zeroshot) if zeroshot is not None else None
     table = load_slide_embeddings(slides)
@@ -155,6 +175,15 @@ def run_probe(
     if leaked:
         raise ValueError(f"{len(leaked)} slide(s) are in both {labels} and {test_labels}, e.g. {leaked[:5]}; "
                          "a probe must never be tested on its training slides")  # fmt: skip
+    by_case = level == "case"
+    if by_case:  # every slide's case, one label per case, no patient on both sides
+        train_cases, test_cases = read_slide_cases(labels), read_slide_cases(test_labels)
+        case_labels(train_labels, train_cases, labels)
+        test_case_labels = case_labels(test, test_cases, test_labels)
+        both = sorted(set(train_cases.reindex(train_labels.index)) & set(test_cases.reindex(test.index)))
+        if both:
+            raise ValueError(f"{len(both)} patient(s) have slides in both {labels} and {test_labels}, e.g. "
+                             f"{both[:5]}; a probe must never be tested on its training cases")  # fmt: skip
     classes = sorted(train_labels.unique())
     if len(classes) < 2:
         raise ValueError(f"{labels}: the probe needs at least two classes, found {classes}")
@@ -172,43 +201,75 @@ def run_probe(
     code = {name: i for i, name in enumerate(classes)}
     y_train = train_labels.map(code).to_numpy()
     y_test = test.map(code).to_numpy()
-    counts = np.bincount(y_train, minlength=len(classes))
+    # the unit shots count and CV folds keep together: each training slide's case (or the slide itself)
+    groups = train_cases.reindex(train_labels.index).to_numpy() if by_case else train_labels.index.to_numpy()
+    unit_names, unit_of_row = np.unique(groups, return_inverse=True)
+    y_unit = np.zeros(len(unit_names), dtype=np.int64)
+    y_unit[unit_of_row] = y_train
+    counts = np.bincount(y_unit, minlength=len(classes))
     smallest, rarest = int(counts.min()), classes[int(counts.argmin())]
+    unit = "cases" if by_case else "slides"
+    if by_case:
+        case_ids, members, _ = mean_by_case(list(test.index), test_cases, np.zeros((len(test), 1)))
+        y_eval = test_case_labels.reindex(case_ids).map(code).to_numpy()
+    else:
+        y_eval = y_test
     positive = 1 if len(classes) == 2 else None
+    if all(shot != "all" and shot > smallest for shot in shots):  # nothing would run: an empty report, exit 0
+        per_class = ", ".join(f"{name!r}: {int(n)}" for name, n in zip(classes, counts, strict=True))
+        raise ValueError(
+            f"{labels}: no requested shot count ({' '.join(map(str, shots))}) can be drawn: class {rarest!r} has "
+            f"{smallest} training {unit} ({per_class}); ask for --shots {smallest} or fewer, or 'all', or label "
+            "more slides; nothing was written"
+        )
 
     results: list[dict[str, Any]] = []
     rows: list[pd.DataFrame] = []
     for shot in shots:
         if shot != "all" and shot > smallest:
-            log.warning("probe: %s-shot skipped: class %r has %d training slides", shot, rarest, smallest)
-            results.append({"shots": shot, "skipped": f"the smallest training class has {smallest} slides"})
+            log.warning("probe: %s-shot skipped: class %r has %d training %s", shot, rarest, smallest, unit)
+            results.append({"shots": shot, "skipped": f"class {rarest!r} has only {smallest} training {unit}"})
             continue
         run_seeds = [seed] if shot == "all" else [seed + i for i in range(seeds)]
         runs: list[dict[str, Any]] = []
         probabilities_of: dict[int, np.ndarray] = {}
         for run_seed in run_seeds:
             rng = np.random.default_rng(run_seed)
-            chosen = np.arange(len(y_train)) if shot == "all" else _sample(y_train, int(shot), rng)
-            model, c_value, c_source = _fit(x_train[chosen], y_train[chosen], run_seed)
-            probabilities = model.predict_proba(x_test)
-            point = classification_point_metrics(y_test, probabilities, positive)
+            if shot == "all":
+                chosen = np.arange(len(y_train))
+            elif by_case:  # k cases per class, each with all its slides
+                chosen = np.flatnonzero(np.isin(unit_of_row, _sample(y_unit, int(shot), rng)))
+            else:
+                chosen = _sample(y_train, int(shot), rng)
+            model, c_value, c_source = _fit(
+                x_train[chosen], y_train[chosen], run_seed, groups[chosen] if by_case else None
+            )
+            if by_case:  # each case: softmax of the mean of its slides' logits
+                probabilities = softmax(mean_by_case(list(test.index), test_cases, _logits(model, x_test))[2])
+            else:
+                probabilities = model.predict_proba(x_test)
+            point = classification_point_metrics(y_eval, probabilities, positive)
             runs.append({
                 "seed": run_seed, "n_train": int(len(chosen)), "C": c_value, "C_source": c_source,
                 "metrics": {name: {"value": _finite(point[name])} for name in METRICS},
             })  # fmt: skip
             probabilities_of[run_seed] = probabilities
             frame = pd.DataFrame(probabilities, columns=[f"p_{name}" for name in classes])
-            frame.insert(0, "slide_id", list(test.index))
-            frame.insert(1, "shots", str(shot))
-            frame.insert(2, "seed", run_seed)
-            frame["label"] = list(test)
+            if by_case:
+                frame.insert(0, "patient_id", case_ids)
+                frame.insert(1, "slide_ids", [";".join(m) for m in members])
+            else:
+                frame.insert(0, "slide_id", list(test.index))
+            frame.insert(frame.columns.get_loc(f"p_{classes[0]}"), "shots", str(shot))
+            frame.insert(frame.columns.get_loc(f"p_{classes[0]}"), "seed", run_seed)
+            frame["label"] = [classes[i] for i in y_eval]
             frame["predicted"] = [classes[i] for i in probabilities.argmax(axis=1)]
             rows.append(frame)
         # Bootstrap CIs (over test slides) for the run of median balanced accuracy: the spread over seeds is
         # the other half of the uncertainty, and one bootstrap per shot count keeps the demo fast.
         order = sorted(runs, key=lambda r: (r["metrics"]["balanced_accuracy"]["value"] or 0.0, r["seed"]))
         median = order[(len(order) - 1) // 2]
-        evaluation = classification_metrics(y_test, probabilities_of[median["seed"]], classes, positive=positive,
+        evaluation = classification_metrics(y_eval, probabilities_of[median["seed"]], classes, positive=positive,
                                             n_boot=n_boot, seed=seed)  # fmt: skip
         results.append({
             "shots": shot, "n_runs": len(runs), "runs": runs,
@@ -219,8 +280,9 @@ def run_probe(
                  results[-1]["spread"]["balanced_accuracy"]["mean"] or float("nan"), len(runs))  # fmt: skip
     report = {
         "slides": str(slides), "labels": str(labels), "test_labels": str(test_labels), "classes": classes,
-        "n_train": int(len(y_train)), "n_test": int(len(y_test)),
-        "support_test": {name: int((y_test == i).sum()) for i, name in enumerate(classes)},
+        "level": level, "n_train": int(len(y_train)), "n_test": int(len(y_eval)),
+        **({"n_train_cases": len(unit_names), "n_test_slides": len(y_test)} if by_case else {}),
+        "support_test": {name: int((y_eval == i).sum()) for i, name in enumerate(classes)},
         "model": "StandardScaler + LogisticRegression (scikit-learn), C from "
                  f"{list(C_GRID)} by stratified CV on the training slides (balanced accuracy)",
         "bootstrap": {"n_boot": n_boot, "seed": seed, "method": "percentile, stratified, over test slides"},

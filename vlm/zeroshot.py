@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vlm.case_level import LEVELS, case_labels, mean_by_case, read_slide_cases, softmax
 from vlm.formats.embeddings import SlideEmbeddings
 from vlm.formats.tables import read_table
 from vlm.io import atomic_path, check_output_folder, claim_output_folder
@@ -221,10 +222,13 @@ def run_zeroshot(
     precision: str = "auto",
     mpp: float | None = None,
     patches: str | os.PathLike[str] | None = None,
+    level: str = "slide",
 ) -> dict[str, Any]:
     """The `vlm zeroshot` job: score slides against a prompt task and write the run folder `out`.
 
     Writes predictions.csv (slide_id, one probability column per class, predicted[, label]),
+    or with `level="case"` one row per case (patient_id, slide_ids, probabilities of the mean of its slides'
+    logits, `vlm.case_level`; cases from the labels' patient_id column, metrics over cases),
     prompts_used.json, run.json and, with `labels`, metrics.json, roc.png and confusion.png. Every input
     is checked and every result computed before the first file is written (each atomically), so a bad
     input leaves no partial output; only a features folder given as `slides` is first embedded into
@@ -257,20 +261,44 @@ def run_zeroshot(
     else:
         model_source = "<in memory>"
     raw_labels = read_labels(labels, prompt_task, label_column) if labels is not None else None
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+    if level == "case" and labels is None:
+        raise ValueError("--level case needs --labels with a patient_id column naming each slide's case")
+    slide_cases = read_slide_cases(labels) if level == "case" and labels is not None else None
+    if slide_cases is not None and raw_labels is not None:  # one label per case, checked before any work
+        raw_labels = (case_labels(raw_labels[0], slide_cases, labels), raw_labels[1])
 
     with claim_output_folder(out, "zeroshot"):
         slide_ids, embeddings = read_slides(
             slides, model, out, resolved, progress=progress, precision=precision, mpp=mpp, patches=patches
         )
         _refuse_non_finite(torch.as_tensor(embeddings), slide_ids, "slide embedding", source=str(slides))
+        classifier = ZeroShotClassifier(model, prompt_task, cache_dir=cache_dir, use_cache=use_cache)
+        scored_slides = slide_ids
+        if slide_cases is None:
+            probabilities = classifier.predict(
+                embeddings, ids=slide_ids, source=slides
+            )  # [N, C]; refuses width mismatch, NaN
+
+            def per_set() -> list[np.ndarray]:
+                return classifier.predict_per_set(embeddings, ids=slide_ids)
+        else:  # one row per case: softmax of the mean of its slides' logits
+            logits = classifier.predict(embeddings, ids=slide_ids, source=slides, logits=True)
+            slide_ids, members, case_logits = mean_by_case(scored_slides, slide_cases, logits)
+            probabilities = softmax(case_logits)
+
+            def per_set() -> list[np.ndarray]:
+                sets = classifier.predict_per_set(embeddings, ids=scored_slides, logits=True)
+                return [softmax(mean_by_case(scored_slides, slide_cases, s)[2]) for s in sets]
         if raw_labels is not None:
             targets, label_report = match_labels(slide_ids, raw_labels[0], prompt_task, allow_missing_slides)
-        classifier = ZeroShotClassifier(model, prompt_task, cache_dir=cache_dir, use_cache=use_cache)
-        probabilities = classifier.predict(
-            embeddings, ids=slide_ids, source=slides
-        )  # [N, C]; refuses width mismatch, NaN
         predictions = pd.DataFrame(probabilities, columns=list(prompt_task.classes))
-        predictions.insert(0, "slide_id", slide_ids)
+        if slide_cases is None:
+            predictions.insert(0, "slide_id", slide_ids)
+        else:
+            predictions.insert(0, "patient_id", slide_ids)
+            predictions.insert(1, "slide_ids", [";".join(m) for m in members])
         predictions["predicted"] = [prompt_task.classes[i] for i in probabilities.argmax(axis=1)]
         n_sets = len(classifier.set_prototypes)
         headline = "median_over_prompt_sets" if n_sets else "prompt_ensemble"
@@ -283,7 +311,7 @@ def run_zeroshot(
             mask = targets >= 0
             if not mask.any():
                 raise ValueError(
-                    f"none of the {len(slide_ids)} scored slides has a usable label in {labels} "
+                    f"none of the {len(slide_ids)} scored {level}s has a usable label in {labels} "
                     f"(column {raw_labels[1]!r}); the classes are {list(prompt_task.classes)}"
                 )
             pooled = classification_metrics(
@@ -295,6 +323,7 @@ def run_zeroshot(
                 seed=seed,
             )
             result = {
+                "level": level,
                 "task": prompt_task.name,
                 "labels": str(labels),
                 "label_column": raw_labels[1],
@@ -302,7 +331,7 @@ def run_zeroshot(
                 **label_report,
             }
             if n_sets:  # MI-Zero: each set is a classifier; the headline is their median, as MI-Zero reports
-                sets = _prompt_set_summary(classifier.predict_per_set(embeddings, ids=slide_ids), targets, prompt_task)
+                sets = _prompt_set_summary(per_set(), targets, prompt_task)
                 result.update(
                     {key: pooled[key] for key in ("n", "support", "classes_without_cases", "positive")},
                     metrics=_median_metrics(sets, pooled["metrics"]),
@@ -336,7 +365,9 @@ def run_zeroshot(
             "headline": headline,
             "predictions": "pooled ensemble of all prompt sets" if n_sets else "prompt ensemble",
             "device": str(resolved),
-            "n_slides": len(slide_ids),
+            "level": level,
+            "n_slides": len(scored_slides),
+            **({"n_cases": len(slide_ids)} if slide_cases is not None else {}),
             "n_boot": n_boot,
             "seed": seed,
             "logit_scale": float(model.scale().detach()),
@@ -353,5 +384,5 @@ def run_zeroshot(
             if (out / stale).exists():
                 (out / stale).unlink()
                 log.info("removed %s from an earlier run (this run has no labels)", out / stale)
-        log.info("zeroshot: %d slides, %d classes -> %s", len(slide_ids), len(prompt_task.classes), out)
+        log.info("zeroshot: %d slides, %d classes -> %s", len(scored_slides), len(prompt_task.classes), out)
         return result or run

@@ -168,3 +168,66 @@ def write_mizero_file(path: Path, iters: int = 12, seed: int = 0) -> Path:
         sampled[i] = {"classnames": classnames, "templates": templates}
     path.write_text(json.dumps(sampled, indent=4))
     return path
+
+
+# TCGA-Reports (github.com/tatonetti-lab/tcga-path-reports 4e22e8a68dbcefca211a5c15905082da94bb66a5):
+# TCGA_Reports.csv has `patient_filename` ("<case barcode>.<uuid>", the report PDF's name without .pdf, as
+# training_set_split.py builds it from the page files) and `text`: each page's lines, cleaned by
+# final_report_cleaning.py, get a "." unless they end in "." or ":", and are joined with " " (pages likewise),
+# so a report is ONE line of text. pandas `to_csv(index=False)` writes it, as their scripts write their CSVs.
+def write_tcga_reports_csv(path: Path, reports: dict[str, list[str]]) -> Path:
+    """`reports`: patient_filename -> the report's cleaned lines (one page)."""
+    import pandas as pd
+
+    def joined(lines: list[str]) -> str:
+        return " ".join(line if line[-1] in ".:" else line + "." for line in lines)
+
+    pd.DataFrame({"patient_filename": list(reports), "text": [joined(v) for v in reports.values()]}).to_csv(
+        path, index=False
+    )
+    return path
+
+
+# GDC masked somatic MAF (docs.gdc.cancer.gov/Data/File_Formats/MAF_Format): '#' header lines as NCI-GDC's
+# gdc-maf-tool writes them (gdc_maf_tool/defer.py `_write_file_headers`: #version, #filedate, #annotation.spec,
+# #n.analyzed.samples, #tumor.aliquots.submitter_id), then the tab-separated columns in the spec's order (the
+# first 17 of its 140 here), gzipped as the GDC serves it (*.maf.gz).
+GDC_MAF_COLUMNS = (
+    "Hugo_Symbol", "Entrez_Gene_Id", "Center", "NCBI_Build", "Chromosome", "Start_Position", "End_Position",
+    "Strand", "Variant_Classification", "Variant_Type", "Reference_Allele", "Tumor_Seq_Allele1",
+    "Tumor_Seq_Allele2", "dbSNP_RS", "dbSNP_Val_Status", "Tumor_Sample_Barcode", "Matched_Norm_Sample_Barcode",
+)
+
+
+def write_gdc_maf(
+    path: Path,
+    variants: list[tuple[str, str, str]],
+    columns: tuple[str, ...] = GDC_MAF_COLUMNS,
+    without_variants: tuple[str, ...] = (),
+) -> Path:
+    """`variants`: (Hugo_Symbol, Variant_Classification, Tumor_Sample_Barcode) rows; `without_variants`:
+    analysed aliquots with no row (listed in the header only, as the GDC lists every analysed aliquot)."""
+    import gzip
+
+    aliquots = list(dict.fromkeys([*(barcode for _, _, barcode in variants), *without_variants]))
+    lines = [
+        "#version gdc-1.0.0",
+        "#filedate 20220104",
+        "#annotation.spec gdc-1.0.1-public",
+        f"#n.analyzed.samples {len(aliquots)}",
+        f"#tumor.aliquots.submitter_id {','.join(aliquots)}",
+        "\t".join(columns),
+    ]
+    for number, (gene, classification, barcode) in enumerate(variants):
+        values = {
+            "Hugo_Symbol": gene, "Entrez_Gene_Id": "0", "Center": "BI", "NCBI_Build": "GRCh38",
+            "Chromosome": "chr7", "Start_Position": str(55_000_000 + number), "End_Position": str(55_000_000 + number),
+            "Strand": "+", "Variant_Classification": classification, "Variant_Type": "SNP",
+            "Reference_Allele": "G", "Tumor_Seq_Allele1": "G", "Tumor_Seq_Allele2": "T", "dbSNP_RS": "",
+            "dbSNP_Val_Status": "", "Tumor_Sample_Barcode": barcode,
+            "Matched_Norm_Sample_Barcode": barcode[:12] + "-10A-01D-A000-08",
+        }  # fmt: skip
+        lines.append("\t".join(values.get(column, "") for column in columns))
+    with gzip.open(path, "wt") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path

@@ -19,7 +19,7 @@ def _probe(args: argparse.Namespace) -> int:
 
     report = run_probe(
         args.slides, args.labels, args.test_labels, args.out, shots=args.shots, seeds=args.seeds,
-        zeroshot=args.zeroshot, label_column=args.label_column, n_boot=args.n_boot, seed=args.seed,
+        zeroshot=args.zeroshot, label_column=args.label_column, n_boot=args.n_boot, seed=args.seed, level=args.level,
     )  # fmt: skip
     for entry in report["shots"]:
         if "runs" not in entry:
@@ -34,7 +34,8 @@ def _probe(args: argparse.Namespace) -> int:
     zeroshot = (report.get("zeroshot") or {}).get("metrics", {}).get("balanced_accuracy")
     if zeroshot:
         print(f"zero-shot balanced accuracy: {zeroshot['value']:.3f}")
-    print(f"{report['n_train']} training / {report['n_test']} test slides -> {args.out}")
+    test_unit = "cases" if report["level"] == "case" else "slides"
+    print(f"{report['n_train']} training slides / {report['n_test']} test {test_unit} -> {args.out}")
     return 0
 
 
@@ -58,6 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, default=5, help="random draws of the training slides per shot count")
     parser.add_argument("--zeroshot", help="metrics.json of `vlm zeroshot` on the same test slides, drawn as a line")
     parser.add_argument("--label-column", default="label", help="label column of both label files")
+    parser.add_argument(
+        "--level", choices=("slide", "case"), default="slide",
+        help="slide: each slide is a sample; case: for labels given per case (both label files need "
+        "patient_id): shots count cases, CV folds and the train/test check keep a patient's slides together, "
+        "and each test case is scored by the mean of its slides' logits (metrics per case)",
+    )  # fmt: skip
     add_bootstrap(parser)
     add_seed(parser, "first seed of the draws; bootstrap seed")
     parser.set_defaults(func=_probe)

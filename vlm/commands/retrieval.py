@@ -99,9 +99,15 @@ def _register_search(subparsers: argparse._SubParsersAction) -> None:
 def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model (retrieval)")
     tasks = p.add_subparsers(dest="eval_command", required=True, metavar="TASK")
-    r = tasks.add_parser("retrieval", help="report <-> slide Recall@K, slide -> slide Acc@K by label, with CIs")
+    r = tasks.add_parser(
+        "retrieval", help="report <-> slide Recall@K, slide -> slide Acc@K by label, with CIs",
+        description="Recall@K counts a hit at the level of the case: pairs rows sharing a patient_id, a report "
+        "text or a slide_id are one case, so report -> slide finds any slide of the report's case and slide -> "
+        "report the case's report. The definitions are written into the output JSON.",
+    )  # fmt: skip
     r.add_argument("--model", required=True, help="model folder from `vlm train`")
-    r.add_argument("--pairs", required=True, help="CSV / Parquet / JSONL with slide_id, report [, split]")
+    r.add_argument("--pairs", required=True, help="CSV / Parquet / JSONL with slide_id, report [, patient_id, split]; "
+                   "rows of one patient_id (or report text) are one case")  # fmt: skip
     r.add_argument("--slides", required=True, help="slide embeddings parquet from `vlm embed-slides`")
     r.add_argument("--labels", help="CSV / Parquet / JSONL with slide_id, label for slide -> slide metrics")
     r.add_argument("--split", default="auto", choices=("auto", "train", "val", "test", "all"),
@@ -198,7 +204,8 @@ def _eval_retrieval(args: argparse.Namespace) -> int:
         check_output_file(args.out)  # before the evaluation, not after
     metrics = evaluate_retrieval(args.model, args.pairs, args.slides, args.labels, split=args.split, ks=args.ks,
                                  n_boot=args.n_boot, seed=args.seed)  # fmt: skip
-    print(f"split {metrics['split']}: {metrics['n_pairs']} pairs, {metrics['n_slides']} slides")
+    print(f"split {metrics['split']}: {metrics['n_pairs']} pairs, {metrics['n_slides']} slides, "
+          f"{metrics['n_cases']} cases (a hit is any slide / report of the query's case)")  # fmt: skip
     for group in ("report_to_slide", "slide_to_report", "slide_to_slide"):
         for name, value in metrics.get(group, {}).items():
             if isinstance(value, dict) and "value" in value:

@@ -22,7 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train slide–report alignment (CLIP-style)", epilog=_EPILOG,
         description="Train a slide–report model; writes <out>/model/ (use as --model), metrics.jsonl, checkpoints. "
-        "Every setting is a field of vlm.TrainConfig, with the same default.",
+        "Every setting is a field of vlm.TrainConfig, with the same default. A report describes a case: rows of "
+        "the pairs sharing a patient_id, report text or slide_id are one case, a batch never holds two slides of "
+        "a case, and validation recall counts any slide of the report's case (definitions in metrics.jsonl's "
+        "first line).",
     )  # fmt: skip
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint, with "
                    "its saved settings (only --epochs may change)")  # fmt: skip

@@ -16,6 +16,8 @@ def _zeroshot(args: argparse.Namespace) -> int:
     features = args.heatmap_features or args.slides
     if args.heatmaps and not Path(features).is_dir():
         raise ValueError("--heatmaps needs the tile features: give --heatmap-features DIR (or --slides as a folder)")
+    if args.heatmaps and args.level == "case":
+        raise ValueError("--heatmaps draws one heatmap per slide: run it with --level slide")
     if args.heatmaps:
         from vlm.io import check_output_folder
 
@@ -42,6 +44,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         mpp=args.mpp,
         patches=args.patches,
+        level=args.level,
     )
     status = 0
     if args.heatmaps:
@@ -150,6 +153,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="evaluate although some labelled slides were not scored (they are listed in metrics.json)",
     )
+    parser.add_argument(
+        "--level", choices=("slide", "case"), default="slide",
+        help="slide: one prediction per slide; case: for labels given per case, one prediction per "
+        "patient_id of --labels (it needs that column): the softmax of the mean of its slides' logits, metrics "
+        "over cases, predictions.csv with each case's slide_ids",
+    )  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--cache-dir", help="prompt-embedding cache (default $VLM_CACHE/prompts or ~/.cache/vlm/prompts)"

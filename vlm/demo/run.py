@@ -178,7 +178,7 @@ def new_slide_commands(demo: Path) -> list[str]:
         f'--checkpoint "$DEMO/encoders/slide_encoder.pth" --pool {DEMO_POOL} --device cpu',
         'vlm zeroshot --model "$DEMO/align/model" --task "$DEMO/encoders/demo_morphology.yaml" '
         '--slides "$OUT/slides.parquet" --out "$OUT/zeroshot" --cache-dir "$OUT/cache" --device cpu',
-        'vlm search --index "$DEMO/index" --slide-id "$SLIDE_ID" --slides "$OUT/slides.parquet" -k 5 --json '
+        'vlm search --index "$DEMO/index" --slide-id="$SLIDE_ID" --slides "$OUT/slides.parquet" -k 5 --json '
         '> "$OUT/search.json.part" && mv "$OUT/search.json.part" "$OUT/search.json"',
     ]
 
@@ -198,13 +198,16 @@ def _write_new_slide_script(out: Path) -> Path:
         'if [ "$#" -ne 2 ]; then echo "usage: $0 SLIDE OUT" >&2; exit 2; fi',
         'SLIDE=$1',
         'OUT=$2',
+        "# a name starting with '-' would read as an option of the commands below: make it a path (./-x.svs)",
+        'case "$SLIDE" in -*) SLIDE="./$SLIDE" ;; esac',
+        'case "$OUT" in -*) OUT="./$OUT" ;; esac',
         'DEMO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
         f"PYTHON=${{VLM_PYTHON:-{shlex.quote(sys.executable)}}}",
         'vlm() { "$PYTHON" -m vlm "$@"; }',
         "export HF_HUB_OFFLINE=1",
         'SLIDE_ID=$("$PYTHON" -c \'import sys; from vlm.io import slide_id_from_path; '
         "print(slide_id_from_path(sys.argv[1]))' \"$SLIDE\")",
-        'mkdir -p "$OUT"',
+        'mkdir -p -- "$OUT"',
         *new_slide_commands(out),
         'echo "done: $OUT/features/$SLIDE_ID.h5 $OUT/slides.parquet $OUT/zeroshot/predictions.csv $OUT/search.json"',
         "",

@@ -135,6 +135,22 @@ def load_text_encoder(name_or_path: str | os.PathLike[str], max_length: int = DE
     return TextEncoder(model, tokenizer, max_length=max_length)
 
 
+def load_tokenizer(name_or_path: str | os.PathLike[str]) -> Any:
+    """The tokenizer alone of a text encoder (hub id or local folder): counting tokens needs no weights."""
+    from transformers import AutoTokenizer
+
+    from vlm.hub import hub_weights
+
+    name = str(name_or_path)
+    if Path(name).is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except OSError as error:
+            raise OSError(f"{name}: cannot load a tokenizer from this folder ({error})") from error
+    with hub_weights(f"the tokenizer of {name!r}", name, gated=False, flag="--text-encoder", local="FOLDER"):
+        return AutoTokenizer.from_pretrained(name)
+
+
 def text_encoder_from_config(
     config: dict[str, Any], tokenizer_dir: str | os.PathLike[str], max_length: int = DEFAULT_MAX_LENGTH
 ) -> TextEncoder:

@@ -1,5 +1,9 @@
 """The slide–report pairs table: `slide_id`, `report` [, `patient_id`, `split`], read and checked.
 
+A report describes a case, and a case may have several slides, each a row with the case's report. The case
+rule (`Pairs.cases`), used by training batches, validation and `vlm eval retrieval`: rows that share a
+`patient_id`, a `report` text or a `slide_id` are one case (transitively).
+
 Training, retrieval (report index, evaluation) and the demo read pairs through `load_pairs`; the table
 itself is read by `vlm.formats.tables.read_table`, the one table reader.
 """
@@ -40,6 +44,32 @@ class Pairs:
     def groups(self) -> list[str]:
         """The unit a split must not cut: the patient when known, else the slide."""
         return self.patient_ids if self.patient_ids is not None else self.slide_ids
+
+    def cases(self) -> list[int]:
+        """Case number of each row (0, 1, … in order of first appearance).
+
+        Rows sharing a `patient_id`, an identical `report` or a `slide_id` are one case, transitively: a
+        case's slides are all right answers for its report, so they must never be each other's negatives in
+        training nor each other's misses in retrieval metrics. Without `patient_id` and with distinct reports
+        and slides, every row is its own case.
+        """
+        parent = list(range(len(self)))
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        keys = [self.slide_ids, self.reports] + ([self.patient_ids] if self.patient_ids is not None else [])
+        for column in keys:
+            first: dict[str, int] = {}
+            for i, value in enumerate(column):
+                j = first.setdefault(value, i)
+                if j != i:
+                    parent[root(i)] = root(j)
+        number: dict[int, int] = {}
+        return [number.setdefault(root(i), len(number)) for i in range(len(self))]
 
     def select(self, rows: list[int]) -> Pairs:
         def pick(values: list[str] | None) -> list[str] | None:

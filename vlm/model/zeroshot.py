@@ -157,20 +157,31 @@ def zero_shot_probabilities(
     ids: Sequence[str] | None = None,
     source: object = None,
 ) -> Tensor:
-    """Unprojected slide embeddings [N, E] + class prototypes [C, D] -> class probabilities [N, C].
+    """`zero_shot_logits(...).softmax(-1)`: class probabilities [N, C]."""
+    return zero_shot_logits(model, slide_embeddings, prototypes, ids, source).softmax(dim=-1)
 
-    softmax(scale · cos(project(slide), prototype)) with the model's (clamped) learned logit scale; argmax,
-    and so accuracy, does not depend on the scale, but probabilities and calibration do. A slide whose
-    embedding, or its projection, is not finite is refused by id (`ids`, else its row number): argmax of
-    NaN would otherwise print a confident-looking class. `source` (the slides file) prefixes that error.
+
+def zero_shot_logits(
+    model: SlideTextModel,
+    slide_embeddings: Tensor,
+    prototypes: Tensor,
+    ids: Sequence[str] | None = None,
+    source: object = None,
+) -> Tensor:
+    """Unprojected slide embeddings [N, E] + class prototypes [C, D] -> class logits [N, C] (on the CPU).
+
+    Probabilities are softmax(scale · cos(project(slide), prototype)) with the model's (clamped) learned
+    logit scale; argmax, and so accuracy, does not depend on the scale, but probabilities and calibration
+    do. A slide whose embedding, or its projection, is not finite is refused by id (`ids`, else its row
+    number): argmax of NaN would otherwise print a confident-looking class. `source` (the slides file)
+    prefixes that error.
     """
     slide_embeddings = torch.as_tensor(slide_embeddings, dtype=torch.float32)
     _refuse_non_finite(slide_embeddings, ids, "slide embedding", source)
     with torch.no_grad():
         slides = model.encode_slide_embeddings(slide_embeddings)
         _refuse_non_finite(slides, ids, "projected slide embedding (values too large for float32?)", source)
-        logits = model.scale().float() * slides @ prototypes.to(slides.device, torch.float32).T  # [N, C]
-        return logits.softmax(dim=-1).cpu()
+        return (model.scale().float() * slides @ prototypes.to(slides.device, torch.float32).T).cpu()  # [N, C]
 
 
 def _refuse_non_finite(values: Tensor, ids: Sequence[str] | None, what: str, source: object = None) -> None:
@@ -272,19 +283,25 @@ class ZeroShotClassifier:
         return out
 
     def predict(
-        self, slide_embeddings: Tensor | np.ndarray, ids: Sequence[str] | None = None, source: object = None
+        self,
+        slide_embeddings: Tensor | np.ndarray,
+        ids: Sequence[str] | None = None,
+        source: object = None,
+        logits: bool = False,
     ) -> np.ndarray:
-        """Unprojected slide embeddings [N, E] -> probabilities [N, C] (columns in `classes` order).
+        """Unprojected slide embeddings [N, E] -> probabilities [N, C] (columns in `classes` order); with
+        `logits`, the logits whose softmax they are.
 
         For an MI-Zero file these are the pooled ensemble's (all prompts of all sets in one prototype).
         Non-finite slides are refused, named by `ids` (else row numbers) and `source`.
         """
-        x = torch.as_tensor(slide_embeddings)
-        return zero_shot_probabilities(self.model, x, self.prototypes, ids, source).numpy()
+        score = zero_shot_logits if logits else zero_shot_probabilities
+        return score(self.model, torch.as_tensor(slide_embeddings), self.prototypes, ids, source).numpy()
 
     def predict_per_set(
-        self, slide_embeddings: Tensor | np.ndarray, ids: Sequence[str] | None = None
+        self, slide_embeddings: Tensor | np.ndarray, ids: Sequence[str] | None = None, logits: bool = False
     ) -> list[np.ndarray]:
-        """Probabilities [N, C] from each prompt set on its own (MI-Zero); empty for a single-set task."""
+        """Probabilities (or `logits`) [N, C] from each prompt set on its own (MI-Zero); empty for a single set."""
         x = torch.as_tensor(slide_embeddings)
-        return [zero_shot_probabilities(self.model, x, p, ids).numpy() for p in self.set_prototypes]
+        score = zero_shot_logits if logits else zero_shot_probabilities
+        return [score(self.model, x, p, ids).numpy() for p in self.set_prototypes]

@@ -23,6 +23,15 @@ from vlm.settings import N_BOOT
 
 log = logging.getLogger(__name__)
 
+RECALL_DEFINITIONS = {
+    "case": "pairs rows sharing a patient_id, a report text or a slide_id are one case (transitively)",
+    "report_to_slide": "R@K: fraction of pairs whose report ranks a slide of its own case among the K most "
+    "similar evaluated slides (each slide once; other slides scoring equal count above it)",
+    "slide_to_report": "R@K: fraction of pairs whose slide ranks a report row of its own case among the K most "
+    "similar evaluated reports (one per pair row; ties count against it)",
+    "mean_recall": "mean over pairs of the hits at every K in both directions",
+}
+
 
 def evaluate_retrieval(
     model: ModelArg,
@@ -39,6 +48,8 @@ def evaluate_retrieval(
     """Retrieval metrics of `model` on the pairs of `split`, JSON-ready; each value has a percentile CI.
 
     `split="auto"` takes the `test` rows when the pairs have a split column, else every pair (logged).
+    A hit is any item of the query's case (`Pairs.cases`: rows sharing a patient_id, report or slide), so
+    a case's other slides count for its report (`RECALL_DEFINITIONS`, written into the result).
     Recall CIs resample pairs; label metrics resample query slides (stratified by label). Slide → slide
     is leave-one-out: each labelled slide queries all the others.
     """
@@ -61,12 +72,18 @@ def evaluate_retrieval(
     text_vectors = model.encode_text(table.reports, device="cpu").numpy()  # [R, D]
     column = {s: i for i, s in enumerate(slide_ids)}
     paired = np.array([column[s] for s in table.slide_ids])  # [R] slide column of each report
-    relevant = paired[:, None] == np.arange(len(slide_ids))[None, :]  # [R, S]
+    cases = np.array(table.cases())  # [R]: one slide_id is one case, so each slide has one case
+    slide_case = np.empty(len(slide_ids), dtype=np.int64)
+    slide_case[paired] = cases
+    relevant = cases[:, None] == slide_case[None, :]  # [R, S]: any slide of the report's case is a hit
     similarity = text_vectors @ slide_vectors.T
     to_slide = first_relevant_rank(similarity, relevant)  # [R]
     to_report = first_relevant_rank(similarity.T, relevant.T)[paired]  # [R]: the slide of each pair
     boot = {"n_boot": n_boot, "seed": seed, "alpha": alpha}
-    out: dict[str, Any] = {"split": split, "n_pairs": len(table), "n_slides": len(slide_ids)}
+    out: dict[str, Any] = {
+        "split": split, "n_pairs": len(table), "n_slides": len(slide_ids), "n_cases": int(len(np.unique(cases))),
+        "definitions": RECALL_DEFINITIONS,
+    }  # fmt: skip
     for name, ranks in (("report_to_slide", to_slide), ("slide_to_report", to_report)):
         out[name] = {f"R@{k}": _with_ci((ranks < k).astype(float), **boot) for k in ks}
     hits = np.stack([(r < k).astype(float) for r in (to_slide, to_report) for k in ks], axis=1)  # [R, 2K]

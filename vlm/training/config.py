@@ -31,7 +31,12 @@ def _setting(default: Any = dataclasses.MISSING, help: str = "", group: str = ""
 class TrainConfig:
     """Everything a training run depends on; saved as `train_config.json` in the run folder."""
 
-    pairs: str = _setting(help="CSV / Parquet / JSONL with slide_id, report [, patient_id, split]", group="data")
+    pairs: str = _setting(
+        help="CSV / Parquet / JSONL with slide_id, report [, patient_id, split]; one row per slide. Rows sharing a "
+        "patient_id, report text or slide_id are one case: a batch holds at most one slide of a case and validation "
+        "recall counts any of the case's slides as a hit",
+        group="data",
+    )
     out: str = _setting(help="run folder (model/, metrics.jsonl, checkpoints/)", group="data")
     slide_embeddings: str | None = _setting(
         None, "slide embeddings parquet from `vlm embed-slides` (frozen tower)", "data", exclusive="slide input"
@@ -59,7 +64,8 @@ class TrainConfig:
     epochs: int = _setting(10, "epochs; with --resume: extend the run to this many", "optimisation", resumable=True)
     batch_size: int = _setting(
         64,
-        "pairs per contrastive batch and optimizer step",
+        "pairs per contrastive batch and optimizer step (at most one slide per case; lowered to the number of "
+        "training cases when fewer)",
         "optimisation",
         flags=("--batch-size", "--contrastive-batch"),
     )

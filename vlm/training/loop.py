@@ -3,13 +3,15 @@
 A run folder holds everything needed to use or continue it:
 - `train_config.json`  the resolved `TrainConfig` (a resumed run reads it back);
 - `splits.csv`         slide_id, patient_id, split of every pair (evaluate on `test`, never tune on it);
-- `metrics.jsonl`      one JSON object per step (`train/loss`, `lr`, …) and per epoch (`val/…`);
+- `metrics.jsonl`      counts and metric definitions (`METRIC_DEFINITIONS`) first, then one JSON object per step
+                       (`train/loss`, `lr`, …) and per epoch (`val/…`, recall counted by case);
 - `model/`             the best model by validation mean recall (the last one without a validation split);
 - `last/`              the model after the latest epoch;
 - `checkpoints/last.pt` model, optimizer, scheduler, AMP scaler, RNG states and data position (`checkpoint`).
 
 The package splits by concern, as open_clip's training code does: `config` (the settings), `inputs` (pairs,
-splits, slide and report inputs), `schedule` (AdamW groups, learning rate), `checkpoint` (run-folder state),
+splits, slide and report inputs), `batches` (one slide per case in a batch), `schedule` (AdamW groups, learning
+rate), `checkpoint` (run-folder state),
 `distributed` (torchrun ranks), `gradcache`; this module builds the model and runs the loop.
 """
 
@@ -19,6 +21,7 @@ import dataclasses
 import logging
 import math
 import os
+import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +38,7 @@ from vlm.io import claim_output_folder, make_output_folder
 from vlm.metrics import retrieval_recalls
 from vlm.model.clip import CLIP_INIT_LOGIT_SCALE, SlideTextModel, create_model
 from vlm.model.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, contrastive_loss, create_loss
+from vlm.training.batches import case_batches, case_steps
 from vlm.training.checkpoint import (
     CHECKPOINT,
     MetricsLog,
@@ -51,6 +55,20 @@ from vlm.training.pair_inputs import Inputs, prepare_pairs, write_splits
 from vlm.training.schedule import cosine_with_warmup, param_groups, resume_schedule
 
 log = logging.getLogger(__name__)
+
+# What each logged number means: written in the first line of every run's metrics.jsonl (and the docs).
+METRIC_DEFINITIONS = {
+    "case": "pairs rows sharing a patient_id, a report text or a slide_id are one case (transitively)",
+    "train/loss": "open_clip contrastive loss (--loss) of one training batch; a batch holds at most one slide of "
+    "a case, so a case's report is never its own negative",
+    "val/report_to_slide/R@K": "fraction of validation pairs whose report ranks a slide of its own case among "
+    "the K most similar validation slides (slides of other cases scoring equal count above it)",
+    "val/slide_to_report/R@K": "fraction of validation pairs whose slide ranks a report row of its own case "
+    "among the K most similar validation reports (ties count against it)",
+    "val/mean_recall": "mean of the val R@K above over both directions and K; picks the best model/",
+    "val/loss": "contrastive loss of the first validation pair of each case, as one batch (not comparable with "
+    "train/loss)",
+}
 
 
 def build_model(config: TrainConfig, slide_dim: int | None, resume_dir: Path | None) -> SlideTextModel:
@@ -86,9 +104,18 @@ def apply_freezing(model: SlideTextModel, config: TrainConfig) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: SlideTextModel, inputs: Inputs, rows: list[int], loss_fn: nn.Module, config: TrainConfig
+    model: SlideTextModel,
+    inputs: Inputs,
+    rows: list[int],
+    loss_fn: nn.Module,
+    config: TrainConfig,
+    case_of: Sequence[int] | None = None,
 ) -> dict[str, float]:
-    """Validation loss and report→slide / slide→report Recall@1/5/10 over `rows` (eval mode, no grad)."""
+    """Validation loss and report→slide / slide→report Recall@1/5/10 over `rows` (eval mode, no grad).
+
+    With `case_of` (each pair row's case, `Pairs.cases`), any slide of a report's case is a hit and the
+    loss is over the first row of each case, so a case's slides are not each other's negatives there either.
+    """
     was_training = model.training
     model.eval()
     try:
@@ -101,25 +128,49 @@ def evaluate(
         with autocast(device, config.precision):
             slides = torch.cat([inputs.encode_slides(model, c) for c in slide_chunks])
             texts = torch.cat([inputs.encode_texts(model, c) for c in chunks])
-        loss = contrastive_loss(loss_fn, slides, texts, model.scale(), model.logit_bias)
+        cases = [case_of[i] for i in rows] if case_of is not None else None
+        first = sorted({c: i for i, c in reversed(list(enumerate(cases)))}.values()) if cases else None
+        one_per_case = first if first is not None and len(first) < len(rows) else slice(None)
+        loss = contrastive_loss(
+            loss_fn, slides[one_per_case], texts[one_per_case], model.scale(), model.logit_bias
+        )
     finally:
         model.train(was_training)
-    metrics = {f"val/{k}": v for k, v in retrieval_recalls(slides, texts).items()}
+    metrics = {f"val/{k}": v for k, v in retrieval_recalls(slides, texts, cases=cases).items()}
     metrics["val/loss"] = float(loss)
     return metrics
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped `train`; the message names the last checkpoint and the command that resumes it."""
+
+
+def _interrupted(out: Path) -> TrainingInterrupted:
+    checkpoint = out / CHECKPOINT  # a new run refuses a folder holding one: this file is this run's
+    if not checkpoint.is_file():
+        return TrainingInterrupted(
+            f"interrupted before the first checkpoint: {out} holds nothing to resume; run the same command again"
+        )
+    return TrainingInterrupted(
+        f"interrupted: the last checkpoint is {checkpoint}; continue with: vlm train --resume {shlex.quote(str(out))}"
+    )
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> Path:
     """Train (or with `resume`, continue) an alignment run in `config.out`; return the `model/` folder.
 
     A new run claims its folder first (`claim_output_folder`): a folder of the user's files is refused
-    before any work, and one that a failed start left empty is not left behind.
+    before any work, and one that a failed start left empty is not left behind. Ctrl-C raises
+    `TrainingInterrupted`, whose message says where the last checkpoint is and how to resume.
     """
-    if resume:
-        return _train(config, resume, progress)
-    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
-    with claim_output_folder(config.out, "train", write=main):
-        return _train(config, resume, progress)
+    try:
+        if resume:
+            return _train(config, resume, progress)
+        main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
+        with claim_output_folder(config.out, "train", write=main):
+            return _train(config, resume, progress)
+    except KeyboardInterrupt:
+        raise _interrupted(Path(config.out)) from None
 
 
 def _train(config: TrainConfig, resume: bool, progress: bool) -> Path:
@@ -157,14 +208,30 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> Path:
             config.max_length,
         )
 
-    batch_size = min(config.batch_size, len(train_rows))
+    case_of = pairs.cases()  # the case rule of `Pairs.cases`: a case's slides are never each other's negatives
+    train_cases = [case_of[i] for i in train_rows]
+    n_cases = len(set(train_cases))
+    by_case = n_cases < len(train_rows)  # else every row is its own case: plain shuffled batches, as ever
+    batch_size = min(config.batch_size, n_cases)
+    if n_cases < 2:
+        raise ValueError(
+            f"{config.pairs}: the {len(train_rows)} training pairs are all one case (same patient_id, report or "
+            "slide); contrastive training needs at least 2 cases"
+        )
     if batch_size % dist_.world_size:
         raise ValueError(
             f"batch size {batch_size} must divide by the {dist_.world_size} processes (equal shares per rank)"
         )
     if batch_size < config.batch_size:
-        log.warning("only %d training pairs: batch size lowered from %d", batch_size, config.batch_size)
-    steps_per_epoch = len(train_rows) // batch_size  # the remainder is dropped; each epoch reshuffles
+        what = "cases (a batch holds one slide per case)" if by_case else "pairs"
+        log.warning("only %d training %s: batch size lowered from %d", batch_size, what, config.batch_size)
+    # the remainder is dropped; each epoch reshuffles
+    steps_per_epoch = case_steps(train_cases, batch_size) if by_case else len(train_rows) // batch_size
+    if by_case:
+        log.info(
+            "%d training pairs in %d cases: each batch holds at most one slide of a case; %d pairs per epoch "
+            "are left over", len(train_rows), n_cases, len(train_rows) - steps_per_epoch * batch_size,
+        )  # fmt: skip
     total_steps = steps_per_epoch * config.epochs
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, round(0.05 * total_steps))
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -200,7 +267,9 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> Path:
     metrics = MetricsLog(out / "metrics.jsonl", dist_.main, global_step if resume else None)
     if not resume:
         counts = {f"pairs/{split}": len(pairs.indices(split)) for split in SPLITS}
-        metrics.write({"step": 0, **counts, "truncated_reports": truncated, "max_length": config.max_length})
+        cases = {f"cases/{split}": len({case_of[i] for i in pairs.indices(split)}) for split in SPLITS}
+        metrics.write({"step": 0, **counts, **cases, "truncated_reports": truncated, "max_length": config.max_length,
+                       "definitions": METRIC_DEFINITIONS})  # fmt: skip
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info(
         "training %d pairs, %d steps/epoch × %d epochs, batch %d, %s trainable parameters on %s",
@@ -223,11 +292,16 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> Path:
     if not resume and dist_.main:
         model.save_pretrained(out / "last")  # the architecture a resumed run rebuilds
     while epoch < config.epochs:
-        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        if by_case:
+            batches = case_batches(train_cases, batch_size, generator)
+        else:
+            order = torch.randperm(len(train_rows), generator=generator).tolist()
+            batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(steps_per_epoch)]
         model.train()
         steps = range(step_in_epoch, steps_per_epoch)
         for step in tqdm(steps, desc=f"epoch {epoch}", unit="step", disable=not (progress and dist_.main)):
-            batch = [train_rows[i] for i in order[step * batch_size : (step + 1) * batch_size].tolist()]
+            batch = [train_rows[i] for i in batches[step]]
             mine = batch[dist_.rank :: dist_.world_size]
             lr = scheduler.get_last_lr()[0]
             tile_seed = config.seed * 1_000_003 + global_step
@@ -248,7 +322,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> Path:
         step_in_epoch = 0
         record: dict[str, Any] = {"step": global_step, "epoch": epoch}
         if val_rows:
-            record.update(evaluate(model, inputs, val_rows, create_loss(config.loss), config))
+            record.update(evaluate(model, inputs, val_rows, create_loss(config.loss), config, case_of))
             if not math.isfinite(record["val/loss"]):
                 raise FloatingPointError(
                     f"{out}: epoch {epoch}: non-finite validation loss ({record['val/loss']}); training stopped and "
