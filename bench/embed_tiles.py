@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ import torch
 from vlm.device import autocast
 from vlm.encoders.tile import TileEncoder, create_tile_encoder
 from vlm.formats.features import read_tile_grid
+from vlm.settings import READERS
 from vlm.tile import tile_slides
 from vlm.tile_features import embed_tiles
 from vlm.wsi.dataset import TileDataset
@@ -185,6 +187,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder (stream and alone)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the old per-slide path")
+    parser.add_argument("--readers", nargs="+", default=["auto"], choices=READERS,
+                        help="time the stream once per pixel reader (vlm.wsi.readers), e.g. openslide tifffile")
     parser.add_argument("--cohort", type=Path, default=None, help="keep the generated slides here (reused)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (bf16 dense)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the main process (CPU)")
@@ -222,10 +226,10 @@ def main() -> None:
         forward = torch.compile(encoder, dynamic=False) if args.compile else encoder
         alone_tiles = min(n_tiles, 20 * args.batch_size)
 
-        def stream() -> int:
+        def stream(reader: str) -> int:
             report = embed_tiles(slides, work / "features", encoder, device, args.precision, args.batch_size,
                                  args.workers, tiles_dir=work / "grids", progress=False, compile=args.compile,
-                                 overwrite=True)  # fmt: skip
+                                 overwrite=True, reader=reader)  # fmt: skip
             if not report.ok:
                 raise SystemExit(f"stream failed: {report.failed}")
             return n_tiles
@@ -234,7 +238,10 @@ def main() -> None:
             return per_slide_baseline(slides, work / "grids", encoder, device, args.precision, args.batch_size,
                                       args.workers)  # fmt: skip
 
-        paths = {"stream": stream} if args.no_baseline else {"stream": stream, "per-slide (old)": old}
+        paths = {("stream" if reader == "auto" else f"stream, {reader}"): functools.partial(stream, reader)
+                 for reader in args.readers}  # fmt: skip
+        if not args.no_baseline:
+            paths["per-slide (old)"] = old
         rows, ratios, alone = {}, {}, []
         for name, run in paths.items():  # each path right after its own encoder-alone figure: same machine load
             alone.append(encoder_alone(encoder, device, args.precision, args.batch_size, alone_tiles, forward))

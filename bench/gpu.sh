@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of the project in one go (<= 8 minutes on one H100), ending in one table.
 #
-#   bench/gpu.sh            # on a CUDA machine: tile stream vs encoder alone (gigapath, bf16), slide encoder
-#                           # (eager and compiled), tile readers (OpenSlide vs tiffslide if installed),
-#                           # a fine-tuning step, then the CUDA-only tests (pytest -m gpu)
+#   bench/gpu.sh            # on a CUDA machine: tile stream vs encoder alone (gigapath, bf16) with each pixel
+#                           # reader (openslide, tifffile), slide encoder (eager and compiled), tile readers on
+#                           # this machine's cores (vlm's two, + tiffslide / fastslide / cuCIM if installed; grid
+#                           # and random reads), a fine-tuning step, then the CUDA-only tests (pytest -m gpu)
 #   bench/gpu.sh --smoke    # the same scripts at toy sizes on the CPU (a minute or two): proves the script runs
 #
 # Environment: PYTHON (default: python), VLM_WHEELS (a folder of wheels installed first, offline, if it exists),
@@ -29,10 +30,13 @@ START=$SECONDS
 if [[ "${1:-}" == "--smoke" ]]; then
   export OMP_NUM_THREADS=1
   "$PYTHON" bench/embed_tiles.py --device cpu --n-slides 2 --min-tiles 12 --max-tiles 24 --batch-size 16 \
-    --workers 1 --json "$RESULTS"
+    --workers 1 --readers openslide tifffile --no-baseline --json "$RESULTS"
   "$PYTHON" bench/slide_encoder.py --device cpu --tiles 200 --baseline-tiles 200 --compiled-tiles 200 --threads 1 \
     --json "$RESULTS"
-  "$PYTHON" bench/readers.py --size 6000 --tiles 50 --workers 1 --rounds 1 --json "$RESULTS"
+  "$PYTHON" bench/readers.py --size 6000 --tiles 50 --workers 1 --rounds 1 --readers openslide tifffile \
+    --json "$RESULTS"
+  "$PYTHON" bench/readers.py --size 6000 --tiles 50 --workers 1 --rounds 1 --readers openslide tifffile \
+    --pattern random --json "$RESULTS"
   "$PYTHON" bench/train.py --device cpu --batch 4 --chunk 2 --min-tiles 50 --max-tiles 100 --steps 1 \
     --json "$RESULTS"
 else
@@ -40,15 +44,21 @@ else
   WORKERS=${WORKERS:-$(( $(nproc) - 1 ))}
   # 12 mixed slides of 500-3,000 tissue tiles (~21k tiles): stream, old per-slide path, encoder alone
   "$PYTHON" bench/embed_tiles.py --device cuda --model gigapath --n-slides 12 --min-tiles 500 --max-tiles 3000 \
-    --batch-size 128 --workers "$WORKERS" --precision bf16 --json "$RESULTS"
+    --batch-size 128 --workers "$WORKERS" --precision bf16 --readers openslide tifffile --json "$RESULTS"
+  # the reader is the wall for a smaller encoder: ViT-B/16 (~1/5 of ViT-g's FLOPs), stream with each reader
+  "$PYTHON" bench/embed_tiles.py --device cuda --model timm:vit_base_patch16_224 --n-slides 12 --min-tiles 500 \
+    --max-tiles 3000 --batch-size 256 --workers "$WORKERS" --precision bf16 --readers openslide tifffile \
+    --no-baseline --json "$RESULTS"
   if [[ "${COMPILE:-0}" == "1" ]]; then
     "$PYTHON" bench/embed_tiles.py --device cuda --model gigapath --n-slides 4 --min-tiles 500 --max-tiles 3000 \
       --batch-size 128 --workers "$WORKERS" --precision bf16 --compile --no-baseline --json "$RESULTS"
   fi
   "$PYTHON" bench/slide_encoder.py --device cuda --precision bf16 --tiles 10000 70000 --baseline-tiles 10000 \
     --compiled-tiles 10000 --json "$RESULTS"
-  # the CPU feed: OpenSlide vs tiffslide (if installed), worker processes vs threads, on this machine's cores
+  # the CPU feed: vlm's readers (+ tiffslide / fastslide / cuCIM if installed), processes vs threads, this
+  # machine's cores; vlm's grid reads, then random 256-px reads (4 tiles decoded each)
   "$PYTHON" bench/readers.py --size 24000 --tiles 4000 --workers "$WORKERS" --json "$RESULTS"
+  "$PYTHON" bench/readers.py --size 24000 --tiles 2000 --workers "$WORKERS" --pattern random --json "$RESULTS"
   "$PYTHON" bench/train.py --device cuda --full --batch 16 --chunk 4 --min-tiles 3000 --max-tiles 6000 \
     --grad-checkpointing --steps 2 --json "$RESULTS"
   "$PYTHON" -m pytest -q -m gpu tests/ -p no:cacheprovider || echo "gpu tests FAILED" >&2

@@ -1,19 +1,25 @@
-"""Benchmark tile readers on the CPU: OpenSlide (vlm's reader) vs tiffslide, worker processes vs threads.
+"""Benchmark tile readers on the CPU: vlm's two readers (`--reader openslide` / `tifffile`) and, where
+installed, tiffslide, fastslide and cuCIM (never vlm dependencies), worker processes vs threads.
 
-Writes a JPEG pyramidal TIFF with `vlm.wsi.synthetic.write_pyramidal_tiff` (0.25 mpp, tissue in a blob),
-tiles it with `vlm.wsi.tiling.tile_slide` and reads the same tissue tiles with vlm's read plan (256 px at
-0.5 mpp: level 1, no resize) as RGB arrays, in every (reader, mode) pair:
+Writes a JPEG pyramidal TIFF with `vlm.wsi.synthetic.write_pyramidal_tiff` (0.25 mpp, tissue in a blob) and
+reads RGB arrays [256, 256, 3] in every (reader, mode) pair, from one of two read patterns:
+
+- `--pattern grid` (default): the tissue tiles of `vlm.wsi.tiling.tile_slide` with vlm's read plan (256 px at
+  0.5 mpp: level 1, no resize), what `vlm embed-tiles` reads;
+- `--pattern random`: 256-px reads at random level-0 positions (tile borders crossed: 4 tiles decoded per
+  read), the pattern of the peer comparisons in the issue tracker.
+
+Modes:
 
 - `main`: one thread in this process (the reference rate of one core);
 - `processes`: `--workers` processes, each with its own handle (how `vlm embed-tiles --workers` reads);
-- `threads`: `--workers` threads sharing one handle (OpenSlide and tiffslide are both thread-safe;
-  OpenSlide's ctypes calls and tiffslide's codecs release the GIL while decoding).
+- `threads`: `--workers` threads sharing one handle (all of these readers are thread-safe and release the GIL
+  while decoding). fastslide and cuCIM also decode a region's tiles on their own thread pools in every mode.
 
 Rounds are interleaved (every pair once, then again), so each figure has its baselines from the same
-minutes of machine load. Also checks that both readers return the same pixels (max |difference|).
-tiffslide is optional and not a vlm dependency (`pip install tiffslide`); without it only OpenSlide runs.
+minutes of machine load. Also prints each reader's max |difference| from OpenSlide over 50 reads.
 
-    python bench/readers.py [--size 16000] [--tiles 2000] [--workers 2] [--rounds 2] [--json results.jsonl]
+    python bench/readers.py [--size 16000] [--tiles 2000] [--pattern grid|random] [--workers 2] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -40,17 +47,43 @@ log = logging.getLogger("bench.readers")
 Reader = Callable[[int, int], np.ndarray]
 
 
+VLM_READERS = ("openslide", "tifffile")  # vlm's own, `Slide(reader=...)`
+OPTIONAL_READERS = {"tiffslide": "tiffslide", "fastslide": "fastslide", "cucim": "cucim"}  # name: module
+
+
+def available_readers() -> list[str]:
+    """vlm's readers, then the optional ones that import here (each logged when missing)."""
+    found = list(VLM_READERS)
+    for name, module in OPTIONAL_READERS.items():
+        if importlib.util.find_spec(module) is None:
+            log.info("%s is not installed: not measured (pip install %s to compare)", name, name)
+        else:
+            found.append(name)
+    return found
+
+
 def open_reader(name: str, path: Path, level: int, size: int) -> Reader:
-    """A function (x, y) -> RGB uint8 [size, size, 3] reading at `level` with one open handle."""
-    if name == "openslide":
+    """A function (x, y) -> RGB uint8 [size, size, 3] reading at `level` (x, y level-0) with one open handle."""
+    if name in VLM_READERS:
         from vlm.wsi.slide import Slide
 
-        slide = Slide(path, mpp=0.25)
-        return lambda x, y: np.asarray(slide.read_region_rgb((x, y), level, (size, size)))
-    import tiffslide
+        slide = Slide(path, mpp=0.25, reader=name)
+        return lambda x, y: slide.read_region_array((x, y), level, (size, size))
+    if name == "tiffslide":
+        import tiffslide
 
-    slide = tiffslide.TiffSlide(path)
-    return lambda x, y: np.asarray(slide.read_region((x, y), level, (size, size), as_array=True))[..., :3]
+        slide = tiffslide.TiffSlide(path)
+        return lambda x, y: np.asarray(slide.read_region((x, y), level, (size, size), as_array=True))[..., :3]
+    if name == "fastslide":
+        import fastslide
+
+        fast = fastslide.FastSlide.from_file_path(str(path))
+        downsample = round(fast.level_downsamples[level])  # fastslide takes level-native coordinates
+        return lambda x, y: fast.read_region((x // downsample, y // downsample), level, (size, size)).numpy()[..., :3]
+    from cucim import CuImage
+
+    image = CuImage(str(path))
+    return lambda x, y: np.asarray(image.read_region((x, y), (size, size), level))[..., :3]
 
 
 def _read_chunk(args: tuple[str, str, int, int, np.ndarray]) -> int:
@@ -67,7 +100,9 @@ def _started(_: int) -> int:
 def rate(name: str, mode: str, path: Path, coords: np.ndarray, level: int, size: int, workers: int) -> float:
     """Tiles per second of one (reader, mode) over all `coords`; worker processes are started (and have
     imported vlm) before the clock starts, as a DataLoader's persistent workers would be."""
-    pool = ProcessPoolExecutor(workers) if mode == "processes" else None
+    # spawned, not forked: a reader with its own thread pool (fastslide) deadlocks in a forked child
+    spawn = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=spawn) if mode == "processes" else None
     if pool is not None:
         list(pool.map(_started, range(workers * 2)))
     start = time.perf_counter()
@@ -98,16 +133,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=16_000, help="level-0 side in px")
     parser.add_argument("--tiles", type=int, default=2000, help="tissue tiles read per case")
+    parser.add_argument("--pattern", choices=["grid", "random"], default="grid",
+                        help="tissue tiles of vlm's grid, or random level-0 256-px reads")
+    parser.add_argument("--readers", nargs="+", default=None, help="measure only these (default: all found)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every case")
     parser.add_argument("--json", type=Path, default=None, help="append result rows (JSON lines) here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    readers = ["openslide"]
-    if importlib.util.find_spec("tiffslide") is None:
-        log.info("tiffslide is not installed: only OpenSlide is measured (pip install tiffslide to compare)")
-    else:
-        readers.append("tiffslide")
+    readers = [name for name in available_readers() if args.readers is None or name in args.readers]
     modes = ["main", "processes", "threads"]
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,32 +152,41 @@ def main() -> None:
             size0 = round(params.tile_size * params.target_mpp / slide.mpp)
             plan = read_plan(slide, size0, params.tile_size)
             grid = tile_slide(slide, params).grid
-        coords = grid.coords[np.random.default_rng(0).permutation(len(grid))[: args.tiles]]
-        coords = coords[np.lexsort((coords[:, 0], coords[:, 1]))]  # row-major, as the grid is stored
-        log.info("slide %d px, %d tissue tiles, read plan: level %d, %d px, resize %s; %d tiles per case",
-                 args.size, len(grid), plan.level, plan.read_size, plan.needs_resize, len(coords))  # fmt: skip
-        if len(readers) > 1:  # same pixels? (both decode the same JPEG tiles; libjpeg versions may round apart)
-            a, b = (open_reader(name, path, plan.level, plan.read_size) for name in readers)
-            diff = max(int(np.abs(a(int(x), int(y)).astype(int) - b(int(x), int(y))).max()) for x, y in coords[:50])
-            log.info("max |openslide - tiffslide| over 50 tiles: %d (of 255)", diff)
+        rng = np.random.default_rng(0)
+        if args.pattern == "grid":
+            coords = grid.coords[rng.permutation(len(grid))[: args.tiles]]
+            coords = coords[np.lexsort((coords[:, 0], coords[:, 1]))]  # row-major, as the grid is stored
+            level, size = plan.level, plan.read_size
+        else:
+            coords = rng.integers(0, args.size - 256, (args.tiles, 2))
+            level, size = 0, 256
+        log.info("slide %d px, %d tissue tiles, read plan: level %d, %d px, resize %s; %d %s reads per case",
+                 args.size, len(grid), level, size, plan.needs_resize, len(coords), args.pattern)  # fmt: skip
+        reference = open_reader("openslide", path, level, size)
+        for name in readers[1:]:  # same pixels? (the same JPEG tiles; other decoders may round apart)
+            other = open_reader(name, path, level, size)
+            diff = max(int(np.abs(reference(int(x), int(y)).astype(int) - other(int(x), int(y))).max())
+                       for x, y in coords[:50])  # fmt: skip
+            log.info("max |openslide - %s| over 50 reads: %d (of 255)", name, diff)
         for name in readers:  # warm the page cache and the imports
-            rate(name, "main", path, coords[:50], plan.level, plan.read_size, 1)
+            rate(name, "main", path, coords[:50], level, size, 1)
         figures: dict[tuple[str, str], list[float]] = {(name, mode): [] for name in readers for mode in modes}
         for round_ in range(args.rounds):
             for mode in modes:
                 for name in readers:
-                    value = rate(name, mode, path, coords, plan.level, plan.read_size, args.workers)
+                    value = rate(name, mode, path, coords, level, size, args.workers)
                     figures[name, mode].append(value)
                     log.info("round %d  %-9s %-9s %8.1f tiles/s", round_ + 1, name, mode, value)
-    log.info("\n| reader | mode | tiles/s (each round) |\n|---|---|---|")
+    log.info("\n| reader | mode | reads/s (each round) | vs OpenSlide (median) |\n|---|---|---|---|")
     for (name, mode), values in figures.items():
         workers = _label(mode, args.workers)
-        log.info("| %s | %s | %s |", name, workers, " / ".join(f"{v:.0f}" for v in values))
+        ratio = statistics.median(values) / statistics.median(figures["openslide", mode])
+        log.info("| %s | %s | %s | %.2fx |", name, workers, " / ".join(f"{v:.0f}" for v in values), ratio)
     if args.json:
         with open(args.json, "a") as handle:
             for (name, mode), values in figures.items():
                 workers = _label(mode, args.workers)
-                row = {"bench": "readers", "case": f"{name}, {workers}", "device": "CPU",
+                row = {"bench": "readers", "case": f"{name}, {workers}, {args.pattern}", "device": "CPU",
                        "value": round(statistics.median(values), 1), "unit": "tiles/s"}  # fmt: skip
                 handle.write(json.dumps(row) + "\n")
 

@@ -2,6 +2,13 @@
 
     python bench/retrieval.py                       # 1,000,000 x 512-d, kinds auto (= ivf at this size)
     python bench/retrieval.py --n 100000 --kinds auto hnsw ivfpq   # a quicker run, more kinds
+    python bench/retrieval.py --n 10000000          # streamed: auto (= ivfpq), never holding the 20 GB of vectors
+
+Above `--stream-over` vectors (default 2,000,000) the collection is never held: it is generated chunk by chunk
+(each chunk seeded, so every pass sees the same vectors), indexed with `SlideIndex.from_vector_chunks`, and the
+exact top-10 of the held-out queries comes from a brute-force scan of the chunks (no flat index is built). The
+index is then saved, dropped and loaded back, and the loaded one is searched. Peak memory (max RSS of this
+process) and the machine's load average are reported with the figures.
 
 Prints, per kind: build time (training + adding + recall tuning), index size (bytes of the serialised index,
 which is what it takes in memory), Recall@10 vs exact on held-out queries, and latency p50/p99 for single
@@ -15,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -24,23 +32,24 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: its tests/support generators
-from tests.support.synthetic import clustered_embeddings  # noqa: E402
+from tests.support.synthetic import clustered_embedding_chunks, clustered_embeddings  # noqa: E402
 from vlm.model.clip import build_tiny_model  # noqa: E402
 from vlm.retrieval import SlideIndex  # noqa: E402
-from vlm.retrieval.kinds import threads_for  # noqa: E402
+from vlm.retrieval.kinds import merge_topk, threads_for  # noqa: E402
 
 log = logging.getLogger("bench.retrieval")
 
 
-def latencies(search, queries: np.ndarray, batch: int, repeats: int) -> tuple[float, float]:  # noqa: ANN001
-    """p50 / p99 wall time (ms) of `search(block)` over `repeats` blocks of `batch` queries."""
+def latencies(search, queries: np.ndarray, batch: int, repeats: int, points=(50, 99)) -> tuple[float, ...]:  # noqa: ANN001
+    """Percentiles (default p50 / p99) of the wall time (ms) of `search(block)` over `repeats` blocks of `batch`
+    queries."""
     times = []
     for r in range(repeats):
         block = queries[(r * batch) % len(queries) :][:batch]
         start = time.perf_counter()
         search(block)
         times.append((time.perf_counter() - start) * 1000)
-    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+    return tuple(float(np.percentile(times, point)) for point in points)
 
 
 def file_size(index: faiss.Index) -> int:
@@ -60,9 +69,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="batches of 100 timed per kind (default 20)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="also write the figures as JSON here")
+    parser.add_argument("--stream-over", type=int, default=2_000_000, help="stream collections larger than this")
+    parser.add_argument("--workdir", help="streamed runs: where to save the index (default: a temporary folder)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     faiss.omp_set_num_threads(args.threads)
+    if args.n > args.stream_over:
+        streamed(args)
+        return
 
     start = time.perf_counter()
     data = clustered_embeddings(args.n + args.queries, args.dim, n_clusters=args.clusters, seed=0)
@@ -112,6 +126,82 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps({"n": args.n, "dim": args.dim, "threads": args.threads, "rows": rows},
                                              indent=2) + "\n")  # fmt: skip
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def streamed(args: argparse.Namespace) -> None:
+    """Build, save, load and search an index of `args.n` vectors generated chunk by chunk (see the docstring)."""
+    load_before = os.getloadavg()
+    chunk = 100_000
+    def generate():  # noqa: ANN202  the first `queries` rows are held out: never indexed nor used in tuning
+        return clustered_embedding_chunks(args.n + args.queries, args.dim, n_clusters=args.clusters, seed=0,
+                                          chunk=max(chunk, args.queries))  # fmt: skip
+
+    held_out = next(generate())[: args.queries]
+    exact_scores = np.full((args.queries, 10), -np.inf, np.float32)
+    exact_ids = np.full((args.queries, 10), -1, np.int64)
+    passes, exact_done = [], []
+
+    def chunks():  # noqa: ANN202  (vectors, keys) blocks; the first pass also scans them for the exact top-10
+        nonlocal exact_scores, exact_ids
+        passes.append(time.perf_counter())
+        start = 0
+        for i, block in enumerate(generate()):
+            block = block[args.queries :] if i == 0 else block
+            if len(passes) == 1 and not exact_done:
+                scores, nearest = faiss.knn(held_out, block, 10, metric=faiss.METRIC_INNER_PRODUCT)
+                exact_scores, exact_ids = merge_topk(exact_scores, exact_ids, scores, nearest + start)
+            yield block, [f"s{i}" for i in range(start, start + len(block))]
+            start += len(block)
+        exact_done.append(True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_tiny_model(Path(tmp), slide_embed_dim=8, proj_dim=args.dim)
+    rows = []
+    for kind in args.kinds:
+        passes.clear()
+        start = time.perf_counter()
+        index = SlideIndex.from_vector_chunks(chunks, model, kind=kind)
+        build = time.perf_counter() - start
+        chosen, params, tuned = index.kind, index.params, index.manifest["recall"]["measured"]
+        log.info("built %s (asked for %s) in %.0f s; peak RSS so far %.2f GB", chosen, kind, build, peak_rss_gb())
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            start = time.perf_counter()
+            index.save(Path(tmp) / "index")
+            save_s = time.perf_counter() - start
+            on_disk = sum(f.stat().st_size for f in (Path(tmp) / "index").iterdir() if f.is_file())
+            del index
+            start = time.perf_counter()
+            index = SlideIndex.load(Path(tmp) / "index", model=model)
+            load_s = time.perf_counter() - start
+        log.info("saved in %.0f s (%.2f GB), loaded in %.0f s", save_s, on_disk / 1e9, load_s)
+        _, found = index.search_vectors(held_out, 10)
+        recall = float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact_ids, strict=True)]))
+        single = latencies(lambda q, index=index: index.search_vectors(q, 10), held_out, 1, args.single, (50, 95, 99))
+        batch = latencies(lambda q, index=index: index.search_vectors(q, 10), held_out, 100, args.batches, (50, 95))
+        rows.append({"kind": f"{kind} -> {chosen}" if kind == "auto" else kind, "params": params, "build_s": build,
+                     "save_s": save_s, "load_s": load_s, "bytes": on_disk, "recall@10": recall,
+                     "tuned_recall@10": tuned, "single_ms": single, "batch100_ms": batch,
+                     "peak_rss_gb": peak_rss_gb()})  # fmt: skip
+        del index
+    load_after = os.getloadavg()
+    print(f"\n{args.n:,} x {args.dim}-d clustered embeddings (streamed), faiss {faiss.__version__}, "
+          f"{args.threads} threads for batches, 1 for single queries; load average (1/5/15 min) "
+          f"{'/'.join(f'{x:.1f}' for x in load_before)} before, {'/'.join(f'{x:.1f}' for x in load_after)} after")
+    print(f"{'kind':18s} {'build s':>8s} {'disk GB':>8s} {'R@10':>6s} {'1q p50/p95/p99 ms':>20s} "
+          f"{'100q p50/p95 ms':>17s} {'peak RSS GB':>11s}  params")  # fmt: skip
+    for row in rows:
+        s50, s95, s99 = row["single_ms"]
+        b50, b95 = row["batch100_ms"]
+        print(f"{row['kind']:18s} {row['build_s']:8.0f} {row['bytes'] / 1e9:8.2f} {row['recall@10']:6.3f} "
+              f"{s50:6.2f}/{s95:<6.2f}/{s99:<6.2f} {b50:8.1f}/{b95:<8.1f} {row['peak_rss_gb']:11.2f}  "
+              f"{row['params']}")  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps({"n": args.n, "dim": args.dim, "threads": args.threads, "rows": rows,
+                                              "load_average": [load_before, load_after]}, indent=2) + "\n")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 
 from vlm.cli import build_parser, main
 from vlm.commands.options import given_settings
-from vlm.settings import INDEX_KINDS, POOLS, PRECISIONS
+from vlm.settings import INDEX_KINDS, POOLS, PRECISIONS, READERS
 from vlm.training.config import CONFIG_FILE, TrainConfig
 
 
@@ -35,12 +35,13 @@ def _config(argv: list[str]) -> TrainConfig:
 
 
 def test_shared_options_read_the_same_in_every_command() -> None:
-    """--device, --precision, --pool, --shard, --no-progress, --n-boot: one help and one set of choices everywhere."""
+    """--device, --precision, --pool, --shard, --no-progress, --n-boot, --reader: one help and choices everywhere."""
     seen: dict[str, dict[tuple[str, tuple[str, ...] | None], list[str]]] = {}
     for name, parser in _parsers(build_parser()):
         for action in parser._actions:
             flag = next((f for f in action.option_strings if f.startswith("--")), None)
-            if flag in ("--device", "--precision", "--pool", "--shard", "--no-progress", "--kind", "--n-boot"):
+            if flag in ("--device", "--precision", "--pool", "--shard", "--no-progress", "--kind", "--n-boot",
+                        "--reader"):
                 text = re.sub(r" \(default: [^)]*\)$", "", " ".join((action.help or "").split()))  # train's own
                 key = (text, tuple(action.choices) if action.choices else None)
                 seen.setdefault(flag, {}).setdefault(key, []).append(name)
@@ -50,6 +51,8 @@ def test_shared_options_read_the_same_in_every_command() -> None:
     assert choices["--precision"] == PRECISIONS
     assert choices["--pool"] == POOLS
     assert choices["--kind"] == INDEX_KINDS
+    assert choices["--reader"] == READERS
+    assert len(seen["--reader"][next(iter(seen["--reader"]))]) == 3  # info, tile, embed-tiles
 
 
 def test_train_flags_are_the_config_fields_with_their_defaults() -> None:

@@ -179,6 +179,19 @@ def test_embed_tiles_shards_write_disjoint_files(tmp_path: Path, slide_05: Path,
     assert tuple(tissue_tiles.coords[0]) == (x0, y0)
 
 
+def test_a_240_character_slide_name_is_tiled(tmp_path: Path, slide_05: Path) -> None:
+    """`<id>.h5` fits the 255-byte name limit, but its temporary `.<id>.h5.<random>.part` did not: the slide
+    failed with "File name too long"."""
+    slide_id = "S" * 240
+    slide = tmp_path / f"{slide_id}.tiff"
+    shutil.copy(slide_05, slide)
+    out = tmp_path / "tiles"
+    assert main(["tile", str(slide), "--out", str(out), "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [f"{slide_id}.h5", f"{slide_id}.png"]
+    assert read_tile_grid(out / f"{slide_id}.h5").coords.shape[0] > 0
+    assert not list(out.glob(".*.part"))
+
+
 @pytest.mark.parametrize("name", ["...tiff", "..tiff", ".ome.tiff"])
 def test_a_file_name_that_leaves_no_slide_id_is_refused(
     tmp_path: Path, slide_05: Path, name: str, caplog: pytest.LogCaptureFixture

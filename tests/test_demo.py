@@ -90,6 +90,31 @@ def test_new_slide_script_runs_a_slide_through_the_demo_offline(demo_out: Path, 
     assert subprocess.run(["bash", str(demo_out / "new_slide.sh")], capture_output=True).returncode == 2
 
 
+@pytest.mark.slow
+def test_new_slide_script_takes_names_that_start_with_a_dash(demo_out: Path, tmp_path: Path) -> None:
+    """`new_slide.sh -x.svs -out`: argparse read the slide as an unknown option and mkdir the folder as one."""
+    import shutil
+    import subprocess
+
+    from vlm.demo.run import PROMPT_FILE, _write_new_slide_script
+
+    demo = tmp_path / "demo"
+    (demo / "encoders").mkdir(parents=True)
+    for part in ("align", "index", "encoders/tile_encoder.pth", "encoders/slide_encoder.pth"):  # what it reads
+        (demo / part).symlink_to(demo_out / part)
+    shutil.copy(PROMPT_FILE, demo / "encoders" / PROMPT_FILE.name)  # this version's task file, as the demo does
+    script = _write_new_slide_script(demo)
+    shutil.copy(Path(__file__).parent / "data" / "cmu_small_region.svs", tmp_path / "-x.svs")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run(["bash", str(script), "-x.svs", "-out"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "-out"
+    assert (out / "features" / "-x.h5").is_file()
+    assert list(pd.read_csv(out / "zeroshot" / "predictions.csv")["slide_id"]) == ["-x"]
+    assert len(json.loads((out / "search.json").read_text())) == 5
+
+
 def test_demo_refuses_too_few_slides_per_class_up_front(tmp_path: Path) -> None:
     from vlm.cli import main
 

@@ -375,3 +375,71 @@ def test_cli_compile_gives_the_eager_embeddings(features_dir: Path, checkpoint: 
     )
     assert compiled["slide_id"].tolist() == eager["slide_id"].tolist()
     np.testing.assert_allclose(np.stack(compiled["embedding"]), np.stack(eager["embedding"]), rtol=1e-5, atol=1e-5)
+
+
+def _recorded_as(path: Path, encoder: str) -> None:
+    with h5py.File(path, "r+") as h5:
+        h5.attrs["encoder"] = encoder
+
+
+def test_a_folder_mixing_tile_encoders_is_refused_naming_the_odd_files(
+    features_dir: Path, checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Features of another tile encoder of the same width mixed into the folder: embed-slides exited 0, and
+    those slides' embeddings were meaningless."""
+    import logging
+
+    for path in features_dir.glob("*.h5"):
+        _recorded_as(path, "timm:vit_small_patch16_224")
+    _recorded_as(features_dir / "slide-1.h5", "timm:resnet50")
+    out = tmp_path / "slides.parquet"
+    argv = ["embed-slides", str(features_dir), "--out", str(out), "--slide-encoder", "tiny", "--checkpoint",
+            str(checkpoint), "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "slide-1.h5 ('timm:resnet50')" in errors[0], errors
+    assert "2 record 'timm:vit_small_patch16_224'" in errors[0] and not out.exists()
+    _recorded_as(features_dir / "slide-1.h5", "timm:vit_small_patch16_224")
+    assert main(argv) == 0
+    from vlm.formats.embeddings import read_embedding_settings
+
+    assert read_embedding_settings(out)["tile_encoder"] == "timm:vit_small_patch16_224"
+    _recorded_as(features_dir / "slide-1.h5", "timm:resnet50")  # a resumed run into that file is refused too
+    (features_dir / "slide-2.h5").unlink()
+    assert main([*argv, "--overwrite"]) == 2
+
+
+def test_files_without_a_recorded_encoder_are_warned_about_not_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CLAM files record no encoder; they stay usable, with a warning that says what is not checked."""
+    from vlm.encoders.slide_inputs import check_tile_encoders
+
+    folder = tmp_path / "features"
+    folder.mkdir()
+    paths = [_write_slide(folder, f"s{i}", 20, seed=i) for i in range(3)]
+    with h5py.File(paths[0], "r+") as h5:
+        del h5.attrs["encoder"]
+    assert check_tile_encoders(paths, "tiny") == "test"
+    assert "1 feature file(s) record no tile encoder (s0.h5" in caplog.text
+
+
+def test_the_gigapath_slide_encoder_refuses_features_of_another_tile_encoder(tmp_path: Path) -> None:
+    """Prov-GigaPath's slide encoder was trained on its own tile encoder's 1536-d features; 1536-d features of
+    another encoder gave embeddings with no error. TRIDENT names that tile encoder `gigapath` as vlm does."""
+    from vlm.encoders.slide_inputs import check_tile_encoders
+
+    folder = tmp_path / "features"
+    folder.mkdir()
+    coords = trident_grid(4, 4, level0_magnification=40)
+    trident = folder / "trident.h5"
+    write_trident_features(trident, coords, np.zeros((16, 1536), np.float32), 40, encoder="gigapath")
+    assert check_tile_encoders([trident], "gigapath") == "gigapath"
+    mine = _write_slide(folder, "mine", 20, seed=0, dim=1536)
+    _recorded_as(mine, "timm:vit_giant_patch14_dinov2.lvd142m")
+    with pytest.raises(ValueError, match=r"'gigapath' slide encoder was trained on 'gigapath' tile features, but "
+                       r"mine.h5 record 'timm:vit_giant_patch14_dinov2.lvd142m'"):  # fmt: skip
+        check_tile_encoders([mine], "gigapath")
+    with pytest.raises(ValueError, match="record tile encoder 'gigapath', but the model's slide embeddings were "
+                       "made from 'timm:resnet50'"):  # fmt: skip
+        check_tile_encoders([trident], source={"encoder": "custom", "tile_encoder": "timm:resnet50"})

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from tests.support.encoders import tiny_gigapath
 from tests.support.synthetic import tissue_image
 from vlm.encoders.tile import TileEncoder, create_tile_encoder, tensor_transform
 from vlm.formats.features import read_features
@@ -32,11 +33,6 @@ from vlm.wsi.synthetic import write_pyramidal_tiff
 from vlm.wsi.tiling import TilingParams, read_plan, tile_slide
 
 CPU = torch.device("cpu")
-
-
-def tiny_gigapath() -> TileEncoder:
-    # init_values=1: with the published 1e-5 layer scale a random ViT gives every tile (nearly) the same CLS
-    return create_tile_encoder("gigapath", pretrained=False, embed_dim=48, depth=1, num_heads=2, init_values=1.0)
 
 
 @torch.inference_mode()
@@ -219,14 +215,14 @@ def test_a_dying_reader_fails_the_slides_in_flight_and_the_stream_goes_on(
     for name in ["a", "b", "c", "d"]:
         cohort.append(tmp_path / f"{name}.tiff")
         cohort[-1].write_bytes(slide_05.read_bytes())
-    read_tile = TileDataset.read_tile
+    read_tile = TileDataset.read_tile_array  # what the stream reads uint8 tiles with
 
-    def dies_on_b(self: TileDataset, index: int) -> Image.Image:
+    def dies_on_b(self: TileDataset, index: int) -> np.ndarray:
         if self.slide_path.stem == "b":
             os._exit(1)  # the forked worker process dies on the spot
         return read_tile(self, index)
 
-    monkeypatch.setattr(TileDataset, "read_tile", dies_on_b)
+    monkeypatch.setattr(TileDataset, "read_tile_array", dies_on_b)
     encoder = tiny_gigapath()
     report = embed_tiles(cohort, tmp_path / "out", encoder, CPU, batch_size=8, workers=2, progress=False)
     failed = dict(report.failed)
@@ -234,7 +230,7 @@ def test_a_dying_reader_fails_the_slides_in_flight_and_the_stream_goes_on(
     assert {"c", "d"} <= set(report.done)
     assert set(report.done) | set(failed) == {"a", "b", "c", "d"}
     assert sorted(path.stem for path in (tmp_path / "out").glob("*.h5")) == sorted(report.done)
-    monkeypatch.setattr(TileDataset, "read_tile", read_tile)
+    monkeypatch.setattr(TileDataset, "read_tile_array", read_tile)
     rerun = embed_tiles(cohort, tmp_path / "out", encoder, CPU, batch_size=8, workers=2, progress=False)
     assert sorted(rerun.done) == sorted(failed) and rerun.ok
     reference = per_slide_features(slide_05, encoder)

@@ -182,6 +182,7 @@ def _vlm(*argv: str) -> subprocess.Popen[str]:
                             text=True, env=env, cwd=ROOT)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_two_concurrent_index_adds_keep_both(world: dict[str, Path], tmp_path: Path) -> None:
     """Two `vlm index add` at once both said they succeeded, and one's slides were lost."""
     from vlm.io import folder_lock
@@ -289,3 +290,23 @@ def test_retrieval_does_not_import_training() -> None:
                             env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_index_build_on_a_full_disk_says_so_and_where(
+    world: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FAISS's `write_index` on a full disk said "write error" (a RuntimeError the CLI blamed on the input file).
+
+    2,000 slides make a 0.5 MB `index.faiss`, the first file written, in 64 kB of free space.
+    """
+    from tests.support.full_disk import full_disk
+
+    slides = _slides(tmp_path / "many.parquet", [f"S-{i:04d}" for i in range(2000)])
+    with full_disk(tmp_path / "full", room=64 << 10) as disk:
+        argv = ["index", "build", "--model", str(world["model"]), "--embeddings", str(slides),
+                "--out", str(disk / "index")]
+        assert main(argv) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and errors[0].startswith(f"disk full at {disk / 'index'} ("), errors
+        assert "write error" not in errors[0] and "damaged or foreign" not in errors[0]
+        assert not (disk / "index").exists()  # nothing half-written

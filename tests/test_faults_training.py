@@ -415,3 +415,68 @@ def test_demo_refuses_a_folder_of_the_users_files(tmp_path: Path) -> None:
     assert cli_main(["demo", "--out", str(mine), "--no-progress"]) == 2
     assert (mine / "align" / "notes.txt").read_text() == "precious"
     assert sorted(p.name for p in mine.iterdir()) == ["align"]
+
+
+def test_train_on_a_full_disk_says_so_and_where(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint or model that did not fit was reported as "a damaged or foreign input file"."""
+    from tests.support.full_disk import full_disk
+
+    config = _config(tmp_path / "data", tmp_path / "unused")
+    with full_disk(tmp_path / "full", room=64 << 10) as disk:
+        out = disk / "run"
+        argv = ["train", "--pairs", config.pairs, "--embeddings", config.embeddings, "--text-encoder",
+                config.text_encoder, "--max-length", "8", "--proj-dim", "8", "--epochs", "1", "--batch-size", "4",
+                "--out", str(out), "--no-progress"]  # fmt: skip
+        assert cli_main(argv) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and errors[0].startswith(f"disk full at {out}"), errors
+        assert "damaged or foreign" not in errors[0]
+        assert not [p.name for p in out.rglob("*.part")] if out.exists() else True
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_train_outputs_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """safetensors writes 0600: `model/` and `last/model.safetensors` were private whatever the umask."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        train(_config(tmp_path / "data", tmp_path / "run"))
+    finally:
+        os.umask(previous)
+    out = tmp_path / "run"
+    files = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert out / "model" / "model.safetensors" in files and out / "last" / "model.safetensors" in files
+    wrong = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in files
+             if p.stat().st_mode & 0o777 != 0o666 & ~umask}  # fmt: skip
+    assert not wrong, f"expected {oct(0o666 & ~umask)}"
+    folders = [p for p in out.rglob("*") if p.is_dir()]
+    assert all(p.stat().st_mode & 0o777 == 0o777 & ~umask for p in folders)
+
+
+def test_ctrl_c_during_train_is_one_line_naming_the_checkpoint_and_the_resume(tmp_path: Path) -> None:
+    """SIGINT printed a 30-line KeyboardInterrupt traceback; now: where the last checkpoint is, how to resume,
+    exit code 130 (the shell's for SIGINT). A real `vlm train` process, interrupted after its first checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = _config(tmp_path / "data", tmp_path / "unused")
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "vlm", "train", "--pairs", config.pairs, "--embeddings",
+            config.embeddings, "--text-encoder", config.text_encoder, "--max-length", "8", "--proj-dim", "8",
+            "--epochs", "100000", "--batch-size", "4", "--checkpoint-every", "1", "--out", str(out), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / CHECKPOINT).is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (out / CHECKPOINT).is_file(), process.communicate(timeout=5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.endswith(f"the last checkpoint is {out / CHECKPOINT}; continue with: vlm train --resume {out}"), stderr

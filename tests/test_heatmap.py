@@ -17,7 +17,7 @@ from vlm.cli import main
 from vlm.encoders.slide import create_slide_encoder
 from vlm.formats.embeddings import read_slide_embeddings
 from vlm.formats.features import TileFeatures, TileGrid, read_features, write_features
-from vlm.heatmap import slide_tower, tile_scores
+from vlm.model.attribution import slide_tower, tile_scores
 from vlm.model.clip import SlideTextModel, build_tiny_model
 from vlm.model.projection import ProjectionHead
 
@@ -230,7 +230,7 @@ def test_stitched_slide_each_class_phrase_is_hotter_on_its_own_half(demo_out: Pa
     baseline) got 96/192, i.e. chance, because positions dominated them. Single phrases hold only as far as
     the slide scores themselves separate the classes for that phrase (see README)."""
     from vlm.encoders.slide_inputs import load_slide_inputs
-    from vlm.heatmap import slide_heat
+    from vlm.model.attribution import slide_heat
 
     model = SlideTextModel.from_pretrained(demo_out / "align" / "model")
     encoder = slide_tower(model)
@@ -272,8 +272,9 @@ def test_zeroshot_heatmaps_use_each_slides_predicted_class(frozen_run: dict, tmp
     predicted = pd.read_csv(out / "predictions.csv").set_index("slide_id")["predicted"]
     slide_id = run["features"].stem
     geojson = json.loads((out / "heat" / f"{slide_id}.geojson").read_text())
-    assert geojson["properties"]["queries"][0].startswith(f"{predicted[slide_id]} (predicted")
-    # the heat of the predicted class averages to that class's cosine score, which zero-shot turned into p
+    assert geojson["properties"]["queries"][0].startswith(f"{predicted[slide_id]} vs other classes")
+    # by default the map is the predicted class against the other (contrastive): its heat averages to the
+    # difference of the two cosine scores, the quantity zero-shot turned into p
     from vlm.model.zeroshot import ZeroShotClassifier
 
     model = SlideTextModel.from_pretrained(run["model"])
@@ -284,7 +285,10 @@ def test_zeroshot_heatmaps_use_each_slides_predicted_class(frozen_run: dict, tmp
     cosine = (model.encode_slide_embeddings(embedding) @ classifier.prototypes.T)[0]
     row = list(classifier.classes).index(predicted[slide_id])
     table = pd.read_csv(out / "heat" / f"{slide_id}.csv")
-    assert table["score"].mean() == pytest.approx(float(cosine[row].detach()), abs=1e-4)
+    contrast = float((cosine[row] - cosine[1 - row]).detach())
+    assert table["score"].mean() == pytest.approx(contrast, abs=1e-4)
+    record = json.loads((out / "heat" / f"{slide_id}.json").read_text())
+    assert record["maps"][0]["slide_score"] == pytest.approx(contrast, abs=1e-4)
 
 
 def test_zeroshot_heatmaps_keep_zero_padded_slide_ids(frozen_run: dict, tmp_path: Path) -> None:
@@ -304,7 +308,7 @@ def test_zeroshot_heatmaps_keep_zero_padded_slide_ids(frozen_run: dict, tmp_path
                                features, [run["slide"]], tmp_path / "padded" / "heat")  # fmt: skip
     assert report.ok and report.done == ["0007"]
     geojson = json.loads((tmp_path / "padded" / "heat" / "0007.geojson").read_text())
-    assert geojson["properties"]["queries"][0].startswith("2 (predicted")
+    assert geojson["properties"]["queries"][0].startswith("2 vs other classes")
 
 
 @pytest.mark.slow
@@ -322,3 +326,209 @@ def test_an_empty_query_is_a_usage_error(frozen_run: dict, caplog: pytest.LogCap
     run = frozen_run
     assert _heatmap(run, "--query", " ", first_query=False) == 2
     assert "non-empty query" in caplog.text and not run["out"].exists()
+
+
+# --- faithfulness, occlusion, contrastive maps ----------------------------------------------------------------
+
+
+def _one_driving_region(tmp_path: Path) -> tuple:
+    """A tiny model and an 8 x 6 tile slide whose background tiles carry one feature (plus noise) and whose
+    3 x 3 corner block carries another; the target text is the direction from the all-background slide to the
+    all-region slide in the joint space, so the region alone drives the score."""
+    model = build_tiny_model(tmp_path, slide_encoder="tiny").eval()
+    encoder = slide_tower(model)
+    rng = np.random.default_rng(0)
+    coords = np.stack(np.meshgrid(np.arange(8) * 256.0, np.arange(6) * 256.0), -1).reshape(-1, 2)
+    background, region = rng.normal(size=(2, 32)).astype(np.float32)
+    features = background + 0.05 * rng.normal(size=(48, 32)).astype(np.float32)
+    driving = (coords[:, 0] < 3 * 256) & (coords[:, 1] < 3 * 256)
+    features[driving] = region + 0.05 * rng.normal(size=(int(driving.sum()), 32)).astype(np.float32)
+    with torch.no_grad():
+        ends = model.encode_slides(torch.from_numpy(np.stack([np.tile(background, (48, 1)), np.tile(region, (48, 1))])),
+                                   torch.from_numpy(np.stack([coords, coords])))  # fmt: skip
+    target = torch.nn.functional.normalize(ends[1] - ends[0], dim=0)[None]
+    return model, encoder, features, coords, driving, target
+
+
+def test_a_map_in_the_true_order_beats_random_and_a_shuffled_one_does_not(tmp_path: Path) -> None:
+    """Faithfulness judges the order, not the values: the share map of a slide with one driving region
+    finds it (deletion falls and insertion rises faster than in random orders); the same scores shuffled
+    over the tiles are judged no better than random (at most 1 of 6 shuffles passes: the rule's false-positive
+    rate is about 1 in 20)."""
+    from vlm.model.attribution import faithfulness
+
+    model, encoder, features, coords, driving, target = _one_driving_region(tmp_path)
+    scores, _ = tile_scores(model, encoder, features, coords, target)
+    assert set(np.argsort(-scores[:, 0])[: int(driving.sum())]) == set(np.flatnonzero(driving))
+    (true,) = faithfulness(model, encoder, features, coords, scores, target)
+    assert true.better_than_random and true.spreads > 2
+    assert true.deletion_auc < true.random_deletion_auc_mean and true.insertion_auc > true.random_insertion_auc_mean
+    assert len(true.deletion_curve) == len(true.insertion_curve) == true.steps
+    rng = np.random.default_rng(1)
+    passed = [faithfulness(model, encoder, features, coords, rng.permutation(scores), target, seed=s)[0]
+              .better_than_random for s in range(6)]  # fmt: skip
+    assert sum(passed) <= 1, passed
+
+
+def test_occlusion_finds_the_driving_region_and_is_judged_by_the_same_rule(tmp_path: Path) -> None:
+    from vlm.model.attribution import faithfulness, occlusion_blocks, occlusion_scores
+
+    model, encoder, features, coords, driving, target = _one_driving_region(tmp_path)
+    assert occlusion_blocks(coords, 256, 1).max() == 47 and occlusion_blocks(coords, 256, 3).max() == 5
+    scores, slide = occlusion_scores(model, encoder, features, coords, target, block=1)
+    assert scores[driving].mean() > scores[~driving].max()  # removing a region tile costs the most score
+    with torch.no_grad():
+        full = model.encode_slides(torch.from_numpy(features)[None], torch.from_numpy(coords)[None]) @ target.T
+    np.testing.assert_allclose(slide, full[0].numpy(), atol=1e-4)
+    assert faithfulness(model, encoder, features, coords, scores, target)[0].better_than_random
+
+
+def test_subset_scores_are_the_slides_encoded_alone(tmp_path: Path) -> None:
+    """Batched re-encoding (subsets of several sizes, split over passes) = each subset encoded on its own."""
+    from vlm.model.attribution import subset_scores
+
+    model, encoder, features, coords, _, target = _one_driving_region(tmp_path)
+    subsets = [np.arange(48), np.arange(10, 30), np.array([3, 7, 40]), np.arange(0, 48, 2), np.arange(20, 40)]
+    batched = subset_scores(model, encoder, features, coords, subsets, target, tokens_per_pass=40)
+    with torch.no_grad():
+        alone = [(model.encode_slides(torch.from_numpy(features[s])[None], torch.from_numpy(coords[s])[None])
+                  @ target.T)[0, 0].item() for s in subsets]  # fmt: skip
+    np.testing.assert_allclose(batched[:, 0], alone, atol=1e-5)
+
+
+def test_contrast_vectors_score_a_class_against_the_others(tmp_path: Path) -> None:
+    from vlm.model.attribution import contrast_texts
+
+    prototypes = torch.nn.functional.normalize(torch.randn(3, 16), dim=1)
+    embedding = torch.nn.functional.normalize(torch.randn(16), dim=0)
+    cosines = prototypes @ embedding
+    contrasts = contrast_texts(prototypes) @ embedding
+    for c in range(3):
+        others = [j for j in range(3) if j != c]
+        assert contrasts[c].item() == pytest.approx((cosines[c] - cosines[others].mean()).item(), abs=1e-6)
+    with pytest.raises(ValueError, match="at least two classes"):
+        contrast_texts(prototypes[:1])
+
+
+def test_every_map_carries_its_faithfulness_in_json_summary_and_png(frozen_run: dict[str, Path]) -> None:
+    """`<slide_id>.json` holds each map's faithfulness and the rule; `summary.csv` a row per map; occlusion
+    through the CLI; the tiny random model's maps are no better than random and say so in the log."""
+    run = frozen_run
+    assert _heatmap(run, "--method", "occlusion", "--precision", "fp32") == 0
+    slide_id = run["features"].stem
+    record = json.loads((run["out"] / f"{slide_id}.json").read_text())
+    assert record["method"] == "occlusion" and "better_than_random" in record["rule"]
+    (entry,) = record["maps"]
+    faith = entry["faithfulness"]
+    for key in ("deletion_auc", "insertion_auc", "random_deletion_auc_mean", "random_deletion_auc_std",
+                "random_insertion_auc_mean", "random_insertion_auc_std", "better_than_random"):  # fmt: skip
+        assert key in faith, key
+    assert isinstance(faith["better_than_random"], bool) and faith["random_orders"] >= 2
+    summary = pd.read_csv(run["out"] / "summary.csv")
+    assert list(summary["slide_id"]) == [slide_id]
+    assert summary["better_than_random"].iloc[0] == faith["better_than_random"]
+    assert summary["deletion_auc"].iloc[0] == pytest.approx(faith["deletion_auc"], abs=1e-5)
+
+
+def test_a_map_no_better_than_random_says_so_in_the_log(frozen_run: dict[str, Path], caplog, monkeypatch) -> None:
+    import vlm.model.attribution as attribution
+
+    monkeypatch.setattr(attribution, "RANDOM_SPREADS", 1e9)  # no map passes: every one must be flagged
+    run = frozen_run
+    assert _heatmap(run) == 0
+    assert "is no better than random tile order" in caplog.text
+    record = json.loads((run["out"] / f"{run['features'].stem}.json").read_text())
+    assert record["maps"][0]["faithfulness"]["better_than_random"] is False
+
+
+# --- faults: one clear error -----------------------------------------------------------------------------
+
+
+def _features_of_another_slide(run: dict, tmp_path: Path, shift: int) -> Path:
+    """The run's features under the slide's own id, with every tile moved `shift` px right: as if cut from
+    a wider slide of the same name."""
+    tiles = read_features(run["features"])
+    grid = tiles.grid
+    moved = TileGrid(grid.coords + [shift, 0], grid.mpp, grid.tile_size, grid.target_mpp, grid.tile_size_level0,
+                     grid.slide_path)  # fmt: skip
+    path = tmp_path / "wider" / run["features"].name
+    path.parent.mkdir()
+    write_features(path, TileFeatures(moved, tiles.features, encoder=tiles.encoder))
+    return path
+
+
+@pytest.mark.parametrize("shift", [1024, 4096])
+def test_features_that_do_not_fit_the_slide_are_refused(frozen_run: dict, tmp_path: Path, caplog, shift: int) -> None:
+    """Some tiles (1024 px) or every tile (4096 px, formerly numpy's 'zero-size array') outside the image:
+    one error naming both files, no map."""
+    run = frozen_run
+    features = _features_of_another_slide(run, tmp_path, shift)
+    assert _heatmap(run, "--features", str(features), "--slide", str(run["slide"])) == 1
+    message = (run["out"] / "failures.csv").read_text()
+    assert str(features) in message and str(run["slide"]) in message and "outside the slide" in message
+    assert not list(run["out"].glob("*.png"))
+
+
+def test_features_of_another_slide_file_are_refused(frozen_run: dict, tmp_path: Path, slide_025: Path) -> None:
+    run = frozen_run
+    assert _heatmap(run, "--slide", str(slide_025)) == 1
+    message = (run["out"] / "failures.csv").read_text()
+    assert str(run["features"]) in message and str(slide_025) in message and "not of this slide" in message
+    assert not list(run["out"].glob("*.png"))
+
+
+def test_a_query_given_twice_is_refused(frozen_run: dict, caplog) -> None:
+    run = frozen_run
+    assert _heatmap(run, "--query", QUERIES[0]) == 2
+    assert "given more than once" in caplog.text and not run["out"].exists()
+
+
+def test_run_heatmaps_takes_device_and_precision_names(frozen_run: dict) -> None:
+    from vlm.heatmap import run_heatmaps
+
+    run = frozen_run
+    model = SlideTextModel.from_pretrained(run["model"])
+    with pytest.raises(ValueError, match="precision 'bf16' needs a CUDA device"):
+        run_heatmaps(model, [run["features"]], [], run["out"], queries=QUERIES[:1], device="cpu", precision="bf16")
+    assert not run["out"].exists()
+
+
+def test_drawing_a_heatmap_leaves_matplotlibs_backend_alone(frozen_run: dict) -> None:
+    """A notebook's backend is its own: writing a heatmap (and vlm's other figures) never switches it."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.rcParams["backend"] = "svg"
+    try:
+        assert _heatmap(frozen_run) == 0
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.rcParams["backend"] = before
+    sources = Path(__file__).resolve().parents[1] / "vlm"
+    offenders = [str(p) for p in sources.rglob("*.py") if "matplotlib.use(" in p.read_text() or
+                 "import matplotlib.pyplot" in p.read_text()]  # fmt: skip
+    assert not offenders, offenders
+
+
+@pytest.mark.slow
+def test_image_composite_through_the_whole_pipeline_is_measured_and_reported(demo_out: Path, tmp_path: Path) -> None:
+    """bench/heatmaps.py at its smallest: two held-out demo slides that zero-shot classifies right alone,
+    stitched as IMAGES, through tile -> embed-tiles -> embed-slides -> zeroshot -> heatmap --task; the
+    measurement runs and its table reports each class's half and faithfulness (whatever they are: the demo's
+    encoders are random)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_heatmaps", Path(__file__).parents[1] / "bench" / "heatmaps.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(bench)
+    right = bench.held_out_right(demo_out)
+    a, b = sorted(right)[:2]
+    frame, results = bench.measure(demo_out, tmp_path, pairs=1, methods=("share",), class_pairs=[(a, b)])
+    (result,) = results
+    assert (result.left_class, result.right_class) == (a, b) and result.predicted in right
+    assert sorted(frame["class"]) == sorted([a, b]) and set(frame["method"]) == {"share"}
+    assert frame["better_than_random"].dtype == bool and np.isfinite(frame["spreads"]).all()
+    report = bench.table(frame, results)
+    assert "| share | " in report and f"/{len(frame)} |" in report and "composites predicted as" in report

@@ -114,6 +114,7 @@ def random_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_random_weights_from_the_command_line_are_seeded(random_features: Path, tmp_path: Path) -> None:
     from vlm.cli import main
     from vlm.formats.features import read_features
@@ -153,6 +154,7 @@ def test_random_weights_and_checkpoint_exclude_each_other(random_features: Path,
                  "tiny", "--random-weights", "--checkpoint", str(tmp_path / "w.pth")]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "gated"),
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -135,9 +136,28 @@ def test_a_stray_training_label_is_named(tmp_path: Path, caplog: pytest.LogCaptu
     train = pd.read_csv(data["labels"])
     train.loc[0, "label"] = "NaN"
     train.to_csv(data["labels"], index=False)
-    run_probe(data["slides"], data["labels"], data["test"], tmp_path / "out", shots=["2"], seeds=1, n_boot=10)
+    run_probe(data["slides"], data["labels"], data["test"], tmp_path / "out", shots=["2", "all"], seeds=1, n_boot=10)
     assert "label(s) ['NaN'] occur in no slide of" in caplog.text
     assert "2-shot skipped: class 'NaN' has 1 training slides" in caplog.text
+    skipped = json.loads((tmp_path / "out" / "metrics.json").read_text())["shots"][0]
+    assert skipped == {"shots": 2, "skipped": "class 'NaN' has only 1 training slides"}
+
+
+def test_shots_that_no_class_can_fill_are_one_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`--shots 4 8` with one training slide per class exited 0 with a 1-byte predictions.csv and no results."""
+    data = _cohort(tmp_path / "data", separation=3.0, n_train=1)
+    out = tmp_path / "probe"
+    argv = ["probe", "--embeddings", str(data["slides"]), "--labels", str(data["labels"]), "--test-labels",
+            str(data["test"]), "--out", str(out), "--shots", "4", "8", "--n-boot", "10"]  # fmt: skip
+    assert main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and str(data["labels"]) in errors[0], errors
+    assert "(4 8) can be drawn: class 'glandular' has 1 training slides" in errors[0]
+    assert not out.exists()  # nothing written
+    assert main([*argv[:-4], "1", "8", "--n-boot", "10"]) == 0  # the shots that can run do, the others say why
+    shots = json.loads((out / "metrics.json").read_text())["shots"]
+    assert shots[0]["n_runs"] == 5
+    assert shots[1] == {"shots": 8, "skipped": "class 'glandular' has only 1 training slides"}
 
 
 def test_probe_case_level_counts_cases(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import os
 import re
@@ -211,6 +212,28 @@ def test_slide_page_has_viewer_heat_zeroshot_and_similar(server: str, site: dict
     assert status == 200 and heat[:4] == b"\x89PNG"
 
 
+def test_a_slide_pages_numbers_come_from_python_as_the_server_shows_them(server: str, site: dict) -> None:
+    """`load_state` + `slide_page` give, without HTTP, the heat score and probabilities the page renders."""
+    from PIL import Image
+
+    from vlm.serve.pages import slide_page
+    from vlm.serve.state import load_state
+
+    state = load_state(site["index"], slides=[site["slides"]], features=[site["root"] / "features"], task=TASK)
+    slide_id = site["ids"][0]
+    page = slide_page(state, slide_id, "papillary")
+    assert page.notes == [] and len(page.probabilities) == 3
+    html = get(server + f"/slide/{slide_id}?q=papillary")[2].decode()
+    score = float(re.search(r'slide score <span class="score">(-?[0-9.]+)<', html).group(1))
+    assert score == pytest.approx(page.heat_score, abs=1e-3)
+    rows = re.findall(r'<tr><td>([^<]+)</td><td class="score">([0-9.]+)<', html)
+    assert [name for name, _ in rows] == [name for name, _ in page.probabilities]
+    assert [float(p) for _, p in rows] == pytest.approx([p for _, p in page.probabilities], abs=1e-3)
+    heat_url = server + f"/heat/{slide_id}.png?q=papillary"
+    mine, served = (Image.open(io.BytesIO(png)) for png in (state.heat_png(slide_id, "papillary")[0], get(heat_url)[2]))
+    assert mine.size == served.size and np.abs(np.asarray(mine, float) - np.asarray(served, float)).mean() < 1
+
+
 def test_vendored_viewer_ships_with_its_licence() -> None:
     folder = REPO / "vlm" / "serve" / "static" / "openseadragon"
     assert "Redistribution and use in source and binary forms" in (folder / "LICENSE.txt").read_text()
@@ -322,6 +345,7 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
         opened.close()
 
 
+@pytest.mark.slow
 def test_in_chromium_search_and_slide_pages_render_load_tiles_without_errors(
     server: str, site: dict, browser: Browser, tmp_path: Path
 ) -> None:

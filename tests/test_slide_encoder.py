@@ -112,7 +112,7 @@ def test_unknown_preset_and_pool_name_the_choices() -> None:
 def _golden_cases() -> list[object]:
     cases = []
     for case in GOLDEN["cases"]:
-        marks = [pytest.mark.slow] if case["preset"] == "gigapath" and case["n_tiles"] > 1000 else []
+        marks = [pytest.mark.slow] if case["preset"] == "gigapath" else []  # the full-size model: > 5 s each
         cases.append(pytest.param(case, marks=marks, id=f"{case['preset']}-{case['n_tiles']}"))
     return cases
 
@@ -350,6 +350,7 @@ def test_cuda_matches_cpu_fp32(dtype: torch.dtype) -> None:
     cuda.train()(features[None].cuda(), coords[None].cuda()).sum().backward()  # fused kernels have backward
 
 
+@pytest.mark.slow
 def test_compiled_token_wise_layers_match_eager_for_any_length_without_recompiling() -> None:
     """`compile_token_wise` (the `--compile` of embed-slides): a padded batch, then other lengths, give the
     eager numbers; the token-wise graphs are compiled once (dynamic lengths), not once per slide length."""

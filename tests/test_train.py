@@ -84,6 +84,7 @@ def test_cli_train_end_to_end_learns(data: dict[str, Path]) -> None:
     assert emb.shape == text.shape == (3, 16)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_next_losses(data: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     reference = data["root"] / "uninterrupted"
     train(config(data, reference, checkpoint_every=4))
@@ -129,6 +130,7 @@ def test_a_run_saved_with_the_old_field_name_still_resumes(data: dict[str, Path]
     assert TrainConfig.load(run / CONFIG_FILE).epochs == 2
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_continues_the_schedule_smoothly(data: dict[str, Path]) -> None:
     """`--resume --epochs N` on a finished run: no step at learning rate 0, no jump; the ramp survives a crash."""
     import dataclasses
@@ -408,3 +410,16 @@ def test_reports_are_tokenised_once_across_runs(
     with caplog.at_level(logging.INFO, logger="vlm.training.data"):
         train(config(data, tmp_path / "two", epochs=1))
     assert "reports' tokens read from" in caplog.text
+
+
+def test_train_on_features_of_mixed_tile_encoders_is_refused_before_training(data: dict[str, Path]) -> None:
+    """`train --features` ran on a folder mixing tile encoders of the same width (the pre-flight checked widths)."""
+    import h5py
+
+    pairs, features = write_tiny_features(data["root"] / "mixed", n_slides=4)
+    with h5py.File(features / "s2.h5", "r+") as h5:
+        h5.attrs["encoder"] = "timm:resnet18"
+    out = data["root"] / "mixed-run"
+    with pytest.raises(ValueError, match=r"mix tile encoders: 3 record 'synthetic', but s2.h5 \('timm:resnet18'\)"):
+        train(config(data, out, pairs=str(pairs), embeddings=None, features=str(features), slide_encoder="tiny"))
+    assert not out.exists()

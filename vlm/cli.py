@@ -122,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # User-facing errors carry their fix in the message; a traceback would only hide it (-v shows it).
         log.error("%s", error, exc_info=args.verbose)
         return 2
+    except KeyboardInterrupt as error:  # Ctrl-C: one line (what was kept, how to go on), the shell's code 130
+        log.error("%s", str(error) or "interrupted", exc_info=args.verbose)
+        return 130
     except FloatingPointError as error:  # training diverged on these data: the run failed, not its usage
         log.error("%s", error, exc_info=args.verbose)
         return 1

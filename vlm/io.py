@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +47,12 @@ OUTPUT_KINDS: dict[str, tuple[str, tuple[frozenset[str], ...]]] = {
     "demo": ("vlm demo", (frozenset({"summary.md", "pairs.csv"}),)),
 }
 LOCK_TIMEOUT_S = 600.0
+NAME_MAX = 255  # bytes in one file name on Linux/macOS file systems
+_MKSTEMP_RANDOM = 8  # characters `tempfile.mkstemp` adds between prefix and suffix
+# Below this many free bytes after a failed write, the failure is taken to be the full disk (libraries such as
+# FAISS, torch and safetensors report ENOSPC as their own "write error" without the errno).
+DISK_FULL_MARGIN = 1 << 20
+_WRITER_ERRORS = frozenset({"SafetensorError"})  # by name: `vlm.io` imports no heavy library
 
 
 def _current_umask() -> int:
@@ -57,10 +65,68 @@ def _current_umask() -> int:
 def _follow_umask(path: Path, directory: bool = False) -> None:
     """Give a temporary file (0600) or folder (0700) the mode a plain `open`/`mkdir` would have.
 
-    `mkstemp`/`mkdtemp` create private modes; without this, outputs renamed into place stay unreadable
-    to colleagues on a shared server whatever their umask says.
+    `mkstemp`/`mkdtemp` (and safetensors' writer) create private modes; without this, outputs renamed into
+    place stay unreadable to colleagues on a shared server whatever their umask says. Execute bits a file
+    was given on purpose are kept.
     """
-    os.chmod(path, (0o777 if directory else 0o666) & ~_current_umask())
+    executable = not directory and path.stat().st_mode & 0o111
+    os.chmod(path, (0o777 if directory or executable else 0o666) & ~_current_umask())
+
+
+def _follow_umask_tree(folder: Path) -> None:
+    """`_follow_umask` on every file and folder inside `folder` (the staging folder of `atomic_dir`)."""
+    for entry in folder.rglob("*"):
+        if not entry.is_symlink():
+            _follow_umask(entry, directory=entry.is_dir())
+
+
+def sibling_name(final: Path, suffix: str, random_chars: int = 0) -> str:
+    """`.<name><suffix>` for a temporary or lock file beside `final`, cut to fit NAME_MAX (255 bytes).
+
+    A slide id of 240 characters gives a final name that fits but `.<name>.<random>.part` would not; then the
+    name is shortened and a hash of the full name keeps two long names apart. `random_chars` are the
+    characters `mkstemp` will add.
+    """
+    name = final.name
+    room = NAME_MAX - 1 - len(suffix.encode()) - random_chars
+    if len(name.encode()) <= room:
+        return f".{name}{suffix}"
+    tag = "~" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    kept = name.encode()[: room - len(tag)].decode("utf-8", errors="ignore")
+    return f".{kept}{tag}{suffix}"
+
+
+def is_disk_full(error: BaseException, folder: str | os.PathLike[str]) -> bool:
+    """True when `error`, raised while writing into `folder`, is the file system running out of space.
+
+    ENOSPC/EDQUOT where the library keeps the errno; otherwise (FAISS "write error", torch's "file write
+    failed", safetensors' StorageFull) the free space left in `folder`, checked before the partial file is removed.
+    """
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(error, OSError | RuntimeError) and type(error).__name__ not in _WRITER_ERRORS:
+        return False  # a usage error (ValueError...) raised in the block, not a failed write
+    if "No space left" in str(error) or "StorageFull" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_MARGIN
+    except OSError:
+        return False
+
+
+def disk_full_error(folder: str | os.PathLike[str], what: str) -> OSError:
+    """The one message for a full disk: where, how much is free, and that `what` was not written."""
+    try:
+        usage = shutil.disk_usage(folder)
+        size = f" ({usage.free / 1e6:.1f} MB free of {usage.total / 1e9:.3g} GB)"
+    except OSError:
+        size = ""
+    error = OSError(
+        f"disk full at {Path(folder).absolute()}{size}: {what} was not written (no part of it is left there); "
+        "free space there or write the output elsewhere"
+    )
+    error.errno = errno.ENOSPC
+    return error
 
 
 @contextlib.contextmanager
@@ -72,16 +138,25 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = check_output_file(path)
     make_output_folder(final.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+    prefix = sibling_name(final, ".", random_chars=_MKSTEMP_RANDOM + len(".part"))
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        if tmp.exists():
-            _follow_umask(tmp, directory=tmp.is_dir())
-        os.replace(tmp, final)
+        try:
+            yield tmp
+            if tmp.exists():
+                _follow_umask(tmp, directory=tmp.is_dir())
+            os.replace(tmp, final)
+        except Exception as error:
+            if is_disk_full(error, final.parent):
+                raise disk_full_error(final.parent, final.name) from error
+            raise
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def check_output_file(path: str | os.PathLike[str]) -> Path:
@@ -209,18 +284,22 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         try:
             try:
                 yield staging
-            except BaseException:
+                names = sorted(entry.name for entry in staging.iterdir())
+                internal = [name for name in names if name.startswith(INTERNAL_PREFIX)]
+                if internal:
+                    raise ValueError(f"{folder}: output file names {internal} are reserved for vlm's bookkeeping")
+                _follow_umask_tree(staging)
+                (staging / FILES_NAME).write_text(json.dumps(names) + "\n")
+                _fsync_tree(staging)
+                os.replace(staging, folder / COMMIT_NAME)  # the commit point
+            except BaseException as error:
+                full = isinstance(error, Exception) and is_disk_full(error, folder)  # before the staging is freed
                 if created:
                     shutil.rmtree(staging, ignore_errors=True)
                     remove_if_unused(folder)
+                if full:
+                    raise disk_full_error(folder, "the folder's new contents") from error
                 raise
-            names = sorted(entry.name for entry in staging.iterdir())
-            internal = [name for name in names if name.startswith(INTERNAL_PREFIX)]
-            if internal:
-                raise ValueError(f"{folder}: output file names {internal} are reserved for vlm's bookkeeping")
-            (staging / FILES_NAME).write_text(json.dumps(names) + "\n")
-            _fsync_tree(staging)
-            os.replace(staging, folder / COMMIT_NAME)  # the commit point
             _apply_commit(folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -356,7 +435,7 @@ def output_lock(path: str | os.PathLike[str], wait: bool = False) -> contextlib.
     """The lock of a file output (`.<name>.lock` beside it); by default a second writer is refused at once."""
     file = Path(path).absolute()
     make_output_folder(file.parent)
-    return file_lock(file.with_name(f".{file.name}.lock"), str(file), wait=wait)
+    return file_lock(file.with_name(sibling_name(file, ".lock")), str(file), wait=wait)
 
 
 def cache_folder(kind: str) -> Path:

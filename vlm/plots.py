@@ -1,4 +1,4 @@
-"""Evaluation figures: ROC curves and confusion matrices, rendered to PNG bytes.
+"""Figures: ROC curves and confusion matrices as PNG bytes; tile heat painted on a slide-shaped grid.
 
 Figures are built on matplotlib's object API with the Agg canvas (no pyplot, no global state, no
 display needed), and returned as bytes so that callers write them atomically with the rest of a run.
@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from vlm.model.attribution import SlideHeat
 
 _LINESTYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "D", "v", "P")
@@ -98,3 +102,26 @@ def confusion_png(counts: np.ndarray, class_names: Sequence[str], title: str = "
                 color=colour,
             )
     return _png(figure)
+
+
+def heat_grid(heat: SlideHeat, column: int, dimensions: tuple[int, int], downsample: float) -> np.ndarray:
+    """Scores of query `column` painted on a [H, W] float grid at `downsample` (NaN where no tile)."""
+    width, height = (max(1, int(np.ceil(d / downsample))) for d in dimensions)
+    grid = np.full((height, width), np.nan, dtype=np.float32)
+    size = max(1, int(round(heat.tile_size / downsample)))
+    for (x, y), value in zip(heat.coords, heat.scores[:, column], strict=True):
+        col, row = int(x / downsample), int(y / downsample)
+        grid[row : row + size, col : col + size] = value
+    return grid
+
+
+def heat_rgba(grid: np.ndarray, alpha: float = 0.55, cmap: str = "inferno") -> np.ndarray:
+    """A heat grid as RGBA uint8 (transparent where NaN), scaled to its own min–max."""
+    from matplotlib import colormaps
+
+    valid = np.isfinite(grid)  # a grid without any tile (none inside the slide) is all transparent
+    low, high = (float(grid[valid].min()), float(grid[valid].max())) if valid.any() else (0.0, 1.0)
+    scaled = np.where(valid, (grid - low) / (high - low if high > low else 1.0), 0.0)
+    rgba = (colormaps[cmap](scaled) * 255).astype(np.uint8)
+    rgba[..., 3] = np.where(valid, int(alpha * 255), 0)
+    return rgba

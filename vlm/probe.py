@@ -215,13 +215,20 @@ def run_probe(
     else:
         y_eval = y_test
     positive = 1 if len(classes) == 2 else None
+    if all(shot != "all" and shot > smallest for shot in shots):  # nothing would run: an empty report, exit 0
+        per_class = ", ".join(f"{name!r}: {int(n)}" for name, n in zip(classes, counts, strict=True))
+        raise ValueError(
+            f"{labels}: no requested shot count ({' '.join(map(str, shots))}) can be drawn: class {rarest!r} has "
+            f"{smallest} training {unit} ({per_class}); ask for --shots {smallest} or fewer, or 'all', or label "
+            "more slides; nothing was written"
+        )
 
     results: list[dict[str, Any]] = []
     rows: list[pd.DataFrame] = []
     for shot in shots:
         if shot != "all" and shot > smallest:
             log.warning("probe: %s-shot skipped: class %r has %d training %s", shot, rarest, smallest, unit)
-            results.append({"shots": shot, "skipped": f"the smallest training class has {smallest} {unit}"})
+            results.append({"shots": shot, "skipped": f"class {rarest!r} has only {smallest} training {unit}"})
             continue
         run_seeds = [seed] if shot == "all" else [seed + i for i in range(seeds)]
         runs: list[dict[str, Any]] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")  # autocast dtypes; "auto" = bf16 where supported
 POOLS: tuple[str, ...] = ("mean", "cls", "all-layers")  # slide encoder outputs
 LOSSES: tuple[str, ...] = ("clip", "siglip")  # open_clip's contrastive losses
+READERS: tuple[str, ...] = ("auto", "openslide", "tifffile")  # slide pixel readers; "auto" by format (vlm.wsi.readers)
 INDEX_KINDS: tuple[str, ...] = ("auto", "flat", "ivf", "hnsw", "ivfpq")  # FAISS index kinds; "auto" by size
 
 N_BOOT = 1000  # bootstrap replicates of every confidence interval

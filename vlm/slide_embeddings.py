@@ -30,7 +30,7 @@ import torch
 from vlm.batch import Batch, BatchReport, Shard, check_finite_output
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.slide import SLIDE_ENCODER_PRESETS, GigaPathSlideEncoder
-from vlm.encoders.slide_inputs import SlideInputs, load_slide_inputs, pad_batch
+from vlm.encoders.slide_inputs import SlideInputs, check_tile_encoders, load_slide_inputs, pad_batch
 from vlm.formats.embeddings import read_settings_and_rows, shard_output, write_slide_embeddings
 from vlm.formats.features import MPP_FROM_FILE, feature_shape
 from vlm.io import file_sha256, output_lock, slide_id_from_path
@@ -63,7 +63,9 @@ def _existing_rows(path: Path, settings: dict) -> list[dict]:
     except ValueError as error:  # the reader's own advice ("re-run embed-slides") is this very command
         raise ValueError(f"{path}: the output to resume is damaged ({error.__cause__ or error}); pass --overwrite "
                          "to recompute every slide, or choose another --out") from error  # fmt: skip
-    for key in ("encoder", "pool", "config", "weights_sha256"):
+    for key in ("encoder", "pool", "config", "weights_sha256", "tile_encoder"):
+        if key == "tile_encoder" and None in (previous.get(key), settings[key]):
+            continue  # an output of a vlm that did not record it, or files that record none
         if previous.get(key) != settings[key]:
             raise ValueError(
                 f"{path} was written with {key}={previous.get(key)!r}, this run uses {settings[key]!r}; "
@@ -150,9 +152,10 @@ def embed_slides(
         encoder.encoder.compile_token_wise()
     encoder.pooled_dim(pool)  # validates pool before any work
     name = next((key for key, config in SLIDE_ENCODER_PRESETS.items() if config == encoder.config), "custom")
+    tile_encoder = check_tile_encoders(feature_paths, name)  # one tile encoder, the one `name` was trained on
     settings = {"encoder": name, "pool": pool, "config": asdict(encoder.config), "checkpoint": checkpoint,
                 "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
-                "weights_sha256": weights_digest(encoder)}  # fmt: skip
+                "weights_sha256": weights_digest(encoder), "tile_encoder": tile_encoder}  # fmt: skip
     settings["config"] = json.loads(json.dumps(settings["config"]))  # tuples -> lists, as read back
     target = shard_output(out, shard)
     rows = _Rows(target, settings, [] if overwrite else _existing_rows(target, settings))

@@ -15,13 +15,14 @@ from pathlib import Path
 from vlm.batch import Batch, BatchReport, Shard
 from vlm.formats.features import is_written, write_tile_grid
 from vlm.io import make_output_folder, slide_id_from_path
+from vlm.wsi.readers import check_reader
 from vlm.wsi.slide import open_slide
 from vlm.wsi.tiling import TilingParams, tile_slide, write_qc_thumbnail
 
 
-def _tile_one(slide_path: Path, out_dir: Path, params: TilingParams, mpp: float | None) -> None:
+def _tile_one(slide_path: Path, out_dir: Path, params: TilingParams, mpp: float | None, reader: str) -> None:
     slide_id = slide_id_from_path(slide_path)
-    with open_slide(slide_path, mpp=mpp) as slide:
+    with open_slide(slide_path, mpp=mpp, reader=reader) as slide:
         result = tile_slide(slide, params)
         # The thumbnail first: the .h5 marks the slide done, so it must be the last file written.
         write_qc_thumbnail(out_dir / f"{slide_id}.png", slide, result)
@@ -37,8 +38,12 @@ def tile_slides(
     shard: Shard = Shard(),
     progress: bool = True,
     overwrite: bool = False,
+    reader: str = "auto",
 ) -> BatchReport:
-    """Tile every slide whose `<slide_id>.h5` is not yet in `out_dir`; the batch rules are `vlm.batch.Batch`'s."""
+    """Tile every slide whose `<slide_id>.h5` is not yet in `out_dir`; the batch rules are `vlm.batch.Batch`'s.
+
+    `reader` picks the pixel reader (`vlm.wsi.readers`: "auto", "openslide", "tifffile")."""
+    check_reader(reader)
     out = Path(out_dir)
     make_output_folder(out)
     batch = Batch(
@@ -51,4 +56,4 @@ def tile_slides(
         progress=progress,
         overwrite=overwrite,
     )
-    return batch.run(functools.partial(_tile_one, out_dir=out, params=params, mpp=mpp), workers=workers)
+    return batch.run(functools.partial(_tile_one, out_dir=out, params=params, mpp=mpp, reader=reader), workers=workers)

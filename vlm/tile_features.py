@@ -28,6 +28,7 @@ from vlm.encoders.tile import TileEncoder, tensor_transform
 from vlm.formats.features import TileFeatures, TileGrid, is_written, write_features
 from vlm.io import make_output_folder, slide_id_from_path
 from vlm.wsi.dataset import SlideJob, TileChunk, TileStream
+from vlm.wsi.readers import check_reader
 from vlm.wsi.tiling import TilingParams
 
 log = logging.getLogger(__name__)
@@ -242,11 +243,15 @@ def embed_grid(
     compile: bool = False,
     chunk_size: int = CHUNK_SIZE,
     transform_on: str | None = None,
+    reader: str = "auto",
 ) -> np.ndarray:
-    """Features [N, D] (float32) for the tiles of `grid`, in grid order (one slide through the tile stream)."""
+    """Features [N, D] (float32) for the tiles of `grid`, in grid order (one slide through the tile stream).
+
+    `reader` picks the pixel reader (`vlm.wsi.readers`)."""
+    check_reader(reader)
     device = resolve_device(device)
     encoder = encoder.to(device).eval()
-    job = SlideJob(0, Path(slide_path), grid=grid)
+    job = SlideJob(0, Path(slide_path), grid=grid, reader=reader)
     with tqdm(
         total=len(grid), desc=slide_id_from_path(slide_path), unit="tile", disable=not progress, leave=False
     ) as bar:
@@ -284,14 +289,17 @@ def embed_tiles(
     overwrite: bool = False,
     compile: bool = False,
     chunk_size: int = CHUNK_SIZE,
+    reader: str = "auto",
 ) -> BatchReport:
     """Embed the tiles of each slide whose `<slide_id>.h5` is not yet in `out_dir`.
 
     The batch rules of `vlm.batch.Batch` hold (skip finished slides, `overwrite`, shards, failures.csv);
     each `<slide_id>.h5` is written atomically as soon as its slide is complete, so a killed run resumes.
     `device` ("auto", "cpu", "cuda:1", …) and `precision` ("auto", "fp32", "fp16", "bf16") are resolved by
-    `vlm.device`; an impossible pair (fp16 on CPU) is refused before any slide is read.
+    `vlm.device`; an impossible pair (fp16 on CPU) is refused before any slide is read. `reader` picks the
+    pixel reader (`vlm.wsi.readers`: "auto" = tifffile for pyramidal TIFF and SVS, else OpenSlide).
     """
+    check_reader(reader)
     device = resolve_device(device)
     autocast_dtype(device, precision)
     if dtype not in ("float32", "float16"):
@@ -321,6 +329,7 @@ def embed_tiles(
             grid_path=None if grids is None else grids / f"{slide_id_from_path(path)}.h5",
             params=params,
             mpp=mpp,
+            reader=reader,
         )
         for index, path in enumerate(batch.pending)
     ]

@@ -8,6 +8,7 @@ them mislead.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,25 +34,60 @@ def clustered_embeddings(
     if n < 1 or dim < 1:
         raise ValueError(f"n and dim must be positive, got n={n}, dim={dim}")
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_clusters, dim)).astype(np.float32) / np.sqrt(dim)
-    rank = min(intrinsic_dim, dim)
-    bases = rng.standard_normal((n_clusters, rank, dim)).astype(np.float32) * (spread / np.sqrt(dim))
+    centres, bases = _clusters(rng, dim, n_clusters, intrinsic_dim, spread)
     out = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        cluster = rng.integers(0, n_clusters, size=stop - start)
-        block = centres[cluster] + rng.standard_normal((stop - start, dim), dtype=np.float32) * (
-            noise / np.sqrt(dim)
-        )  # [b, dim]
-        coords = rng.standard_normal((stop - start, rank), dtype=np.float32)
-        order = np.argsort(cluster, kind="stable")
-        bounds = np.searchsorted(cluster[order], np.arange(n_clusters + 1))
-        for c in np.flatnonzero(np.diff(bounds)):  # one small matmul per cluster, no [b, rank, dim] gather
-            rows = order[bounds[c] : bounds[c + 1]]
-            block[rows] += coords[rows] @ bases[c]
-        block /= np.linalg.norm(block, axis=1, keepdims=True)
-        out[start:stop] = block
+        out[start:stop] = _cluster_block(rng, centres, bases, stop - start, noise)
     return out
+
+
+def clustered_embedding_chunks(
+    n: int,
+    dim: int,
+    *,
+    n_clusters: int = 1000,
+    intrinsic_dim: int = 16,
+    spread: float = 0.5,
+    noise: float = 0.05,
+    seed: int = 0,
+    chunk: int = 100_000,
+) -> Iterator[np.ndarray]:
+    """The same distribution as `clustered_embeddings`, yielded chunk by chunk: [chunk, dim] float32 blocks,
+    n rows in all. Chunk i is seeded by (seed, i), so every pass yields the same rows and a collection larger
+    than memory (10M x 512 = 20 GB) is never held whole."""
+    if n < 1 or dim < 1:
+        raise ValueError(f"n and dim must be positive, got n={n}, dim={dim}")
+    centres, bases = _clusters(np.random.default_rng(seed), dim, n_clusters, intrinsic_dim, spread)
+    for i, start in enumerate(range(0, n, chunk)):
+        yield _cluster_block(np.random.default_rng([seed, i]), centres, bases, min(chunk, n - start), noise)
+
+
+def _clusters(
+    rng: np.random.Generator, dim: int, n_clusters: int, intrinsic_dim: int, spread: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster centres [C, dim] and each cluster's subspace basis [C, rank, dim]."""
+    centres = rng.standard_normal((n_clusters, dim)).astype(np.float32) / np.sqrt(dim)
+    rank = min(intrinsic_dim, dim)
+    bases = rng.standard_normal((n_clusters, rank, dim)).astype(np.float32) * (spread / np.sqrt(dim))
+    return centres, bases
+
+
+def _cluster_block(
+    rng: np.random.Generator, centres: np.ndarray, bases: np.ndarray, size: int, noise: float
+) -> np.ndarray:
+    """[size, dim] L2-normalised points drawn from the clusters."""
+    n_clusters, rank, dim = bases.shape
+    cluster = rng.integers(0, n_clusters, size=size)
+    block = centres[cluster] + rng.standard_normal((size, dim), dtype=np.float32) * (noise / np.sqrt(dim))
+    coords = rng.standard_normal((size, rank), dtype=np.float32)
+    order = np.argsort(cluster, kind="stable")
+    bounds = np.searchsorted(cluster[order], np.arange(n_clusters + 1))
+    for c in np.flatnonzero(np.diff(bounds)):  # one small matmul per cluster, no [b, rank, dim] gather
+        rows = order[bounds[c] : bounds[c + 1]]
+        block[rows] += coords[rows] @ bases[c]
+    block /= np.linalg.norm(block, axis=1, keepdims=True)
+    return block
 
 
 # Synthetic slides: white glass with one rectangle of textured pink "tissue" at a known place.

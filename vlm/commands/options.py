@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from vlm.settings import N_BOOT, POOLS, PRECISIONS
+from vlm.settings import N_BOOT, POOLS, PRECISIONS, READERS
 
 # Argparse wording of the shared options; a settings field of the same name takes it too (`add_config_options`).
 _SHARED: dict[str, dict[str, Any]] = {
@@ -32,6 +32,12 @@ _SHARED: dict[str, dict[str, Any]] = {
         "type": float,
         "help": "level-0 µm/px of the feature files' slides, overriding theirs (CLAM files record none; a "
         "value contradicting a TRIDENT file's magnification by > 25% fails that slide)",
+    },
+    "reader": {
+        "choices": READERS,
+        "help": "pixel reader: 'auto' reads pyramidal TIFF and SVS tiles with tifffile (same pixels, faster) and "
+        "every other format with OpenSlide; 'openslide' or 'tifffile' force one (tifffile refuses a slide it "
+        "cannot read)",
     },
     "patches": {
         "metavar": "DIR",
@@ -107,6 +113,11 @@ def add_precision(parser: Any, default: str = "auto") -> None:
 
 def add_pool(parser: Any, default: str = "mean") -> None:
     _add(parser, "pool", default)
+
+
+def add_reader(parser: Any, default: str = "auto") -> None:
+    """`--reader`, for every command that reads slide pixels."""
+    _add(parser, "reader", default)
 
 
 def add_feature_file_options(parser: Any) -> None:

@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--label-column", default="label", help="label column of both label files")
     parser.add_argument(
         "--level", choices=("slide", "case"), default="slide",
-        help="slide (default): each slide is a sample; case: for labels given per case (both label files need "
+        help="slide: each slide is a sample; case: for labels given per case (both label files need "
         "patient_id): shots count cases, CV folds and the train/test check keep a patient's slides together, "
         "and each test case is scored by the mean of its slides' logits (metrics per case)",
     )  # fmt: skip

@@ -14,6 +14,7 @@ from vlm.commands.options import (
     add_precision,
     add_progress,
     add_random_weights,
+    add_reader,
     add_shard,
     seed_random_weights,
 )
@@ -26,6 +27,7 @@ def _add_slide_inputs(parser: argparse.ArgumentParser) -> None:
                         help="slide files, folders (searched recursively) and/or .txt files listing paths")
     parser.add_argument("--mpp", type=float, default=None,
                         help="level-0 µm/px for slides that do not record it (overrides the file's value)")
+    add_reader(parser)
 
 
 def _add_tiling_options(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +51,7 @@ def _info(args: argparse.Namespace) -> int:
     status = 0
     for path in collect_slides(args.slides):
         try:
-            with open_slide(path, mpp=args.mpp) as slide:
+            with open_slide(path, mpp=args.mpp, reader=args.reader) as slide:
                 print(json.dumps(asdict(slide.info())))
         except ValueError as error:  # this slide fails; the others are still shown
             log.error("%s", error)
@@ -67,7 +69,7 @@ def _tile(args: argparse.Namespace) -> int:
     shard = Shard.parse(args.shard)
     report = tile_slides(
         collect_slides(args.slides), args.out, params=params, mpp=args.mpp, workers=args.workers,
-        shard=shard, progress=not args.no_progress, overwrite=args.overwrite,
+        shard=shard, progress=not args.no_progress, overwrite=args.overwrite, reader=args.reader,
     )
     return finish_batch(report, args.out)
 
@@ -90,6 +92,7 @@ def _embed_tiles(args: argparse.Namespace) -> int:
         slides, args.out, encoder, device, precision=args.precision, batch_size=args.batch_size,
         workers=args.workers, params=params, tiles_dir=args.tiles, mpp=args.mpp, dtype=args.dtype,
         shard=shard, progress=not args.no_progress, overwrite=args.overwrite, compile=args.compile,
+        reader=args.reader,
     )
     return finish_batch(report, args.out)
 

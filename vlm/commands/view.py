@@ -12,6 +12,8 @@ _HEATMAP_EPILOG = """examples:
       --query "papillary fronds with fibrovascular cores" --out runs/heatmaps
   vlm heatmap --model runs/align/model --features runs/features --slide slides --query "necrosis" \\
       --query "keratin pearls" --out runs/heatmaps --slide-checkpoint slide_encoder.pth
+  vlm heatmap --model runs/align/model --features runs/features --slide slides --task prompts/demo_morphology.yaml \\
+      --out runs/heatmaps_task --method occlusion
 """
 _SERVE_EPILOG = """examples:
   vlm serve --index runs/index --slides slides --features runs/features --task prompts/demo_morphology.yaml
@@ -20,20 +22,34 @@ _SERVE_EPILOG = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from vlm.commands.options import add_device
+    from vlm.commands.options import add_device, add_precision
 
     p = subparsers.add_parser(
         "heatmap", help="text -> tile heatmaps of slides (PNG, QuPath GeoJSON, CSV)", epilog=_HEATMAP_EPILOG,
-        description="Writes <out>/<slide_id>.png, .geojson and .csv per slide; tile scores average to the slide score.",
+        description="Writes <out>/<slide_id>.png, .geojson, .csv and .json per slide (the .json holds each map's "
+        "faithfulness: deletion / insertion against random tile orders) and <out>/summary.csv.",
     )  # fmt: skip
     p.add_argument("--model", required=True, help="model folder written by `vlm train` (…/model)")
     p.add_argument("--features", required=True, nargs="+", help="tile-feature .h5 files or folders of them")
     p.add_argument("--slide", nargs="+", default=[], help="slide files or folders (default: the path in the .h5)")
-    p.add_argument("--query", required=True, action="append", help="text to score tiles against (repeatable)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--query", action="append", help="text to score tiles against (repeatable, each once)")
+    target.add_argument("--task", help="prompt file: one map per class, the class against the task's other classes")
+    p.add_argument("--task-target", choices=("contrast", "class"), default="contrast",
+                   help="with --task: each class against the others (what the prediction compares; default) or "
+                   "the class's prompts alone")  # fmt: skip
+    p.add_argument("--method", choices=("share", "occlusion"), default="share",
+                   help="tile attribution: linear shares of the slide score (exact, one pass) or region occlusion "
+                   "(blocks of tiles removed and the slide re-encoded); each map's faithfulness is written beside "
+                   "it, so compare them on your data")  # fmt: skip
+    p.add_argument("--block", default="auto",
+                   help="occlusion block side in tiles ('auto': about 64 blocks per slide)")  # fmt: skip
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--slide-checkpoint", help="slide encoder weights (default: the one the model records)")
     p.add_argument("--mpp", type=float, help="level-0 µm/px of the slides, if the feature files lack it")
+    p.add_argument("--cache-dir", help="prompt-embedding cache for --task")
     add_device(p)
+    add_precision(p)
     p.set_defaults(func=_heatmap)
 
     s = subparsers.add_parser(
@@ -65,7 +81,7 @@ def _heatmap(args: argparse.Namespace) -> int:
     from vlm.commands import finish_batch
     from vlm.device import resolve_device
     from vlm.formats.features import feature_files
-    from vlm.heatmap import run_heatmaps
+    from vlm.heatmap import run_heatmaps, task_targets
     from vlm.io import check_output_folder
     from vlm.model.clip import SlideTextModel
 
@@ -74,9 +90,18 @@ def _heatmap(args: argparse.Namespace) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"feature file(s) not found: {missing[:5]}")
+    block = args.block if args.block == "auto" else int(args.block)
     model = SlideTextModel.from_pretrained(args.model, device=resolve_device(args.device))
-    report = run_heatmaps(model, paths, args.slide, args.out, queries=args.query,
-                          slide_checkpoint=args.slide_checkpoint, mpp=args.mpp)  # fmt: skip
+    options = {"slide_checkpoint": args.slide_checkpoint, "mpp": args.mpp, "method": args.method, "block": block,
+               "device": args.device, "precision": args.precision}  # fmt: skip
+    if args.task:
+        from vlm.io import slide_id_from_path
+
+        _, labels, vectors = task_targets(model, args.task, None, args.task_target, args.cache_dir)
+        per_slide = {slide_id_from_path(p): (labels, vectors) for p in paths}
+        report = run_heatmaps(model, paths, args.slide, args.out, per_slide=per_slide, **options)
+    else:
+        report = run_heatmaps(model, paths, args.slide, args.out, queries=args.query, **options)
     return finish_batch(report, args.out)
 
 

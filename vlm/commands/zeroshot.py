@@ -75,7 +75,8 @@ def _zeroshot(args: argparse.Namespace) -> int:
 
         report = zeroshot_heatmaps(args.model, Path(args.out) / "predictions.csv", args.task, args.classes, features,
                                    args.heatmap_slides, args.heatmaps, cache_dir=args.cache_dir,
-                                   slide_checkpoint=args.slide_checkpoint)  # fmt: skip
+                                   slide_checkpoint=args.slide_checkpoint, target=args.heatmap_target,
+                                   device=args.device)  # fmt: skip
         print("heatmaps of the predicted classes:", end=" ")
         status = finish_batch(report, args.heatmaps)
     if "metrics" in result:
@@ -185,7 +186,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--level", choices=("slide", "case"), default="slide",
-        help="slide: one prediction per slide (default); case: for labels given per case, one prediction per "
+        help="slide: one prediction per slide; case: for labels given per case, one prediction per "
         "patient_id of --labels (it needs that column): the softmax of the mean of its slides' logits, metrics "
         "over cases, predictions.csv with each case's slide_ids",
     )  # fmt: skip
@@ -203,6 +204,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--heatmap-features", metavar="DIR", help="tile features for --heatmaps (default: --features)")
     parser.add_argument("--heatmap-slides", nargs="+", default=[], metavar="PATH",
                         help="slide files or folders for --heatmaps (default: the path in each .h5)")
+    parser.add_argument("--heatmap-target", choices=("contrast", "class"), default="contrast",
+                        help="--heatmaps map the predicted class against the other classes (default: the quantity "
+                        "the prediction compares) or the class's prompts alone")  # fmt: skip
     parser.add_argument("--slide-checkpoint", help="slide encoder weights for --heatmaps (default: the recorded one)")
     parser.set_defaults(func=_zeroshot)
 

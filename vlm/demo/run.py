@@ -178,7 +178,7 @@ def new_slide_commands(demo: Path) -> list[str]:
         f'--checkpoint "$DEMO/encoders/slide_encoder.pth" --pool {DEMO_POOL} --device cpu',
         'vlm zeroshot --model "$DEMO/align/model" --task "$DEMO/encoders/demo_morphology.yaml" '
         '--embeddings "$OUT/slides.parquet" --out "$OUT/zeroshot" --cache-dir "$OUT/cache" --device cpu',
-        'vlm search --index "$DEMO/index" --slide-id "$SLIDE_ID" --embeddings "$OUT/slides.parquet" -k 5 --json '
+        'vlm search --index "$DEMO/index" --slide-id="$SLIDE_ID" --embeddings "$OUT/slides.parquet" -k 5 --json '
         '> "$OUT/search.json.part" && mv "$OUT/search.json.part" "$OUT/search.json"',
     ]
 
@@ -198,13 +198,16 @@ def _write_new_slide_script(out: Path) -> Path:
         'if [ "$#" -ne 2 ]; then echo "usage: $0 SLIDE OUT" >&2; exit 2; fi',
         'SLIDE=$1',
         'OUT=$2',
+        "# a name starting with '-' would read as an option of the commands below: make it a path (./-x.svs)",
+        'case "$SLIDE" in -*) SLIDE="./$SLIDE" ;; esac',
+        'case "$OUT" in -*) OUT="./$OUT" ;; esac',
         'DEMO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
         f"PYTHON=${{VLM_PYTHON:-{shlex.quote(sys.executable)}}}",
         'vlm() { "$PYTHON" -m vlm "$@"; }',
         "export HF_HUB_OFFLINE=1",
         'SLIDE_ID=$("$PYTHON" -c \'import sys; from vlm.io import slide_id_from_path; '
         "print(slide_id_from_path(sys.argv[1]))' \"$SLIDE\")",
-        'mkdir -p "$OUT"',
+        'mkdir -p -- "$OUT"',
         *new_slide_commands(out),
         'echo "done: $OUT/features/$SLIDE_ID.h5 $OUT/slides.parquet $OUT/zeroshot/predictions.csv $OUT/search.json"',
         "",
@@ -380,12 +383,12 @@ _CLASS_COLOURS = {"glandular": "tab:blue", "solid": "tab:purple", "papillary": "
 
 
 def _search_figure(path: Path, slides_dir: Path, hits: pd.DataFrame, query: str) -> None:
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(hits), figsize=(3 * len(hits), 4.2))
+    figure = Figure(figsize=(3 * len(hits), 4.2))  # no pyplot: a notebook's backend stays as it was
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(hits))
     for axis, (_, hit) in zip(np.atleast_1d(axes), hits.iterrows(), strict=True):
         slide = next(slides_dir.glob(f"{hit['slide_id']}.*"))
         axis.imshow(_thumbnail(slide))
@@ -401,7 +404,6 @@ def _search_figure(path: Path, slides_dir: Path, hits: pd.DataFrame, query: str)
     figure.tight_layout(rect=(0, 0, 1, 0.88))  # room for the query above the panel titles
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
 
 
 def _metric_line(name: str, metric: dict[str, float]) -> str:
@@ -497,10 +499,12 @@ def _summary(result: DemoResult, cohort: list[CohortSlide]) -> str:
         "",
         "## Tile heatmaps of held-out slides (predicted class)",
         "",
-        "Each tile's share of the slide's score for its predicted class (`vlm zeroshot --heatmaps`), less its",
-        "share when every tile carries the slide's mean feature (so position alone paints no heat); the tile",
-        "scores average to the slide score. PNG, QuPath GeoJSON and CSV per slide in `heatmaps/`. The demo's",
-        "encoders have random weights, so read these as the machinery at work, not as pathology.",
+        "Each tile's share of the slide's score for its predicted class against the other classes",
+        "(`vlm zeroshot --heatmaps`), less its share when every tile carries the slide's mean feature (so position",
+        "alone paints no heat); the tile scores average to the slide's class contrast. PNG, QuPath GeoJSON, CSV and",
+        "JSON per slide in `heatmaps/`; each map's faithfulness (deletion / insertion against random tile orders)",
+        "is in its JSON, `heatmaps/summary.csv` and under the map. The demo's encoders have random weights, so",
+        "read these as the machinery at work, not as pathology.",
         "",
         *[f"![heatmap of {slide_id}](heatmaps/{slide_id}.png)" for slide_id in result.heatmaps[:1]],
         "",

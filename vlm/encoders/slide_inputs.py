@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,6 +125,75 @@ def load_slide_inputs(
         tiles.features, grid.coords, grid.mpp, grid.tile_size_level0, slide_id, str(path), in_dim,
         tile_size, grid_size, max_tiles, seed, provenance,
     )  # fmt: skip
+
+
+# The tile encoder each slide-encoder preset was trained on, by the names a feature file may record for it
+# (vlm's registry name, the timm hub name, TRIDENT's encoder name). Prov-GigaPath's slide encoder was pretrained
+# on its own tile encoder's features; presets without published weights (the demo's random `tiny`) expect none.
+SLIDE_ENCODER_TILE_ENCODERS: dict[str, frozenset[str]] = {
+    "gigapath": frozenset(
+        {"gigapath", "timm:hf_hub:prov-gigapath/prov-gigapath", "hf_hub:prov-gigapath/prov-gigapath"}
+    ),
+}
+
+
+def check_tile_encoders(
+    paths: Sequence[str | os.PathLike[str]],
+    slide_encoder: str | None = None,
+    tile_encoder: str | None = None,
+    source: Mapping[str, Any] | None = None,
+) -> str | None:
+    """The tile encoder the feature files record; refuses files that mix encoders or do not fit the slide encoder.
+
+    Feature files of the same width from two tile encoders give numbers for any slide encoder, all wrong for
+    one of the two. Refused, naming the odd files: a folder whose files record different tile encoders; files
+    whose encoder is not the one the `slide_encoder` preset was trained on (`SLIDE_ENCODER_TILE_ENCODERS`) or
+    not `tile_encoder` (what a model or an embeddings file records). Files recording none (CLAM; older
+    TRIDENT) are warned about, not refused. `source`: the settings an embeddings file (or a model trained on
+    one) records, whose `encoder` and `tile_encoder` fill in the other two. Every command that feeds feature
+    files to a slide encoder calls it.
+    """
+    from vlm.formats.features import feature_encoder
+
+    slide_encoder = slide_encoder or (source or {}).get("encoder")
+    tile_encoder = tile_encoder or (source or {}).get("tile_encoder")
+
+    recorded = {Path(path): feature_encoder(path) for path in paths}
+    by_encoder: dict[str, list[Path]] = {}
+    for path, encoder in recorded.items():
+        if encoder is not None:
+            by_encoder.setdefault(encoder, []).append(path)
+    unrecorded = [path for path, encoder in recorded.items() if encoder is None]
+
+    def named(files: list[Path]) -> str:
+        return ", ".join(p.name for p in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+
+    if len(by_encoder) > 1:
+        common = max(by_encoder, key=lambda name: (len(by_encoder[name]), name))
+        odd = "; ".join(f"{named(files)} ({name!r})" for name, files in sorted(by_encoder.items()) if name != common)
+        raise ValueError(
+            f"the feature files mix tile encoders: {len(by_encoder[common])} record {common!r}, but {odd}; "
+            "features of different encoders are not comparable: re-extract the odd files with `vlm embed-tiles "
+            f"--tile-encoder {common}` or keep them in another folder"
+        )
+    found = next(iter(by_encoder), None)
+    expected = SLIDE_ENCODER_TILE_ENCODERS.get(slide_encoder or "")
+    if found is not None and expected is not None and found not in expected:
+        raise ValueError(
+            f"the {slide_encoder!r} slide encoder was trained on {sorted(expected)[0]!r} tile features, but "
+            f"{named(by_encoder[found])} record {found!r}; extract them with `vlm embed-tiles --tile-encoder "
+            f"{sorted(expected)[0]}`"
+        )
+    if found is not None and tile_encoder is not None and found != tile_encoder:
+        raise ValueError(
+            f"{named(by_encoder[found])} record tile encoder {found!r}, but the model's slide embeddings were made "
+            f"from {tile_encoder!r} tile features; use features of {tile_encoder!r}"
+        )
+    if unrecorded:
+        log.warning("%d feature file(s) record no tile encoder (%s; CLAM or older TRIDENT files): that they come "
+                    "from %s is not checked", len(unrecorded), named(unrecorded),
+                    repr(found or tile_encoder) if found or tile_encoder else "the same encoder")  # fmt: skip
+    return found
 
 
 def pad_batch(slides: list[SlideInputs]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

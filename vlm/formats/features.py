@@ -314,6 +314,21 @@ def read_features(
     return TileFeatures(grid=grid, features=features, encoder=str(encoder or "unknown"))
 
 
+def feature_encoder(path: str | os.PathLike[str]) -> str | None:
+    """The tile encoder a feature file records (vlm's root attribute `encoder`, TRIDENT's on `features`), read
+    without the data; None when the file records none (CLAM) or cannot be read (its reader says why later)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            encoder = _attr(h5, "encoder")
+            if encoder is None and isinstance(h5.get("features"), h5py.Dataset):
+                encoder = h5["features"].attrs.get("encoder")
+    except OSError:
+        return None
+    if isinstance(encoder, bytes):
+        encoder = encoder.decode("utf-8", "replace")
+    return None if encoder is None or str(encoder) in ("", "unknown") else str(encoder)
+
+
 def is_written(path: str | os.PathLike[str], datasets: tuple[str, ...] = ("coords",)) -> bool:
     """Whether a resumed run may skip `path`: it opens as HDF5 and holds `datasets` (a copy cut short or a
     damaged file is redone, with a warning, instead of being counted done and failing a later stage)."""

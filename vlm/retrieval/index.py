@@ -25,7 +25,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -192,25 +193,114 @@ class SlideIndex:
         keys = [str(k) for k in keys]
         vectors = _check_vectors(vectors, len(keys), model.config.proj_dim)
         _check_new_keys(keys, set(), cls.key)
-        if kind not in kinds.KINDS:
-            raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(kinds.KINDS)}")
-        chosen = kinds.choose_kind(len(keys)) if kind == "auto" else kind
-        params = kinds.default_params(chosen, len(keys), vectors.shape[1])
-        log.info("building a %s index of %d %s (%d-d)", chosen, len(keys), cls.content, vectors.shape[1])
+        chosen, params = _choose(kind, len(keys), vectors.shape[1], cls.content)
         index = kinds.create_index(chosen, vectors.shape[1], params)
         kinds.train_index(index, chosen, vectors, seed=seed)
         ids = np.arange(len(keys), dtype=np.int64)
         index.add_with_ids(vectors, ids)
         params, recall = kinds.tune(index, chosen, params, vectors, ids, target=target_recall, k=recall_k, seed=seed)
+        return cls._assemble(index, chosen, kind, params, recall, keys, metadata, model, model_path, source, gpu)
+
+    @classmethod
+    def from_vector_chunks(
+        cls: type[T],
+        chunks: Callable[[], Iterable[tuple[np.ndarray, Sequence[str]]]],
+        model: SlideTextModel,
+        metadata: pd.DataFrame | None = None,
+        *,
+        model_path: str | None = None,
+        kind: str = "auto",
+        target_recall: float = 0.95,
+        recall_k: int = 10,
+        seed: int = 0,
+        gpu: bool = False,
+        source: dict[str, Any] | None = None,
+        sample_size: int = kinds.TRAIN_SAMPLE,
+    ) -> T:
+        """Index a collection too large to hold in memory (10M x 512 float32 is 20 GB), in two passes.
+
+        `chunks()` returns a fresh iterable of (vectors [b, D], keys) blocks, the same blocks each call.
+        Pass 1 checks every block and keeps a uniform random sample of `sample_size` rows, to train on;
+        its first `TUNE_QUERIES` rows are the tuning queries. Pass 2 adds each block and scans it for those
+        queries' exact neighbours (brute-force top-k, merged block by block), so that besides the index only
+        one block and the sample are ever held. A block that differs between the passes is refused.
+        The result equals `from_vectors` on the concatenated blocks up to the training sample.
+        """
+        kinds.check_target(target_recall)
+        dim = model.config.proj_dim
+        rng = np.random.default_rng(seed)
+        keys: list[str] = []
+        digests: list[bytes] = []
+        sample = np.zeros((0, dim), np.float32)
+        sample_keys = np.zeros(0)  # uniform draws; the rows with the smallest ones are a uniform sample
+        sample_ids = np.zeros(0, np.int64)
+        started = time.perf_counter()
+        for block, _ in _blocks(chunks(), dim, keys, digests, first_pass=True):
+            draws = rng.random(len(block))
+            limit = np.sort(sample_keys)[sample_size - 1] if len(sample_keys) >= sample_size else 1.0
+            enter = np.flatnonzero(draws < limit)
+            if len(enter):
+                ids = np.arange(len(keys) - len(block), len(keys))[enter]
+                sample, sample_keys, sample_ids = _keep_smallest(
+                    sample, sample_keys, sample_ids, block[enter], draws[enter], ids, sample_size
+                )
+        _check_new_keys(keys, set(), cls.key)
+        if not keys:
+            raise ValueError("empty collection: the chunks held no vectors (check the ids and embeddings given)")
+        log.info("pass 1: checked %d vectors, kept a sample of %d (%.0f s)", len(keys), len(sample),
+                 time.perf_counter() - started)  # fmt: skip
+        chosen, params = _choose(kind, len(keys), dim, cls.content)
+        index = kinds.create_index(chosen, dim, params)
+        order = np.argsort(sample_keys, kind="stable")
+        started = time.perf_counter()
+        kinds.train_index(index, chosen, sample[np.sort(order)], seed=seed)
+        log.info("trained %s in %.0f s", chosen, time.perf_counter() - started)
+        query_rows = np.sort(order[: kinds.TUNE_QUERIES])
+        queries, query_ids = np.ascontiguousarray(sample[query_rows]), sample_ids[query_rows]
+        del sample
+        width = min(recall_k + 1, len(keys))
+        best = np.full((len(queries), width), -np.inf, np.float32)
+        best_ids = np.full((len(queries), width), -1, np.int64)
+        start, started = 0, time.perf_counter()
+        for block, _ in _blocks(chunks(), dim, keys, digests, first_pass=False):
+            ids = np.arange(start, start + len(block), dtype=np.int64)
+            index.add_with_ids(block, ids)
+            found, nearest = faiss.knn(queries, block, min(width, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+            best, best_ids = kinds.merge_topk(best, best_ids, found, np.where(nearest >= 0, nearest + start, -1))
+            start += len(block)
+            log.debug("added %d of %d %s", start, len(keys), cls.content)
+        log.info("pass 2: added %d vectors and found the exact neighbours of %d tuning queries (%.0f s)",
+                 start, len(queries), time.perf_counter() - started)  # fmt: skip
+        exact = kinds.topk_without_self(best_ids, query_ids, recall_k)
+        params, recall = kinds.tune_on(index, chosen, params, queries, query_ids, exact, target=target_recall,
+                                       k=recall_k)  # fmt: skip
+        return cls._assemble(index, chosen, kind, params, recall, keys, metadata, model, model_path, source, gpu)
+
+    @classmethod
+    def _assemble(
+        cls: type[T],
+        index: faiss.Index,
+        chosen: str,
+        kind: str,
+        params: dict[str, Any],
+        recall: dict[str, Any],
+        keys: list[str],
+        metadata: pd.DataFrame | None,
+        model: SlideTextModel,
+        model_path: str | None,
+        source: dict[str, Any] | None,
+        gpu: bool,
+    ) -> T:
+        """The index object around a built FAISS index whose ids are 0..len(keys)-1."""
         now = _now()
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "vlm_version": __version__,
             "content": cls.content, "model": {**model_fingerprint(model), "path": model_path},
             "kind": chosen, "requested_kind": kind, "params": params, "metric": "inner product of L2-normalised",
-            "dim": int(vectors.shape[1]), "count": len(keys), "next_id": len(keys), "recall": recall,
+            "dim": int(index.d), "count": len(keys), "next_id": len(keys), "recall": recall,
             "source": source or {}, "created": now, "updated": now,
         }  # fmt: skip
-        table = pd.DataFrame({ID_COLUMN: ids, cls.key: keys})
+        table = pd.DataFrame({ID_COLUMN: np.arange(len(keys), dtype=np.int64), cls.key: keys})
         return cls(index, _join_metadata(table, metadata, cls.key), manifest, model=model, gpu=gpu)
 
     # --- persistence ------------------------------------------------------------------------------
@@ -535,6 +625,70 @@ def _compact(scores: np.ndarray, ids: np.ndarray, keep: np.ndarray, k: int) -> t
         hits = np.flatnonzero(keep[q] & (ids[q] >= 0))[:k]
         out_scores[q, : len(hits)], out_ids[q, : len(hits)] = scores[q, hits], ids[q, hits]
     return out_scores, out_ids
+
+
+def _choose(kind: str, n: int, dim: int, content: str) -> tuple[str, dict[str, Any]]:
+    """The kind to build (`auto` resolved by size, saying why) and its build parameters."""
+    if kind not in kinds.KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(kinds.KINDS)}")
+    chosen = kinds.choose_kind(n) if kind == "auto" else kind
+    params = kinds.default_params(chosen, n, dim)
+    why = f" (auto: {kinds.why_kind(n)})" if kind == "auto" else ""
+    log.info("building a %s index of %d %s (%d-d)%s, params %s", chosen, n, content, dim, why, params)
+    return chosen, params
+
+
+def _blocks(
+    chunks: Iterable[tuple[np.ndarray, Sequence[str]]],
+    dim: int,
+    keys: list[str],
+    digests: list[bytes],
+    first_pass: bool,
+) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Checked (vectors, keys) blocks of one pass of `from_vector_chunks`. The first pass records the keys and a
+    digest of each block; the second refuses a block whose keys or bytes differ (the chunks must be re-readable)."""
+    seen, number = 0, -1
+    for number, (vectors, block_keys) in enumerate(chunks):
+        block_keys = [str(k) for k in block_keys]
+        vectors = _check_vectors(vectors, len(block_keys), dim)
+        digest = hashlib.blake2b(vectors, digest_size=16).digest()  # the contiguous array itself, no copy
+        if first_pass:
+            keys.extend(block_keys)
+            digests.append(digest)
+        elif number >= len(digests) or digest != digests[number] or keys[seen : seen + len(block_keys)] != block_keys:
+            raise ValueError(
+                f"chunk {number} differs between the two passes over the chunks (its keys or vectors changed, or "
+                "there are more chunks); chunks() must yield the same blocks each time it is called"
+            )
+        seen += len(block_keys)
+        yield vectors, block_keys
+    if not first_pass and (seen != len(keys) or number + 1 != len(digests)):
+        raise ValueError(
+            f"the second pass over the chunks yielded {seen} vectors, the first {len(keys)}; chunks() must yield "
+            "the same blocks each time it is called"
+        )
+
+
+def _keep_smallest(
+    rows: np.ndarray, draws: np.ndarray, ids: np.ndarray, new_rows: np.ndarray, new_draws: np.ndarray,
+    new_ids: np.ndarray, size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of the kept and the new rows, the `size` with the smallest draws; evicted rows' slots are reused in
+    place, so a full sample is never copied."""
+    if len(rows) + len(new_rows) <= size:
+        return (np.concatenate([rows, new_rows]), np.concatenate([draws, new_draws]),
+                np.concatenate([ids, new_ids]))  # fmt: skip
+    if len(rows) < size:  # fill up to `size` first, so the slots to reuse exist
+        fill = size - len(rows)
+        rows, draws, ids = (np.concatenate([rows, new_rows[:fill]]), np.concatenate([draws, new_draws[:fill]]),
+                            np.concatenate([ids, new_ids[:fill]]))  # fmt: skip
+        new_rows, new_draws, new_ids = new_rows[fill:], new_draws[fill:], new_ids[fill:]
+    everything = np.concatenate([draws, new_draws])
+    keep = np.argpartition(everything, size - 1)[:size]
+    entering = keep[keep >= size] - size
+    evicted = np.setdiff1d(np.arange(size), keep[keep < size])
+    rows[evicted], draws[evicted], ids[evicted] = new_rows[entering], new_draws[entering], new_ids[entering]
+    return rows, draws, ids
 
 
 def _now() -> str:

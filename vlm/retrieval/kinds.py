@@ -7,8 +7,9 @@ can be read back by id for slide → slide queries.
 `auto` picks by collection size:
 - n <= 100,000: `flat`, exact; a query scans every vector (a few ms at 100k x 512-d) and nothing is trained;
 - n <= 4,000,000: `ivf` (IVF-Flat, nlist = 4·√n), whose vectors stay exact (4·d bytes each, 8 GB at 4M x 512);
-- larger: `ivfpq`: IVF over product-quantised codes (d/4 bytes a vector) for the scan, and the shortlist
-  (`k_factor` x k) re-ranked with 8-bit scalar-quantised vectors (d bytes): about 3x less memory than ivf.
+- larger: `ivfpq`: IVF (nlist <= 4096, HNSW over the centroids) over product-quantised codes (d/8 bytes a
+  vector) for the scan, and the shortlist (`k_factor` x k) re-ranked with 8-bit scalar-quantised vectors
+  (d bytes): about 3.5x less memory than ivf (6 GB at 10M x 512).
 `hnsw` (graph, M = 32) is available by name: lowest latency, no training, but a slower build and more memory.
 
 Approximate kinds are tuned at build time: the smallest `nprobe` / `efSearch` whose Recall@k against exact
@@ -39,6 +40,11 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 TRAIN_POINTS_PER_LIST = 50  # k-means sample per IVF list (FAISS warns below 39)
 MIN_PQ_TRAIN = 10_000  # 8-bit PQ codebooks need ~39 x 256 training vectors
+IVFPQ_NLIST_MAX = 4096  # k-means cost grows with nlist^2 (its sample is 50 x nlist); lists of ~2,500 at 10M
+IVFPQ_K_FACTOR = 16  # shortlist = 16 x k PQ candidates, re-ranked with 8-bit vectors (k=10: 160 decodes, ~20 us)
+IVFPQ_COARSE_EF = 64  # HNSW efSearch over the coarse centroids; raised to nprobe when that is larger
+TRAIN_SAMPLE = 300_000  # rows `SlideIndex.from_vector_chunks` keeps to train on (600 MB at 512-d)
+TUNE_QUERIES = 1000  # collection vectors whose exact neighbours tuning compares against
 EF_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
@@ -47,6 +53,15 @@ def choose_kind(n: int) -> str:
     if n <= FLAT_MAX:
         return "flat"
     return "ivf" if n <= IVF_MAX else "ivfpq"
+
+
+def why_kind(n: int) -> str:
+    """Why `choose_kind(n)` picks what it picks (logged by builds with `auto`)."""
+    if n <= FLAT_MAX:
+        return f"{n:,} vectors <= {FLAT_MAX:,}: exact search is fast enough"
+    if n <= IVF_MAX:
+        return f"{FLAT_MAX:,} < {n:,} vectors <= {IVF_MAX:,}: exact vectors still fit in memory"
+    return f"{n:,} vectors > {IVF_MAX:,}: compressed codes (d/8 + d bytes a vector) keep the index in memory"
 
 
 def default_params(kind: str, n: int, dim: int) -> dict[str, Any]:
@@ -59,9 +74,11 @@ def default_params(kind: str, n: int, dim: int) -> dict[str, Any]:
         nlist = max(1, min(round(4 * math.sqrt(n)), n // 39))
         params: dict[str, Any] = {"nlist": nlist, "nprobe": min(8, nlist)}
         if kind == "ivfpq":
-            params["m"] = next(m for m in range(max(1, dim // 4), 0, -1) if dim % m == 0)
+            params["nlist"] = min(nlist, IVFPQ_NLIST_MAX)
+            params["nprobe"] = min(8, params["nlist"])
+            params["m"] = next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
             params["nbits"] = 8
-            params["k_factor"] = 4
+            params["k_factor"] = IVFPQ_K_FACTOR
         return params
     raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
 
@@ -77,9 +94,9 @@ def create_index(kind: str, dim: int, params: dict[str, Any]) -> faiss.IndexIDMa
     elif kind == "ivf":
         base = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, int(params["nlist"]), metric)
     elif kind == "ivfpq":
-        ivfpq = faiss.IndexIVFPQ(
-            faiss.IndexFlatIP(dim), dim, int(params["nlist"]), int(params["m"]), int(params["nbits"]), metric
-        )
+        coarse = faiss.IndexHNSWFlat(dim, HNSW_M, metric)  # assigns 10M vectors to lists in minutes, not hours
+        coarse.hnsw.efSearch = IVFPQ_COARSE_EF
+        ivfpq = faiss.IndexIVFPQ(coarse, dim, int(params["nlist"]), int(params["m"]), int(params["nbits"]), metric)
         base = faiss.IndexRefine(ivfpq, faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, metric))
     else:
         raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS[1:])}")
@@ -100,7 +117,14 @@ def train_index(index: faiss.IndexIDMap2, kind: str, vectors: np.ndarray, seed: 
     ivf.cp.seed = seed
     sample = min(len(vectors), max(TRAIN_POINTS_PER_LIST * ivf.nlist, MIN_PQ_TRAIN if kind == "ivfpq" else 0))
     rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size=sample, replace=False))
+    exact = faiss.IndexFlatIP(ivf.d)  # referenced here: FAISS does not own its clustering index
+    if kind == "ivfpq":
+        # k-means assigns with an exact scan (FAISS would otherwise use the HNSW quantizer, rebuilt every
+        # iteration), and keeps unit-norm centroids, on which the HNSW graph searches inner product well
+        ivf.clustering_index = exact
+        ivf.cp.spherical = True
     index.train(np.ascontiguousarray(vectors[rows]))
+    ivf.clustering_index = None
     if kind == "ivf":
         ivf.make_direct_map()  # lets `reconstruct(id)` read a vector back (ivfpq reads its 8-bit copy)
 
@@ -111,7 +135,10 @@ def apply_params(index: faiss.IndexIDMap2, kind: str, params: dict[str, Any]) ->
     Parameters stored in the index are also what `faiss.read_index` users of `index.faiss` get.
     """
     if kind in ("ivf", "ivfpq"):
-        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = int(params["nprobe"])
+        if kind == "ivfpq":  # the HNSW coarse quantizer must look at least as far as nprobe lists
+            faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(IVFPQ_COARSE_EF, int(params["nprobe"]))
     if kind == "ivfpq":
         faiss.downcast_index(index.index).k_factor = float(params["k_factor"])
     if kind == "hnsw":
@@ -152,7 +179,7 @@ def search_params(
     return out
 
 
-def _topk_without_self(ids: np.ndarray, own: np.ndarray, k: int) -> list[set[int]]:
+def topk_without_self(ids: np.ndarray, own: np.ndarray, k: int) -> list[set[int]]:
     """The first k ids of each row other than the query's own id."""
     return [set([i for i in row if i != self_id and i != -1][:k]) for row, self_id in zip(ids, own, strict=True)]
 
@@ -169,7 +196,7 @@ def measure_recall(
     """Mean |approximate top-k ∩ exact top-k| / k over the queries (their own entries left out)."""
     apply_params(index, kind, params)
     _, found = index.search(queries, k + 1)
-    approx = _topk_without_self(found, query_ids, k)
+    approx = topk_without_self(found, query_ids, k)
     return float(np.mean([len(a & e) / max(1, len(e)) for a, e in zip(approx, exact, strict=True)]))
 
 
@@ -182,7 +209,7 @@ def tune(
     *,
     target: float = 0.95,
     k: int = 10,
-    n_queries: int = 1000,
+    n_queries: int = TUNE_QUERIES,
     seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Pick the smallest nprobe / efSearch reaching `target` Recall@k vs exact search.
@@ -190,15 +217,36 @@ def tune(
     Queries are a seeded sample of the collection; the exact neighbours come from a brute-force scan of
     `vectors` (no second copy of them). Returns the updated params and a recall record for the manifest.
     """
-    if not 0 < target <= 1:
-        raise ValueError(f"target recall must be in (0, 1], got {target}")
+    check_target(target)
     n = len(vectors)
     if kind not in APPROXIMATE:
         return params, {"exact": True, "measured": 1.0, "k": k}
     rows = np.sort(np.random.default_rng(seed + 1).choice(n, size=min(n_queries, n), replace=False))
     queries = np.ascontiguousarray(vectors[rows])
     _, nearest = faiss.knn(queries, vectors, min(k + 1, n), metric=faiss.METRIC_INNER_PRODUCT)
-    exact = _topk_without_self(np.where(nearest >= 0, ids[np.clip(nearest, 0, None)], -1), ids[rows], k)
+    exact = topk_without_self(np.where(nearest >= 0, ids[np.clip(nearest, 0, None)], -1), ids[rows], k)
+    return tune_on(index, kind, params, queries, ids[rows], exact, target=target, k=k)
+
+
+def check_target(target: float) -> None:
+    if not 0 < target <= 1:
+        raise ValueError(f"target recall must be in (0, 1], got {target}")
+
+
+def tune_on(
+    index: faiss.Index,
+    kind: str,
+    params: dict[str, Any],
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    exact: list[set[int]],
+    *,
+    target: float = 0.95,
+    k: int = 10,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`tune` given the queries (indexed vectors, ids `query_ids`) and their exact top-k (own id left out)."""
+    if kind not in APPROXIMATE:
+        return params, {"exact": True, "measured": 1.0, "k": k}
     name = "efSearch" if kind == "hnsw" else "nprobe"
     if kind == "hnsw":
         candidates = list(EF_CANDIDATES)
@@ -208,7 +256,7 @@ def tune(
     recall = 0.0
     for value in candidates:
         trial = {**params, name: value}
-        recall = measure_recall(index, kind, trial, queries, ids[rows], exact, k)
+        recall = measure_recall(index, kind, trial, queries, query_ids, exact, k)
         log.debug("%s %s=%d: Recall@%d %.4f", kind, name, value, k, recall)
         if recall >= target:
             break
@@ -217,12 +265,22 @@ def tune(
             "%s did not reach Recall@%d %.2f (best %.4f at %s=%d); searches will miss more neighbours. "
             "Use --kind flat or ivf for exact vectors", kind, k, target, recall, name, value,
         )  # fmt: skip
-    log.info("%s: %s=%d gives Recall@%d %.4f vs exact on %d queries", kind, name, value, k, recall, len(rows))
-    record = {"exact": False, "target": target, "measured": recall, "k": k, "n_queries": len(rows),
+    log.info("%s: %s=%d gives Recall@%d %.4f vs exact on %d queries", kind, name, value, k, recall, len(queries))
+    record = {"exact": False, "target": target, "measured": recall, "k": k, "n_queries": len(queries),
               "reached": recall >= target, "tuned": name}  # fmt: skip
     params = {**params, name: value}
     apply_params(index, kind, params)
     return params, record
+
+
+def merge_topk(
+    scores: np.ndarray, ids: np.ndarray, new_scores: np.ndarray, new_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best `scores.shape[1]` of two [Q, k] inner-product result lists (for exact search over chunks)."""
+    all_scores = np.concatenate([scores, new_scores], axis=1)
+    all_ids = np.concatenate([ids, new_ids], axis=1)
+    order = np.argsort(-all_scores, axis=1, kind="stable")[:, : scores.shape[1]]
+    return np.take_along_axis(all_scores, order, axis=1), np.take_along_axis(all_ids, order, axis=1)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import math
 import os
+import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,17 +141,36 @@ def evaluate(
     return metrics
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped `train`; the message names the last checkpoint and the command that resumes it."""
+
+
+def _interrupted(out: Path) -> TrainingInterrupted:
+    checkpoint = out / CHECKPOINT  # a new run refuses a folder holding one: this file is this run's
+    if not checkpoint.is_file():
+        return TrainingInterrupted(
+            f"interrupted before the first checkpoint: {out} holds nothing to resume; run the same command again"
+        )
+    return TrainingInterrupted(
+        f"interrupted: the last checkpoint is {checkpoint}; continue with: vlm train --resume {shlex.quote(str(out))}"
+    )
+
+
 def train(config: TrainConfig, resume: bool = False, progress: bool = False) -> Path:
     """Train (or with `resume`, continue) an alignment run in `config.out`; return the `model/` folder.
 
     A new run claims its folder first (`claim_output_folder`): a folder of the user's files is refused
-    before any work, and one that a failed start left empty is not left behind.
+    before any work, and one that a failed start left empty is not left behind. Ctrl-C raises
+    `TrainingInterrupted`, whose message says where the last checkpoint is and how to resume.
     """
-    if resume:
-        return _train(config, resume, progress)
-    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
-    with claim_output_folder(config.out, "train", write=main):
-        return _train(config, resume, progress)
+    try:
+        if resume:
+            return _train(config, resume, progress)
+        main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
+        with claim_output_folder(config.out, "train", write=main):
+            return _train(config, resume, progress)
+    except KeyboardInterrupt:
+        raise _interrupted(Path(config.out)) from None
 
 
 def _train(config: TrainConfig, resume: bool, progress: bool) -> Path:

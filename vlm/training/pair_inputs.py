@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlm.encoders.slide_inputs import check_tile_encoders
 from vlm.formats.embeddings import SlideEmbeddings, load_slide_embeddings
+from vlm.formats.features import feature_files
 from vlm.formats.pairs import SPLITS, Pairs, check_slides_available, load_pairs
 from vlm.io import atomic_path
 from vlm.model.clip import SlideTextModel
@@ -118,6 +120,7 @@ def prepare_pairs(config: TrainConfig, table: SlideEmbeddings | None = None) -> 
         pairs = pairs_data.check_feature_files(
             pairs, Path(config.features), config.drop_missing, mpp=config.mpp, patches=config.patches
         )
+        check_tile_encoders(feature_files(config.features), config.slide_encoder)
     counts = {s: len(pairs.indices(s)) for s in SPLITS}
     log.info("pairs: %s (test pairs are never trained on)", ", ".join(f"{n} {s}" for s, n in counts.items()))
     if counts["train"] < 2:

@@ -31,8 +31,10 @@ class TileDataset(torch.utils.data.Dataset):
         plan: ReadPlan,
         mpp: float,
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        reader: str = "auto",
     ) -> None:
         self.slide_path = Path(slide_path)
+        self.reader = reader
         self.coords = np.asarray(coords, dtype=np.int64)
         self.plan = plan
         self.mpp = mpp
@@ -45,7 +47,7 @@ class TileDataset(torch.utils.data.Dataset):
 
     def _open(self) -> Slide:
         if self._slide is None or self._pid != os.getpid():
-            self._slide = Slide(self.slide_path, mpp=self.mpp)
+            self._slide = Slide(self.slide_path, mpp=self.mpp, reader=self.reader)
             self._pid = os.getpid()
         return self._slide
 
@@ -56,6 +58,14 @@ class TileDataset(torch.utils.data.Dataset):
         if self.plan.needs_resize:
             tile = tile.resize((self.plan.tile_size, self.plan.tile_size), Image.Resampling.BILINEAR)
         return tile
+
+    def read_tile_array(self, index: int) -> np.ndarray:
+        """Tile `index` as RGB uint8 [tile_size, tile_size, 3]; PIL only when it must be resized."""
+        if self.plan.needs_resize:
+            return np.asarray(self.read_tile(index))
+        x, y = (int(v) for v in self.coords[index])
+        size = self.plan.read_size
+        return self._open().read_region_array((x, y), self.plan.level, (size, size))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, int]:
         tile = self.read_tile(index)
@@ -86,6 +96,7 @@ class SlideJob:
     grid_path: Path | None = None
     params: TilingParams = field(default_factory=TilingParams)
     mpp: float | None = None
+    reader: str = "auto"
 
     def resolve(self) -> tuple[TileGrid, ReadPlan]:
         if self.grid is not None:
@@ -93,9 +104,9 @@ class SlideJob:
         elif self.grid_path is not None:
             grid = read_tile_grid(self.grid_path, mpp=self.mpp)
         else:
-            with Slide(self.path, mpp=self.mpp) as slide:
+            with Slide(self.path, mpp=self.mpp, reader=self.reader) as slide:
                 grid = tile_slide(slide, self.params).grid
-        with Slide(self.path, mpp=grid.mpp) as slide:
+        with Slide(self.path, mpp=grid.mpp, reader="openslide") as slide:  # levels only: no pixels read
             plan = read_plan(slide, grid.tile_size_level0, grid.tile_size)
         return grid, plan
 
@@ -167,16 +178,17 @@ class TileStream(torch.utils.data.IterableDataset):
             counter += n_chunks
             if not mine:
                 continue
-            dataset = TileDataset(job.path, grid.coords, plan, grid.mpp, transform=self.transform)
+            dataset = TileDataset(job.path, grid.coords, plan, grid.mpp, transform=self.transform, reader=job.reader)
             try:
                 for c in mine:
                     start = c * self.chunk_size
                     stop = min(n, start + self.chunk_size)
-                    tiles = [dataset[i][0] for i in range(start, stop)]
                     if self.transform is not None:
+                        tiles = [dataset[i][0] for i in range(start, stop)]
                         batch = torch.stack(tiles) if tiles else torch.empty(0)
                     else:
-                        batch = torch.from_numpy(np.stack([np.asarray(t) for t in tiles])) if tiles else torch.empty(0)
+                        tiles = [dataset.read_tile_array(i) for i in range(start, stop)]
+                        batch = torch.from_numpy(np.stack(tiles)) if tiles else torch.empty(0)
                         if self.batch_transform is not None and tiles:
                             batch = self.batch_transform(batch)
                     yield TileChunk(job.index, start, n, batch, grid if c == 0 else None)

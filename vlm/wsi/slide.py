@@ -1,5 +1,8 @@
 """Open a whole-slide image with OpenSlide and establish its physical scale (µm per level-0 pixel).
 
+Pixels come from the reader `reader` names (`vlm.wsi.readers`: tifffile for pyramidal TIFF and SVS under
+`auto`, OpenSlide for everything else); the levels, properties and µm/px always come from OpenSlide.
+
 Every later stage works in physical units (tiles at 0.5 µm/px, GigaPath positions in 0.5-µm pixels), so
 a slide without a trustworthy mpp (none, or one outside `vlm.formats.features.PLAUSIBLE_MPP`) is refused here,
 with the fix (`--mpp`) in the message, rather than surfacing as a wrong scale or a `NoneType` error deep
@@ -18,6 +21,7 @@ import openslide
 from PIL import Image
 
 from vlm.formats.features import check_plausible_mpp
+from vlm.wsi.readers import TiffTileReader, check_reader, resolve_reader
 
 # µm per unit of the TIFF ResolutionUnit tag, for slides where OpenSlide reports no openslide.mpp-x
 _TIFF_UNIT_UM = {"centimeter": 1e4, "inch": 25_400.0}
@@ -47,6 +51,7 @@ class SlideInfo:
     mpp: float  # level-0 µm per pixel
     mpp_source: str  # "openslide", "tiff-resolution" or "user"
     objective_power: float | None
+    reader: str = "openslide"  # the pixel reader that serves read_region_array: "tifffile" or "openslide"
 
 
 def _mpp_from_properties(properties: openslide._PropertyMap | dict[str, str]) -> tuple[float, str] | None:
@@ -68,10 +73,15 @@ def _mpp_from_properties(properties: openslide._PropertyMap | dict[str, str]) ->
 
 
 class Slide:
-    """An open slide: OpenSlide handle + resolved mpp. Use as a context manager to close the file."""
+    """An open slide: OpenSlide handle + resolved mpp + pixel reader. Use as a context manager to close it.
 
-    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
+    `reader` ("auto", "openslide", "tifffile") picks the pixel reader (`vlm.wsi.readers.resolve_reader`).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None, reader: str = "auto") -> None:
         self.path = Path(path)
+        check_reader(reader)
+        self._fast: TiffTileReader | None = None
         if not self.path.is_file():
             raise SlideReadError(f"{self.path}: no such slide file")
         try:
@@ -98,6 +108,16 @@ class Slide:
             except ValueError as error:
                 self._slide.close()
                 raise ImplausibleMppError(str(error)) from None
+        try:
+            self._fast = resolve_reader(reader, self.path, self._slide.properties, self._slide.level_dimensions)
+        except ValueError:
+            self._slide.close()
+            raise
+
+    @property
+    def reader(self) -> str:
+        """The pixel reader in use: 'tifffile' or 'openslide'."""
+        return "openslide" if self._fast is None else "tifffile"
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -126,6 +146,7 @@ class Slide:
             mpp=self.mpp,
             mpp_source=self.mpp_source,
             objective_power=float(power) if power else None,
+            reader=self.reader,
         )
 
     def best_level_for_downsample(self, downsample: float) -> int:
@@ -139,24 +160,37 @@ class Slide:
                 best = level
         return best
 
-    def read_region_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
-        """Read an RGB region; transparent pixels (outside scanned areas) become white background."""
+    def read_region_array(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 [H, W, 3] of `size` at `level` from the level-0 `location`, as OpenSlide's `read_region`
+        places it; transparent pixels (outside scanned areas, outside the slide) become white background."""
+        x, y = location
+        if self._fast is not None:
+            downsample = self._slide.level_downsamples[level]
+            level_x, level_y = x / downsample, y / downsample
+            if level_x.is_integer() and level_y.is_integer():  # else OpenSlide's subpixel placement
+                try:
+                    return self._fast.read(level, int(level_x), int(level_y), size[0], size[1])
+                except OSError as error:
+                    raise SlideReadError(
+                        f"{self.path}: failed to read region {location} at level {level}: {error}"
+                    ) from error
         try:
-            rgba = self._slide.read_region(location, level, size)
+            rgba = np.asarray(self._slide.read_region(location, level, size))
         except openslide.OpenSlideError as error:
             raise SlideReadError(f"{self.path}: failed to read region {location} at level {level}: {error}") from error
-        alpha = rgba.getchannel("A")
-        if alpha.getextrema()[0] == 255:  # fully scanned region: the common, fast case
-            return rgba.convert("RGB")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=alpha)
-        return background
+        return rgba_to_rgb(rgba)
+
+    def read_region_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """`read_region_array` as a PIL image (for PIL transforms and resizing)."""
+        return Image.fromarray(self.read_region_array(location, level, size))
 
     def read_level_rgb(self, level: int) -> np.ndarray:
         """A whole pyramid level as an RGB array [H, W, 3] (callers pick a small level)."""
-        return np.asarray(self.read_region_rgb((0, 0), level, self.level_dimensions[level]))
+        return self.read_region_array((0, 0), level, self.level_dimensions[level])
 
     def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         self._slide.close()
 
     def __enter__(self) -> Slide:
@@ -166,6 +200,21 @@ class Slide:
         self.close()
 
 
-def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
-    """Open `path` with OpenSlide; `mpp` overrides or supplies the level-0 µm/px."""
-    return Slide(path, mpp=mpp)
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """OpenSlide's RGBA [H, W, 4] (straight alpha) over a white background, as RGB [H, W, 3].
+
+    The arithmetic of PIL's `Image.paste(rgba, mask=alpha)` onto white, which vlm used before (same bytes for
+    every colour and alpha): round((c * a + 255 * (255 - a)) / 255) with PIL's DIV255 rounding.
+    """
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3:]
+    if alpha.min() == 255:  # fully scanned region: the common, fast case
+        return np.ascontiguousarray(rgb)
+    blended = rgb.astype(np.uint32) * alpha + 255 * (255 - alpha.astype(np.uint32)) + 128
+    return (((blended >> 8) + blended) >> 8).astype(np.uint8)
+
+
+def open_slide(path: str | os.PathLike[str], mpp: float | None = None, reader: str = "auto") -> Slide:
+    """Open `path` with OpenSlide; `mpp` overrides or supplies the level-0 µm/px; `reader` picks the pixel
+    reader ("auto": tifffile for pyramidal TIFF and SVS, else OpenSlide)."""
+    return Slide(path, mpp=mpp, reader=reader)

@@ -19,7 +19,7 @@ from skimage.segmentation import find_boundaries
 from vlm.formats.features import TileGrid
 from vlm.io import atomic_path
 from vlm.wsi.slide import Slide
-from vlm.wsi.tissue import TissueMask, TissueParams, detect_tissue
+from vlm.wsi.tissue import TissueMask, TissueParams, detect_tissue, read_downsampled
 
 # Mask pixels along one tile side: the per-tile tissue fraction is then exact to 1/256.
 MASK_PX_PER_TILE = 16
@@ -131,7 +131,7 @@ def write_qc_thumbnail(
     downsample = max(width, height) / max_side
     level = slide.best_level_for_downsample(downsample)
     size = (max(1, round(width / downsample)), max(1, round(height / downsample)))
-    image = Image.fromarray(slide.read_level_rgb(level)).resize(size, Image.Resampling.BILINEAR)
+    image = Image.fromarray(read_downsampled(slide, level, size))  # in strips where the level is large
     mask = Image.fromarray(result.tissue.mask).resize(size, Image.Resampling.NEAREST)
     outline = find_boundaries(np.asarray(mask), mode="inner")
     rgb = np.asarray(image).copy()

@@ -6,10 +6,15 @@ method — H&E-stained tissue is coloured, glass and background are grey or whit
 below `min_saturation`, so an empty (all-white) slide yields no tissue rather than thresholded noise.
 Then connected components smaller than `min_object_px` are removed (dust, debris) and holes smaller than
 `max_hole_px` are filled (lumens, fat vacuoles inside tissue are kept as tissue).
+
+Memory stays bounded on slides without a pyramid: a level of more than `STRIP_PIXELS` pixels (a one-level
+TIFF's level 0, 12,288² px and up) is read in horizontal strips of at most that many pixels, each resized
+on the fly to its rows of the mask grid (`read_downsampled`); a pyramid's small levels are read in one go.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +23,11 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
 from vlm.wsi.slide import Slide
+
+# The most level pixels one read holds: 4 Mpx are 16 MB as OpenSlide's RGBA buffer, as much again as PIL's
+# image of it and 12 MB as RGB. Levels up to this size (a pyramid's thumbnail levels) are read whole, larger
+# ones (no pyramid) in strips of this size.
+STRIP_PIXELS = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -64,9 +74,36 @@ def detect_tissue(slide: Slide, downsample: float, params: TissueParams = Tissue
     width, height = slide.dimensions
     mask_size = (max(1, int(np.ceil(width / downsample))), max(1, int(np.ceil(height / downsample))))
     level = slide.best_level_for_downsample(downsample)
-    image = Image.fromarray(slide.read_level_rgb(level))
     # The level covers the full slide; map it onto the exact mask grid (the grid may overhang the
     # slide by less than one mask pixel, which resizing absorbs).
-    rgb = np.asarray(image.resize(mask_size, Image.Resampling.BILINEAR))
+    rgb = read_downsampled(slide, level, mask_size)
     mask, threshold = tissue_mask_from_rgb(rgb, params)
     return TissueMask(mask=mask, downsample=downsample, threshold=threshold, thumbnail=rgb)
+
+
+def read_downsampled(slide: Slide, level: int, size: tuple[int, int], max_pixels: int | None = None) -> np.ndarray:
+    """The whole of `level` resized (bilinear) to `size` = (width, height): [height, width, 3] uint8.
+
+    A level of at most `max_pixels` is read in one go. A larger one is read in horizontal strips, each with
+    the few rows of margin that the filter reaches, and PIL resizes each strip's box of the level onto its
+    output rows: the pixels of resizing the level whole (exactly where `size` divides the level, within 1/255
+    on a few pixels otherwise; `tests/test_tiling.py` checks it) while holding about `max_pixels` at a time.
+    """
+    max_pixels = STRIP_PIXELS if max_pixels is None else max_pixels
+    level_w, level_h = slide.level_dimensions[level]
+    out_w, out_h = size
+    if level_w * level_h <= max_pixels:
+        return np.asarray(Image.fromarray(slide.read_level_rgb(level)).resize(size, Image.Resampling.BILINEAR))
+    scale = level_h / out_h  # level rows per output row
+    margin = math.ceil(scale) + 2  # the bilinear filter reaches `scale` rows either side of a row's centre
+    rows_per_strip = max(1, int((max_pixels // level_w - 2 * margin) / scale))
+    level_downsample = slide.level_downsamples[level]
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    for r0 in range(0, out_h, rows_per_strip):
+        r1 = min(out_h, r0 + rows_per_strip)
+        top = max(0, math.floor(r0 * scale) - margin)
+        bottom = min(level_h, math.ceil(r1 * scale) + margin)
+        strip = slide.read_region_rgb((0, round(top * level_downsample)), level, (level_w, bottom - top))
+        box = (0.0, r0 * scale - top, float(level_w), r1 * scale - top)
+        out[r0:r1] = np.asarray(strip.resize((out_w, r1 - r0), Image.Resampling.BILINEAR, box=box))
+    return out
