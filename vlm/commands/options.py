@@ -88,7 +88,7 @@ def add_deprecated(container: Any, old: str, new: argparse.Action,
     """
     return container.add_argument(old, dest="_deprecated_" + old.lstrip("-").replace("-", "_"),
                                   action=DeprecatedSpelling, route=route or (lambda _: new), nargs=new.nargs,
-                                  metavar=new.metavar)  # fmt: skip
+                                  metavar=new.metavar, type=new.type)  # fmt: skip
 
 
 def add_embeddings(parser: Any, help: str, required: bool = True, old: str | None = "--slides") -> argparse.Action:
