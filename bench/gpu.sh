@@ -10,7 +10,7 @@
 #
 # Environment: PYTHON (default: python), VLM_WHEELS (a folder of wheels installed first, offline, if it exists),
 # WORKERS (tile-reading processes; default: CPU cores - 1), COMPILE=1 (also time the torch.compile'd encoder;
-# with --smoke, also smoke-test the compiled paths, which adds about half a minute of compiling).
+# with --smoke, also smoke-test the compiled paths: about a minute more of compiling on 2 cores).
 set -euo pipefail
 case "${1:-}" in
   "" | --smoke) ;;
