@@ -111,11 +111,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def input_size(encoder: TileEncoder) -> int:
+    """The side of the encoder's input images: its transform's crop (224 for gigapath, 160 for timm test_vit)."""
+    crop = encoder.transform.transforms[1].size if hasattr(encoder.transform, "transforms") else (224, 224)
+    return crop if isinstance(crop, int) else crop[0]
+
+
 def flops_per_tile(encoder: TileEncoder) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    crop = encoder.transform.transforms[1].size if hasattr(encoder.transform, "transforms") else (224, 224)
-    size = crop if isinstance(crop, int) else crop[0]
+    size = input_size(encoder)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         encoder.to("cpu")(torch.zeros(1, 3, size, size))
     return float(counter.get_total_flops())
@@ -131,7 +136,8 @@ def encoder_alone(
     forward: Callable[[torch.Tensor], torch.Tensor],
 ) -> float:
     """Tiles/s of the encoder on random tensors already on the device (results accumulated on the device)."""
-    images = torch.randn(batch_size, 3, 224, 224, device=device)
+    size = input_size(encoder)
+    images = torch.randn(batch_size, 3, size, size, device=device)
     batches = max(2, -(-tiles // batch_size))
     with autocast(device, precision):
         forward(images)  # warm-up (and compilation)

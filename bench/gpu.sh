@@ -5,11 +5,17 @@
 #                           # reader (openslide, tifffile), slide encoder (eager and compiled), tile readers on
 #                           # this machine's cores (vlm's two, + tiffslide / fastslide / cuCIM if installed; grid
 #                           # and random reads), a fine-tuning step, then the CUDA-only tests (pytest -m gpu)
-#   bench/gpu.sh --smoke    # the same scripts at toy sizes on the CPU (a minute or two): proves the script runs
+#   bench/gpu.sh --smoke    # the same scripts and paths at toy sizes on the CPU (tiny models, a few tiles, one
+#                           # round; under a minute on an idle 2-core box): proves the script runs, measures nothing
 #
 # Environment: PYTHON (default: python), VLM_WHEELS (a folder of wheels installed first, offline, if it exists),
-# WORKERS (tile-reading processes; default: CPU cores - 1), COMPILE=1 (also time the torch.compile'd encoder).
+# WORKERS (tile-reading processes; default: CPU cores - 1), COMPILE=1 (also time the torch.compile'd encoder;
+# with --smoke, also smoke-test the compiled paths: about a minute more of compiling on 2 cores).
 set -euo pipefail
+case "${1:-}" in
+  "" | --smoke) ;;
+  *) echo "usage: bench/gpu.sh [--smoke]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -19,7 +25,7 @@ fi
 "$PYTHON" - <<'PY'
 import importlib.util, sys
 needed = ["torch", "timm", "transformers", "h5py", "pandas", "pyarrow", "openslide", "tifffile", "imagecodecs",
-          "skimage", "open_clip", "tqdm"]
+          "skimage", "open_clip", "tqdm", "pytest"]
 missing = [name for name in needed if importlib.util.find_spec(name) is None]
 if missing:
     sys.exit(f"bench/gpu.sh: missing Python modules {missing}; put their wheels in a folder and set VLM_WHEELS")
@@ -28,16 +34,24 @@ RESULTS=$(mktemp -d)/results.jsonl
 START=$SECONDS
 
 if [[ "${1:-}" == "--smoke" ]]; then
+  # every path of the full run below, at toy sizes: timm's test_vit tile encoder (0.06 GFLOP a tile), the tiny
+  # slide-encoder preset and towers, a few tiles, one round (the figures mean nothing; every step must run)
   export OMP_NUM_THREADS=1
-  "$PYTHON" bench/embed_tiles.py --device cpu --n-slides 2 --min-tiles 12 --max-tiles 24 --batch-size 16 \
-    --workers 1 --readers openslide tifffile --no-baseline --json "$RESULTS"
-  "$PYTHON" bench/slide_encoder.py --device cpu --tiles 200 --baseline-tiles 200 --compiled-tiles 200 --threads 1 \
+  COMPILE_SMOKE=()
+  if [[ "${COMPILE:-0}" == "1" ]]; then COMPILE_SMOKE=(--compiled-tiles 200); fi
+  "$PYTHON" bench/embed_tiles.py --device cpu --model timm:test_vit --n-slides 2 --min-tiles 4 --max-tiles 8 \
+    --batch-size 4 --workers 1 --readers openslide tifffile --json "$RESULTS"
+  if [[ "${COMPILE:-0}" == "1" ]]; then
+    "$PYTHON" bench/embed_tiles.py --device cpu --model timm:test_vit --n-slides 1 --min-tiles 4 --max-tiles 4 \
+      --batch-size 4 --workers 1 --compile --no-baseline --json "$RESULTS"
+  fi
+  "$PYTHON" bench/slide_encoder.py --device cpu --model tiny --tiles 200 --baseline-tiles 200 \
+    "${COMPILE_SMOKE[@]}" --threads 1 --json "$RESULTS"
+  "$PYTHON" bench/readers.py --size 3000 --tiles 20 --workers 1 --rounds 1 --readers openslide tifffile \
     --json "$RESULTS"
-  "$PYTHON" bench/readers.py --size 6000 --tiles 50 --workers 1 --rounds 1 --readers openslide tifffile \
-    --json "$RESULTS"
-  "$PYTHON" bench/readers.py --size 6000 --tiles 50 --workers 1 --rounds 1 --readers openslide tifffile \
+  "$PYTHON" bench/readers.py --size 3000 --tiles 20 --workers 1 --rounds 1 --readers openslide tifffile \
     --pattern random --json "$RESULTS"
-  "$PYTHON" bench/train.py --device cpu --batch 4 --chunk 2 --min-tiles 50 --max-tiles 100 --steps 1 \
+  "$PYTHON" bench/train.py --device cpu --batch 4 --chunk 2 --min-tiles 20 --max-tiles 40 --steps 1 \
     --json "$RESULTS"
 else
   "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'bench/gpu.sh needs CUDA (or --smoke)'"

@@ -37,12 +37,9 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tiling import blob_region  # bench/tiling.py: the same synthetic tissue
 
-from vlm.wsi.slide import open_slide
-from vlm.wsi.synthetic import write_pyramidal_tiff
-from vlm.wsi.tiling import TilingParams, read_plan, tile_slide
-
+# Only numpy and the standard library at module level: the `processes` workers are spawned, so each one
+# imports this module again (torch and skimage, through bench/tiling.py and vlm.wsi.tiling, cost seconds).
 log = logging.getLogger("bench.readers")
 Reader = Callable[[int, int], np.ndarray]
 
@@ -124,12 +121,15 @@ def rate(name: str, mode: str, path: Path, coords: np.ndarray, level: int, size:
 
 
 def _label(mode: str, workers: int) -> str:
+    """The table's name of a mode: `main` is the calling thread, the others say how many workers."""
     if mode == "main":
-        return "1 thread"
-    return f"{workers} {mode if workers > 1 else mode.removesuffix('es' if mode == 'processes' else 's')}"
+        return "main thread"
+    if mode == "processes":
+        return f"{workers} process{'es' if workers > 1 else ''}"
+    return f"{workers} pool thread{'s' if workers > 1 else ''}"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=16_000, help="level-0 side in px")
     parser.add_argument("--tiles", type=int, default=2000, help="tissue tiles read per case")
@@ -139,7 +139,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every case")
     parser.add_argument("--json", type=Path, default=None, help="append result rows (JSON lines) here")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    from tiling import blob_region  # bench/tiling.py: the same synthetic tissue
+
+    from vlm.wsi.slide import open_slide
+    from vlm.wsi.synthetic import write_pyramidal_tiff
+    from vlm.wsi.tiling import TilingParams, read_plan, tile_slide
+
+    args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     readers = [name for name in available_readers() if args.readers is None or name in args.readers]
     modes = ["main", "processes", "threads"]

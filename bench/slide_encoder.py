@@ -10,6 +10,7 @@ official-style `diag_embed` scatter and a stack of all branch outputs. Both run 
     python bench/slide_encoder.py --tiles 10000 40000 --baseline-tiles 10000 --threads 2
     python bench/slide_encoder.py --device cuda --precision bf16 --tiles 10000 70000   # median of 5 passes
     python bench/slide_encoder.py --tiles 2000 --baseline-tiles --compiled-tiles 2000  # eager vs compiled
+    python bench/slide_encoder.py --model tiny --tiles 200 --baseline-tiles 200        # smoke test: tiny preset
 
 Each case runs in a fresh subprocess so that peak RSS (ru_maxrss) is that case's alone.
 """
@@ -17,6 +18,7 @@ Each case runs in a fresh subprocess so that peak RSS (ru_maxrss) is that case's
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import resource
@@ -28,6 +30,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from vlm.encoders.slide import SLIDE_ENCODER_PRESETS
 
 log = logging.getLogger("bench.slide_encoder")
 
@@ -72,9 +76,15 @@ def _sync(device: torch.device) -> None:
 
 
 def run_case(
-    impl: str, tiles: int, threads: int, out_path: Path, device: str = "cpu", precision: str = "fp32"
+    impl: str,
+    tiles: int,
+    threads: int,
+    out_path: Path,
+    device: str = "cpu",
+    precision: str = "fp32",
+    model_name: str = "gigapath",
 ) -> dict[str, float]:
-    """One forward pass of the full-size encoder on `tiles` random tiles; the child-process side."""
+    """One forward pass of the encoder preset `model_name` on `tiles` random tiles; the child-process side."""
     from vlm.device import autocast
     from vlm.encoders import longnet
     from vlm.encoders.slide import create_slide_encoder
@@ -86,11 +96,12 @@ def run_case(
             qkv[0], qkv[1], qkv[2], segments, ratios
         )
     torch.manual_seed(0)
-    model = create_slide_encoder("gigapath").to(dev).eval()
+    model = create_slide_encoder(model_name).to(dev).eval()
+    config = model.config
     if impl == "compiled":
         model.encoder.compile_token_wise()
     generator = torch.Generator().manual_seed(tiles)
-    features = torch.randn(1, tiles, 1536, generator=generator)
+    features = torch.randn(1, tiles, config.in_dim, generator=generator)
     cells = torch.randperm(1000 * 1000, generator=generator)[:tiles]
     coords = (torch.stack([cells // 1000, cells % 1000], dim=1) * 256 + 128).double()[None]
     features, coords = features.to(dev), coords.to(dev)
@@ -116,12 +127,13 @@ def run_case(
         else:
             peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
         # The attention alone, on one layer's q/k/v: the part the two implementations differ in.
-        qkv = torch.randn(3, tiles + 1, 16, 48, generator=generator).to(dev)
+        head_dim = config.embed_dim // config.num_heads
+        qkv = torch.randn(3, tiles + 1, config.num_heads, head_dim, generator=generator).to(dev)
         attention = longnet.dilated_attention_qkv
-        attention(qkv[:, :300], model.config.segment_lengths, model.config.dilated_ratios)
+        attention(qkv[:, :300], config.segment_lengths, config.dilated_ratios)
         _sync(dev)
         start = time.perf_counter()
-        attention(qkv, model.config.segment_lengths, model.config.dilated_ratios)
+        attention(qkv, config.segment_lengths, config.dilated_ratios)
         _sync(dev)
         attention_seconds = time.perf_counter() - start
     torch.save(embedding.float().cpu(), out_path)
@@ -129,7 +141,9 @@ def run_case(
             "warmup_seconds": warmup_seconds}  # fmt: skip
 
 
-def spawn(impl: str, tiles: int, threads: int, workdir: Path, device: str, precision: str) -> dict[str, float]:
+def spawn(
+    impl: str, tiles: int, threads: int, workdir: Path, device: str, precision: str, model: str
+) -> dict[str, float]:
     out_path = workdir / f"{impl}-{tiles}.pt"
     command = [
         sys.executable,
@@ -145,6 +159,8 @@ def spawn(impl: str, tiles: int, threads: int, workdir: Path, device: str, preci
         device,
         "--precision",
         precision,
+        "--model",
+        model,
     ]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
@@ -157,6 +173,8 @@ def spawn(impl: str, tiles: int, threads: int, workdir: Path, device: str, preci
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gigapath", choices=list(SLIDE_ENCODER_PRESETS),
+                        help="slide encoder preset (tiny: a smoke test of this script, not a figure)")
     parser.add_argument("--tiles", type=int, nargs="+", default=[10_000, 40_000])
     parser.add_argument("--baseline-tiles", type=int, nargs="*", default=[10_000])
     parser.add_argument(
@@ -170,24 +188,29 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        figures = run_case(args.child[0], int(args.child[1]), args.threads, args.out, args.device, args.precision)
+        figures = run_case(args.child[0], int(args.child[1]), args.threads, args.out, args.device, args.precision,
+                           args.model)  # fmt: skip
         print(json.dumps(figures))  # the parent reads this line
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.info(
-        "torch %s, %d threads, %s %s, full-size gigapath encoder, pool=mean",
+        "torch %s, %d threads, %s %s, %s slide encoder preset, pool=mean",
         torch.__version__,
         args.threads,
         args.device,
         args.precision,
+        args.model,
     )
+    run = functools.partial(spawn, threads=args.threads, device=args.device, precision=args.precision,
+                            model=args.model)  # fmt: skip
+    encoder = "slide encoder" if args.model == "gigapath" else f"slide encoder ({args.model})"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         ours = {}
         for tiles in args.baseline_tiles:  # each comparison back to back, so both see the same machine load
-            ours[tiles] = spawn("ours", tiles, args.threads, workdir, args.device, args.precision)
-            base = spawn("baseline", tiles, args.threads, workdir, args.device, args.precision)
+            ours[tiles] = run("ours", tiles, workdir=workdir)
+            base = run("baseline", tiles, workdir=workdir)
             if tiles in ours:
                 diff = (torch.load(workdir / f"ours-{tiles}.pt") - torch.load(workdir / f"baseline-{tiles}.pt")).abs()
                 log.info(
@@ -201,8 +224,8 @@ def main() -> None:
                 )
         for tiles in args.compiled_tiles:  # eager vs compile_token_wise, back to back
             if tiles not in ours:
-                ours[tiles] = spawn("ours", tiles, args.threads, workdir, args.device, args.precision)
-            compiled = spawn("compiled", tiles, args.threads, workdir, args.device, args.precision)
+                ours[tiles] = run("ours", tiles, workdir=workdir)
+            compiled = run("compiled", tiles, workdir=workdir)
             diff = (torch.load(workdir / f"ours-{tiles}.pt") - torch.load(workdir / f"compiled-{tiles}.pt")).abs()
             log.info(
                 "%d tiles: forward time compiled/eager = %.2f (compile + warm-up %.0f s), max |diff| = %.1e",
@@ -210,7 +233,7 @@ def main() -> None:
             )  # fmt: skip
             rows.append(
                 {
-                    "case": f"slide encoder compiled, {tiles} tiles",
+                    "case": f"{encoder} compiled, {tiles} tiles",
                     "value": round(1 / compiled["seconds"], 2),
                     "unit": "slides/s",
                     "peak_gb": round(compiled["peak_rss_gb"], 2),
@@ -218,10 +241,10 @@ def main() -> None:
             )
         for tiles in args.tiles:
             if tiles not in ours:
-                ours[tiles] = spawn("ours", tiles, args.threads, workdir, args.device, args.precision)
+                ours[tiles] = run("ours", tiles, workdir=workdir)
             rows.append(
                 {
-                    "case": f"slide encoder, {tiles} tiles",
+                    "case": f"{encoder}, {tiles} tiles",
                     "value": round(1 / ours[tiles]["seconds"], 2),
                     "unit": "slides/s",
                     "peak_gb": round(ours[tiles]["peak_rss_gb"], 2),

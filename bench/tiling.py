@@ -18,11 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import openslide
-import torch
 from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
 
-from vlm.wsi.dataset import TileDataset
 from vlm.wsi.slide import open_slide
 from vlm.wsi.synthetic import write_pyramidal_tiff
 from vlm.wsi.tiling import TilingParams, read_plan, tile_slide
@@ -60,6 +57,12 @@ def naive_read(path: Path, coords: np.ndarray, size0: int, tile_size: int) -> fl
 
 
 def loader_read(path: Path, coords: np.ndarray, mpp: float, size0: int, tile_size: int, workers: int) -> float:
+    # imported here (not timed): bench/readers.py takes blob_region from this module and needs no torch
+    import torch
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from vlm.wsi.dataset import TileDataset
+
     start = time.perf_counter()
     with open_slide(path) as slide:
         plan = read_plan(slide, size0, tile_size)
