@@ -40,7 +40,7 @@ def trained_run(base: Path) -> tuple[Path, Path, Path]:
     model = train(TrainConfig(pairs=str(pairs), out=str(root / "run"), embeddings=str(embeddings),
                               text_encoder=str(text), max_length=16, proj_dim=16, epochs=20, batch_size=12,
                               lr=1e-2, seed=0))  # fmt: skip
-    return pairs, embeddings, model
+    return pairs, embeddings, model.model_dir
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,7 @@ def test_cli_train_end_to_end_learns(data: dict[str, Path]) -> None:
 @pytest.mark.slow
 def test_resume_gives_the_same_next_losses(data: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     reference = data["root"] / "uninterrupted"
-    train(config(data, reference, checkpoint_every=4))
+    result = train(config(data, reference, checkpoint_every=4))
     crashed = data["root"] / "crashed"
     calls = {"n": 0}
     original = loop._train_step
@@ -106,13 +106,23 @@ def test_resume_gives_the_same_next_losses(data: dict[str, Path], monkeypatch: p
     assert [r["step"] for r in records(crashed)] == [0, 1, 2, 3, 3, 4, 5]
     with pytest.raises(ValueError, match="--resume"):
         train(config(data, crashed, checkpoint_every=4))
-    train(TrainConfig.load(crashed / CONFIG_FILE), resume=True)
+    resumed = train(TrainConfig.load(crashed / CONFIG_FILE), resume=True)
     ours, theirs = records(crashed), records(reference)
     assert [r["step"] for r in ours] == [r["step"] for r in theirs]
     for mine, ref in zip(ours, theirs, strict=True):
         for key in ("train/loss", "val/loss", "val/mean_recall"):
             if key in ref:
                 assert mine[key] == pytest.approx(ref[key], abs=1e-6), (mine["step"], key)
+    # the returned TrainResult says what metrics.jsonl says, whether the run was resumed or not: `model/` holds
+    # the first epoch of the best val/mean_recall, and `metrics` is the last epoch's record
+    val = [r for r in theirs if "val/mean_recall" in r]
+    assert result.best_epoch == max(val, key=lambda r: r["val/mean_recall"])["epoch"]
+    assert result.metrics == val[-1] and result.metrics["epoch"] == 1 and "val/mean_recall" in result.metrics
+    assert Path(result) == reference / "model" and os.fspath(resumed) == str(crashed / "model") == str(resumed)
+    assert resumed.best_epoch == result.best_epoch
+    assert resumed.metrics == pytest.approx(result.metrics, abs=1e-6)
+    again = train(TrainConfig.load(crashed / CONFIG_FILE), resume=True)  # nothing left to run: read back from the run
+    assert again.best_epoch == resumed.best_epoch and again.metrics == resumed.metrics
 
 
 def test_a_run_saved_with_the_old_field_name_still_resumes(data: dict[str, Path]) -> None:

@@ -52,6 +52,7 @@ _EXPORTS: dict[str, str] = {
     "create_model": "vlm.model.clip:create_model",
     "TrainConfig": "vlm.training.config:TrainConfig",
     "train": "vlm.training.loop:train",
+    "TrainResult": "vlm.training.loop:TrainResult",
     # zero-shot
     "load_prompt_task": "vlm.prompts:load_prompt_task",
     "ZeroShotClassifier": "vlm.model.zeroshot:ZeroShotClassifier",

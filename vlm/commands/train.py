@@ -49,13 +49,13 @@ def run(args: argparse.Namespace) -> int:
         changes = {name: value for name, value in given.items() if name != "out"}
         config = TrainConfig.load(saved).resumed(args.resume, changes, saved)  # the folder may have moved since
         log.info("resuming %s with its saved %s", args.resume, CONFIG_FILE)
-        model_dir = train(config, resume=True, progress=not args.no_progress)
+        result = train(config, resume=True, progress=not args.no_progress)
     else:
         missing = [flag for flag, name in (("--pairs", "pairs"), ("--out", "out")) if name not in given]
         if not ({"embeddings", "features"} & set(given)):
             missing.append("--embeddings or --features")
         if missing:
             raise ValueError(f"vlm train needs {', '.join(missing)} (or --resume RUN)")
-        model_dir = train(TrainConfig(**given), progress=not args.no_progress)
-    print(f"model -> {model_dir}")
+        result = train(TrainConfig(**given), progress=not args.no_progress)
+    print(f"model -> {result.model_dir}")
     return 0

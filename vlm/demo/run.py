@@ -297,7 +297,7 @@ def _run_demo(settings: DemoSettings) -> DemoResult:
             batch_size=8, lr=1e-3, weight_decay=0.05, freeze_text=True, seed=settings.seed, device="cpu",
             drop_missing=True,
         )
-        result.model_dir = train(config, progress=settings.progress)
+        result.model_dir = train(config, progress=settings.progress).model_dir
 
     with _timed(timings, "zero-shot on held-out slides"):
         slides = load_slide_embeddings(slides_parquet)

@@ -112,12 +112,20 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool, keep_until_step: int | None) -> None:
         self.path, self.enabled = path, enabled
-        if enabled and keep_until_step is not None and path.exists():
+        self.epochs: list[dict[str, Any]] = []  # the end-of-epoch records kept and written, in order
+        if keep_until_step is not None and path.exists():  # every rank reads them; rank 0 alone rewrites
             kept = [line for line in self._records(path) if json.loads(line)["step"] <= keep_until_step]
-            with atomic_path(path) as tmp:
-                tmp.write_text("".join(line + "\n" for line in kept))
+            self.epochs = [record for record in map(json.loads, kept) if self._ends_epoch(record)]
+            if enabled:
+                with atomic_path(path) as tmp:
+                    tmp.write_text("".join(line + "\n" for line in kept))
         elif enabled and keep_until_step is None:
             path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _ends_epoch(record: dict[str, Any]) -> bool:
+        """An epoch's record ("step", "epoch" and its validation metrics), not a step's (which has a loss)."""
+        return "epoch" in record and "train/loss" not in record
 
     @staticmethod
     def _records(path: Path) -> list[str]:
@@ -137,6 +145,8 @@ class MetricsLog:
         return lines
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._ends_epoch(record):
+            self.epochs.append(record)
         if self.enabled:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
