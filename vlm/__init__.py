@@ -80,14 +80,20 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
-def __getattr__(name: str) -> Any:
-    target = _EXPORTS.get(name)
+def _lazy_export(namespace: dict[str, Any], exports: dict[str, str], name: str) -> Any:
+    """The module-level `__getattr__` of a lazy package (`vlm`, `vlm.demo`): import `exports[name]`
+    (`module:attribute`) on first use and keep it in the package's `namespace`."""
+    target = exports.get(name)
     if target is None:
-        raise AttributeError(f"module 'vlm' has no attribute {name!r}")
+        raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
     module, attribute = target.split(":")
     value = getattr(importlib.import_module(module), attribute)
-    globals()[name] = value  # later look-ups skip __getattr__
+    namespace[name] = value  # later look-ups skip __getattr__
     return value
+
+
+def __getattr__(name: str) -> Any:
+    return _lazy_export(globals(), _EXPORTS, name)
 
 
 def __dir__() -> list[str]:

@@ -6,8 +6,9 @@ The demo's names live here, not in the flat `vlm` API (which holds what a user's
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from vlm import _lazy_export
 
 _EXPORTS: dict[str, str] = {
     "DemoSettings": "vlm.demo.run:DemoSettings",
@@ -21,13 +22,7 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    target = _EXPORTS.get(name)
-    if target is None:
-        raise AttributeError(f"module 'vlm.demo' has no attribute {name!r}")
-    module, attribute = target.split(":")
-    value = getattr(importlib.import_module(module), attribute)
-    globals()[name] = value
-    return value
+    return _lazy_export(globals(), _EXPORTS, name)
 
 
 def __dir__() -> list[str]:
