@@ -258,6 +258,7 @@ class SlideIndex:
         query_rows = np.sort(order[: kinds.TUNE_QUERIES])
         queries, query_ids = np.ascontiguousarray(sample[query_rows]), sample_ids[query_rows]
         del sample
+        kinds.reserve(index, chosen, len(keys))
         width = min(recall_k + 1, len(keys))
         best = np.full((len(queries), width), -np.inf, np.float32)
         best_ids = np.full((len(queries), width), -1, np.int64)
