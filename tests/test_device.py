@@ -17,7 +17,7 @@ def test_auto_picks_cuda_only_when_present() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_without_cuda_is_refused_not_silently_cpu() -> None:
-    with pytest.raises(ValueError, match="CUDA is not available.*--device cpu"):
+    with pytest.raises(ValueError, match="CUDA is not available.*`device` cpu"):
         resolve_device("cuda")
 
 

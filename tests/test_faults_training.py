@@ -224,7 +224,7 @@ def test_bad_feature_files_are_all_listed_before_training(tmp_path: Path) -> Non
     out = tmp_path / "run"
     config = _config(tmp_path / "data", out, pairs=str(pairs), embeddings=None, features=str(features),
                      slide_encoder="tiny", batch_size=2)  # fmt: skip
-    expected = r"2 feature file\(s\).*\n  s3: .*'mpp'.*\n  s6: .*not a readable HDF5[^\n]*\n.*--drop-missing"
+    expected = r"2 feature file\(s\).*\n  s3: .*'mpp'.*\n  s6: .*not a readable HDF5[^\n]*\n.*`drop_missing`"
     with pytest.raises(ValueError, match=expected):
         train(config)
     assert not out.exists()  # refused before anything was written
@@ -278,7 +278,7 @@ def test_damaged_safetensors_is_one_line_naming_the_file(
 
 
 def test_library_errors_are_told_from_bugs(tmp_path: Path) -> None:
-    """FAISS raises a bare RuntimeError on a damaged index: it is an input error; a RuntimeError of vlm is a bug."""
+    """A damaged index is an input error named by its reader; a RuntimeError of vlm's own code is a bug."""
     import pickle
 
     import faiss
@@ -292,7 +292,7 @@ def test_library_errors_are_told_from_bugs(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:30])
     with pytest.raises(RuntimeError) as faiss_error:
         faiss.read_index(str(path))
-    assert _is_library_error(faiss_error.value)
+    assert not _is_library_error(faiss_error.value)  # no traceback sniffing: the reader names the file
     assert _is_library_error(pickle.UnpicklingError("bad"))
     with pytest.raises(RuntimeError) as bug:
         torch.zeros(2) @ torch.zeros(3)  # a shape bug inside vlm's own code path is not an input error
@@ -364,7 +364,7 @@ def test_train_into_a_run_folder_keeps_its_resume_rules(finished_run: Path, tmp_
     run = _copy(finished_run, tmp_path)
     (run / OUTPUT_MARKER).unlink()
     config = TrainConfig.load(run / CONFIG_FILE)
-    with pytest.raises(ValueError, match="already holds a training run; pass --resume"):
+    with pytest.raises(ValueError, match="already holds a training run; pass `resume`"):
         train(dataclasses.replace(config, out=str(run)))
     assert (run / OUTPUT_MARKER).read_text() == "train\n"  # recognised as vlm's (and marked), not refused
 

@@ -76,7 +76,7 @@ def test_trident_file_without_mpp_uses_its_magnification(tmp_path: Path) -> None
     # A --mpp within 25 % of the magnification's value is taken (a 0.2263-µm/px 40× scan) ...
     assert read_features(tmp_path / "t40.h5", mpp=0.2263).mpp == 0.2263
     # ... one that contradicts it is refused, naming the file and both values.
-    with pytest.raises(FeatureFileError, match=r"t40\.h5: --mpp 0\.5 contradicts .*level0_magnification 40"):
+    with pytest.raises(FeatureFileError, match=r"t40\.h5: `mpp` 0\.5 contradicts .*level0_magnification 40"):
         read_features(tmp_path / "t40.h5", mpp=0.5)
 
 
@@ -91,9 +91,9 @@ def test_clam_feature_file_is_read_with_its_patches_file(tmp_path: Path) -> None
     features = np.random.default_rng(2).normal(size=(len(coords), 6)).astype(np.float32)
     write_clam_features(tmp_path / "h5_files" / "s1.h5", coords, features)
     path = tmp_path / "h5_files" / "s1.h5"
-    with pytest.raises(FeatureFileError, match=r"s1\.h5: no tile size attribute.*--patches"):
+    with pytest.raises(FeatureFileError, match=r"s1\.h5: no tile size attribute.*`patches`"):
         read_features(path, mpp=0.25)
-    with pytest.raises(FeatureFileError, match=r"s1\.h5: no level-0 'mpp'.*--mpp"):
+    with pytest.raises(FeatureFileError, match=r"s1\.h5: no level-0 'mpp'.*`mpp`"):
         read_features(path, patches=tmp_path / "patches")
     loaded = read_features(path, mpp=0.25, patches=tmp_path / "patches")
     assert (loaded.grid.tile_size, loaded.grid.tile_size_level0, loaded.mpp) == (256, 512, 0.25)
@@ -123,7 +123,7 @@ def _vlm_file(path: Path, **attrs: object) -> Path:
         ({"tile_size_level0": 0}, r"s\.h5: attribute 'tile_size_level0' is 0"),
         ({"tile_size_level0": -512}, r"s\.h5: attribute 'tile_size_level0' is -512"),
         ({"mpp": float("nan")}, r"s\.h5: attribute 'mpp' is nan"),
-        ({"mpp": 352.8}, r"s\.h5: level-0 scale 352\.8 µm/px .*plausible range.*--mpp"),
+        ({"mpp": 352.8}, r"s\.h5: level-0 scale 352\.8 µm/px .*plausible range.*`mpp`"),
     ],
 )
 def test_bad_geometry_attributes_name_the_file_and_attribute(tmp_path: Path, attrs: dict, message: str) -> None:

@@ -125,7 +125,7 @@ def test_probe_names_a_nan_embedding_and_keeps_ids_as_text(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("shots", [["0"], ["two"], ["1", "1"], []])
 def test_bad_shot_counts_are_refused(shots: list[str]) -> None:
-    with pytest.raises(ValueError, match="--shots"):
+    with pytest.raises(ValueError, match="`shots`"):
         parse_shots(shots)
 
 

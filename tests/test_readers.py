@@ -98,7 +98,7 @@ def test_auto_falls_back_to_openslide_and_tifffile_refuses(real_slide: Path) -> 
     with open_slide(dicom, reader="auto") as slide:
         assert slide.reader == "openslide"
         assert slide.read_region_array((0, 0), 0, (16, 16)).shape == (16, 16, 3)
-    with pytest.raises(ReaderUnavailableError, match=r"boxes_0\.dcm.*dicom.*--reader openslide"):
+    with pytest.raises(ReaderUnavailableError, match=r"boxes_0\.dcm.*dicom.*`reader` openslide"):
         open_slide(dicom, reader="tifffile")
     with pytest.raises(ValueError, match="`reader` must be one of auto, openslide, tifffile"):
         open_slide(real_slide, reader="fast")

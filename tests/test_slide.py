@@ -34,7 +34,7 @@ def test_generic_tiff_pyramid_levels_and_mpp(slide_025: Path) -> None:
 def test_missing_mpp_is_an_error_unless_given(tmp_path: Path) -> None:
     path = tmp_path / "no_mpp.tiff"
     write_pyramidal_tiff(path, (512, 512), tissue_image(512, 512, (0, 0, 256, 256)), mpp=None, n_levels=1)
-    with pytest.raises(MissingMppError, match=r"no_mpp\.tiff.*--mpp"):
+    with pytest.raises(MissingMppError, match=r"no_mpp\.tiff.*`mpp`"):
         open_slide(path)
     with open_slide(path, mpp=0.5) as slide:
         assert slide.info().mpp_source == "user"
@@ -89,7 +89,7 @@ def test_a_dicom_series_of_several_files_is_one_slide(tmp_path: Path) -> None:
 
 def test_an_implausible_recorded_scale_is_refused_unless_given() -> None:
     """boxes.tiff records 352.8 µm/px (a placeholder): refused, not tiled into one-pixel tiles."""
-    with pytest.raises(ImplausibleMppError, match=r"boxes\.tiff: level-0 scale 352\.778 µm/px .*--mpp"):
+    with pytest.raises(ImplausibleMppError, match=r"boxes\.tiff: level-0 scale 352\.778 µm/px .*`mpp`"):
         open_slide(OPENSLIDE_FIXTURES / "boxes.tiff")
     with open_slide(OPENSLIDE_FIXTURES / "boxes.tiff", mpp=0.25) as slide:
         assert slide.info().mpp_source == "user"

@@ -124,9 +124,9 @@ def test_tissue_mask_separates_stain_from_glass() -> None:
 
 
 def test_tiling_params_validated() -> None:
-    with pytest.raises(ValueError, match="min-tissue"):
+    with pytest.raises(ValueError, match="`min_tissue`"):
         TilingParams(min_tissue=1.5)
-    with pytest.raises(ValueError, match="target-mpp"):
+    with pytest.raises(ValueError, match="`target_mpp`"):
         TilingParams(target_mpp=0)
 
 

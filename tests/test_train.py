@@ -104,7 +104,7 @@ def test_resume_gives_the_same_next_losses(data: dict[str, Path], monkeypatch: p
         train(config(data, crashed, checkpoint_every=4))
     monkeypatch.setattr(loop, "_train_step", original)
     assert [r["step"] for r in records(crashed)] == [0, 1, 2, 3, 3, 4, 5]
-    with pytest.raises(ValueError, match="--resume"):
+    with pytest.raises(ValueError, match="`resume`"):
         train(config(data, crashed, checkpoint_every=4))
     resumed = train(TrainConfig.load(crashed / CONFIG_FILE), resume=True)
     ours, theirs = records(crashed), records(reference)
@@ -236,7 +236,7 @@ def test_slides_missing_from_embeddings_are_listed(data: dict[str, Path], tmp_pa
     pd.concat(
         [frame, pd.DataFrame([{"slide_id": "ghost-1", "report": "benign", "patient_id": "g", "split": "train"}])]
     ).to_csv(pairs, index=False)
-    with pytest.raises(ValueError, match=r"1 slide id\(s\).*ghost-1.*--drop-missing"):
+    with pytest.raises(ValueError, match=r"1 slide id\(s\).*ghost-1.*`drop_missing`"):
         train(config(data, tmp_path / "run", pairs=str(pairs)))
     assert cli_main(["train", "--pairs", str(pairs), "--out", str(tmp_path / "r")]) == 2  # no slide input given
 

@@ -30,6 +30,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
+from vlm.errors import NonFiniteError, UsageError, describe
 from vlm.io import atomic_path, duplicate_ids
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,9 @@ class Shard:
             index_text, count_text = text.split("/")
             shard = cls(int(index_text), int(count_text))
         except ValueError:
-            raise ValueError(f"--shard must look like 'i/n' (e.g. 0/4), got {text!r}") from None
+            raise UsageError(f"`shard` must look like 'i/n' (e.g. 0/4), got {text!r}") from None
         if not 0 <= shard.index < shard.count:
-            raise ValueError(f"--shard {text!r}: need 0 <= i < n")
+            raise UsageError(f"`shard` {text!r}: need 0 <= i < n")
         return shard
 
     def select(self, items: Sequence[Item], key: Callable[[Item], str]) -> list[Item]:
@@ -128,7 +129,7 @@ class Batch(Generic[Item]):
         mine = shard.select(items, key)
         duplicates = duplicate_ids(key(item) for item in mine)
         if duplicates:
-            raise ValueError(f"several inputs share the slide id(s) {duplicates}; rename them so outputs don't collide")
+            raise UsageError(f"several inputs share the slide id(s) {duplicates}; rename them so outputs don't collide")
         self.pending: list[Item] = []
         for item in mine:
             if is_done is not None and not overwrite and is_done(item):
@@ -152,7 +153,7 @@ class Batch(Generic[Item]):
         if error is None:
             self.report.done.append(item_id)
         else:
-            message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            message = describe(error) if isinstance(error, str) else f"{type(error).__name__}: {describe(error)}"
             log.error("%s failed: %s", item_id, message)
             self.report.failed.append((item_id, message))
         self._bar.update()
@@ -210,7 +211,7 @@ class Batch(Generic[Item]):
         so a killed run keeps what it finished.
         """
         if chunk_size < 1:
-            raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
+            raise UsageError(f"chunk size must be >= 1, got {chunk_size}")
         unsaved = 0
 
         def run(chunk: list[tuple[Item, Loaded]]) -> None:
@@ -269,8 +270,8 @@ def check_finite_output(values: np.ndarray, source: object, what: str) -> None:
     """A NaN or inf output row fails its slide (listed in failures.csv) instead of being written."""
     bad = ~np.isfinite(values).all(axis=-1)
     if bad.any():
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"{source}: the {what} gave NaN/inf for {int(bad.sum())} of {len(values)} rows (first "
             f"{int(np.flatnonzero(bad)[0])}); nothing was written for this slide. Check its input values (e.g. "
-            "overflowing features) and --precision"
+            "overflowing features) and `precision`"
         )

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from vlm.errors import InputError
 from vlm.formats.tables import read_table
 
 log = logging.getLogger(__name__)
@@ -28,14 +29,14 @@ def read_slide_cases(path: str | os.PathLike[str]) -> pd.Series:
     """slide_id -> patient_id from a labels table; refused without a `patient_id` column or with empty cells."""
     frame = read_table(path, required=("slide_id",), what="labels", all_text=True)
     if CASE_COLUMN not in frame.columns:
-        raise ValueError(
-            f"{path}: --level case needs a {CASE_COLUMN!r} column naming each slide's case (columns: "
+        raise InputError(
+            f"{path}: `level` case needs a {CASE_COLUMN!r} column naming each slide's case (columns: "
             f"{list(frame.columns)})"
         )
     cases = frame.set_index("slide_id")[CASE_COLUMN].str.strip()
     empty = cases.index[cases == ""].tolist()
     if empty:
-        raise ValueError(f"{path}: empty {CASE_COLUMN!r} for {len(empty)} slide(s), e.g. {empty[:5]}; fill them")
+        raise InputError(f"{path}: empty {CASE_COLUMN!r} for {len(empty)} slide(s), e.g. {empty[:5]}; fill them")
     return cases
 
 
@@ -48,9 +49,9 @@ def case_labels(slide_labels: pd.Series, slide_cases: pd.Series, path: object) -
     mixed = {case: sorted(values) for case, values in distinct.items() if len(values) > 1}
     if mixed:
         shown = "; ".join(f"{case}: {values}" for case, values in list(mixed.items())[:5])
-        raise ValueError(
-            f"{path}: {len(mixed)} case(s) have slides with different labels ({shown}); --level case needs one "
-            "label per case (use --level slide for per-slide labels)"
+        raise InputError(
+            f"{path}: {len(mixed)} case(s) have slides with different labels ({shown}); `level` case needs one "
+            "label per case (use `level` slide for per-slide labels)"
         )
     labels = distinct.map(lambda values: values[0])
     return pd.Series(labels.to_numpy(), index=labels.index.astype(str), dtype=object)
@@ -75,7 +76,7 @@ def mean_by_case(
         log.warning("%d scored slide(s) are not in the labels table, so have no case, and are left out (e.g. %s)",
                     len(orphans), orphans[:5])  # fmt: skip
     if not rows:
-        raise ValueError("none of the scored slides is in the labels table: no case to predict")
+        raise InputError("none of the scored slides is in the labels table: no case to predict")
     cases = list(rows)
     members = [[slide_ids[i] for i in rows[c]] for c in cases]
     means = np.stack([scores[rows[c]].mean(axis=0) for c in cases])

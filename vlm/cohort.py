@@ -344,7 +344,7 @@ def _token_counts(
     try:
         tokenizer = load_tokenizer(text_encoder)
     except WeightsUnavailable as error:  # the pairs need no tokenizer: say how to go without the counts
-        raise WeightsUnavailable(f"{error} Or pair without token counts: vlm pairs --no-token-count.") from error
+        raise WeightsUnavailable(f"{error} Or pair without token counts: `vlm pairs --no-token-count`.") from error
     texts = [reports[case] for case in sorted(cases)]
     lengths = [len(ids) for ids in tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]]
     return {

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from vlm.errors import UsageError
 from vlm.settings import PRECISIONS
 
 
@@ -24,7 +25,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was requested but CUDA is not available; use --device cpu")
+        raise UsageError(f"device {str(device)!r} was requested but CUDA is not available; use `device` cpu")
     return resolved
 
 
@@ -45,7 +46,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     reduced precision is slower and changes results.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return None
     if precision == "auto":
@@ -53,7 +54,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type != "cuda":
-        raise ValueError(f"precision {precision!r} needs a CUDA device; on {device.type} use fp32")
+        raise UsageError(f"precision {precision!r} needs a CUDA device; on {device.type} use fp32")
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 

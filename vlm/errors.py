@@ -13,13 +13,15 @@ Python user would catch for it (`except ValueError` keeps working):
   the disk filled up.
 
 The command line (`vlm.cli.main`) catches `VlmError` alone: it prints the message on one line and exits 2
-(input, usage) or 1 (a failed run). Any other exception keeps its traceback, as a bug should.
+(input, usage) or 1 (a failed run). Any other exception keeps its traceback, as a bug should. While a command
+runs, `describe` also shows flags for the per-slide failures a batch logs and lists in failures.csv.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 
 class VlmError(Exception):
@@ -49,6 +51,10 @@ class RunError(VlmError, RuntimeError):
     exit_code = 1
 
 
+class NonFiniteError(RunError, FloatingPointError):
+    """A computation gave NaN or inf on these data: training diverged, or an encoder overflowed."""
+
+
 _PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)`")
 
 
@@ -59,3 +65,22 @@ def with_flag_names(message: str, flags: Mapping[str, str]) -> str:
     backticked words (file names, column names) are left as they are.
     """
     return _PARAMETER.sub(lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+_flags: Mapping[str, str] = {}  # the running command's parameter -> flag names (`shown_as_flags`); empty in Python
+
+
+@contextlib.contextmanager
+def shown_as_flags(flags: Mapping[str, str]) -> Iterator[None]:
+    """While the block runs, `describe` names parameters by these flags (the command line sets its own)."""
+    global _flags
+    before, _flags = _flags, flags
+    try:
+        yield
+    finally:
+        _flags = before
+
+
+def describe(error: BaseException | str) -> str:
+    """The message of `error` as its reader typed the parameters: flags inside a command, else Python names."""
+    return with_flag_names(str(error), _flags)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from vlm.errors import InputError, UsageError
+from vlm.errors import InputError, MissingInputError, UsageError
 from vlm.io import make_output_folder
 from vlm.model.attribution import RANDOM_SPREADS, SlideHeat, slide_heat, slide_tower
 from vlm.model.clip import SlideTextModel
@@ -178,15 +178,15 @@ def slide_file_for(feature_path: Path, slides: Sequence[str | os.PathLike[str]])
         if recorded and Path(recorded).is_file() and Path(recorded).samefile(given[0]):
             return given[0]
         raise InputError(
-            f"{feature_path} (slide {slide_id!r}, cut from {recorded or 'an unrecorded file'}) and --slide "
+            f"{feature_path} (slide {slide_id!r}, cut from {recorded or 'an unrecorded file'}) and `slide` "
             f"{given[0]} (slide {slide_id_from_path(given[0])!r}): the features are not of this slide; pass the "
             "slide they were cut from"
         )
     if recorded and Path(recorded).is_file():
         return Path(recorded)
-    raise FileNotFoundError(
-        f"{feature_path}: no slide file for slide {slide_id!r} in --slide {[str(s) for s in slides]} "
-        f"(and the recorded slide_path {recorded!r} does not exist); pass it with --slide"
+    raise MissingInputError(
+        f"{feature_path}: no slide file for slide {slide_id!r} in `slide` {[str(s) for s in slides]} "
+        f"(and the recorded slide_path {recorded!r} does not exist); pass it with `slide`"
     )
 
 
@@ -202,7 +202,7 @@ def check_tiles_inside(feature_path: Path, slide_path: Path, coords: np.ndarray)
         raise InputError(
             f"{feature_path} and {slide_path}: {int(outside.sum())} of {len(coords)} tiles lie outside the slide's "
             f"{width} x {height} px image; these features were not cut from this slide. Pass the slide they "
-            "were made from (--slide), or re-run vlm tile / embed-tiles on this one"
+            "were made from (`slide`), or re-run vlm tile / embed-tiles on this one"
         )
 
 
@@ -233,7 +233,7 @@ def run_heatmaps(
 
     blank = [q for q in queries or [] if not q.strip()]
     if blank or (queries is None) == (per_slide is None):
-        raise ValueError("give non-empty query texts (--query TEXT), e.g. a phrase of a report")
+        raise InputError("give non-empty query texts (`query` TEXT), e.g. a phrase of a report")
     repeated = sorted({q for q in queries or [] if list(queries or []).count(q) > 1})
     if repeated:
         raise UsageError(f"query {repeated[0]!r} is given more than once; give each query once")
@@ -333,7 +333,7 @@ def zeroshot_heatmaps(
     files = {p.stem: p for p in feature_files(features)}
     missing = sorted(set(table["slide_id"]) - set(files))
     if missing:
-        raise FileNotFoundError(f"{features}: no tile features for scored slide(s) {missing[:5]}; pass their folder")
+        raise MissingInputError(f"{features}: no tile features for scored slide(s) {missing[:5]}; pass their folder")
     per_slide = {}
     for slide_id, predicted in zip(table["slide_id"], table["predicted"], strict=True):
         row = names.index(predicted)

@@ -16,6 +16,8 @@ import socket
 from collections.abc import Iterator
 from urllib.parse import urlparse
 
+from vlm.errors import RunError
+
 log = logging.getLogger(__name__)
 
 # where a user reads how to get the weights (a page of the docs site); tests check that the page says so
@@ -23,7 +25,7 @@ WEIGHTS_DOC = "docs/weights.md ('Real weights: Prov-GigaPath and PubMedBERT')"
 _PROBE_TIMEOUT_S = 3.0
 
 
-class WeightsUnavailable(OSError):
+class WeightsUnavailable(RunError, OSError):
     """Pretrained weights could not be loaded from the hub (offline, not logged in, terms not accepted)."""
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import filelock
 
-from vlm.errors import InputError
+from vlm.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
                 names = sorted(entry.name for entry in staging.iterdir())
                 internal = [name for name in names if name.startswith(INTERNAL_PREFIX)]
                 if internal:
-                    raise ValueError(f"{folder}: output file names {internal} are reserved for vlm's bookkeeping")
+                    raise InputError(f"{folder}: output file names {internal} are reserved for vlm's bookkeeping")
                 _follow_umask_tree(staging)
                 (staging / FILES_NAME).write_text(json.dumps(names) + "\n")
                 _fsync_tree(staging)
@@ -427,7 +427,7 @@ def folder_lock(
     if create:
         make_output_folder(folder)
     elif not folder.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder")
+        raise MissingInputError(f"{path}: no such folder")
     return file_lock(folder / LOCK_NAME, str(folder), wait=wait)
 
 
@@ -483,7 +483,7 @@ def load_torch_file(path: str | os.PathLike[str], what: str, fix: str = "") -> o
             raise
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         reason = next((line for line in lines if "Unsupported global" in line), lines[0])
-        raise ValueError(
+        raise InputError(
             f"{path}: refused: not a readable {what} of tensors and plain values ({reason}); it is not unpickled "
             f"because that could run code{'; ' + fix if fix else ''}"
         ) from error

@@ -180,7 +180,7 @@ def build_labels(
         source = {"cases": str(cases), "column": column, "task": None if task is None else str(task)}
     else:
         raise UsageError("give one label source: `maf` FILE `gene` SYMBOL, `maf` FILE `capture_mb` MB (TMB), or "
-                         "--cases TABLE --column NAME [--task TASK]")  # fmt: skip
+                         "`cases` TABLE `column` NAME [`task` TASK]")  # fmt: skip
     rows = []
     unknown: list[str] = []
     normal: list[str] = []

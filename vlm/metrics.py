@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vlm.errors import InputError, UsageError
 from vlm.settings import N_BOOT
 
 log = logging.getLogger(__name__)
@@ -26,12 +27,12 @@ def recall_at_k(similarity: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int,
     non-finite (NaN, inf) pair score counts as a miss.
     """
     if similarity.ndim != 2 or similarity.shape[1] < similarity.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"similarity must be [N, M] with M >= N (row i pairs with column i), got {tuple(similarity.shape)}"
         )
     n = similarity.shape[0]
     if n == 0:
-        raise ValueError("recall_at_k needs at least one query")
+        raise UsageError("recall_at_k needs at least one query")
     paired = similarity.diagonal()[:, None]  # [N, 1]
     rank = (similarity >= paired).sum(dim=1) - 1  # items other than the pair scoring at least as high
     # NaN >= NaN is false, which would rank a NaN pair first: a non-finite pair score is a miss at every K.
@@ -81,15 +82,15 @@ def bootstrap_indices(
     give the same resamples, so metrics computed in separate passes see identical replicates.
     """
     if n < 1:
-        raise ValueError(f"the bootstrap needs at least one case, got n={n}")
+        raise UsageError(f"the bootstrap needs at least one case, got n={n}")
     if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+        raise UsageError(f"n_boot must be >= 1, got {n_boot}")
     codes: np.ndarray | None = None
     n_classes = 0
     if strata is not None:
         strata = np.asarray(strata)
         if strata.shape != (n,):
-            raise ValueError(f"strata must hold one label per case (shape ({n},)), got shape {strata.shape}")
+            raise InputError(f"strata must hold one label per case (shape ({n},)), got shape {strata.shape}")
         _, codes = np.unique(strata, return_inverse=True)
         n_classes = int(codes.max()) + 1
     rng = np.random.default_rng(seed)
@@ -97,7 +98,7 @@ def bootstrap_indices(
     draws = kept = 0
     while kept < n_boot:
         if draws >= max_draws:
-            raise ValueError(
+            raise UsageError(
                 f"bootstrap: {draws} draws gave only {kept} replicates holding every class; a class is too "
                 "rare for resampling (add cases of it, or drop the class)"
             )
@@ -114,7 +115,7 @@ def bootstrap_indices(
 def percentile_interval(values: Sequence[float] | np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
     """The (alpha/2, 1-alpha/2) percentiles of bootstrap replicates; non-finite replicates are left out."""
     if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        raise UsageError(f"alpha must be in (0, 1), got {alpha}")
     values = np.asarray(values, dtype=float)
     finite = values[np.isfinite(values)]
     if finite.size < values.size:
@@ -264,17 +265,17 @@ def classification_metrics(
     probabilities = np.asarray(probabilities, dtype=np.float64)
     n_classes = len(class_names)
     if probabilities.ndim != 2 or probabilities.shape != (labels.shape[0], n_classes):
-        raise ValueError(
+        raise InputError(
             f"probabilities must be [N, C] = [{labels.shape[0]}, {n_classes}], got {probabilities.shape}"
         )
     if labels.size == 0:
-        raise ValueError("no labelled cases to evaluate: check that the labels file names the scored slides")
+        raise InputError("no labelled cases to evaluate: check that the labels file names the scored slides")
     if labels.min() < 0 or labels.max() >= n_classes:
-        raise ValueError(
+        raise InputError(
             f"labels must be class indices in [0, {n_classes}), got {labels.min()}..{labels.max()}"
         )
     if positive is not None and not 0 <= positive < n_classes:
-        raise ValueError(f"positive must be a class index in [0, {n_classes}), got {positive}")
+        raise InputError(f"positive must be a class index in [0, {n_classes}), got {positive}")
 
     # Rows in one canonical order (by label, then scores) before resampling: the CIs of the same predictions
     # must not depend on how a caller ordered them (a CSV read back, a notebook's merge).
@@ -350,12 +351,12 @@ def first_relevant_rank(similarity: np.ndarray, relevant: np.ndarray) -> np.ndar
     """
     similarity, relevant = np.asarray(similarity, dtype=np.float64), np.asarray(relevant, dtype=bool)
     if similarity.ndim != 2 or similarity.shape != relevant.shape:
-        raise ValueError(
+        raise UsageError(
             f"similarity and relevant must be [Q, G] of one shape, got {similarity.shape} and {relevant.shape}"
         )
     lonely = np.flatnonzero(~relevant.any(axis=1))
     if lonely.size:
-        raise ValueError(f"queries {lonely[:10].tolist()} have no relevant item in the gallery; drop them")
+        raise UsageError(f"queries {lonely[:10].tolist()} have no relevant item in the gallery; drop them")
     best = np.where(relevant, similarity, -np.inf).max(axis=1, keepdims=True)  # [Q, 1]
     rank = ((similarity >= best) & ~relevant).sum(axis=1)
     # NaN >= NaN is false, which would rank a NaN query first: a non-finite best score is a miss at every K.
@@ -379,7 +380,7 @@ def label_retrieval(
     top = np.asarray(neighbour_labels)[:, :k]
     query_labels = np.asarray(query_labels)
     if top.shape[1] < k:
-        raise ValueError(f"need at least k={k} neighbours per query, got {top.shape[1]}")
+        raise UsageError(f"need at least k={k} neighbours per query, got {top.shape[1]}")
     hits = top == query_labels[:, None]  # [Q, k]
     majority = np.array([_majority(row) for row in top])
     precision = np.cumsum(hits, axis=1) / np.arange(1, k + 1)

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from vlm.case_level import LEVELS, case_labels, mean_by_case, read_slide_cases, softmax
+from vlm.errors import InputError, MissingInputError, UsageError
 from vlm.formats.tables import read_table
 from vlm.io import atomic_path, check_output_folder, claim_output_folder
 from vlm.settings import N_BOOT
@@ -57,14 +58,14 @@ def parse_shots(values: Sequence[str | int]) -> list[int | str]:
             try:
                 shot = int(text)
             except ValueError:
-                raise ValueError(f"--shots: {value!r} is neither a positive integer nor 'all'") from None
+                raise UsageError(f"`shots`: {value!r} is neither a positive integer nor 'all'") from None
             if shot < 1:
-                raise ValueError(f"--shots: {value!r} must be >= 1")
+                raise UsageError(f"`shots`: {value!r} must be >= 1")
         if shot in shots:
-            raise ValueError(f"--shots: {value!r} given twice")
+            raise UsageError(f"`shots`: {value!r} given twice")
         shots.append(shot)
     if not shots:
-        raise ValueError("--shots: give at least one shot count (e.g. 1 2 4 8 16 all)")
+        raise UsageError("`shots`: give at least one shot count (e.g. 1 2 4 8 16 all)")
     return shots
 
 
@@ -75,17 +76,17 @@ def _read_labels(path: str | os.PathLike[str], column: str) -> pd.Series:
     frame[column] = frame[column].str.strip()
     duplicated = sorted(frame.loc[frame["slide_id"].duplicated(), "slide_id"].unique())
     if duplicated:
-        raise ValueError(f"{path}: slide ids listed more than once: {duplicated[:5]}")
+        raise InputError(f"{path}: slide ids listed more than once: {duplicated[:5]}")
     empty = frame.loc[frame[column] == "", "slide_id"].tolist()
     if empty:
-        raise ValueError(f"{path}: empty {column!r} for slide(s) {empty[:5]}; label them or drop the rows")
+        raise InputError(f"{path}: empty {column!r} for slide(s) {empty[:5]}; label them or drop the rows")
     return frame.set_index("slide_id")[column]
 
 
 def _matrix(embeddings: dict[str, np.ndarray], labels: pd.Series, path: str | os.PathLike[str]) -> np.ndarray:
     missing = sorted(set(labels.index) - set(embeddings))
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{path}: {len(missing)} labelled slide(s) have no embedding in the slides parquet, e.g. {missing[:5]}; "
             "embed them with `vlm embed-slides` or drop them from the labels"
         )
@@ -160,11 +161,11 @@ def run_probe(
 
     shots = parse_shots(shots)
     if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raise UsageError(f"`seeds` must be >= 1, got {seeds}")
     if n_boot < 1:
-        raise ValueError(f"--n-boot must be >= 1, got {n_boot}")
+        raise UsageError(f"`n_boot` must be >= 1, got {n_boot}")
     if level not in LEVELS:
-        raise ValueError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+        raise UsageError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
     check_output_folder(out, "probe")  # before any work: a folder of the user's files is refused
     zeroshot_metrics = _read_zeroshot(zeroshot) if zeroshot is not None else None
     table = load_slide_embeddings(slides)
@@ -173,7 +174,7 @@ def run_probe(
     test = _read_labels(test_labels, label_column)
     leaked = sorted(set(train_labels.index) & set(test.index))
     if leaked:
-        raise ValueError(f"{len(leaked)} slide(s) are in both {labels} and {test_labels}, e.g. {leaked[:5]}; "
+        raise InputError(f"{len(leaked)} slide(s) are in both {labels} and {test_labels}, e.g. {leaked[:5]}; "
                          "a probe must never be tested on its training slides")  # fmt: skip
     by_case = level == "case"
     if by_case:  # every slide's case, one label per case, no patient on both sides
@@ -182,14 +183,14 @@ def run_probe(
         test_case_labels = case_labels(test, test_cases, test_labels)
         both = sorted(set(train_cases.reindex(train_labels.index)) & set(test_cases.reindex(test.index)))
         if both:
-            raise ValueError(f"{len(both)} patient(s) have slides in both {labels} and {test_labels}, e.g. "
+            raise InputError(f"{len(both)} patient(s) have slides in both {labels} and {test_labels}, e.g. "
                              f"{both[:5]}; a probe must never be tested on its training cases")  # fmt: skip
     classes = sorted(train_labels.unique())
     if len(classes) < 2:
-        raise ValueError(f"{labels}: the probe needs at least two classes, found {classes}")
+        raise InputError(f"{labels}: the probe needs at least two classes, found {classes}")
     unknown = sorted(set(test.unique()) - set(classes))
     if unknown:
-        raise ValueError(f"{test_labels}: label(s) {unknown} never occur in {labels} (classes: {classes})")
+        raise InputError(f"{test_labels}: label(s) {unknown} never occur in {labels} (classes: {classes})")
     train_only = sorted(set(classes) - set(test.unique()))
     if train_only:  # e.g. a spreadsheet's "NaN" or a typo: a class the test set cannot score
         log.warning("probe: %s: label(s) %s occur in no slide of %s; they stay classes of the probe",
@@ -217,9 +218,9 @@ def run_probe(
     positive = 1 if len(classes) == 2 else None
     if all(shot != "all" and shot > smallest for shot in shots):  # nothing would run: an empty report, exit 0
         per_class = ", ".join(f"{name!r}: {int(n)}" for name, n in zip(classes, counts, strict=True))
-        raise ValueError(
+        raise InputError(
             f"{labels}: no requested shot count ({' '.join(map(str, shots))}) can be drawn: class {rarest!r} has "
-            f"{smallest} training {unit} ({per_class}); ask for --shots {smallest} or fewer, or 'all', or label "
+            f"{smallest} training {unit} ({per_class}); ask for `shots` {smallest} or fewer, or 'all', or label "
             "more slides; nothing was written"
         )
 
@@ -297,12 +298,12 @@ def _read_zeroshot(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The metrics (value and CI) of a `vlm zeroshot` metrics.json, for the plot and the report."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no zero-shot metrics.json (written by `vlm zeroshot --labels`)")
+        raise MissingInputError(f"{path}: no zero-shot metrics.json (written by `vlm zeroshot --labels`)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         metrics = {name: data["metrics"][name] for name in METRICS if name in data["metrics"]}
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not a `vlm zeroshot` metrics.json ({error})") from error
+        raise InputError(f"{path}: not a `vlm zeroshot` metrics.json ({error})") from error
     return {"file": str(path), "n": data.get("n"), "metrics": metrics}
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from vlm.errors import InputError, MissingInputError, UsageError
 from vlm.resources import TASK_SUFFIXES, resolve_task
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def template_list(name: str) -> tuple[str, ...]:
     path = TEMPLATE_LISTS / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in TEMPLATE_LISTS.glob("*.yaml"))
-        raise ValueError(f"unknown template list {name!r}; shipped lists: {known}")
+        raise UsageError(f"unknown template list {name!r}; shipped lists: {known}")
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     return _templates(path, "templates", data.get("templates") if isinstance(data, dict) else None)
 
@@ -185,7 +186,7 @@ class _PromptLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             if isinstance(self.anchors.get(event.anchor), yaml.CollectionNode):
-                raise ValueError(
+                raise InputError(
                     f"alias *{event.anchor} (line {event.start_mark.line + 1}) repeats a list or mapping; prompt "
                     "files allow aliases of single values only: write the entries out"
                 )
@@ -205,7 +206,7 @@ def _construct_unique_mapping(loader: _PromptLoader, node: yaml.MappingNode, dee
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise ValueError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+            raise UsageError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
@@ -217,14 +218,14 @@ def _no_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [k for k, _ in pairs]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
-        raise ValueError(f"duplicate key(s) {duplicates}")
+        raise UsageError(f"duplicate key(s) {duplicates}")
     return dict(pairs)
 
 
 def _read(path: Path) -> tuple[Any, bool]:
     """The file's data, and whether it ends explicitly (YAML's `...`; JSON always does: a cut one does not parse)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompt file not found")
+        raise MissingInputError(f"{path}: prompt file not found")
     try:
         if path.suffix.lower() == ".json":
             return json.loads(path.read_text(), object_pairs_hook=_no_duplicate_json_keys), True
@@ -234,7 +235,7 @@ def _read(path: Path) -> tuple[Any, bool]:
         finally:
             loader.dispose()
     except (yaml.YAMLError, json.JSONDecodeError, ValueError) as error:
-        raise ValueError(f"{path}: cannot parse: {error}") from error
+        raise InputError(f"{path}: cannot parse: {error}") from error
 
 
 def load_prompt_task(path: str | os.PathLike[str]) -> PromptTask:
@@ -243,14 +244,14 @@ def load_prompt_task(path: str | os.PathLike[str]) -> PromptTask:
     path = resolve_task(path)
     data, complete = _read(path)
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: expected a mapping at the top level (see prompts/README.md)")
+        raise InputError(f"{path}: expected a mapping at the top level (see prompts/README.md)")
     conch_like = all(isinstance(v, dict) and "classnames" in v for v in data.values())
     if path.suffix.lower() == ".json" or conch_like:
         return _from_conch_json(path, data)
     if "prompts" in data:
         return _from_titan_yaml(path, data)
     if not complete:
-        raise ValueError(
+        raise InputError(
             f"{path}: the last line is not `{END_MARKER}` (YAML's end-of-document marker), which vlm task files end "
             "with: without it a file cut short at a line end still reads, with classes, templates or label "
             f"mappings missing. If the file is complete, add the line `{END_MARKER}` at its end"
@@ -286,7 +287,7 @@ def task_from_classes(
             code, _, synonyms = item.partition("=")
             code = code.strip()
             if code in parsed:
-                raise ValueError(f"--classes: class {code!r} is given twice; join its synonyms with '|'")
+                raise UsageError(f"`classes`: class {code!r} is given twice; join its synonyms with '|'")
             parsed[code] = [s.strip() for s in (synonyms or code).split("|")]
         classes = parsed
     source = "--classes"
@@ -305,13 +306,13 @@ def task_from_classes(
 def _from_vlm_yaml(path: Path, data: dict[str, Any]) -> PromptTask:
     unknown = sorted(set(data) - _YAML_KEYS)
     if unknown:
-        raise ValueError(f"{path}: unknown field(s) {unknown}; allowed: {sorted(_YAML_KEYS)}")
+        raise InputError(f"{path}: unknown field(s) {unknown}; allowed: {sorted(_YAML_KEYS)}")
     for required in ("type", "classes", "templates"):
         if required not in data:
-            raise ValueError(f"{path}: missing required field '{required}' (see prompts/README.md)")
+            raise InputError(f"{path}: missing required field '{required}' (see prompts/README.md)")
     task_type = data["type"]
     if task_type not in TASK_TYPES:
-        raise ValueError(f"{path}: field 'type' is {task_type!r}; use one of {list(TASK_TYPES)}")
+        raise InputError(f"{path}: field 'type' is {task_type!r}; use one of {list(TASK_TYPES)}")
     prompt_set = PromptSet(
         classnames=_synonyms(path, "classes", data["classes"]),
         templates=_named_or_listed_templates(path, data["templates"]),
@@ -320,10 +321,10 @@ def _from_vlm_yaml(path: Path, data: dict[str, Any]) -> PromptTask:
     positive = data.get("positive")
     if task_type == "binary":
         if len(codes) != 2:
-            raise ValueError(f"{path}: field 'classes': a binary task has exactly 2 classes, got {list(codes)}")
+            raise InputError(f"{path}: field 'classes': a binary task has exactly 2 classes, got {list(codes)}")
         _check_positive(path, positive, codes, required=True)
     elif positive is not None:
-        raise ValueError(f"{path}: field 'positive' is only for type: binary (this task is multiclass)")
+        raise InputError(f"{path}: field 'positive' is only for type: binary (this task is multiclass)")
     column, label_map = _labels(path, data.get("labels"), codes)
     return PromptTask(
         name=_text(path, data, "name") or path.stem,
@@ -346,7 +347,7 @@ def _from_conch_json(path: Path, data: dict[str, Any]) -> PromptTask:
     """
     expected = [str(i) for i in range(len(data))]
     if list(data) != expected:
-        raise ValueError(
+        raise InputError(
             f'{path}: prompt sets must be keyed "0".."{len(data) - 1}" in order (CONCH / MI-Zero format), '
             f"got keys {list(data)[:10]}"
         )
@@ -355,7 +356,7 @@ def _from_conch_json(path: Path, data: dict[str, Any]) -> PromptTask:
     for key, entry in data.items():
         where = f"['{key}']"
         if not isinstance(entry, dict) or "classnames" not in entry or "templates" not in entry:
-            raise ValueError(
+            raise InputError(
                 f"{path}: entry {where} must be an object with 'classnames' and 'templates' "
                 "(CONCH / MI-Zero prompt format)"
             )
@@ -365,7 +366,7 @@ def _from_conch_json(path: Path, data: dict[str, Any]) -> PromptTask:
         )
         set_codes = tuple(prompt_set.classnames)
         if codes is not None and set(set_codes) != set(codes):
-            raise ValueError(f"{path}: entry {where}.classnames has classes {list(set_codes)}, not {list(codes)}")
+            raise InputError(f"{path}: entry {where}.classnames has classes {list(set_codes)}, not {list(codes)}")
         codes = codes or set_codes
         sets.append(prompt_set)
     is_mizero = len(sets) > 1 or all(isinstance(v, str) for v in data["0"]["classnames"].values())
@@ -396,7 +397,7 @@ def _from_titan_yaml(path: Path, data: dict[str, Any]) -> PromptTask:
     classes, label_map = _titan_class_order(path, data.get("label_dict"), tuple(prompt_set.classnames))
     target = data.get("target", "label")
     if not isinstance(target, str) or not target:
-        raise ValueError(f"{path}: field 'target' must be the label column's name, got {target!r}")
+        raise InputError(f"{path}: field 'target' must be the label column's name, got {target!r}")
     return PromptTask(
         name=_text(path, data, "name") or path.stem,
         classes=classes,
@@ -417,20 +418,20 @@ def _titan_class_order(
     if not isinstance(label_dict, dict) or not all(
         isinstance(i, int) and not isinstance(i, bool) for i in label_dict.values()
     ):
-        raise ValueError(f"{path}: field 'label_dict' must map label values to class indices (integers)")
+        raise InputError(f"{path}: field 'label_dict' must map label values to class indices (integers)")
     missing = [c for c in codes if c not in label_dict]
     if missing:
-        raise ValueError(f"{path}: field 'label_dict' lacks the prompt classes {missing}")
+        raise InputError(f"{path}: field 'label_dict' lacks the prompt classes {missing}")
     index = {c: label_dict[c] for c in codes}
     if sorted(index.values()) != list(range(len(codes))):
-        raise ValueError(
+        raise InputError(
             f"{path}: field 'label_dict' must give the {len(codes)} prompt classes the indices "
             f"0..{len(codes) - 1} once each, got {index}"
         )
     classes = tuple(sorted(codes, key=index.__getitem__))
     outside = {k: label_dict[k] for k in label_dict if k not in index and not 0 <= label_dict[k] < len(codes)}
     if outside:
-        raise ValueError(f"{path}: field 'label_dict' has indices with no prompt class: {outside}")
+        raise InputError(f"{path}: field 'label_dict' has indices with no prompt class: {outside}")
     return classes, {str(k).strip(): classes[v] for k, v in label_dict.items() if k not in index}
 
 
@@ -444,7 +445,7 @@ def _text(source: object, data: Mapping[str, Any], key: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str | int | float) or isinstance(value, bool):
-        raise ValueError(f"{source}: field '{key}' must be text, got a {type(value).__name__}")
+        raise InputError(f"{source}: field '{key}' must be text, got a {type(value).__name__}")
     return str(value)
 
 
@@ -456,29 +457,29 @@ def _synonyms(source: object, where: str, value: object, shared: str = "error") 
     classes and logs every shared synonym with its classes.
     """
     if not isinstance(value, dict) or len(value) < 2:
-        raise ValueError(f"{source}: field '{where}' must map at least 2 class codes to synonyms")
+        raise InputError(f"{source}: field '{where}' must map at least 2 class codes to synonyms")
     owner: dict[str, str] = {}
     both: dict[str, list[str]] = {}
     out: dict[str, tuple[str, ...]] = {}
     for code, synonyms in value.items():
         if not isinstance(code, str) or not code.strip() or code != code.strip():
-            raise ValueError(f"{source}: field '{where}': class code {code!r} must be a non-empty string")
+            raise InputError(f"{source}: field '{where}': class code {code!r} must be a non-empty string")
         if code in ("slide_id", "predicted", "label"):
-            raise ValueError(f"{source}: field '{where}': class code {code!r} clashes with an output column")
+            raise InputError(f"{source}: field '{where}': class code {code!r} clashes with an output column")
         items = [synonyms] if isinstance(synonyms, str) else synonyms
         if not isinstance(items, list) or not items:
-            raise ValueError(f"{source}: field '{where}.{code}' must be a synonym or a non-empty list of them")
+            raise InputError(f"{source}: field '{where}.{code}' must be a synonym or a non-empty list of them")
         mine: set[str] = set()
         for i, synonym in enumerate(items):
             if not isinstance(synonym, str) or not synonym.strip():
-                raise ValueError(f"{source}: field '{where}.{code}[{i}]' must be a non-empty string")
+                raise InputError(f"{source}: field '{where}.{code}[{i}]' must be a non-empty string")
             key = synonym.strip().lower()
             if key in mine:
-                raise ValueError(f"{source}: field '{where}.{code}[{i}]': synonym {synonym!r} appears twice")
+                raise InputError(f"{source}: field '{where}.{code}[{i}]': synonym {synonym!r} appears twice")
             mine.add(key)
             if key in owner:
                 if shared != "warn":
-                    raise ValueError(
+                    raise InputError(
                         f"{source}: field '{where}.{code}[{i}]': synonym {synonym!r} appears also under {owner[key]!r}"
                     )
                 both.setdefault(synonym.strip(), [owner[key]]).append(code)
@@ -502,21 +503,21 @@ def _named_or_listed_templates(source: object, value: object) -> tuple[str, ...]
         try:
             return template_list(value)
         except ValueError as error:
-            raise ValueError(f"{source}: field 'templates': {error}") from error
+            raise InputError(f"{source}: field 'templates': {error}") from error
     return _templates(source, "templates", value)
 
 
 def _templates(source: object, where: str, value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{source}: field '{where}' must be a non-empty list of templates")
+        raise InputError(f"{source}: field '{where}' must be a non-empty list of templates")
     seen: set[str] = set()
     for i, template in enumerate(value):
         if not isinstance(template, str) or PLACEHOLDER not in template:
-            raise ValueError(
+            raise InputError(
                 f"{source}: field '{where}[{i}]' = {template!r} lacks the literal {PLACEHOLDER} placeholder"
             )
         if template in seen:
-            raise ValueError(f"{source}: field '{where}[{i}]': template {template!r} appears twice")
+            raise InputError(f"{source}: field '{where}[{i}]': template {template!r} appears twice")
         seen.add(template)
     return tuple(value)
 
@@ -524,28 +525,28 @@ def _templates(source: object, where: str, value: object) -> tuple[str, ...]:
 def _check_positive(source: object, positive: object, codes: Sequence[str], required: bool) -> None:
     if positive is None:
         if required:
-            raise ValueError(f"{source}: a binary task must name its positive class in field 'positive'")
+            raise InputError(f"{source}: a binary task must name its positive class in field 'positive'")
         return
     if positive not in codes:
-        raise ValueError(f"{source}: field 'positive' = {positive!r} is not one of the classes {list(codes)}")
+        raise InputError(f"{source}: field 'positive' = {positive!r} is not one of the classes {list(codes)}")
     if len(codes) != 2:
-        raise ValueError(f"{source}: field 'positive' needs exactly 2 classes, got {list(codes)}")
+        raise InputError(f"{source}: field 'positive' needs exactly 2 classes, got {list(codes)}")
 
 
 def _labels(source: object, value: object, codes: Sequence[str]) -> tuple[str, dict[str, str]]:
     if value is None:
         return "label", {}
     if not isinstance(value, dict) or set(value) - _LABEL_KEYS:
-        raise ValueError(f"{source}: field 'labels' must be a mapping with keys {sorted(_LABEL_KEYS)}")
+        raise InputError(f"{source}: field 'labels' must be a mapping with keys {sorted(_LABEL_KEYS)}")
     column = value.get("column", "label")
     if not isinstance(column, str) or not column:
-        raise ValueError(f"{source}: field 'labels.column' must be a column name")
+        raise InputError(f"{source}: field 'labels.column' must be a column name")
     mapping = value.get("map") or {}
     if not isinstance(mapping, dict):
-        raise ValueError(f"{source}: field 'labels.map' must map label values to class codes")
+        raise InputError(f"{source}: field 'labels.map' must map label values to class codes")
     out: dict[str, str] = {}
     for raw, code in mapping.items():
         if code not in codes:
-            raise ValueError(f"{source}: field 'labels.map.{raw}' = {code!r} is not one of the classes {list(codes)}")
+            raise InputError(f"{source}: field 'labels.map.{raw}' = {code!r} is not one of the classes {list(codes)}")
         out[str(raw).strip()] = code
     return column, out

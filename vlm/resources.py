@@ -12,6 +12,8 @@ import difflib
 import os
 from pathlib import Path
 
+from vlm.errors import MissingInputError
+
 DATA_DIR = Path(__file__).resolve().parent / "_data"
 PROMPTS_DIR = DATA_DIR / "prompts"
 REAL_SLIDE = DATA_DIR / "cmu_small_region.svs"
@@ -40,4 +42,4 @@ def resolve_task(task: str | os.PathLike[str]) -> Path:
         return tasks[name]
     close = difflib.get_close_matches(name, list(tasks), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; shipped tasks: {', '.join(tasks) or 'none'}"
-    raise FileNotFoundError(f"{task}: no such prompt file and no shipped task of that name{hint}")
+    raise MissingInputError(f"{task}: no such prompt file and no shipped task of that name{hint}")

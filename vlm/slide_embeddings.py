@@ -31,6 +31,7 @@ from vlm.batch import Batch, BatchReport, Shard, check_finite_output
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.slide import SLIDE_ENCODER_PRESETS, GigaPathSlideEncoder
 from vlm.encoders.slide_inputs import SlideInputs, check_tile_encoders, load_slide_inputs, pad_batch
+from vlm.errors import InputError
 from vlm.formats.embeddings import read_settings_and_rows, shard_output, write_slide_embeddings
 from vlm.formats.features import MPP_FROM_FILE, feature_shape
 from vlm.io import file_sha256, output_lock, slide_id_from_path
@@ -61,15 +62,15 @@ def _existing_rows(path: Path, settings: dict) -> list[dict]:
     try:
         previous, rows = read_settings_and_rows(path)
     except ValueError as error:  # the reader's own advice ("re-run embed-slides") is this very command
-        raise ValueError(f"{path}: the output to resume is damaged ({error.__cause__ or error}); pass --overwrite "
-                         "to recompute every slide, or choose another --out") from error  # fmt: skip
+        raise InputError(f"{path}: the output to resume is damaged ({error.__cause__ or error}); pass `overwrite` "
+                         "to recompute every slide, or choose another `out`") from error  # fmt: skip
     for key in ("encoder", "pool", "config", "weights_sha256", "tile_encoder"):
         if key == "tile_encoder" and None in (previous.get(key), settings[key]):
             continue  # an output of a vlm that did not record it, or files that record none
         if previous.get(key) != settings[key]:
-            raise ValueError(
+            raise InputError(
                 f"{path} was written with {key}={previous.get(key)!r}, this run uses {settings[key]!r}; "
-                "pass --overwrite to replace it or choose another --out"
+                "pass `overwrite` to replace it or choose another `out`"
             )
     return rows
 
@@ -219,10 +220,10 @@ def embed_with_model(
     from vlm.formats.features import feature_files
 
     if model.slide_encoder is None:
-        raise ValueError(
-            f"--features {features}: this model has no slide encoder (it was trained on cached slide embeddings). "
+        raise InputError(
+            f"`features` {features}: this model has no slide encoder (it was trained on cached slide embeddings). "
             f"Embed the slides with the slide encoder the model was trained on, `vlm embed-slides {features} --out "
-            "slides.parquet`, then pass --embeddings slides.parquet"
+            "slides.parquet`, then pass `embeddings` slides.parquet"
         )
     log.info("embedding %s with the model's slide encoder into %s", features, out)
     return embed_slides(feature_files(features), out, model.slide_encoder, pool=model.config.pool, device=device,

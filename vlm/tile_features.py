@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from vlm.batch import Batch, BatchReport, Shard, check_finite_output
 from vlm.device import autocast, autocast_dtype, resolve_device
 from vlm.encoders.tile import TileEncoder, tensor_transform
+from vlm.errors import UsageError
 from vlm.formats.features import TileFeatures, TileGrid, is_written, write_features
 from vlm.io import make_output_folder, slide_id_from_path
 from vlm.wsi.dataset import SlideJob, TileChunk, TileStream
@@ -196,9 +197,9 @@ def stream_features(
     `transform_on` ("device" or "workers") overrides where the tensor transform runs (default: device on CUDA).
     """
     if transform_on not in (None, "device", "workers"):
-        raise ValueError(f"transform_on must be 'device' or 'workers', got {transform_on!r}")
+        raise UsageError(f"transform_on must be 'device' or 'workers', got {transform_on!r}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UsageError(f"`batch_size` must be >= 1, got {batch_size}")
     forward = torch.compile(encoder, dynamic=False) if compile else encoder
     chunk_size = max(1, min(chunk_size, batch_size))
     remaining = list(jobs)
@@ -303,7 +304,7 @@ def embed_tiles(
     device = resolve_device(device)
     autocast_dtype(device, precision)
     if dtype not in ("float32", "float16"):
-        raise ValueError(f"feature dtype must be float32 or float16, got {dtype!r}")
+        raise UsageError(f"feature dtype must be float32 or float16, got {dtype!r}")
     out = Path(out_dir)
     make_output_folder(out)
     encoder = encoder.to(device).eval()

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlm.errors import InputError
+
 
 def _listed(keys: list[str], most: int = 5) -> str:
     more = f" (+{len(keys) - most} more)" if len(keys) > most else ""
@@ -37,7 +39,7 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
             for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
             if keys
         )
-        raise ValueError(f"{source} does not fit the {type(model).__name__}: {details}; {fix}")
+        raise InputError(f"{source} does not fit the {type(model).__name__}: {details}; {fix}")
     model.load_state_dict(state, strict=True)
 
 

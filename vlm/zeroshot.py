@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from vlm.case_level import LEVELS, case_labels, mean_by_case, read_slide_cases, softmax
+from vlm.errors import InputError, UsageError
 from vlm.formats.embeddings import SlideEmbeddings
 from vlm.formats.tables import read_table
 from vlm.io import atomic_path, check_output_folder, claim_output_folder
@@ -50,7 +51,7 @@ def load_embeddings(embeddings: str | os.PathLike[str] | SlideEmbeddings) -> tup
     if isinstance(embeddings, SlideEmbeddings):
         return list(embeddings.ids), embeddings.embeddings.float().numpy()
     if Path(embeddings).is_dir():
-        raise ValueError(
+        raise InputError(
             f"{embeddings} is a folder, not a slide-embeddings parquet: embed its tile features first "
             f"(`vlm embed-slides {embeddings} --out slides.parquet`), or give it as `vlm zeroshot --features`"
         )
@@ -74,10 +75,10 @@ def read_labels(path: str | os.PathLike[str], task: PromptTask, column: str | No
                 "%s has no column %r (the task's label column); reading labels from 'label'", path, task.label_column
             )
     if column not in frame.columns:
-        raise ValueError(f"{path}: no label column {column!r} (columns: {list(frame.columns)}); pass --label-column")
+        raise InputError(f"{path}: no label column {column!r} (columns: {list(frame.columns)}); pass `label_column`")
     duplicated = frame["slide_id"][frame["slide_id"].duplicated()].unique().tolist()
     if duplicated:
-        raise ValueError(f"{path}: slide ids listed more than once: {duplicated[:5]}")
+        raise InputError(f"{path}: slide ids listed more than once: {duplicated[:5]}")
     return frame.set_index("slide_id")[column].str.strip(), column
 
 
@@ -93,9 +94,9 @@ def match_labels(
     scored = set(slide_ids)
     not_scored = sorted(set(raw.index) - scored)
     if not_scored and not allow_missing_slides:
-        raise ValueError(
+        raise InputError(
             f"{len(not_scored)} slide id(s) in the labels file are not among the scored slides "
-            f"(e.g. {not_scored[:5]}); check --embeddings, or pass --allow-missing-slides to evaluate the rest"
+            f"(e.g. {not_scored[:5]}); check `embeddings`, or pass `allow_missing_slides` to evaluate the rest"
         )
     targets = np.full(len(slide_ids), -1, dtype=np.int64)
     unlabelled, unknown = [], {}
@@ -220,13 +221,13 @@ def _check_request(
 ) -> _Request:
     """Every argument checked and the prompt task and labels read, so that a bad one fails before any work."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if (task is None) == (classes is None):
-        raise ValueError("give exactly one of --task (a prompt file) or --classes (CODE=synonym ...)")
+        raise InputError("give exactly one of `task` (a prompt file) or `classes` (CODE=synonym ...)")
     if positive is not None and task is not None:
-        raise ValueError("--positive goes with --classes; a task file names its positive class itself")
+        raise InputError("`positive` goes with `classes`; a task file names its positive class itself")
     if n_boot < 1:
-        raise ValueError(f"--n-boot must be >= 1, got {n_boot}")
+        raise UsageError(f"`n_boot` must be >= 1, got {n_boot}")
     if isinstance(task, PromptTask):
         prompt_task = task
     elif task is not None:
@@ -235,9 +236,9 @@ def _check_request(
         prompt_task = task_from_classes(classes, positive=positive)
     raw_labels = read_labels(labels, prompt_task, label_column) if labels is not None else None
     if level not in LEVELS:
-        raise ValueError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+        raise UsageError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
     if level == "case" and labels is None:
-        raise ValueError("--level case needs --labels with a patient_id column naming each slide's case")
+        raise InputError("`level` case needs `labels` with a patient_id column naming each slide's case")
     slide_cases = read_slide_cases(labels) if level == "case" and labels is not None else None
     if slide_cases is not None and raw_labels is not None:  # one label per case, checked before any work
         raw_labels = (case_labels(raw_labels[0], slide_cases, labels), raw_labels[1])
@@ -277,7 +278,7 @@ def _evaluate(
     targets, label_report = match_labels(ids, raw, task, allow_missing_slides)
     mask = targets >= 0
     if not mask.any():
-        raise ValueError(
+        raise InputError(
             f"none of the {len(ids)} scored {request.level}s has a usable label in {request.labels} "
             f"(column {column!r}); the classes are {list(task.classes)}"
         )

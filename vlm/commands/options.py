@@ -17,6 +17,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from vlm.errors import UsageError
 from vlm.settings import N_BOOT, POOLS, PRECISIONS, READERS
 
 # Argparse wording of the shared options; a settings field of the same name takes it too (`add_config_options`).
@@ -147,7 +148,7 @@ def add_random_weights(parser: Any, encoder: str) -> None:
 def seed_random_weights(args: argparse.Namespace) -> None:
     """Refuse `--random-weights` with `--checkpoint`; seed torch for the untrained encoder about to be built."""
     if args.random_weights and args.checkpoint:
-        raise ValueError("--random-weights and --checkpoint exclude each other: pick one source of weights")
+        raise UsageError("--random-weights and --checkpoint exclude each other: pick one source of weights")
     if args.random_weights:
         import torch
 

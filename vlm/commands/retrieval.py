@@ -8,6 +8,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from vlm.commands.options import add_bootstrap, add_embeddings, add_overwrite, add_seed
+from vlm.errors import UsageError
 from vlm.settings import INDEX_KINDS
 
 if TYPE_CHECKING:
@@ -171,19 +172,19 @@ def _search(args: argparse.Namespace) -> int:
     from vlm.retrieval.index import result_records
 
     if (args.text is None) == (args.slide_id is None):
-        raise ValueError("give either a query text or --slide-id (not both)")
+        raise UsageError("give either a query text or --slide-id (not both)")
     index = load_index(args.index, model=args.model, gpu=args.gpu)
     if args.text is not None:
         results = index.search_text(args.text, k=args.k)
     elif isinstance(index, ReportIndex):
         if args.embeddings is None:
-            raise ValueError("a report index is searched by slide through its embedding: add --embeddings "
+            raise UsageError("a report index is searched by slide through its embedding: add --embeddings "
                              "slides.parquet")  # fmt: skip
         results = index.search_slide(args.slide_id, load_slide_embeddings(args.embeddings), k=args.k)
     elif args.embeddings is not None:  # a slide outside this slide index, by its embedding in --embeddings
         table = load_slide_embeddings(args.embeddings)
         if args.slide_id not in table.row:
-            raise ValueError(f"{args.embeddings}: no slide {args.slide_id!r} (it has {len(table.ids)} slides)")
+            raise UsageError(f"{args.embeddings}: no slide {args.slide_id!r} (it has {len(table.ids)} slides)")
         results = index.search_embeddings(table.lookup([args.slide_id]), k=args.k)
     else:
         results = index.search_slide(args.slide_id, k=args.k)

@@ -18,6 +18,7 @@ from vlm.commands.options import (
     add_shard,
     seed_random_weights,
 )
+from vlm.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def _feature_width(files: list[Path]) -> int | None:
             widths.setdefault(int(shape[-1]), path)
     if len(widths) > 1:
         seen = ", ".join(f"{width} ({path.name})" for width, path in sorted(widths.items()))
-        raise ValueError(f"feature files of different widths: {seen}; embed all slides with one tile encoder")
+        raise UsageError(f"feature files of different widths: {seen}; embed all slides with one tile encoder")
     return next(iter(widths), None)
 
 
@@ -54,16 +55,16 @@ def _embed_slides(args: argparse.Namespace) -> int:
 
     seed_random_weights(args)
     if args.checkpoint is None and args.slide_encoder != "gigapath" and not args.random_weights:
-        raise ValueError(
+        raise UsageError(
             f"--slide-encoder {args.slide_encoder} has no published weights; pass --checkpoint, or "
             "--random-weights for an untrained encoder"
         )
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     files = feature_files(args.features)
     width = _feature_width(files)
     if args.in_dim is not None and width is not None and args.in_dim != width:
-        raise ValueError(f"--in-dim {args.in_dim} but the feature files in {args.features} are {width}-d; "
+        raise UsageError(f"--in-dim {args.in_dim} but the feature files in {args.features} are {width}-d; "
                          "drop --in-dim (it is read from the files) or embed the tiles with a matching encoder")
     in_dim = args.in_dim or width
     shard = Shard.parse(args.shard)

@@ -18,6 +18,7 @@ from vlm.commands.options import (
     add_shard,
     seed_random_weights,
 )
+from vlm.errors import describe
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _info(args: argparse.Namespace) -> int:
             with open_slide(path, mpp=args.mpp, reader=args.reader) as slide:
                 print(json.dumps(asdict(slide.info())))
         except ValueError as error:  # this slide fails; the others are still shown
-            log.error("%s", error)
+            log.error("%s", describe(error))
             status = 1
     return status
 

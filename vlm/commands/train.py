@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from vlm.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 _EPILOG = """examples:
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     given = given_settings(args, TrainConfig)
     if args.resume:
         if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
-            raise ValueError(f"--out {args.out} differs from --resume {args.resume}; a resumed run stays in its folder")
+            raise UsageError(f"--out {args.out} differs from --resume {args.resume}; a resumed run stays in its folder")
         saved = Path(args.resume) / CONFIG_FILE
         changes = {name: value for name, value in given.items() if name != "out"}
         config = TrainConfig.load(saved).resumed(args.resume, changes, saved)  # the folder may have moved since
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         if not ({"embeddings", "features"} & set(given)):
             missing.append("--embeddings or --features")
         if missing:
-            raise ValueError(f"vlm train needs {', '.join(missing)} (or --resume RUN)")
+            raise UsageError(f"vlm train needs {', '.join(missing)} (or --resume RUN)")
         result = train(TrainConfig(**given), progress=not args.no_progress)
     print(f"model -> {result.model_dir}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from vlm.errors import MissingInputError, UsageError
+
 log = logging.getLogger(__name__)
 
 _HEATMAP_EPILOG = """examples:
@@ -89,7 +91,7 @@ def _heatmap(args: argparse.Namespace) -> int:
     paths = [p for entry in map(Path, args.features) for p in (feature_files(entry) if entry.is_dir() else [entry])]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"feature file(s) not found: {missing[:5]}")
+        raise MissingInputError(f"feature file(s) not found: {missing[:5]}")
     block = args.block if args.block == "auto" else int(args.block)
     model = SlideTextModel.from_pretrained(args.model, device=resolve_device(args.device))
     options = {"slide_checkpoint": args.slide_checkpoint, "mpp": args.mpp, "method": args.method, "block": block,
@@ -112,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ImportError(f"vlm serve needs FastAPI, uvicorn, Jinja2 ({error}); pip install -e '.[serve]'") from error
 
     if args.host not in LOCAL_HOSTS and not args.allow_remote:
-        raise ValueError(
+        raise UsageError(
             f"--host {args.host} would expose the slides to other machines without authentication; "
             "add --allow-remote if that is intended"
         )

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vlm.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -19,13 +21,13 @@ def _check_heatmaps(args: argparse.Namespace) -> str | None:
         return None
     features = args.heatmap_features or args.features
     if not features or not Path(features).is_dir():
-        raise ValueError("--heatmaps needs the tile features: give --heatmap-features DIR (or --features DIR)")
+        raise UsageError("--heatmaps needs the tile features: give --heatmap-features DIR (or --features DIR)")
     if args.level == "case":
-        raise ValueError("--heatmaps draws one heatmap per slide: run it with --level slide")
+        raise UsageError("--heatmaps draws one heatmap per slide: run it with --level slide")
     from vlm.io import check_output_folder
 
     if Path(args.heatmaps).absolute() == Path(args.out).absolute():
-        raise ValueError(f"--heatmaps {args.heatmaps} is --out; give the heatmaps their own folder, e.g. OUT/heatmaps")
+        raise UsageError(f"--heatmaps {args.heatmaps} is --out; give the heatmaps their own folder, e.g. OUT/heatmaps")
     check_output_folder(args.heatmaps, "heatmaps", option="--heatmaps")  # before zero-shot runs, not after
     return features
 

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 
 from vlm.demo.cohort import CLASSES, CohortSlide, make_cohort, report_phrases
+from vlm.errors import InputError, RunError, UsageError
 from vlm.io import atomic_path
 from vlm.resources import PROMPTS_DIR, REAL_SLIDE
 
@@ -55,7 +56,7 @@ PROBE_SEEDS = 5
 MIN_BALANCED_ACCURACY = 0.6
 
 
-class DemoFailed(RuntimeError):
+class DemoFailed(RunError):
     """The demo ran but its result is not what the pipeline should give (e.g. zero-shot at chance)."""
 
 
@@ -73,12 +74,12 @@ class DemoSettings:
         # Checked before any slide is drawn: too few slides fail late, inside training or the probe.
         minimum = self.test_per_class + 1
         if self.per_class < minimum:
-            raise ValueError(
-                f"--per-class {self.per_class}: need at least {minimum} ({self.test_per_class} held out per class "
+            raise UsageError(
+                f"`per_class` {self.per_class}: need at least {minimum} ({self.test_per_class} held out per class "
                 "for the test split plus at least one to train on)"
             )
         if self.epochs < 1:
-            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+            raise UsageError(f"`epochs` must be >= 1, got {self.epochs}")
 
 
 @dataclass
@@ -153,7 +154,7 @@ def check_wording_unseen(query: str, reports: list[str] | None = None) -> list[s
         text = " ".join(words)
         shared = sorted(pair for pair in pairs if f" {pair} " in f" {text} ")
         if shared:
-            raise ValueError(f"demo search query {query!r} repeats training-report wording {shared}: {report!r}")
+            raise InputError(f"demo search query {query!r} repeats training-report wording {shared}: {report!r}")
     seen = {word for report in reports for word in _words(report)}
     return sorted({w for w in query_words if w in seen and len(w) > 3})
 

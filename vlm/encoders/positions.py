@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vlm.errors import InputError, UsageError
+
 GIGAPATH_MPP = 0.5  # µm/px of the coordinates the slide encoder expects
 
 
@@ -36,7 +38,7 @@ def grid_cells(coords: torch.Tensor, tile_size: int, grid_size: int) -> tuple[to
     if bool(bad.any()):
         where = bad.any(-1).nonzero()[0].tolist()
         limit = grid_size * tile_size
-        raise ValueError(
+        raise UsageError(
             f"tile coordinate {coords[tuple(where)].tolist()} (0.5-mpp px) is outside the "
             f"{grid_size}×{grid_size} grid of {tile_size}-px tiles (0 <= x, y < {limit}); coordinates "
             "must be 0.5-mpp pixels — build them with vlm.encoders.slide_inputs.load_slide_inputs"
@@ -47,7 +49,7 @@ def grid_cells(coords: torch.Tensor, tile_size: int, grid_size: int) -> tuple[to
 def sincos_positions(coords: torch.Tensor, dim: int, tile_size: int = 256, grid_size: int = 1000) -> torch.Tensor:
     """Positional rows for `coords` [..., 2] (0.5-mpp px): [..., dim] fp32 on the coords' device."""
     if dim % 4:
-        raise ValueError(f"embed_dim must be a multiple of 4 for 2-D sin-cos positions, got {dim}")
+        raise UsageError(f"embed_dim must be a multiple of 4 for 2-D sin-cos positions, got {dim}")
     i, j = grid_cells(coords, tile_size, grid_size)
     half = dim // 2
     # Only the distinct rows/columns are evaluated; a slide rarely spans more than a few hundred of each.
@@ -67,10 +69,10 @@ ONE_CELL_PER_TILE = (0.8, 1.25)
 
 def _check_scale(name: str, mpp: float, coords_level0: np.ndarray) -> np.ndarray:
     if not np.isfinite(mpp) or mpp <= 0:
-        raise ValueError(f"{name}mpp must be a positive number of µm per level-0 pixel, got {mpp!r}")
+        raise InputError(f"{name}mpp must be a positive number of µm per level-0 pixel, got {mpp!r}")
     coords = np.asarray(coords_level0, dtype=np.float64)
     if coords.ndim != 2 or coords.shape[1] != 2:
-        raise ValueError(f"{name}coords must have shape [N, 2], got {coords.shape}")
+        raise InputError(f"{name}coords must have shape [N, 2], got {coords.shape}")
     return coords
 
 
@@ -108,9 +110,9 @@ def gigapath_cells(
     coords = _check_scale(name, mpp, coords_level0)
     step = float(tile_size_level0)
     if not np.isfinite(step) or step <= 0:
-        raise ValueError(f"{name}tile_size_level0 must be a positive number of level-0 px, got {tile_size_level0!r}")
+        raise InputError(f"{name}tile_size_level0 must be a positive number of level-0 px, got {tile_size_level0!r}")
     if not np.isfinite(coords).all() or (coords < 0).any():
-        raise ValueError(f"{name}tile coordinates must be finite and >= 0 (level-0 pixels)")
+        raise InputError(f"{name}tile coordinates must be finite and >= 0 (level-0 pixels)")
     scale = float(mpp) / GIGAPATH_MPP  # level-0 px -> 0.5-mpp px
     k = np.floor(coords / step)
     phase = coords - k * step

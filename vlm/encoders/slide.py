@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from vlm.encoders.longnet import LongNetEncoder
 from vlm.encoders.positions import sincos_positions, to_gigapath_coords
+from vlm.errors import InputError, MissingInputError, UsageError
 from vlm.io import load_torch_file
 from vlm.settings import POOLS
 from vlm.weights import load_state_strict
@@ -63,9 +64,9 @@ class SlideEncoderConfig:
 
     def __post_init__(self) -> None:
         if len(self.segment_lengths) != len(self.dilated_ratios) or not self.segment_lengths:
-            raise ValueError("segment_lengths and dilated_ratios must be non-empty and of equal length")
+            raise UsageError("segment_lengths and dilated_ratios must be non-empty and of equal length")
         if self.embed_dim % self.num_heads or self.embed_dim % 4:
-            raise ValueError(f"embed_dim {self.embed_dim} must divide by num_heads {self.num_heads} and by 4")
+            raise UsageError(f"embed_dim {self.embed_dim} must divide by num_heads {self.num_heads} and by 4")
 
 
 SLIDE_ENCODER_PRESETS: dict[str, SlideEncoderConfig] = {
@@ -160,41 +161,41 @@ class GigaPathSlideEncoder(nn.Module):
     def _check_inputs(self, features: Tensor, coords: Tensor, padding_mask: Tensor | None) -> list[int]:
         """Validate shapes and values; return each row's number of real tiles."""
         if features.ndim != 3 or features.shape[-1] != self.config.in_dim:
-            raise ValueError(
+            raise InputError(
                 f"features must have shape [B, L, {self.config.in_dim}], got {tuple(features.shape)}; "
                 "the slide encoder expects tile features of its in_dim (1536 for Prov-GigaPath tiles)"
             )
         if coords.shape != (*features.shape[:2], 2):
-            raise ValueError(
+            raise InputError(
                 f"coords must have shape [B, L, 2] = {(*features.shape[:2], 2)} to match the features, "
                 f"got {tuple(coords.shape)}"
             )
         batch, length = features.shape[:2]
         if length == 0:
-            raise ValueError("no tiles: a slide needs at least one tile feature to embed")
+            raise UsageError("no tiles: a slide needs at least one tile feature to embed")
         if padding_mask is None:
             lengths = [length] * batch
         else:
             if padding_mask.shape != (batch, length) or padding_mask.dtype != torch.bool:
-                raise ValueError(f"padding_mask must be a bool tensor [B, L] = {(batch, length)}")
+                raise UsageError(f"padding_mask must be a bool tensor [B, L] = {(batch, length)}")
             lengths = (~padding_mask).sum(1).tolist()
             expected = (
                 torch.arange(length, device=padding_mask.device)[None, :]
                 >= padding_mask.new_tensor(lengths, dtype=torch.long)[:, None]
             )
             if not torch.equal(expected, padding_mask):
-                raise ValueError("padding_mask must mark only trailing positions (right padding) of each row")
+                raise InputError("padding_mask must mark only trailing positions (right padding) of each row")
             if min(lengths) == 0:
-                raise ValueError("a row of the batch is all padding; every slide needs at least one tile")
+                raise InputError("a row of the batch is all padding; every slide needs at least one tile")
         valid_features = features if padding_mask is None else features[~padding_mask]
         if not bool(torch.isfinite(valid_features).all()):
-            raise ValueError("features contain NaN or inf; re-extract the tile features of this slide")
+            raise InputError("features contain NaN or inf; re-extract the tile features of this slide")
         return lengths
 
 
 def _check_pool(pool: str) -> None:
     if pool not in POOLS:
-        raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+        raise UsageError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
 
 
 def load_slide_encoder_weights(model: GigaPathSlideEncoder, checkpoint: str | Path) -> None:
@@ -204,12 +205,12 @@ def load_slide_encoder_weights(model: GigaPathSlideEncoder, checkpoint: str | Pa
     """
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such slide-encoder checkpoint")
+        raise MissingInputError(f"{path}: no such slide-encoder checkpoint")
     state = load_torch_file(path, "slide-encoder checkpoint")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}, got {type(state).__name__}")
+        raise InputError(f"{path}: expected a state dict or {{'model': state_dict}}, got {type(state).__name__}")
     load_state_strict(
         model, state, str(path), f"pick the preset the checkpoint was trained with (this one: {model.config})"
     )
@@ -230,14 +231,14 @@ def create_slide_encoder(
     """
     if name not in SLIDE_ENCODER_PRESETS:
         close = difflib.get_close_matches(name, SLIDE_ENCODER_PRESETS, n=3, cutoff=0.3)
-        raise ValueError(
+        raise UsageError(
             f"unknown slide encoder {name!r}; close matches: {close or 'none'}; "
             f"available: {', '.join(SLIDE_ENCODER_PRESETS)}"
         )
     model = GigaPathSlideEncoder(replace(SLIDE_ENCODER_PRESETS[name], **overrides))
     if checkpoint is None and pretrained:
         if name != "gigapath":
-            raise ValueError(f"slide encoder {name!r} has no published weights; pass checkpoint=")
+            raise InputError(f"slide encoder {name!r} has no published weights; pass checkpoint=")
         from huggingface_hub import hf_hub_download
 
         from vlm.hub import hub_weights

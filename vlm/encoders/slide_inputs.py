@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from vlm.encoders.positions import to_gigapath_coords
+from vlm.errors import InputError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +75,24 @@ def prepare_slide_inputs(
     where = f"slide {slide_id!r} ({source})" if source else f"slide {slide_id!r}"
     features = np.asarray(features)
     if features.ndim != 2:
-        raise ValueError(f"{where}: features have shape {features.shape}, expected [N, D]")
+        raise InputError(f"{where}: features have shape {features.shape}, expected [N, D]")
     if len(features) == 0:
-        raise ValueError(f"{where}: no tiles; re-run `vlm tile` / `vlm embed-tiles`")
+        raise UsageError(f"{where}: no tiles; re-run `vlm tile` / `vlm embed-tiles`")
     if in_dim is not None and features.shape[1] != in_dim:
-        raise ValueError(
+        raise InputError(
             f"{where}: features are {features.shape[1]}-d but the slide encoder expects {in_dim}-d tile "
             "features (were they extracted with another tile encoder?)"
         )
     finite = np.isfinite(features).all(axis=1)
     if not finite.all():
-        raise ValueError(
+        raise InputError(
             f"{where}: {int((~finite).sum())} of {len(features)} tiles have NaN/inf features (first row "
             f"{int(np.flatnonzero(~finite)[0])}); re-extract them"
         )
     try:
         coords = to_gigapath_coords(coords_level0, mpp, slide_id, tile_size, grid_size, tile_size_level0)
     except ValueError as error:
-        raise ValueError(f"{source}: {error}" if source else str(error)) from None
+        raise InputError(f"{source}: {error}" if source else str(error)) from None
     features = features.astype(np.float32, copy=False)
     keep = subsample_rows(len(features), max_tiles, seed, slide_id)
     n_tiles = len(features)
@@ -171,7 +172,7 @@ def check_tile_encoders(
     if len(by_encoder) > 1:
         common = max(by_encoder, key=lambda name: (len(by_encoder[name]), name))
         odd = "; ".join(f"{named(files)} ({name!r})" for name, files in sorted(by_encoder.items()) if name != common)
-        raise ValueError(
+        raise InputError(
             f"the feature files mix tile encoders: {len(by_encoder[common])} record {common!r}, but {odd}; "
             "features of different encoders are not comparable: re-extract the odd files with `vlm embed-tiles "
             f"--tile-encoder {common}` or keep them in another folder"
@@ -179,13 +180,13 @@ def check_tile_encoders(
     found = next(iter(by_encoder), None)
     expected = SLIDE_ENCODER_TILE_ENCODERS.get(slide_encoder or "")
     if found is not None and expected is not None and found not in expected:
-        raise ValueError(
+        raise InputError(
             f"the {slide_encoder!r} slide encoder was trained on {sorted(expected)[0]!r} tile features, but "
             f"{named(by_encoder[found])} record {found!r}; extract them with `vlm embed-tiles --tile-encoder "
             f"{sorted(expected)[0]}`"
         )
     if found is not None and tile_encoder is not None and found != tile_encoder:
-        raise ValueError(
+        raise InputError(
             f"{named(by_encoder[found])} record tile encoder {found!r}, but the model's slide embeddings were made "
             f"from {tile_encoder!r} tile features; use features of {tile_encoder!r}"
         )

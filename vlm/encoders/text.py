@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlm.errors import InputError, MissingInputError, UsageError
 from vlm.settings import DEFAULT_MAX_LENGTH
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,12 @@ class TextEncoder(nn.Module):
     def __init__(self, model: nn.Module, tokenizer: Any, max_length: int = DEFAULT_MAX_LENGTH) -> None:
         super().__init__()
         if max_length < 2:
-            raise ValueError(f"max_length must be at least 2 (CLS + SEP), got {max_length}")
+            raise UsageError(f"max_length must be at least 2 (CLS + SEP), got {max_length}")
         model_max = getattr(model.config, "max_position_embeddings", None)
         if model_max is not None and max_length > model_max:
-            raise ValueError(
+            raise UsageError(
                 f"max_length {max_length} exceeds the text model's {model_max} positions; "
-                f"use --max-length <= {model_max}"
+                f"use `max_length` <= {model_max}"
             )
         _drop_pooler(model)
         self.model = model
@@ -85,7 +86,7 @@ class TextEncoder(nn.Module):
             return
         layers = _encoder_layers(self.model)
         if unfreeze_last > len(layers):
-            raise ValueError(f"--unfreeze-text-last {unfreeze_last} exceeds the text model's {len(layers)} layers")
+            raise UsageError(f"`unfreeze_text_last` {unfreeze_last} exceeds the text model's {len(layers)} layers")
         for layer in layers[-unfreeze_last:]:
             for param in layer.parameters():
                 param.requires_grad_(True)
@@ -107,8 +108,8 @@ def _encoder_layers(model: nn.Module) -> nn.ModuleList:
                 break
         if isinstance(module, nn.ModuleList):
             return module
-    raise ValueError(
-        f"cannot find the transformer layers of {type(model).__name__} to unfreeze; use --freeze-text or no freezing"
+    raise UsageError(
+        f"cannot find the transformer layers of {type(model).__name__} to unfreeze; use `freeze_text` or no freezing"
     )
 
 
@@ -160,7 +161,7 @@ def text_encoder_from_config(
     values = dict(config)
     model_type = values.pop("model_type", None)
     if model_type is None:
-        raise ValueError("the saved text config has no 'model_type'; the model folder is damaged, re-save it")
+        raise InputError("the saved text config has no 'model_type'; the model folder is damaged, re-save it")
     hf_config = AutoConfig.for_model(model_type, **values)
     model = AutoModel.from_config(hf_config)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -198,7 +199,7 @@ def check_tokenizer(tokenizer: Any, record: dict[str, Any] | None, folder: str |
     found = tokenizer_fingerprint(tokenizer)
     if found != {k: record.get(k) for k in found}:
         files = ", ".join(record.get("files") or []) or "the tokenizer files"
-        raise ValueError(
+        raise InputError(
             f"{folder}: the tokenizer files ({files}) give a tokenizer of {found['vocab_size']} tokens "
             f"(sha256 {found['sha256'][:12]}…), but the model was saved with {record.get('vocab_size')} tokens "
             f"(sha256 {str(record.get('sha256'))[:12]}…); restore the tokenizer files the model was saved with"
@@ -217,14 +218,14 @@ def check_tokenizer_files(record: dict[str, Any] | None, folder: str | os.PathLi
     folder = Path(folder)
     if record is None:
         if not any((folder / name).is_file() for name in _VOCABULARY_FILES):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{folder}: no tokenizer vocabulary file (one of {list(_VOCABULARY_FILES)}); transformers "
                 "would build a tokenizer of its special tokens only. Copy the complete model folder"
             )
         return
     missing = [name for name in record.get("files") or [] if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{folder}: tokenizer file(s) {missing} missing; without them the model's tokenizer "
             f"({record.get('vocab_size')} tokens) cannot be rebuilt. Copy the complete model folder"
         )

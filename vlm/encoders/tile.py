@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torchvision import transforms
 
+from vlm.errors import InputError, MissingInputError, UsageError, VlmError
 from vlm.hub import hub_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,7 +99,7 @@ class TensorTransform:
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
-            raise ValueError(f"expected uint8 tiles [B, H, W, 3], got {tuple(tiles.shape)} {tiles.dtype}")
+            raise UsageError(f"expected uint8 tiles [B, H, W, 3], got {tuple(tiles.shape)} {tiles.dtype}")
         x = tiles.permute(0, 3, 1, 2)
         for step in self.steps:
             x = step(x)
@@ -187,7 +188,7 @@ def _create_timm(model_name: str, checkpoint: str | None, pretrained: bool, over
 
     if not model_name.startswith("hf_hub:") and not timm.is_model(model_name):  # knows `arch.pretrained_tag`
         close = difflib.get_close_matches(model_name, timm.list_models(), n=5)
-        raise ValueError(f"unknown timm model {model_name!r}; close matches: {', '.join(close) or 'none'}")
+        raise UsageError(f"unknown timm model {model_name!r}; close matches: {', '.join(close) or 'none'}")
     from_hub = pretrained and checkpoint is None
     repo, gated = _timm_hub_repo(model_name) if from_hub else ("", False)
     with hub_weights(f"the 'timm:{model_name}' tile encoder", repo, gated=gated) if from_hub else nullcontext():
@@ -210,26 +211,28 @@ def create_tile_encoder(
     """
     checkpoint_path = None if checkpoint is None else os.fspath(checkpoint)
     if checkpoint_path is not None and not os.path.isfile(checkpoint_path):
-        raise FileNotFoundError(f"tile encoder checkpoint {checkpoint_path}: no such file")
+        raise MissingInputError(f"tile encoder checkpoint {checkpoint_path}: no such file")
     if name.startswith("timm:") or name in TILE_ENCODERS:
         create = _create_timm if name.startswith("timm:") else _create_named
         try:
             return create(name.removeprefix("timm:"), checkpoint_path, pretrained, overrides)
+        except VlmError:  # already says what is wrong (e.g. WeightsUnavailable, a RunError)
+            raise
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
             # torch.load of a cut-short file: RuntimeError (PytorchStreamReader), OSError, or EOFError when empty
             unreadable = not isinstance(error, RuntimeError) or "PytorchStreamReader" in str(error)
             if checkpoint_path is not None and unreadable:
                 reason = str(error).splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
-                raise ValueError(
+                raise InputError(
                     f"tile encoder checkpoint {checkpoint_path}: not a readable checkpoint ({reason}); "
                     "re-copy or re-download it"
                 ) from error
             if not isinstance(error, RuntimeError):
                 raise
-            raise ValueError(  # torch's load_state_dict reports mismatches as RuntimeError
+            raise InputError(  # torch's load_state_dict reports mismatches as RuntimeError
                 f"tile encoder checkpoint {checkpoint_path} does not fit the {name!r} architecture: {error}"
             ) from error
     known = [*TILE_ENCODERS, "timm:<model_name>"]
     close = difflib.get_close_matches(name, list(TILE_ENCODERS), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown tile encoder {name!r}; known: {', '.join(known)}.{hint}")
+    raise UsageError(f"unknown tile encoder {name!r}; known: {', '.join(known)}.{hint}")

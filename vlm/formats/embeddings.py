@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlm.errors import InputError, MissingInputError, UsageError
 from vlm.io import atomic_path, duplicate_ids
 
 if TYPE_CHECKING:
@@ -70,10 +71,10 @@ def read_embedding_settings(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     files = shard_files(path)
     if not files:
-        raise FileNotFoundError(f"{path}: no slide-embedding parquet (nor shard files beside it)")
+        raise MissingInputError(f"{path}: no slide-embedding parquet (nor shard files beside it)")
     found = [json.loads((pq.read_schema(file).metadata or {}).get(SETTINGS_KEY, b"{}")) for file in files]
     if any(settings != found[0] for settings in found[1:]):
-        raise ValueError(f"{path}: its shard files were written with different slide-encoder settings")
+        raise InputError(f"{path}: its shard files were written with different slide-encoder settings")
     return found[0]
 
 
@@ -84,7 +85,7 @@ def read_slide_embeddings(path: str | os.PathLike[str]) -> pd.DataFrame:
     """
     files = shard_files(path)
     if not files:
-        raise FileNotFoundError(f"{path}: no slide-embedding parquet (nor shard files beside it)")
+        raise MissingInputError(f"{path}: no slide-embedding parquet (nor shard files beside it)")
     frame = pd.concat([_read_file(file).to_pandas() for file in files], ignore_index=True)
     if "embedding" in frame.columns:
         frame["embedding"] = [np.asarray(value, dtype=np.float32) for value in frame["embedding"]]
@@ -95,7 +96,7 @@ def _read_file(file: Path) -> pa.Table:
     try:
         return pq.read_table(file, page_checksum_verification=True)  # files written without checksums still read
     except (OSError, pa.ArrowException) as error:
-        raise ValueError(f"{file}: not a readable parquet file ({error}); re-run `vlm embed-slides`") from error
+        raise InputError(f"{file}: not a readable parquet file ({error}); re-run `vlm embed-slides`") from error
 
 
 @dataclass
@@ -124,7 +125,7 @@ class SlideEmbeddings:
         """Refuse, naming them, the slides (of `slide_ids`, default all) whose embedding is NaN or infinite."""
         broken = sorted(self.non_finite if slide_ids is None else self.non_finite.intersection(slide_ids))
         if broken:
-            raise ValueError(
+            raise UsageError(
                 f"{self.source}: {len(broken)} slide(s) have NaN or infinite embedding values, e.g. {broken[:10]}; "
                 "re-embed them (`vlm embed-slides --overwrite`) or leave them out"
             )
@@ -142,23 +143,23 @@ def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
     frame = read_slide_embeddings(path)
     missing = [c for c in ("slide_id", "embedding") if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {list(frame.columns)} "
+        raise InputError(f"{path}: missing column(s) {missing}; found {list(frame.columns)} "
                          "(expected the output of `vlm embed-slides`)")  # fmt: skip
     if len(frame) == 0:
-        raise ValueError(f"{path}: no slide embeddings in the file; run `vlm embed-slides` first")
+        raise InputError(f"{path}: no slide embeddings in the file; run `vlm embed-slides` first")
     ids = [str(s) for s in frame["slide_id"]]
     duplicates = duplicate_ids(ids)
     if duplicates:
-        raise ValueError(f"{path}: slide ids {duplicates[:5]} appear more than once; keep one embedding per slide")
+        raise InputError(f"{path}: slide ids {duplicates[:5]} appear more than once; keep one embedding per slide")
     widths = sorted({len(e) for e in frame["embedding"]})
     if len(widths) > 1:
-        raise ValueError(f"{path}: embeddings have different widths {widths}; re-run `vlm embed-slides`")
+        raise InputError(f"{path}: embeddings have different widths {widths}; re-run `vlm embed-slides`")
     matrix = np.stack(frame["embedding"])
     bad = frozenset(ids[i] for i in np.flatnonzero(~np.isfinite(matrix).all(axis=1)))
     provenance = {}
     for column in ("encoder", "pool"):
         values = sorted({str(v) for v in frame[column]}) if column in frame.columns else ["unknown"]
         if len(values) > 1:
-            raise ValueError(f"{path}: mixed {column} values {values}; use one kind of slide embedding at a time")
+            raise InputError(f"{path}: mixed {column} values {values}; use one kind of slide embedding at a time")
         provenance[column] = values[0]
     return SlideEmbeddings(ids, torch.from_numpy(matrix), **provenance, source=str(path), non_finite=bad)

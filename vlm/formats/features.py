@@ -24,12 +24,13 @@ import h5py
 import numpy as np
 
 from vlm import __version__
+from vlm.errors import InputError, MissingInputError
 from vlm.io import atomic_path
 
 log = logging.getLogger(__name__)
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(InputError):
     """A tile-grid or feature file is missing, unreadable, or inconsistent."""
 
 
@@ -116,10 +117,10 @@ def check_plausible_mpp(mpp: float, where: str, source: str) -> float:
     """`mpp` if it is a plausible level-0 µm/px, else a ValueError naming `where`, the source and the fix."""
     low, high = PLAUSIBLE_MPP
     if not (math.isfinite(mpp) and low <= mpp < high):
-        raise ValueError(
+        raise InputError(
             f"{where}: level-0 scale {mpp:g} µm/px (from {source}) is outside the plausible range "
             f"[{low}, {high}) µm/px of brightfield scans; if it is really right, or to supply the true "
-            "value, pass --mpp"
+            "value, pass `mpp`"
         )
     return mpp
 
@@ -218,7 +219,7 @@ def read_tile_grid(
         raise FeatureFileError(f"{path}: 'coords' has shape {coords.shape}, expected [N, 2]")
     values = {name: _number(path, name, value) for name, value in raw.items()}
     if mpp is not None and not (math.isfinite(float(mpp)) and float(mpp) > 0):
-        raise FeatureFileError(f"{path}: --mpp must be a positive number of µm per level-0 pixel, got {mpp}")
+        raise FeatureFileError(f"{path}: `mpp` must be a positive number of µm per level-0 pixel, got {mpp}")
     tile_size_level0 = values["tile_size_level0"] or values["patch_size_level0"]
     tile_size = values["tile_size"] or values["patch_size"]
     target_mpp = values["target_mpp"]
@@ -229,7 +230,7 @@ def read_tile_grid(
         raise FeatureFileError(
             f"{path}: no tile size attribute (vlm's tile_size_level0 or TRIDENT's patch_size_level0); a CLAM "
             "feature file keeps its geometry in the patches/<slide>.h5 of create_patches_fp.py: pass "
-            "--patches DIR (and --mpp)"
+            "`patches` DIR (and `mpp`)"
         )
     if mpp is not None:
         resolved, source = float(mpp), "--mpp"
@@ -237,9 +238,9 @@ def read_tile_grid(
             nominal = 10.0 / magnification
             if abs(resolved / nominal - 1) > MAGNIFICATION_TOLERANCE:
                 raise FeatureFileError(
-                    f"{path}: --mpp {resolved:g} contradicts the file's level0_magnification "
+                    f"{path}: `mpp` {resolved:g} contradicts the file's level0_magnification "
                     f"{magnification:g}× ({nominal:g} µm/px, TRIDENT's 10 / magnification) by more than "
-                    f"{MAGNIFICATION_TOLERANCE:.0%}; drop --mpp for this cohort or fix the value"
+                    f"{MAGNIFICATION_TOLERANCE:.0%}; drop `mpp` for this cohort or fix the value"
                 )
     elif values["mpp"] is not None:
         resolved, source = values["mpp"], MPP_FROM_FILE
@@ -247,7 +248,7 @@ def read_tile_grid(
         resolved = 10.0 / magnification
         source = f"level0_magnification {magnification:g}× (10 / magnification, TRIDENT's definition)"
     else:
-        raise FeatureFileError(f"{path}: no level-0 'mpp' attribute; pass the slide's µm/px with --mpp")
+        raise FeatureFileError(f"{path}: no level-0 'mpp' attribute; pass the slide's µm/px with `mpp`")
     if mpp is None:
         try:
             check_plausible_mpp(resolved, str(path), source)
@@ -350,8 +351,8 @@ def feature_files(folder: str | os.PathLike[str]) -> list[Path]:
     """The `.h5` files of a folder, sorted; an empty or missing folder is an error."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder of feature files")
+        raise MissingInputError(f"{folder}: not a folder of feature files")
     files = sorted(folder.glob("*.h5"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no .h5 feature files found")
+        raise MissingInputError(f"{folder}: no .h5 feature files found")
     return files

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlm.errors import InputError, UsageError
 from vlm.formats.tables import read_table
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class Pairs:
     def indices(self, split: str) -> list[int]:
         """Row numbers of one split."""
         if self.splits is None:
-            raise ValueError("splits are not assigned yet; call assign_splits first")
+            raise UsageError("splits are not assigned yet; call assign_splits first")
         return [i for i, s in enumerate(self.splits) if s == split]
 
     def groups(self) -> list[str]:
@@ -97,7 +98,7 @@ def load_pairs(path: str | os.PathLike[str]) -> Pairs:
         bad = sorted({s for s in splits if s not in SPLITS})
         if bad:
             rows = [i + 2 for i, s in enumerate(splits) if s not in SPLITS][:5]
-            raise ValueError(
+            raise InputError(
                 f"{path}: unknown split value(s) {bad} (first data rows {rows}); use train, val or test, "
                 "or drop the split column to split automatically by patient"
             )
@@ -115,7 +116,7 @@ def _strings(values: list[object], column: str, path: Path) -> list[str]:
     out = ["" if v is None else str(v).strip() for v in values]
     empty = [i + 2 for i, v in enumerate(out) if not v]
     if empty:
-        raise ValueError(
+        raise InputError(
             f"{path}: empty {column!r} in {len(empty)} row(s), first data rows {empty[:5]}; fill or drop them"
         )
     return out
@@ -131,7 +132,7 @@ def check_no_leak(pairs: Pairs, source: str = "pairs") -> None:
     leaking = sorted(g for g, s in seen.items() if len(s) > 1)
     if leaking:
         unit = "patient" if pairs.patient_ids is not None else "slide"
-        raise ValueError(
+        raise InputError(
             f"{source}: {len(leaking)} {unit}(s) appear in more than one split, e.g. {leaking[:5]}; "
             f"put each {unit} in a single split"
         )
@@ -146,9 +147,9 @@ def check_slides_available(pairs: Pairs, available: set[str], source: str, drop_
     if not missing:
         return pairs
     if not drop_missing:
-        raise ValueError(
+        raise InputError(
             f"{len(missing)} slide id(s) in the pairs have no input in {source}, e.g. {missing[:10]}; embed them "
-            "first, fix the ids, or pass --drop-missing to train without them"
+            "first, fix the ids, or pass `drop_missing` to train without them"
         )
     log.warning("dropping pairs of %d slide(s) missing from %s, e.g. %s", len(missing), source, missing[:5])
     keep = [i for i, s in enumerate(pairs.slide_ids) if s in available]

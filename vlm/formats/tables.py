@@ -18,6 +18,8 @@ from typing import Any
 
 import pandas as pd
 
+from vlm.errors import InputError, MissingInputError
+
 SUFFIXES: tuple[str, ...] = (".csv", ".tsv", ".parquet", ".jsonl", ".json")
 
 
@@ -41,31 +43,31 @@ def read_table(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such {what} file (expected one of {', '.join(SUFFIXES)})")
+        raise MissingInputError(f"{path}: no such {what} file (expected one of {', '.join(SUFFIXES)})")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise ValueError(f"{path}: unknown {what} format {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+        raise InputError(f"{path}: unknown {what} format {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file (0 bytes); a {what} table needs a header line and rows")
+        raise InputError(f"{path}: empty file (0 bytes); a {what} table needs a header line and rows")
     try:
         frame = _read(path, suffix, all_text)
     except (ValueError, UnicodeDecodeError, OSError) as error:  # pandas/pyarrow/json parse errors
         if isinstance(error, FileNotFoundError):
             raise
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path}: not a readable {suffix[1:].upper()} {what} table ({first})") from error
+        raise InputError(f"{path}: not a readable {suffix[1:].upper()} {what} table ({first})") from error
     frame.columns = [str(c).strip() for c in frame.columns]
     duplicated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
     if duplicated:
-        raise ValueError(f"{path}: column(s) {duplicated} appear more than once; keep one of each")
+        raise InputError(f"{path}: column(s) {duplicated} appear more than once; keep one of each")
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{path}: missing column(s) {missing}; found {list(frame.columns)}. Rename the {what} columns to "
             f"{', '.join(required)}"
         )
     if len(frame) == 0:
-        raise ValueError(f"{path}: no rows (columns {list(frame.columns)} but no data); the {what} table is empty")
+        raise InputError(f"{path}: no rows (columns {list(frame.columns)} but no data); the {what} table is empty")
     for column in frame.columns:
         if all_text or is_id_column(column):
             frame[column] = _as_text(frame[column])
@@ -77,11 +79,11 @@ def read_list(path: str | os.PathLike[str], what: str = "list") -> list[str]:
     left out, a byte-order mark dropped (a spreadsheet's export would otherwise make the first entry unknown)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such {what} file (one entry a line)")
+        raise MissingInputError(f"{path}: no such {what} file (one entry a line)")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not a UTF-8 text {what} file ({error.reason} at byte {error.start})") from error
+        raise InputError(f"{path}: not a UTF-8 text {what} file ({error.reason} at byte {error.start})") from error
     lines = (line.strip() for line in text.splitlines())
     return [line for line in lines if line and not line.startswith("#")]
 
@@ -97,7 +99,7 @@ def read_json_lines(text: str) -> list[Any]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise ValueError(f"line {number} is not JSON: {error.msg}") from None
+            raise InputError(f"line {number} is not JSON: {error.msg}") from None
     return records
 
 
@@ -123,9 +125,9 @@ def _read(path: Path, suffix: str, all_text: bool) -> pd.DataFrame:
     else:
         records = read_json_lines(text)
     if not all(isinstance(r, dict) for r in records):
-        raise ValueError("each line must be a JSON object")
+        raise InputError("each line must be a JSON object")
     if not records:
-        raise ValueError("no JSON objects")
+        raise InputError("no JSON objects")
     return pd.DataFrame.from_records(records)
 
 

@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlm.errors import InputError, UsageError
+from vlm.errors import InputError, MissingInputError, UsageError
 from vlm.model.clip import SlideTextModel
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,12 @@ def slide_tower(model: SlideTextModel, checkpoint: str | os.PathLike[str] | None
 
     if model.slide_encoder is not None:
         if checkpoint is not None:
-            raise ValueError("this model was fine-tuned with its own slide encoder; --slide-checkpoint does not apply")
+            raise InputError("this model was fine-tuned with its own slide encoder; `slide_checkpoint` does not apply")
         _check_pool(model.config.pool)
         return model.slide_encoder.eval()
     source = model.config.slide_source
     if not source or "config" not in source:
-        raise ValueError(
+        raise InputError(
             "this model does not record which slide encoder made its slide embeddings (trained before vlm "
             "recorded it, or on embeddings from another tool); retrain it with `vlm train --embeddings` "
             "on a parquet from this vlm's `vlm embed-slides`"
@@ -96,13 +96,13 @@ def slide_tower(model: SlideTextModel, checkpoint: str | os.PathLike[str] | None
     _check_pool(str(source.get("pool")))
     path = checkpoint if checkpoint is not None else source.get("checkpoint")
     if path is None:
-        raise ValueError(
+        raise InputError(
             "the slide embeddings this model was trained on were made by a slide encoder saved to no file "
-            f"(weights sha256 {source.get('weights_sha256')}); pass its weights with --slide-checkpoint FILE"
+            f"(weights sha256 {source.get('weights_sha256')}); pass its weights with `slide_checkpoint` FILE"
         )
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: slide-encoder checkpoint not found; pass the file with --slide-checkpoint")
+        raise MissingInputError(f"{path}: slide-encoder checkpoint not found; pass the file with `slide_checkpoint`")
     preset = source.get("encoder") if source.get("encoder") in SLIDE_ENCODER_PRESETS else "gigapath"
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in source["config"].items()}
     encoder = create_slide_encoder(preset, checkpoint=path, **overrides)
@@ -110,12 +110,12 @@ def slide_tower(model: SlideTextModel, checkpoint: str | os.PathLike[str] | None
     if recorded is not None:
         found = weights_digest(encoder)
         if found != recorded:
-            raise ValueError(
+            raise InputError(
                 f"{path}: its weights (sha256 {found[:12]}…) are not the slide encoder that made this model's "
                 f"slide embeddings (sha256 {recorded[:12]}…); pass that encoder's checkpoint"
             )
     elif source.get("checkpoint_sha256") and file_sha256(path) != source["checkpoint_sha256"]:
-        raise ValueError(f"{path}: not the checkpoint (sha256 {source['checkpoint_sha256'][:12]}…) the model records")
+        raise InputError(f"{path}: not the checkpoint (sha256 {source['checkpoint_sha256'][:12]}…) the model records")
     else:
         log.warning("no weights hash recorded for the slide encoder; cannot verify %s", path)
     return encoder.eval()
@@ -123,7 +123,7 @@ def slide_tower(model: SlideTextModel, checkpoint: str | os.PathLike[str] | None
 
 def _check_pool(pool: str) -> None:
     if pool != "mean":
-        raise ValueError(
+        raise UsageError(
             f"tile heatmaps decompose the mean-pooled slide embedding; this model's slides use pool={pool!r}"
         )
 
@@ -217,7 +217,7 @@ def subset_scores(
     texts = texts.to(device, torch.float32)
     sizes = [len(s) for s in subsets]
     if min(sizes, default=1) == 0:
-        raise ValueError("a subset of tiles to re-encode is empty; every slide needs at least one tile")
+        raise UsageError("a subset of tiles to re-encode is empty; every slide needs at least one tile")
     out = np.zeros((len(subsets), len(texts)), dtype=np.float64)
     # subsets of equal size share a batch: rows of one length take the encoder's unpadded path (one attention
     # call for the batch instead of one per row); deletion / insertion curves have one size per step

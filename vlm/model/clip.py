@@ -39,6 +39,7 @@ from vlm.encoders.text import (
     text_encoder_from_config,
     tokenizer_fingerprint,
 )
+from vlm.errors import InputError, MissingInputError, UsageError
 from vlm.io import atomic_dir, recover_dir
 from vlm.model.projection import ProjectionHead
 from vlm.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER
@@ -96,13 +97,13 @@ class SlideTextConfig:
         version = values.pop("format_version", None)
         values.pop("vlm_version", None)
         if fmt != FORMAT:
-            raise ValueError(f"{source}: not a vlm slide-text model config (format={fmt!r}, expected {FORMAT!r})")
+            raise InputError(f"{source}: not a vlm slide-text model config (format={fmt!r}, expected {FORMAT!r})")
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(f"{source}: format_version {version!r} is newer than this vlm reads; upgrade vlm")
+            raise InputError(f"{source}: format_version {version!r} is newer than this vlm reads; upgrade vlm")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown config keys {unknown}; was it written by another tool or a newer vlm?")
+            raise InputError(f"{source}: unknown config keys {unknown}; was it written by another tool or a newer vlm?")
         return cls(**values)
 
     def digest(self) -> str:
@@ -122,11 +123,11 @@ class SlideTextModel(nn.Module):
     def __init__(self, config: SlideTextConfig, text: TextEncoder, slide_encoder: nn.Module | None = None) -> None:
         super().__init__()
         if (slide_encoder is None) != (config.slide_encoder is None):
-            raise ValueError("config.slide_encoder and the slide_encoder module must be given together (or neither)")
+            raise UsageError("config.slide_encoder and the slide_encoder module must be given together (or neither)")
         if slide_encoder is not None:
             embed_dim = int(slide_encoder.pooled_dim(config.pool))
             if embed_dim != config.slide_embed_dim:
-                raise ValueError(
+                raise UsageError(
                     f"slide encoder outputs {embed_dim}-d but config.slide_embed_dim is {config.slide_embed_dim}"
                 )
         # A copy: the caller's config is theirs (building two models from one config must not couple them).
@@ -164,7 +165,7 @@ class SlideTextModel(nn.Module):
     def encode_slide_embeddings(self, embeddings: Tensor) -> Tensor:
         """[B, slide_embed_dim] cached unprojected slide embeddings -> [B, proj_dim], L2-normalised."""
         if embeddings.shape[-1] != self.config.slide_embed_dim:
-            raise ValueError(
+            raise UsageError(
                 f"slide embeddings are {embeddings.shape[-1]}-d but the model expects "
                 f"{self.config.slide_embed_dim}-d; "
                 "were they made with a different slide encoder?"
@@ -175,7 +176,7 @@ class SlideTextModel(nn.Module):
     def embed_slides(self, features: Tensor, coords: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Tile features [B, L, in_dim] + 0.5-mpp px coords [B, L, 2] -> [B, slide_embed_dim], unprojected."""
         if self.slide_encoder is None:
-            raise ValueError(
+            raise UsageError(
                 "this model has no slide encoder (trained on cached slide embeddings); embed slides with "
                 "`vlm embed-slides` and use encode_slide_embeddings"
             )
@@ -260,13 +261,13 @@ class SlideTextModel(nn.Module):
         config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
         for required in (config_file, weights_file):
             if not required.is_file():
-                raise FileNotFoundError(
-                    f"{required}: missing; pass the `model/` folder written by `vlm train` as --model"
+                raise MissingInputError(
+                    f"{required}: missing; pass the `model/` folder written by `vlm train` as `model`"
                 )
         try:
             values = json.loads(config_file.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"{config_file}: not valid JSON ({error})") from error
+            raise InputError(f"{config_file}: not valid JSON ({error})") from error
         config = SlideTextConfig.from_dict(values, source=str(config_file))
         try:
             with safe_open(str(weights_file), framework="pt") as handle:
@@ -274,17 +275,17 @@ class SlideTextModel(nn.Module):
             saved_digest = metadata.get("vlm_config_sha256")
             state = load_file(str(weights_file))
         except SafetensorError as error:  # damaged or cut short: one line naming the file, not a Rust traceback
-            raise ValueError(
+            raise InputError(
                 f"{weights_file}: not a readable safetensors file ({error}); re-save or re-copy the model folder"
             ) from error
         if saved_digest != config.digest():
-            raise ValueError(
+            raise InputError(
                 f"{weights_file} was not saved with this {CONFIG_NAME} (architecture hash differs); the "
                 "folder mixes files of different models: re-save it with save_pretrained or restore the pair"
             )
         saved_weights = metadata.get("vlm_weights_sha256")  # absent in folders saved before it was recorded
         if saved_weights is not None and saved_weights != _state_digest(state):
-            raise ValueError(
+            raise InputError(
                 f"{weights_file}: its weights do not match the checksum saved with them (the file is damaged); "
                 "re-copy the model folder or re-run `vlm train`"
             )
@@ -348,9 +349,9 @@ def create_model(
         )
         slide_embed_dim = int(encoder.pooled_dim(pool))
     elif slide_checkpoint is not None:
-        raise ValueError("a slide checkpoint needs a slide encoder; pass --slide-encoder (e.g. gigapath) too")
+        raise InputError("a slide checkpoint needs a slide encoder; pass `slide_encoder` (e.g. gigapath) too")
     if slide_embed_dim is None:
-        raise ValueError("give slide_embed_dim (width of the cached slide embeddings) or a slide encoder preset")
+        raise UsageError("give slide_embed_dim (width of the cached slide embeddings) or a slide encoder preset")
     config = SlideTextConfig(
         slide_embed_dim=int(slide_embed_dim),
         proj_dim=proj_dim,

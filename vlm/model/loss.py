@@ -12,6 +12,7 @@ import math
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch import Tensor, nn
 
+from vlm.errors import UsageError
 from vlm.settings import LOSSES
 
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
@@ -24,7 +25,7 @@ def create_loss(name: str = "clip", rank: int = 0, world_size: int = 1) -> nn.Mo
         return ClipLoss(local_loss=world_size > 1, gather_with_grad=world_size > 1, rank=rank, world_size=world_size)
     if name == "siglip":
         return SigLipLoss(rank=rank, world_size=world_size)
-    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    raise UsageError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
 
 
 def contrastive_loss(
@@ -33,6 +34,6 @@ def contrastive_loss(
     """Loss of normalised slide [B, D] and text [B, D] features; `logit_scale` is exp'd (the temperature)."""
     if isinstance(loss_fn, SigLipLoss):
         if logit_bias is None:
-            raise ValueError("the SigLIP loss needs a model with a logit bias (create it with init_logit_bias)")
+            raise UsageError("the SigLIP loss needs a model with a logit bias (create it with init_logit_bias)")
         return loss_fn(slide, text, logit_scale, logit_bias)
     return loss_fn(slide, text, logit_scale)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from vlm.errors import UsageError
+
 PROJECTION_KINDS: tuple[str, ...] = ("linear", "mlp")
 
 
@@ -18,7 +20,7 @@ class ProjectionHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, kind: str = "linear") -> None:
         super().__init__()
         if kind not in PROJECTION_KINDS:
-            raise ValueError(f"unknown projection kind {kind!r}; choose one of {', '.join(PROJECTION_KINDS)}")
+            raise UsageError(f"unknown projection kind {kind!r}; choose one of {', '.join(PROJECTION_KINDS)}")
         self.kind = kind
         if kind == "linear":
             self.net: nn.Module = nn.Linear(in_dim, out_dim, bias=False)

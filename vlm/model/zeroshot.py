@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlm.errors import UsageError
 from vlm.io import atomic_path, cache_folder
 from vlm.model.clip import SlideTextModel
 from vlm.prompts import DEFAULT_TEMPLATES, PromptTask, load_prompt_task, task_from_classes
@@ -146,7 +147,7 @@ def embed_prompts(
 def ensemble(embeddings: Tensor) -> Tensor:
     """One class prototype from its prompts' embeddings [P, D]: normalise each, mean, renormalise -> [D]."""
     if embeddings.ndim != 2 or embeddings.shape[0] == 0:
-        raise ValueError(f"a class prototype needs at least one prompt embedding [P, D], got {tuple(embeddings.shape)}")
+        raise UsageError(f"a class prototype needs at least one prompt embedding [P, D], got {tuple(embeddings.shape)}")
     return F.normalize(F.normalize(embeddings.float(), dim=-1).mean(dim=0), dim=-1)
 
 
@@ -192,7 +193,7 @@ def _refuse_non_finite(values: Tensor, ids: Sequence[str] | None, what: str, sou
     if bad:
         names = [str(ids[i]) for i in bad] if ids is not None else [f"row {i}" for i in bad]
         where = f"{source}: " if source else ""
-        raise ValueError(
+        raise UsageError(
             f"{where}{len(bad)} slide(s) have a non-finite (NaN or infinite) {what} and cannot be scored: "
             f"{names[:20]}{' …' if len(names) > 20 else ''}; re-embed or remove them"
         )

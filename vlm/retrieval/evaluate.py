@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from vlm.errors import InputError
 from vlm.formats.embeddings import load_slide_embeddings
 from vlm.formats.pairs import check_slides_available, load_pairs
 from vlm.formats.tables import read_table
@@ -60,10 +61,10 @@ def evaluate_retrieval(
         log.info("evaluating on %s pairs", "the test" if split == "test" else "all")
     if split != "all":
         if table.splits is None:
-            raise ValueError(f"{pairs}: no split column, so --split {split} selects nothing; use --split all")
+            raise InputError(f"{pairs}: no split column, so `split` {split} selects nothing; use `split` all")
         table = table.select(table.indices(split))
     if len(table) == 0:
-        raise ValueError(f"{pairs}: no pairs in split {split!r}")
+        raise InputError(f"{pairs}: no pairs in split {split!r}")
     embeddings = load_slide_embeddings(slides)
     check_slides_available(table, set(embeddings.ids), str(slides))
     slide_ids = list(dict.fromkeys(table.slide_ids))  # unique, in pairs order
@@ -106,7 +107,7 @@ def _label_metrics(
                     len(slide_ids) - len(keep), len(slide_ids), labels_path)  # fmt: skip
     k_max = max(ks)
     if len(keep) <= k_max:
-        raise ValueError(f"slide → slide @{k_max} needs more than {k_max} labelled slides, got {len(keep)}")
+        raise InputError(f"slide → slide @{k_max} needs more than {k_max} labelled slides, got {len(keep)}")
     labels = np.array([label_of[slide_ids[i]] for i in keep])
     vectors = vectors[keep]
     neighbours = np.empty((len(keep), k_max), dtype=np.int64)

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from vlm import __version__
+from vlm.errors import InputError, MissingInputError, UsageError
 from vlm.io import INTERNAL_PREFIX, atomic_dir, duplicate_ids, file_sha256, foreign_folder_error, recover_dir
 from vlm.model.clip import SlideTextModel
 from vlm.retrieval import kinds
@@ -132,10 +133,10 @@ class SlideIndex:
         if self._model is None:
             folder = self.manifest["model"].get("path")
             if not folder:
-                raise ValueError("this index does not record its model's folder; pass the model (--model)")
+                raise InputError("this index does not record its model's folder; pass the model (`model`)")
             if not Path(folder).is_dir():
-                raise FileNotFoundError(
-                    f"{folder}: the model this index was built with is gone; pass its new location with --model"
+                raise MissingInputError(
+                    f"{folder}: the model this index was built with is gone; pass its new location with `model`"
                 )
             model = SlideTextModel.from_pretrained(folder)
             self.model = model
@@ -148,7 +149,7 @@ class SlideIndex:
         for name, value in model_fingerprint(model).items():
             if name in recorded and value != recorded[name]:  # early indexes recorded the digest only
                 what = "config digest" if name == "digest" else "projection weights"
-                raise ValueError(
+                raise InputError(
                     f"the model's {what} ({value[:12]}…) differ from those of the model this index was built "
                     f"with ({recorded[name][:12]}…, folder {recorded.get('path')}): its vectors live in another "
                     "space. Search with that model, or rebuild the index with `vlm index build`"
@@ -246,7 +247,7 @@ class SlideIndex:
                 )
         _check_new_keys(keys, set(), cls.key)
         if not keys:
-            raise ValueError("empty collection: the chunks held no vectors (check the ids and embeddings given)")
+            raise UsageError("empty collection: the chunks held no vectors (check the ids and embeddings given)")
         log.info("pass 1: checked %d vectors, kept a sample of %d (%.0f s)", len(keys), len(sample),
                  time.perf_counter() - started)  # fmt: skip
         chosen, params = _choose(kind, len(keys), dim, cls.content)
@@ -327,10 +328,10 @@ class SlideIndex:
         manifest = read_manifest(path)
         if manifest.get("content") != cls.content:
             other = "ReportIndex" if manifest.get("content") == "reports" else "SlideIndex"
-            raise ValueError(f"{path} indexes {manifest.get('content')}, not {cls.content}; load it with {other}")
+            raise InputError(f"{path} indexes {manifest.get('content')}, not {cls.content}; load it with {other}")
         index, metadata = _read_data_files(path, manifest)
         if index.d != manifest["dim"] or len(metadata) != manifest["count"]:
-            raise ValueError(
+            raise InputError(
                 f"{path}: index.faiss ({index.d}-d) / metadata.parquet ({len(metadata)} rows) do not match "
                 f"manifest.json ({manifest['dim']}-d, {manifest['count']} items); the folder mixes files of "
                 "different builds: rebuild it"
@@ -367,10 +368,10 @@ class SlideIndex:
         """Remove indexed items by key (slide id); unknown keys are refused before anything changes."""
         keys = list(dict.fromkeys(str(k) for k in keys))
         if not keys:
-            raise ValueError(f"no {self.key} given to remove")
+            raise UsageError(f"no {self.key} given to remove")
         unknown = [k for k in keys if k not in self._row]
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"unknown {self.key}(s) {unknown[:10]} ({len(unknown)} in all) are not in the index; "
                 f"nothing was removed. Check the ids (the index holds {len(self)} {self.content})"
             )
@@ -402,9 +403,9 @@ class SlideIndex:
     def search_vectors(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Joint-space queries [Q, D] -> scores [Q, k] and faiss ids [Q, k] (-1 where fewer were found)."""
         if len(self) == 0:
-            raise ValueError("the index is empty; add slides with `vlm index add` first")
+            raise InputError("the index is empty; add slides with `vlm index add` first")
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise UsageError(f"k must be >= 1, got {k}")
         vectors = _check_vectors(vectors, len(vectors), self.dim)
         if self._search_index is not None:  # GPU: no id filters there, so fetch extra and drop tombstones
             fetch = min(k + len(self._deleted), 2048)
@@ -422,7 +423,7 @@ class SlideIndex:
         texts = [texts] if isinstance(texts, str) else list(texts)
         empty = [i for i, text in enumerate(texts) if not str(text).strip()]
         if empty or not texts:
-            raise ValueError(
+            raise InputError(
                 f"empty query text (query {empty[:5] or 'list'}): give words to search for, e.g. a report phrase"
             )
         vectors = self.model.encode_text(texts, device="cpu").numpy()
@@ -444,7 +445,7 @@ class SlideIndex:
         keys = [keys] if isinstance(keys, str) else [str(key) for key in keys]
         unknown = [key for key in keys if key not in self._row]
         if unknown:
-            raise ValueError(f"unknown {self.key}(s) {unknown[:10]}: not in this index of {len(self)} {self.content}")
+            raise InputError(f"unknown {self.key}(s) {unknown[:10]}: not in this index of {len(self)} {self.content}")
         ids = self.metadata[ID_COLUMN].to_numpy()[[self._row[key] for key in keys]]
         vectors = np.stack([self.index.reconstruct(int(i)) for i in ids])  # [Q, D]
         scores, found = self.search_vectors(vectors, k + (0 if include_self else 1))
@@ -487,15 +488,15 @@ def read_manifest(path: Path) -> dict[str, Any]:
     recover_dir(path)
     file = path / MANIFEST_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"{path}: not an index folder (no {MANIFEST_FILE}); build one with `vlm index build`")
+        raise MissingInputError(f"{path}: not an index folder (no {MANIFEST_FILE}); build one with `vlm index build`")
     try:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{file}: not valid JSON ({error}); rebuild the index") from error
+        raise InputError(f"{file}: not valid JSON ({error}); rebuild the index") from error
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{file}: not a vlm index manifest (format={manifest.get('format')!r})")
+        raise InputError(f"{file}: not a vlm index manifest (format={manifest.get('format')!r})")
     if not isinstance(manifest.get("format_version"), int) or manifest["format_version"] > FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{file}: format_version {manifest.get('format_version')!r} is newer than this vlm reads; upgrade vlm"
         )
     return manifest
@@ -511,7 +512,7 @@ def check_index_folder(path: str | os.PathLike[str], overwrite: bool = False) ->
     if not path.exists():
         return
     if not path.is_dir():
-        raise FileExistsError(f"{path}: exists and is a file, not an index folder; choose another --out")
+        raise FileExistsError(f"{path}: exists and is a file, not an index folder; choose another `out`")
     entries = sorted(entry.name for entry in path.iterdir() if not entry.name.startswith(INTERNAL_PREFIX))
     if not entries:
         return
@@ -520,7 +521,7 @@ def check_index_folder(path: str | os.PathLike[str], overwrite: bool = False) ->
     except (FileNotFoundError, ValueError):
         raise foreign_folder_error(path, entries, "a vlm index") from None
     if not overwrite:
-        raise FileExistsError(f"{path}: a vlm index is already there; pass --overwrite to replace it")
+        raise FileExistsError(f"{path}: a vlm index is already there; pass `overwrite` to replace it")
 
 
 def _read_data_files(path: Path, manifest: dict[str, Any]) -> tuple[faiss.Index, pd.DataFrame]:
@@ -532,9 +533,9 @@ def _read_data_files(path: Path, manifest: dict[str, Any]) -> tuple[faiss.Index,
     for name in (INDEX_FILE, METADATA_FILE):
         file = path / name
         if not file.is_file():
-            raise FileNotFoundError(f"{file}: missing from the index folder; rebuild the index")
+            raise MissingInputError(f"{file}: missing from the index folder; rebuild the index")
         if recorded is not None and file_sha256(file) != recorded.get(name):
-            raise ValueError(
+            raise InputError(
                 f"{file}: damaged or changed since the index was written (its SHA-256 differs from the one in "
                 f"{MANIFEST_FILE}); rebuild the index with `vlm index build`"
             )
@@ -542,11 +543,11 @@ def _read_data_files(path: Path, manifest: dict[str, Any]) -> tuple[faiss.Index,
         index = faiss.read_index(str(path / INDEX_FILE))
     except RuntimeError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
-        raise ValueError(f"{path / INDEX_FILE}: not a readable FAISS index ({first}); rebuild the index") from error
+        raise InputError(f"{path / INDEX_FILE}: not a readable FAISS index ({first}); rebuild the index") from error
     try:
         metadata = pd.read_parquet(path / METADATA_FILE)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{path / METADATA_FILE}: not a readable parquet file ({error}); rebuild the index") from error
+        raise InputError(f"{path / METADATA_FILE}: not a readable parquet file ({error}); rebuild the index") from error
     return index, metadata
 
 
@@ -567,32 +568,32 @@ def _check_ids(path: Path, index: faiss.Index, metadata: pd.DataFrame, kind: str
     if kind == "flat" and len(np.setdiff1d(stored, rows)):
         problems.append("a flat index holds vectors of no item (it deletes removed ones)")
     if problems:
-        raise ValueError(f"{path}: index.faiss and metadata.parquet disagree: {'; '.join(problems)}; rebuild it")
+        raise InputError(f"{path}: index.faiss and metadata.parquet disagree: {'; '.join(problems)}; rebuild it")
 
 
 def _check_vectors(vectors: np.ndarray, n: int, dim: int) -> np.ndarray:
     if n == 0:
-        raise ValueError("empty collection: nothing to index or search (check the ids and embeddings given)")
+        raise InputError("empty collection: nothing to index or search (check the ids and embeddings given)")
     vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
     if vectors.ndim != 2 or vectors.shape[0] != n:
-        raise ValueError(f"expected {n} vectors as an [N, D] array, got shape {vectors.shape}")
+        raise UsageError(f"expected {n} vectors as an [N, D] array, got shape {vectors.shape}")
     if vectors.shape[1] != dim:
-        raise ValueError(
+        raise InputError(
             f"dimension mismatch: vectors are {vectors.shape[1]}-d but the index holds {dim}-d vectors; "
             "use the model the index was built with"
         )
     if not np.isfinite(vectors).all():
-        raise ValueError("vectors contain NaN or infinite values; check the slide embeddings")
+        raise UsageError("vectors contain NaN or infinite values; check the slide embeddings")
     return vectors
 
 
 def _check_new_keys(keys: list[str], existing: set[str], name: str) -> None:
     repeated = duplicate_ids(keys)
     if repeated:
-        raise ValueError(f"duplicate {name}(s) {repeated[:10]} in the input; keep one row per {name}")
+        raise InputError(f"duplicate {name}(s) {repeated[:10]} in the input; keep one row per {name}")
     present = sorted(set(keys) & existing)
     if present:
-        raise ValueError(
+        raise InputError(
             f"{name}(s) {present[:10]} ({len(present)} in all) are already in the index; remove them first "
             "(`vlm index remove`) to replace their embeddings"
         )
@@ -603,14 +604,14 @@ def _join_metadata(table: pd.DataFrame, metadata: pd.DataFrame | None, key: str)
     if metadata is None:
         return table
     if key not in metadata.columns:
-        raise ValueError(f"the metadata table needs a {key!r} column; found {list(metadata.columns)}")
+        raise InputError(f"the metadata table needs a {key!r} column; found {list(metadata.columns)}")
     clash = sorted(set(metadata.columns) & {ID_COLUMN, *RESULT_COLUMNS})
     if clash:
-        raise ValueError(f"metadata column name(s) {clash} are reserved for search results; rename them")
+        raise InputError(f"metadata column name(s) {clash} are reserved for search results; rename them")
     metadata = metadata.assign(**{key: metadata[key].astype(str)})
     repeated = duplicate_ids(metadata[key])
     if repeated:
-        raise ValueError(f"the metadata table lists {key}(s) {repeated[:10]} more than once; keep one row each")
+        raise InputError(f"the metadata table lists {key}(s) {repeated[:10]} more than once; keep one row each")
     joined = table.merge(metadata, on=key, how="left")
     missing = int(joined[key].isin(metadata[key]).eq(False).sum())
     if missing:
@@ -631,7 +632,7 @@ def _compact(scores: np.ndarray, ids: np.ndarray, keep: np.ndarray, k: int) -> t
 def _choose(kind: str, n: int, dim: int, content: str) -> tuple[str, dict[str, Any]]:
     """The kind to build (`auto` resolved by size, saying why) and its build parameters."""
     if kind not in kinds.KINDS:
-        raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(kinds.KINDS)}")
+        raise InputError(f"unknown index kind {kind!r}; choose one of {', '.join(kinds.KINDS)}")
     chosen = kinds.choose_kind(n) if kind == "auto" else kind
     params = kinds.default_params(chosen, n, dim)
     why = f" (auto: {kinds.why_kind(n)})" if kind == "auto" else ""
@@ -657,14 +658,14 @@ def _blocks(
             keys.extend(block_keys)
             digests.append(digest)
         elif number >= len(digests) or digest != digests[number] or keys[seen : seen + len(block_keys)] != block_keys:
-            raise ValueError(
+            raise UsageError(
                 f"chunk {number} differs between the two passes over the chunks (its keys or vectors changed, or "
                 "there are more chunks); chunks() must yield the same blocks each time it is called"
             )
         seen += len(block_keys)
         yield vectors, block_keys
     if not first_pass and (seen != len(keys) or number + 1 != len(digests)):
-        raise ValueError(
+        raise UsageError(
             f"the second pass over the chunks yielded {seen} vectors, the first {len(keys)}; chunks() must yield "
             "the same blocks each time it is called"
         )

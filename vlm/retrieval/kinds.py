@@ -28,6 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from vlm.errors import InputError, UsageError
 from vlm.settings import INDEX_KINDS
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def default_params(kind: str, n: int, dim: int) -> dict[str, Any]:
             params["nbits"] = 8
             params["k_factor"] = IVFPQ_K_FACTOR
         return params
-    raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    raise InputError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
 
 
 def create_index(kind: str, dim: int, params: dict[str, Any]) -> faiss.IndexIDMap2:
@@ -99,7 +100,7 @@ def create_index(kind: str, dim: int, params: dict[str, Any]) -> faiss.IndexIDMa
         ivfpq = faiss.IndexIVFPQ(coarse, dim, int(params["nlist"]), int(params["m"]), int(params["nbits"]), metric)
         base = faiss.IndexRefine(ivfpq, faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, metric))
     else:
-        raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS[1:])}")
+        raise InputError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS[1:])}")
     return faiss.IndexIDMap2(base)  # the FAISS wrapper keeps `base` alive with the map
 
 
@@ -109,9 +110,9 @@ def train_index(index: faiss.IndexIDMap2, kind: str, vectors: np.ndarray, seed: 
         return
     ivf = faiss.extract_index_ivf(index)
     if kind == "ivfpq" and len(vectors) < MIN_PQ_TRAIN:
-        raise ValueError(
+        raise UsageError(
             f"ivfpq needs at least {MIN_PQ_TRAIN} vectors to train its codebooks, got {len(vectors)}; "
-            "use --kind flat (exact) for a collection this small"
+            "use `kind` flat (exact) for a collection this small"
         )
     ivf.cp.niter = 10  # tuning nprobe afterwards makes up for coarser centroids; saves minutes at 1M
     ivf.cp.seed = seed
@@ -244,7 +245,7 @@ def tune(
 
 def check_target(target: float) -> None:
     if not 0 < target <= 1:
-        raise ValueError(f"target recall must be in (0, 1], got {target}")
+        raise UsageError(f"target recall must be in (0, 1], got {target}")
 
 
 def tune_on(
@@ -317,15 +318,15 @@ def to_gpu(index: faiss.Index, kind: str) -> faiss.Index:
     """A GPU copy of `index` for searching (the CPU index stays the one that is edited and saved)."""
     if not hasattr(faiss, "StandardGpuResources"):
         raise ImportError(
-            "--gpu needs FAISS built with GPU support; this faiss is CPU-only. Install it with "
-            "`pip install 'vlm[gpu]'` (faiss-gpu) or conda's faiss-gpu, or drop --gpu"
+            "`gpu` needs FAISS built with GPU support; this faiss is CPU-only. Install it with "
+            "`pip install 'vlm[gpu]'` (faiss-gpu) or conda's faiss-gpu, or drop `gpu`"
         )
     if faiss.get_num_gpus() == 0:
-        raise ValueError("--gpu: FAISS sees no CUDA GPU (check CUDA_VISIBLE_DEVICES and drivers), or drop --gpu")
+        raise UsageError("`gpu`: FAISS sees no CUDA GPU (check CUDA_VISIBLE_DEVICES and drivers), or drop `gpu`")
     if kind not in ("flat", "ivf"):
-        raise ValueError(
-            f"--gpu supports flat and ivf indexes; FAISS cannot move this {kind} index (hnsw has no GPU version, "
-            "ivfpq's re-ranking stage stays on CPU). Rebuild with --kind ivf, or drop --gpu"
+        raise InputError(
+            f"`gpu` supports flat and ivf indexes; FAISS cannot move this {kind} index (hnsw has no GPU version, "
+            "ivfpq's re-ranking stage stays on CPU). Rebuild with `kind` ivf, or drop `gpu`"
         )
     resources = faiss.StandardGpuResources()
     gpu = faiss.index_cpu_to_gpu(resources, 0, index)

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, TypeVar
 
 import pandas as pd
 
+from vlm.errors import InputError
 from vlm.formats.embeddings import SlideEmbeddings, load_slide_embeddings
 from vlm.formats.pairs import Pairs, load_pairs
 from vlm.formats.tables import read_table
@@ -57,7 +58,7 @@ class ReportIndex(SlideIndex):
         slide_ids = [slide_ids] if isinstance(slide_ids, str) else list(slide_ids)
         missing = [s for s in slide_ids if s not in slides.row]
         if missing:
-            raise ValueError(f"slide id(s) {missing[:10]} have no embedding in the slide-embeddings file given")
+            raise InputError(f"slide id(s) {missing[:10]} have no embedding in the slide-embeddings file given")
         slides.check_finite(slide_ids)
         return self.search_embeddings(slides.lookup(slide_ids), k)
 
@@ -133,7 +134,7 @@ def add_slides(
     source = index.manifest.get("source", {})
     for column in ("encoder", "pool"):
         if source.get(column, "unknown") not in ("unknown", getattr(embeddings, column)):
-            raise ValueError(
+            raise InputError(
                 f"{slides}: slide embeddings made with {column}={getattr(embeddings, column)!r}, but the index "
                 f"holds {column}={source[column]!r}; embed the new slides the same way"
             )

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlm.errors import InputError, UsageError
 from vlm.serve.state import FileGone, ServeState
 
 PER_PAGE = 10
@@ -22,9 +23,9 @@ def check_query(q: str) -> str:
     """The search text, stripped; empty or overlong text is a `ValueError` the page shows as its message."""
     q = q.strip()
     if not q:
-        raise ValueError("the search text is empty: type a phrase, e.g. a line of a report")
+        raise InputError("the search text is empty: type a phrase, e.g. a line of a report")
     if len(q) > MAX_QUERY_CHARS:
-        raise ValueError(f"the search text is {len(q)} characters long; keep it under {MAX_QUERY_CHARS}")
+        raise UsageError(f"the search text is {len(q)} characters long; keep it under {MAX_QUERY_CHARS}")
     return q
 
 
@@ -45,9 +46,9 @@ def _search(state: ServeState, q: str | None, similar: str | None, k: int) -> tu
 def search_results(state: ServeState, q: str | None, slide_id: str | None, k: int) -> list[dict[str, Any]]:
     """The JSON API's answer: records as `vlm search --json` prints them; bad `q` / `k` is a `ValueError`."""
     if (q is None) == (slide_id is None):
-        raise ValueError("give either q (a text) or slide_id")
+        raise InputError("give either q (a text) or slide_id")
     if not 1 <= k <= MAX_K:
-        raise ValueError(f"k must be within 1–{MAX_K}, got {k}")
+        raise UsageError(f"k must be within 1–{MAX_K}, got {k}")
     return _records(_search(state, q, slide_id, k)[0])
 
 
@@ -68,7 +69,7 @@ def search_page(state: ServeState, q: str | None, similar: str | None, page_no: 
     """Page `page_no` of the slides matching text `q` or like slide `similar` (`ValueError` on a bad query or
     page, `NotHere` on an unknown slide)."""
     if not 1 <= page_no <= MAX_PAGE:
-        raise ValueError(f"page {page_no} is out of range 1–{MAX_PAGE}")
+        raise UsageError(f"page {page_no} is out of range 1–{MAX_PAGE}")
     available = len(state.ids) - (1 if similar else 0)  # a slide is not listed as like itself
     table, title = _search(state, q, similar, max(min(available, page_no * PER_PAGE), 1))
     offset = (page_no - 1) * PER_PAGE

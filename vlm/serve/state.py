@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlm.errors import InputError, MissingInputError, UsageError
 from vlm.wsi.collect import SLIDE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def _scan(roots: Sequence[str | os.PathLike[str]], suffixes: Collection[str], wa
     found: dict[str, Path] = {}
     for root in map(Path, roots):
         if not root.is_dir():
-            raise FileNotFoundError(f"{root}: not a folder (give folders of slides / feature files)")
+            raise MissingInputError(f"{root}: not a folder (give folders of slides / feature files)")
         real_root = root.resolve()
         for path in sorted(root.iterdir()):
             if path.suffix.lower() not in suffixes:
@@ -202,7 +203,7 @@ class ServeState:
         from vlm.encoders.slide_inputs import load_slide_inputs
 
         if self.classifier is None:
-            raise ValueError("no zero-shot task was given (load_state(..., task=...), vlm serve --task)")
+            raise UsageError("no zero-shot task was given (`load_state(..., task=...)`, `vlm serve --task`)")
         self.known(slide_id, self.features)
         with self.lock:
             if slide_id not in self._embeddings:
@@ -232,7 +233,7 @@ def load_state(
 
     loaded = load_index(index, model=model)
     if isinstance(loaded, ReportIndex):
-        raise ValueError(f"{index} is a report index; `vlm serve` needs a slide index (`vlm index build`)")
+        raise InputError(f"{index} is a report index; `vlm serve` needs a slide index (`vlm index build`)")
     keys = set(loaded.keys)
     state = ServeState(
         index=loaded,

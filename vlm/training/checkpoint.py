@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlm.errors import InputError, UsageError
 from vlm.io import atomic_path, load_torch_file, recover_dir
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """
     state = load_torch_file(path, "vlm training checkpoint", fix="restart the run without --resume")
     if not isinstance(state, dict) or not {"model", "optimizer", "rng", "global_step"} <= set(state):
-        raise ValueError(f"{path}: not a vlm training checkpoint (keys model, optimizer, rng, ... missing)")
+        raise InputError(f"{path}: not a vlm training checkpoint (keys model, optimizer, rng, ... missing)")
     return state
 
 
@@ -136,12 +137,12 @@ class MetricsLog:
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                    raise ValueError("no integer 'step'")
+                    raise UsageError("no integer 'step'")
             except ValueError as error:
                 if number == len(lines):
                     log.warning("%s: dropping an unfinished last line (%s) left by an interrupted run", path, error)
                     return lines[:-1]
-                raise ValueError(f"{path}: line {number} is not a metrics record ({error}); fix or remove it") from None
+                raise InputError(f"{path}: line {number} is not a metrics record ({error}); fix or remove it") from None
         return lines
 
     def write(self, record: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlm.errors import InputError, MissingInputError, UsageError
 from vlm.io import atomic_path
 from vlm.settings import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER, LOSSES, POOLS, PRECISIONS
 
@@ -92,19 +93,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if (self.embeddings is None) == (self.features is None):
-            raise ValueError("give exactly one slide input: --embeddings (frozen) or --features (fine-tuning)")
+            raise InputError("give exactly one slide input: `embeddings` (frozen) or `features` (fine-tuning)")
         for name in ("epochs", "batch_size", "eval_batch_size", "proj_dim", "max_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+            raise UsageError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise UsageError(f"lr must be positive, got {self.lr}")
         if self.unfreeze_text_last < 0:
-            raise ValueError("--unfreeze-text-last must be >= 0")
+            raise UsageError("`unfreeze_text_last` must be >= 0")
         for name, allowed in (("pool", POOLS), ("loss", LOSSES), ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:  # before any data is read, not at the first step
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+                raise InputError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
 
     def resumed(self, out: str | Path, changes: dict[str, Any], path: Path) -> TrainConfig:
         """These saved settings (read from `path`) continued in the folder `out` with `changes`.
@@ -116,9 +117,9 @@ class TrainConfig:
         changed = [name for name, value in changes.items() if name not in resumable and value != getattr(self, name)]
         if changed:
             flags = ", ".join("--" + name.replace("_", "-") for name in changed)
-            raise ValueError(
-                f"{path}: a resumed run continues with these settings; {flags} cannot change (only --epochs can): "
-                "drop them, or start a new run with another --out"
+            raise InputError(
+                f"{path}: a resumed run continues with these settings; {flags} cannot change (only `epochs` can): "
+                "drop them, or start a new run with another `out`"
             )
         return dataclasses.replace(self, out=str(out), **changes)
 
@@ -133,7 +134,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; --resume needs a run folder written by `vlm train`")
+            raise MissingInputError(f"{path}: missing; `resume` needs a run folder written by `vlm train`")
         values = json.loads(path.read_text())
         for old, new in _RENAMED.items():  # a run saved by an earlier vlm still resumes
             if old in values and new not in values:
@@ -141,5 +142,5 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; was it written by a newer vlm?")
+            raise InputError(f"{path}: unknown keys {unknown}; was it written by a newer vlm?")
         return cls(**values)

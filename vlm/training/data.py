@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from vlm.errors import InputError, MissingInputError
 from vlm.formats.pairs import Pairs
 from vlm.io import cache_folder
 
@@ -36,9 +37,9 @@ def assign_splits(pairs: Pairs, val_fraction: float = 0.1, test_fraction: float 
         return pairs
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value}")
+            raise InputError(f"{name} must be in [0, 1), got {value}")
     if val_fraction + test_fraction >= 1.0:
-        raise ValueError("val_fraction + test_fraction must leave some pairs for training")
+        raise InputError("val_fraction + test_fraction must leave some pairs for training")
     groups = sorted(set(pairs.groups()))
     random.Random(seed).shuffle(groups)
     n_test = round(test_fraction * len(groups))
@@ -90,7 +91,7 @@ class ReportTokens:
             desc="tokenising reports",
         )
         if len(self.table) != len(reports):  # a cache file of other reports would pair texts with wrong rows
-            raise ValueError(f"{self.cache_file}: holds {len(self.table)} rows for {len(reports)} reports; delete it")
+            raise InputError(f"{self.cache_file}: holds {len(self.table)} rows for {len(reports)} reports; delete it")
         self.columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in self.table.column_names]
         log.info("%d reports' tokens %s %s", len(reports), "read from" if self.cached else "cached in", self.cache_file)
 
@@ -129,7 +130,7 @@ def feature_slide_ids(folder: str | os.PathLike[str]) -> set[str]:
     """Slide ids with a `<slide_id>.h5` feature file in `folder`."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder of tile-feature files; make it with `vlm embed-tiles`")
+        raise MissingInputError(f"{folder}: not a folder of tile-feature files; make it with `vlm embed-tiles`")
     return {p.stem for p in folder.glob("*.h5")}
 
 
@@ -158,7 +159,7 @@ def check_feature_files(
             grid = read_tile_grid(path, mpp=mpp, patches=patches)
             shape = feature_shape(path)
             if len(shape) != 2 or shape[0] != len(grid) or len(grid) == 0:
-                raise ValueError(f"{path}: 'features' has shape {shape} but 'coords' has {len(grid)} rows")
+                raise InputError(f"{path}: 'features' has shape {shape} but 'coords' has {len(grid)} rows")
             to_gigapath_coords(grid.coords, grid.mpp, slide_id, tile_size_level0=grid.tile_size_level0)
             dims[slide_id] = int(shape[1])
         except (ValueError, OSError) as error:
@@ -173,9 +174,9 @@ def check_feature_files(
     listing = "\n".join(f"  {slide_id}: {why}" for slide_id, why in sorted(bad.items())[:20])
     more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
     if not drop_bad:
-        raise ValueError(
+        raise InputError(
             f"{folder}: {len(bad)} feature file(s) of paired slides cannot be used:\n{listing}{more}\n"
-            "fix or re-make them, or pass --drop-missing to train without these slides"
+            "fix or re-make them, or pass `drop_missing` to train without these slides"
         )
     log.warning("dropping pairs of %d slide(s) whose feature files cannot be used:\n%s%s", len(bad), listing, more)
     return pairs.select([i for i, s in enumerate(pairs.slide_ids) if s not in bad])

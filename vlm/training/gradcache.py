@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from vlm.errors import UsageError
+
 Encode = Callable[[Sequence[int]], Tensor]  # batch positions -> [len, D] embeddings
 
 
@@ -39,7 +41,7 @@ class RandState:
 
 def chunks_of(n: int, chunk_size: int) -> list[range]:
     if chunk_size < 1:
-        raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
+        raise UsageError(f"chunk size must be >= 1, got {chunk_size}")
     return [range(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
 
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vlm.device import autocast, autocast_dtype, resolve_device
+from vlm.errors import InputError, MissingInputError, NonFiniteError, UsageError
 from vlm.formats.embeddings import load_slide_embeddings, read_embedding_settings
 from vlm.formats.pairs import SPLITS, Pairs
 from vlm.io import claim_output_folder, make_output_folder
@@ -261,13 +262,13 @@ def _check_run_folder(config: TrainConfig, out: Path, resume: bool) -> None:
     unchanged but for the resumable ones; a new run never writes over a folder holding a run."""
     checkpoint_path = out / CHECKPOINT
     if resume and not checkpoint_path.is_file():
-        raise FileNotFoundError(f"{checkpoint_path}: no checkpoint to resume from; start the run without --resume")
+        raise MissingInputError(f"{checkpoint_path}: no checkpoint to resume from; start the run without `resume`")
     if resume:  # the run's saved settings, with no change but the resumable ones
         changes = {name: value for name, value in dataclasses.asdict(config).items() if name != "out"}
         TrainConfig.load(out / CONFIG_FILE).resumed(out, changes, out / CONFIG_FILE)
     if not resume and checkpoint_path.exists():
-        raise ValueError(
-            f"{out} already holds a training run; pass --resume {out} to continue it or pick another --out"
+        raise InputError(
+            f"{out} already holds a training run; pass `resume` {out} to continue it or pick another `out`"
         )
 
 
@@ -281,12 +282,12 @@ def _plan_batches(config: TrainConfig, pairs: Pairs, world_size: int) -> _Plan:
     by_case = n_cases < len(train_rows)  # else every row is its own case: plain shuffled batches, as ever
     batch_size = min(config.batch_size, n_cases)
     if n_cases < 2:
-        raise ValueError(
+        raise InputError(
             f"{config.pairs}: the {len(train_rows)} training pairs are all one case (same patient_id, report or "
             "slide); contrastive training needs at least 2 cases"
         )
     if batch_size % world_size:
-        raise ValueError(f"batch size {batch_size} must divide by the {world_size} processes (equal shares per rank)")
+        raise UsageError(f"batch size {batch_size} must divide by the {world_size} processes (equal shares per rank)")
     if batch_size < config.batch_size:
         what = "cases (a batch holds one slide per case)" if by_case else "pairs"
         log.warning("only %d training %s: batch size lowered from %d", batch_size, what, config.batch_size)
@@ -412,7 +413,7 @@ def _train_steps(run: _Run, batches: list[list[int]], metrics: MetricsLog, progr
             loss = _train_step(run.model, run.inputs, mine, run.loss_fn, run.optimizer, run.scaler, config,
                                run.device, tile_seed, dist_)  # fmt: skip
         except FloatingPointError as error:
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"{run.out}: epoch {run.epoch}, step {run.global_step + 1}: {error}. Training stopped; nothing of "
                 f"this step was saved (`model/`, `last/` and the checkpoint hold step {run.global_step} or earlier)"
             ) from None
@@ -433,7 +434,7 @@ def _validate(run: _Run) -> dict[str, float]:
     config = run.config
     record = evaluate(run.model, run.inputs, run.plan.val_rows, create_loss(config.loss), config, run.plan.case_of)
     if not math.isfinite(record["val/loss"]):
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"{run.out}: epoch {run.epoch}: non-finite validation loss ({record['val/loss']}); training stopped and "
             "this epoch's model was not saved"
         )
@@ -512,7 +513,7 @@ def _train_step(
         loss = loss / dist_.world_size
     if not torch.isfinite(loss):  # before the optimizer step: the weights stay those of the last finite step
         ids = [inputs.pairs.slide_ids[i] for i in rows]
-        raise FloatingPointError(f"non-finite training loss ({float(loss)}) on a batch of slides {ids[:10]}")
+        raise NonFiniteError(f"non-finite training loss ({float(loss)}) on a batch of slides {ids[:10]}")
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlm.encoders.slide_inputs import check_tile_encoders
+from vlm.errors import InputError
 from vlm.formats.embeddings import SlideEmbeddings, load_slide_embeddings
 from vlm.formats.features import feature_files
 from vlm.formats.pairs import SPLITS, Pairs, check_slides_available, load_pairs
@@ -124,7 +125,7 @@ def prepare_pairs(config: TrainConfig, table: SlideEmbeddings | None = None) -> 
     counts = {s: len(pairs.indices(s)) for s in SPLITS}
     log.info("pairs: %s (test pairs are never trained on)", ", ".join(f"{n} {s}" for s, n in counts.items()))
     if counts["train"] < 2:
-        raise ValueError(f"{config.pairs}: {counts['train']} training pair(s); contrastive training needs at least 2")
+        raise InputError(f"{config.pairs}: {counts['train']} training pair(s); contrastive training needs at least 2")
     return pairs
 
 

@@ -16,6 +16,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from vlm.errors import MissingInputError
+
 # Extensions OpenSlide reads (https://openslide.org/formats/), lower-case.
 SLIDE_EXTENSIONS = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi"}
@@ -59,19 +61,19 @@ def collect_slides(arguments: Iterable[str | os.PathLike[str]]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
             if not found:
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"{path}: folder holds no slide files (looked for {', '.join(sorted(SLIDE_EXTENSIONS))})"
                 )
             slides.update(dict.fromkeys(found))
         elif path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
             listed = _from_list_file(path)
             if not listed:
-                raise FileNotFoundError(f"{path}: slide list is empty")
+                raise MissingInputError(f"{path}: slide list is empty")
             slides.update(dict.fromkeys(listed))
         elif path.exists():
             slides[path] = None
         else:
-            raise FileNotFoundError(f"{path}: no such slide, folder or list file")
+            raise MissingInputError(f"{path}: no such slide, folder or list file")
     if not slides:
-        raise FileNotFoundError("no slides given")
+        raise MissingInputError("no slides given")
     return group_dicom_series(list(slides))

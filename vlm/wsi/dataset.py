@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlm.errors import UsageError
 from vlm.formats.features import TileGrid, read_tile_grid
 from vlm.wsi.slide import Slide
 from vlm.wsi.tiling import ReadPlan, TilingParams, read_plan, tile_slide
@@ -153,7 +154,7 @@ class TileStream(torch.utils.data.IterableDataset):
         batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            raise UsageError(f"chunk_size must be >= 1, got {chunk_size}")
         self.jobs = list(jobs)
         self.chunk_size = chunk_size
         self.transform = transform

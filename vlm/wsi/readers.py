@@ -176,6 +176,6 @@ def resolve_reader(reader: str, path: Path, properties: Mapping[str, str], level
         return TiffTileReader(path, levels)
     except ReaderUnavailableError as error:
         if reader == "tifffile":
-            raise ReaderUnavailableError(f"{error}; read it with --reader openslide (or auto)") from None
+            raise ReaderUnavailableError(f"{error}; read it with `reader` openslide (or auto)") from None
         log.debug("%s: reading with OpenSlide (%s)", path, error)
         return None

@@ -20,6 +20,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from vlm.errors import InputError, UsageError
 from vlm.formats.features import check_plausible_mpp
 from vlm.wsi.readers import TiffTileReader, check_reader, resolve_reader
 
@@ -27,15 +28,15 @@ from vlm.wsi.readers import TiffTileReader, check_reader, resolve_reader
 _TIFF_UNIT_UM = {"centimeter": 1e4, "inch": 25_400.0}
 
 
-class SlideReadError(ValueError):
+class SlideReadError(InputError):
     """The file is missing, not a slide, or unreadable by OpenSlide."""
 
 
-class MissingMppError(ValueError):
+class MissingMppError(InputError):
     """The slide records no µm/px, and none was given."""
 
 
-class ImplausibleMppError(ValueError):
+class ImplausibleMppError(InputError):
     """The slide records a µm/px no brightfield scan has (a placeholder), and none was given."""
 
 
@@ -92,7 +93,7 @@ class Slide:
             ) from error
         if mpp is not None:
             if not (math.isfinite(mpp) and mpp > 0):
-                raise ValueError(f"--mpp must be a positive number of µm per pixel, got {mpp}")
+                raise UsageError(f"`mpp` must be a positive number of µm per pixel, got {mpp}")
             self.mpp, self.mpp_source = float(mpp), "user"
         else:
             found = _mpp_from_properties(self._slide.properties)
@@ -100,7 +101,7 @@ class Slide:
                 self._slide.close()
                 raise MissingMppError(
                     f"{self.path}: the slide records no microns-per-pixel (no openslide.mpp-x, no TIFF "
-                    "resolution); pass it with --mpp (e.g. --mpp 0.25 for 40x, 0.5 for 20x scans)"
+                    "resolution); pass it with `mpp` (e.g. `mpp` 0.25 for 40x, 0.5 for 20x scans)"
                 )
             self.mpp, self.mpp_source = found
             try:

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from skimage.segmentation import find_boundaries
 
+from vlm.errors import InputError, UsageError
 from vlm.formats.features import TileGrid
 from vlm.io import atomic_path
 from vlm.wsi.slide import Slide
@@ -25,7 +26,7 @@ from vlm.wsi.tissue import TissueMask, TissueParams, detect_tissue, read_downsam
 MASK_PX_PER_TILE = 16
 
 
-class NoTissueError(ValueError):
+class NoTissueError(InputError):
     """No tile of the slide holds enough tissue."""
 
 
@@ -38,11 +39,11 @@ class TilingParams:
 
     def __post_init__(self) -> None:
         if not self.target_mpp > 0:
-            raise ValueError(f"--target-mpp must be positive, got {self.target_mpp}")
+            raise UsageError(f"`target_mpp` must be positive, got {self.target_mpp}")
         if self.tile_size < 8:
-            raise ValueError(f"--tile-size must be at least 8 px, got {self.tile_size}")
+            raise UsageError(f"`tile_size` must be at least 8 px, got {self.tile_size}")
         if not 0 <= self.min_tissue <= 1:
-            raise ValueError(f"--min-tissue is a fraction in [0, 1], got {self.min_tissue}")
+            raise UsageError(f"`min_tissue` is a fraction in [0, 1], got {self.min_tissue}")
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,10 @@ def tile_size_level0(mpp: float, params: TilingParams, where: str = "slide") -> 
     exact = params.tile_size * params.target_mpp / mpp
     size0 = round(exact)
     if size0 * MAX_UPSAMPLE < params.tile_size:
-        raise ValueError(
+        raise UsageError(
             f"{where}: at {mpp:g} µm/px a {params.tile_size}-px tile at {params.target_mpp} µm/px spans only "
-            f"{exact:.3g} level-0 px and would be upsampled; tile it at its own scale (--target-mpp {mpp:g} or "
-            "coarser), or check its µm/px (--mpp)"
+            f"{exact:.3g} level-0 px and would be upsampled; tile it at its own scale (`target_mpp` {mpp:g} or "
+            "coarser), or check its µm/px (`mpp`)"
         )
     return size0
 
