@@ -32,8 +32,8 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: its tests/support generators
+from tests.support.models import build_tiny_model  # noqa: E402
 from tests.support.synthetic import clustered_embedding_chunks, clustered_embeddings  # noqa: E402
-from vlm.model.clip import build_tiny_model  # noqa: E402
 from vlm.retrieval import SlideIndex  # noqa: E402
 from vlm.retrieval.kinds import merge_topk, threads_for  # noqa: E402
 

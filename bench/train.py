@@ -16,17 +16,19 @@ import argparse
 import json
 import logging
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from vlm.device import autocast
-from vlm.encoders.text import build_tiny_text_encoder
-from vlm.model.clip import create_model
-from vlm.model.loss import contrastive_loss, create_loss
-from vlm.training.gradcache import contrastive_backward
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: its tests/support model builders
+from tests.support.models import build_tiny_text_encoder  # noqa: E402
+from vlm.device import autocast  # noqa: E402
+from vlm.model.clip import create_model  # noqa: E402
+from vlm.model.loss import contrastive_loss, create_loss  # noqa: E402
+from vlm.training.gradcache import contrastive_backward  # noqa: E402
 
 log = logging.getLogger("bench.train")
 

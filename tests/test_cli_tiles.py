@@ -136,7 +136,7 @@ def test_embed_tiles_with_a_real_timm_vit_through_dataloader_workers(
     assert features.encoder == "timm:vit_tiny_patch16_224"
     np.testing.assert_array_equal(features.coords, read_tile_grid(tiles / "synthetic_05.h5").coords)
     # same tiles, same model, through the PIL transform in one batch in this process: the same features in grid
-    # order, up to the stream's tensor resize (within 2 grey levels of PIL's, see tests/test_embed_tiles.py)
+    # order, up to the stream's tensor resize (within 2 grey levels of PIL's, see tests/test_tile_features.py)
     import torch
 
     from vlm.encoders.tile import create_tile_encoder

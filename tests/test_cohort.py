@@ -55,7 +55,7 @@ def _reports(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vlm.encoders.text import build_tiny_text_encoder
+    from tests.support.models import build_tiny_text_encoder
 
     return build_tiny_text_encoder(tmp_path_factory.mktemp("text"))
 

@@ -18,8 +18,9 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.support.models import build_tiny_model
 from vlm.cli import main
-from vlm.model.clip import SlideTextModel, build_tiny_model
+from vlm.model.clip import SlideTextModel
 from vlm.model.zeroshot import ZeroShotClassifier, embed_prompts, text_fingerprint
 from vlm.zeroshot import run_zeroshot
 

@@ -33,7 +33,7 @@ def _slides(path: Path, slide_ids: list[str], seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from vlm.model.clip import build_tiny_model
+    from tests.support.models import build_tiny_model
 
     root = tmp_path_factory.mktemp("faults-retrieval")
     build_tiny_model(root / "tok", slide_embed_dim=64, proj_dim=32).save_pretrained(root / "model")

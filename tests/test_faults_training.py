@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.support.models import build_tiny_text_encoder
 from vlm.cli import main as cli_main
-from vlm.encoders.text import build_tiny_text_encoder
 from vlm.training.checkpoint import CHECKPOINT
 from vlm.training.config import CONFIG_FILE, TrainConfig
 from vlm.training.loop import train
@@ -254,7 +254,7 @@ def test_nan_tile_features_are_refused_by_slide(tmp_path: Path) -> None:
 
 
 def _damaged_model(tmp_path: Path) -> Path:
-    from vlm.model import build_tiny_model
+    from tests.support.models import build_tiny_model
 
     folder = tmp_path / "model"
     build_tiny_model(tmp_path / "text", slide_embed_dim=DIM, proj_dim=8).save_pretrained(folder)
@@ -370,7 +370,7 @@ def test_train_into_a_run_folder_keeps_its_resume_rules(finished_run: Path, tmp_
 
 
 def test_probe_and_zeroshot_rerun_into_their_own_folder(tmp_path: Path) -> None:
-    from vlm.model.clip import build_tiny_model
+    from tests.support.models import build_tiny_model
 
     rng = np.random.default_rng(0)
     ids = [f"s{k}" for k in range(12)]

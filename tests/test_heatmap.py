@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from tests.support.frozen import build_frozen_run
+from tests.support.models import build_tiny_model
 from vlm.cli import main
 from vlm.encoders.slide import create_slide_encoder
 from vlm.formats.embeddings import read_slide_embeddings
 from vlm.formats.features import TileFeatures, TileGrid, read_features, write_features
 from vlm.model.attribution import slide_tower, tile_scores
-from vlm.model.clip import SlideTextModel, build_tiny_model
+from vlm.model.clip import SlideTextModel
 from vlm.model.projection import ProjectionHead
 
 QUERIES = ["papillary fronds", "solid sheets of squamous cells"]

@@ -99,7 +99,7 @@ def test_a_model_killed_mid_save_loads_after(tmp_path: Path) -> None:
     script = textwrap.dedent("""
         import os, signal, sys
         import vlm.io as io
-        from vlm.model.clip import build_tiny_model
+        from tests.support.models import build_tiny_model
 
         model = build_tiny_model(sys.argv[1] + "-tok", slide_embed_dim=16, proj_dim=8)
         model.save_pretrained(sys.argv[1])

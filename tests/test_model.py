@@ -11,8 +11,9 @@ import open_clip.loss
 import pytest
 import torch
 
+from tests.support.models import build_tiny_model
 from vlm.metrics import recall_at_k, retrieval_recalls
-from vlm.model import SlideTextModel, build_tiny_model
+from vlm.model import SlideTextModel
 from vlm.model.loss import contrastive_loss, create_loss
 
 TEXTS = ["invasive ductal carcinoma of the breast", "squamous cell carcinoma of the lung", "benign colon"]
@@ -148,8 +149,9 @@ def test_the_config_a_model_is_built_from_is_not_changed(tmp_path: Path) -> None
     """The model fills in the text and slide-encoder configs on its own copy, never on the caller's."""
     import dataclasses
 
+    from tests.support.models import build_tiny_text_encoder
     from vlm.encoders.slide import create_slide_encoder
-    from vlm.encoders.text import build_tiny_text_encoder, load_text_encoder
+    from vlm.encoders.text import load_text_encoder
     from vlm.model.clip import SlideTextConfig
 
     text_dir = build_tiny_text_encoder(tmp_path / "text")

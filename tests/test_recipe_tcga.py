@@ -65,7 +65,7 @@ def _cohort(root: Path) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_reproduce_on_tcga_recipe_runs_offline(tmp_path: Path) -> None:
-    from vlm.encoders.text import build_tiny_text_encoder
+    from tests.support.models import build_tiny_text_encoder
 
     files = _cohort(tmp_path / "download")
     text = build_tiny_text_encoder(tmp_path / "text")

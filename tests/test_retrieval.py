@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.support.models import build_tiny_model, build_tiny_text_encoder
 from tests.support.synthetic import clustered_embeddings, write_synthetic
-from vlm.encoders.text import build_tiny_text_encoder
 from vlm.formats.embeddings import load_slide_embeddings
 from vlm.formats.pairs import load_pairs
 from vlm.metrics import first_relevant_rank, label_retrieval
-from vlm.model.clip import SlideTextModel, build_tiny_model
+from vlm.model.clip import SlideTextModel
 from vlm.retrieval import ReportIndex, SlideIndex, build_slide_index
 from vlm.retrieval.evaluate import evaluate_retrieval
 from vlm.retrieval.kinds import choose_kind

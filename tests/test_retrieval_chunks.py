@@ -10,8 +10,9 @@ import faiss
 import numpy as np
 import pytest
 
+from tests.support.models import build_tiny_model
 from tests.support.synthetic import clustered_embedding_chunks
-from vlm.model.clip import SlideTextModel, build_tiny_model
+from vlm.model.clip import SlideTextModel
 from vlm.retrieval import SlideIndex, kinds
 from vlm.retrieval.index import _keep_smallest
 

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.support.models import build_tiny_model
 from vlm.cli import main
-from vlm.model.clip import build_tiny_model
 
 DIAGNOSES = ("adenocarcinoma", "squamous cell carcinoma", "benign")
 

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.support.models import build_tiny_model
 from vlm import (
     SlideTextModel,
     create_slide_encoder,
@@ -19,7 +20,6 @@ from vlm import (
     run_zeroshot,
 )
 from vlm.formats.features import TileFeatures, TileGrid, read_features, write_features
-from vlm.model.clip import build_tiny_model
 
 
 def _features(folder: Path, n_slides: int = 2) -> list[Path]:

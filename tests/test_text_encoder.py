@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from vlm.encoders.text import TextEncoder, build_tiny_text_encoder, load_text_encoder
+from tests.support.models import build_tiny_text_encoder
+from vlm.encoders.text import TextEncoder, load_text_encoder
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vlm.model.clip import build_tiny_model
+from tests.support.models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_SOURCE = (

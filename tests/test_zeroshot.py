@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.support.models import build_tiny_model
 from vlm.cli import main
-from vlm.model.clip import SlideTextModel, build_tiny_model
+from vlm.model.clip import SlideTextModel
 from vlm.model.zeroshot import ZeroShotClassifier, zero_shot_probabilities
 
 PROMPTS = Path(__file__).resolve().parents[1] / "prompts"

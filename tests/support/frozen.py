@@ -16,7 +16,7 @@ def build_frozen_run(tmp_path: Path, slides: list[Path]) -> dict:
     """A tiny frozen-tower model made the way `vlm train --embeddings` makes it (its `build_model`),
     on embeddings from `embed_slides` with a saved tiny slide encoder, and a feature file per slide (random
     32-d features on a full tile grid; 0.5-mpp tiles whatever the slide's level-0 µm/px)."""
-    from vlm.encoders.text import build_tiny_text_encoder
+    from tests.support.models import build_tiny_text_encoder
     from vlm.training.config import TrainConfig
     from vlm.training.loop import build_model
     from vlm.wsi.slide import open_slide

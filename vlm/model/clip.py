@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from vlm import __version__
 from vlm.encoders.text import (
     TextEncoder,
-    build_tiny_text_encoder,
     check_tokenizer,
     check_tokenizer_files,
     load_text_encoder,
@@ -363,27 +362,3 @@ def create_model(
         init_logit_bias=init_logit_bias,
     )
     return SlideTextModel(config, text, encoder)
-
-
-def build_tiny_model(
-    folder: str | os.PathLike[str],
-    slide_embed_dim: int = 64,
-    proj_dim: int = 32,
-    slide_encoder: str | None = None,
-    seed: int = 0,
-) -> SlideTextModel:
-    """A tiny random model for offline tests: a 2-layer 32-wide BERT (written to `folder/text`) and cached
-    slide embeddings of `slide_embed_dim` (or the `slide_encoder` preset, e.g. "tiny").
-
-    Save it with `save_pretrained(...)` to get a `--model` folder for other commands' tests.
-    """
-    text_dir = build_tiny_text_encoder(Path(folder) / "text", seed=seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return create_model(
-            text_encoder=text_dir,
-            slide_embed_dim=None if slide_encoder else slide_embed_dim,
-            slide_encoder=slide_encoder,
-            proj_dim=proj_dim,
-            max_length=64,
-        )

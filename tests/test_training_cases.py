@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.support.models import build_tiny_text_encoder
 from tests.support.synthetic import DIAGNOSES, DIM, GRADES
 from vlm.cli import main as cli_main
-from vlm.encoders.text import build_tiny_text_encoder
 from vlm.formats.pairs import Pairs
 from vlm.metrics import retrieval_recalls
 from vlm.training.batches import case_batches, case_steps

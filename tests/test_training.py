@@ -13,11 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.support.models import build_tiny_model, build_tiny_text_encoder
 from tests.support.synthetic import DIAGNOSES, DIM, GRADES, write_synthetic
 from vlm.cli import main as cli_main
-from vlm.encoders.text import build_tiny_text_encoder, load_text_encoder
+from vlm.encoders.text import load_text_encoder
 from vlm.formats.pairs import Pairs, load_pairs
-from vlm.model import SlideTextModel, build_tiny_model
+from vlm.model import SlideTextModel
 from vlm.model.loss import contrastive_loss, create_loss
 from vlm.training import loop
 from vlm.training.config import CONFIG_FILE, TrainConfig

@@ -185,8 +185,8 @@ def _clam_cohort(root: Path, dim: int = 32) -> tuple[Path, Path]:
 
 def test_one_feature_file_gives_one_embedding_through_every_path(tmp_path: Path) -> None:
     """embed-slides, the training loader and zero-shot on a features folder see identical encoder inputs."""
+    from tests.support.models import build_tiny_model
     from vlm.encoders.slide_inputs import load_slide_inputs
-    from vlm.model.clip import build_tiny_model
     from vlm.slide_embeddings import embed_with_model
     from vlm.training.data import PrefetchingFeatureLoader, load_slide_features
 
@@ -258,7 +258,7 @@ def test_cli_train_and_zeroshot_read_clam_features_with_patches_and_mpp(tmp_path
     """`vlm train --features` and `vlm zeroshot --features <folder>` take `--patches` / `--mpp` too."""
     import pandas as pd
 
-    from vlm.encoders.text import build_tiny_text_encoder
+    from tests.support.models import build_tiny_text_encoder
     from vlm.training.config import TrainConfig
 
     root = tmp_path / "clam"
