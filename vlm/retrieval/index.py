@@ -385,8 +385,8 @@ class SlideIndex:
         log.info("removed %d %s; the index now holds %d", len(keys), self.content, len(self))
 
     def _refresh(self) -> None:
-        """Recompute what derives from the metadata: key -> row, id -> row, tombstones, the GPU copy."""
-        self._row = {key: i for i, key in enumerate(self.metadata[self.key])}
+        """Recompute what derives from the metadata: id -> row, tombstones, the GPU copy (key -> row on first use)."""
+        self._rows_by_key: dict[str, int] | None = None
         self._id_rows = pd.Index(self.metadata[ID_COLUMN])  # faiss id -> metadata row (hashed once)
         self._deleted = np.setdiff1d(
             faiss.vector_to_array(self.index.id_map), self.metadata[ID_COLUMN].to_numpy(np.int64)
@@ -398,6 +398,14 @@ class SlideIndex:
             )  # fmt: skip
         self._skip = kinds.removal_filter(self.index, self.kind, self._deleted)
         self._search_index = kinds.to_gpu(self.index, self.kind) if self._gpu else None
+
+    @property
+    def _row(self) -> dict[str, int]:
+        """key -> metadata row, built when first needed: at 10M keys the table takes ~1.5 GB, which a process
+        that only searches by vector or text never pays."""
+        if self._rows_by_key is None:
+            self._rows_by_key = {key: i for i, key in enumerate(self.metadata[self.key])}
+        return self._rows_by_key
 
     # --- searching --------------------------------------------------------------------------------
     def search_vectors(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
