@@ -235,17 +235,17 @@ def main() -> None:
         def stream(reader: str) -> int:
             report = embed_tiles(slides, work / "features", encoder, device, args.precision, args.batch_size,
                                  args.workers, tiles_dir=work / "grids", progress=False, compile=args.compile,
-                                 overwrite=True, reader=reader)  # fmt: skip
+                                 overwrite=True, reader=reader)
             if not report.ok:
                 raise SystemExit(f"stream failed: {report.failed}")
             return n_tiles
 
         def old() -> int:
             return per_slide_baseline(slides, work / "grids", encoder, device, args.precision, args.batch_size,
-                                      args.workers)  # fmt: skip
+                                      args.workers)
 
         paths = {("stream" if reader == "auto" else f"stream, {reader}"): functools.partial(stream, reader)
-                 for reader in args.readers}  # fmt: skip
+                 for reader in args.readers}
         if not args.no_baseline:
             paths["per-slide (old)"] = old
         rows, ratios, alone = {}, {}, []

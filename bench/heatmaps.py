@@ -84,7 +84,7 @@ def run_pipeline(demo: Path, slide: Path, work: Path) -> tuple[Path, str]:
         ["zeroshot", "--model", str(demo / "align" / "model"), "--task",
          str(demo / "encoders" / "demo_morphology.yaml"), "--embeddings", str(work / "slides.parquet"), "--out",
          str(work / "zeroshot"), "--no-cache", "--device", "cpu", "--no-progress"],
-    ]  # fmt: skip
+    ]
     for step in steps:
         code = vlm(step)
         if code != 0:
@@ -94,7 +94,7 @@ def run_pipeline(demo: Path, slide: Path, work: Path) -> tuple[Path, str]:
 
 
 def measure_composite(demo: Path, left: str, right: str, classes: dict[str, str], work: Path,
-                      methods: list[str]) -> CompositeResult:  # fmt: skip
+                      methods: list[str]) -> CompositeResult:
     """One composite through the pipeline and `vlm heatmap --task` per method (class vs other classes)."""
     work.mkdir(parents=True, exist_ok=True)
     slide, width = stitch_images(demo, left, right, work)
@@ -104,7 +104,7 @@ def measure_composite(demo: Path, left: str, right: str, classes: dict[str, str]
         out = work / f"heat_{method}"
         code = vlm(["heatmap", "--model", str(demo / "align" / "model"), "--features", str(features), "--slide",
                     str(slide), "--task", str(demo / "encoders" / "demo_morphology.yaml"), "--method", method,
-                    "--out", str(out), "--device", "cpu"])  # fmt: skip
+                    "--out", str(out), "--device", "cpu"])
         if code != 0:
             raise RuntimeError(f"vlm heatmap --method {method} exited {code} on {slide}")
         tiles = pd.read_csv(out / f"{slide.stem}.csv")
@@ -125,13 +125,13 @@ def measure_composite(demo: Path, left: str, right: str, classes: dict[str, str]
                 "deletion_auc": faith["deletion_auc"], "insertion_auc": faith["insertion_auc"],
                 "random_deletion_auc_mean": faith["random_deletion_auc_mean"],
                 "random_insertion_auc_mean": faith["random_insertion_auc_mean"],
-            })  # fmt: skip
+            })
     return result
 
 
 def measure(demo: Path, work: Path, pairs: int = 2, methods: tuple[str, ...] = ("share", "occlusion"),
             class_pairs: list[tuple[str, str]] | None = None,
-            ) -> tuple[pd.DataFrame, list[CompositeResult]]:  # fmt: skip
+            ) -> tuple[pd.DataFrame, list[CompositeResult]]:
     """Composites of `pairs` slide pairs per ordered class pair; the per-(composite, method, class) table."""
     right = held_out_right(demo)
     classes = {slide: label for label, slides in right.items() for slide in slides}
@@ -147,7 +147,7 @@ def table(frame: pd.DataFrame, results: list[CompositeResult]) -> str:
     """The Markdown table the docs quote: per method, own-half hits and faithfulness verdicts; then what the
     composites were predicted as."""
     lines = ["| method | class hotter on its own half | maps better than random order | median spreads above "
-             "random |", "|---|---|---|---|"]  # fmt: skip
+             "random |", "|---|---|---|---|"]
     for method, group in frame.groupby("method", sort=False):
         lines.append(f"| {method} | {int(group['hotter_on_own_half'].sum())}/{len(group)} | "
                      f"{int(group['better_than_random'].sum())}/{len(group)} | {group['spreads'].median():.2f} |")

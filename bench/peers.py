@@ -175,7 +175,7 @@ def run_child(python: str, code: str, env: dict[str, str], timeout: float) -> di
     """One measurement in a fresh process: its JSON line, or {'error': the reason it gave}."""
     try:
         out = subprocess.run([python, "-c", _PRELUDE + textwrap.dedent(code)], env=env, capture_output=True,
-                             text=True, timeout=timeout)  # fmt: skip
+                             text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"no result within {timeout:.0f} s"}
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -209,7 +209,7 @@ def main() -> None:
             slide = Path(tmp) / "peers_025.tiff"
             write_pyramidal_tiff(slide, (args.size, args.size), blob_region(args.size), mpp=0.25, n_levels=5)
         env = {**os.environ, "SLIDE": str(slide), "READS": str(args.reads), "THREADS": str(args.threads),
-               "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(VLM_ROOT), "OMP_NUM_THREADS": str(args.threads)}  # fmt: skip
+               "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(VLM_ROOT), "OMP_NUM_THREADS": str(args.threads)}
         results: dict[tuple[str, str], list[dict]] = {}
         skipped: dict[tuple[str, str], str] = {}
         for round_ in range(args.rounds):
@@ -228,7 +228,7 @@ def main() -> None:
                         continue
                     results.setdefault((case, tool), []).append(row)
                     log.info("round %d  %-13s %-16s %.2f s, %d, %s", round_ + 1, case, tool, row["seconds"],
-                             row["count"], row["version"])  # fmt: skip
+                             row["count"], row["version"])
     print_table(results, skipped, args.cases)
 
 
@@ -247,7 +247,7 @@ def print_table(results: dict[tuple[str, str], list[dict]], skipped: dict[tuple[
             ratio = "" if base is None else f"{(base / value if UNIT[case] == 's' else value / base):.2f}x"
             peak = max(row["peak_mb"] for row in rows)
             log.info("| %s | %s (%s) | %.1f %s | %s | %d | %d |", case, tool, rows[0]["version"], value, UNIT[case],
-                     ratio, peak, len(rows))  # fmt: skip
+                     ratio, peak, len(rows))
         for (row_case, tool), why in skipped.items():
             if row_case == case:
                 log.info("| %s | %s | not run: %s | | | |", case, tool, why.replace("|", "/"))

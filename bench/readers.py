@@ -171,12 +171,12 @@ def main() -> None:
             coords = rng.integers(0, args.size - 256, (args.tiles, 2))
             level, size = 0, 256
         log.info("slide %d px, %d tissue tiles, read plan: level %d, %d px, resize %s; %d %s reads per case",
-                 args.size, len(grid), level, size, plan.needs_resize, len(coords), args.pattern)  # fmt: skip
+                 args.size, len(grid), level, size, plan.needs_resize, len(coords), args.pattern)
         reference = open_reader("openslide", path, level, size)
         for name in readers[1:]:  # same pixels? (the same JPEG tiles; other decoders may round apart)
             other = open_reader(name, path, level, size)
             diff = max(int(np.abs(reference(int(x), int(y)).astype(int) - other(int(x), int(y))).max())
-                       for x, y in coords[:50])  # fmt: skip
+                       for x, y in coords[:50])
             log.info("max |openslide - %s| over 50 reads: %d (of 255)", name, diff)
         for name in readers:  # warm the page cache and the imports
             rate(name, "main", path, coords[:50], level, size, 1)
@@ -197,7 +197,7 @@ def main() -> None:
             for (name, mode), values in figures.items():
                 workers = _label(mode, args.workers)
                 row = {"bench": "readers", "case": f"{name}, {workers}, {args.pattern}", "device": "CPU",
-                       "value": round(statistics.median(values), 1), "unit": "tiles/s"}  # fmt: skip
+                       "value": round(statistics.median(values), 1), "unit": "tiles/s"}
                 handle.write(json.dumps(row) + "\n")
 
 

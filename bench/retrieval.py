@@ -96,7 +96,7 @@ def main() -> None:
     flat_single = min(flat_single, latencies(lambda q: flat.search(q, 10), queries, 1, min(args.single, 50)))
     flat_batch = latencies(lambda q: flat.search(q, 10), queries, 100, min(args.batches, 5))
     rows.append({"kind": "flat (IndexFlatIP)", "params": {}, "build_s": flat_build, "bytes": file_size(flat),
-                 "recall@10": 1.0, "single_ms": flat_single, "batch100_ms": flat_batch})  # fmt: skip
+                 "recall@10": 1.0, "single_ms": flat_single, "batch100_ms": flat_batch})
     log.info("flat: single p50 %.2f ms", flat_single[0])
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,21 +113,21 @@ def main() -> None:
         rows.append({"kind": f"{kind} -> {index.kind}" if kind == "auto" else kind, "params": index.params,
                      "build_s": build, "bytes": file_size(index.index), "recall@10": recall,
                      "tuned_recall@10": index.manifest["recall"]["measured"], "single_ms": single,
-                     "batch100_ms": batch})  # fmt: skip
+                     "batch100_ms": batch})
         del index
 
     flat_p50 = rows[0]["single_ms"][0]
     print(f"\n{args.n:,} x {args.dim}-d clustered embeddings, {args.threads} threads, faiss {faiss.__version__}")
     print(f"{'kind':18s} {'build s':>8s} {'size MB':>8s} {'R@10':>6s} {'1q p50/p99 ms':>15s} "
-          f"{'100q p50/p99 ms':>17s} {'speed-up':>8s}  params")  # fmt: skip
+          f"{'100q p50/p99 ms':>17s} {'speed-up':>8s}  params")
     for row in rows:
         s50, s99 = row["single_ms"]
         b50, b99 = row["batch100_ms"]
         print(f"{row['kind']:18s} {row['build_s']:8.1f} {row['bytes'] / 2**20:8.0f} {row['recall@10']:6.3f} "
-              f"{s50:7.2f}/{s99:<7.2f} {b50:8.1f}/{b99:<8.1f} {flat_p50 / s50:7.0f}x  {row['params']}")  # fmt: skip
+              f"{s50:7.2f}/{s99:<7.2f} {b50:8.1f}/{b99:<8.1f} {flat_p50 / s50:7.0f}x  {row['params']}")
     if args.out:
         Path(args.out).write_text(json.dumps({"n": args.n, "dim": args.dim, "threads": args.threads, "rows": rows},
-                                             indent=2) + "\n")  # fmt: skip
+                                             indent=2) + "\n")
 
 
 def peak_rss_gb() -> float:
@@ -140,7 +140,7 @@ def streamed(args: argparse.Namespace) -> None:
     chunk = 100_000
     def generate():  # noqa: ANN202  the first `queries` rows are held out: never indexed nor used in tuning
         return clustered_embedding_chunks(args.n + args.queries, args.dim, n_clusters=args.clusters, seed=0,
-                                          chunk=max(chunk, args.queries))  # fmt: skip
+                                          chunk=max(chunk, args.queries))
 
     held_out = next(generate())[: args.queries]
     exact_scores = np.full((args.queries, 10), -np.inf, np.float32)
@@ -180,7 +180,7 @@ def streamed(args: argparse.Namespace) -> None:
             served = serve_in_child(Path(tmp), held_out, exact_ids, args)
         rows.append({"kind": f"{kind} -> {chosen}" if kind == "auto" else kind, "params": params, "build_s": build,
                      "save_s": save_s, "bytes": on_disk, "tuned_recall@10": tuned, "peak_rss_gb": peak_rss_gb(),
-                     **served})  # fmt: skip
+                     **served})
     load_after = os.getloadavg()
     print(f"\n{args.n:,} x {args.dim}-d clustered embeddings (streamed), faiss {faiss.__version__}, "
           f"{args.threads} threads for batches, 1 for single queries; load average (1/5/15 min) "
@@ -188,16 +188,16 @@ def streamed(args: argparse.Namespace) -> None:
     print("build: building, tuning and saving in this process; served: a fresh process that loads the saved index "
           "and answers the held-out queries (its peak memory is what searching the index needs)")
     print(f"{'kind':18s} {'build s':>8s} {'disk GB':>8s} {'R@10':>6s} {'1q p50/p95/p99 ms':>20s} "
-          f"{'100q p50/p95 ms':>17s} {'load s':>6s} {'peak GB build/served':>20s}  params")  # fmt: skip
+          f"{'100q p50/p95 ms':>17s} {'load s':>6s} {'peak GB build/served':>20s}  params")
     for row in rows:
         s50, s95, s99 = row["single_ms"]
         b50, b95 = row["batch100_ms"]
         print(f"{row['kind']:18s} {row['build_s']:8.0f} {row['bytes'] / 1e9:8.2f} {row['recall@10']:6.3f} "
               f"{s50:6.2f}/{s95:<6.2f}/{s99:<6.2f} {b50:8.1f}/{b95:<8.1f} {row['load_s']:6.0f} "
-              f"{row['peak_rss_gb']:9.2f}/{row['served_peak_gb']:<10.2f}  {row['params']}")  # fmt: skip
+              f"{row['peak_rss_gb']:9.2f}/{row['served_peak_gb']:<10.2f}  {row['params']}")
     if args.out:
         Path(args.out).write_text(json.dumps({"n": args.n, "dim": args.dim, "threads": args.threads, "rows": rows,
-                                              "load_average": [load_before, load_after]}, indent=2) + "\n")  # fmt: skip
+                                              "load_average": [load_before, load_after]}, indent=2) + "\n")
 
 
 SERVE = """
@@ -229,7 +229,7 @@ def serve_in_child(folder: Path, queries: np.ndarray, exact: np.ndarray, args: a
     np.save(folder / "exact.npy", exact)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     argv = [sys.executable, "-c", SERVE, str(Path(__file__).resolve().parents[1]), str(folder), str(args.single),
-            str(args.batches)]  # fmt: skip
+            str(args.batches)]
     out = subprocess.run(argv, env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"serving the index in a fresh process failed:\n{out.stderr[-3000:]}")

@@ -138,7 +138,7 @@ def run_case(
         attention_seconds = time.perf_counter() - start
     torch.save(embedding.float().cpu(), out_path)
     return {"seconds": seconds, "peak_rss_gb": peak_gb, "attention_seconds": attention_seconds,
-            "warmup_seconds": warmup_seconds}  # fmt: skip
+            "warmup_seconds": warmup_seconds}
 
 
 def spawn(
@@ -167,7 +167,7 @@ def spawn(
     log.info(
         "%-8s %6d tiles: forward %7.3f s, peak memory %.2f GB; attention of one layer alone %.3f s",
         impl, tiles, figures["seconds"], figures["peak_rss_gb"], figures["attention_seconds"],
-    )  # fmt: skip
+    )
     return figures
 
 
@@ -189,7 +189,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         figures = run_case(args.child[0], int(args.child[1]), args.threads, args.out, args.device, args.precision,
-                           args.model)  # fmt: skip
+                           args.model)
         print(json.dumps(figures))  # the parent reads this line
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -202,7 +202,7 @@ def main() -> None:
         args.model,
     )
     run = functools.partial(spawn, threads=args.threads, device=args.device, precision=args.precision,
-                            model=args.model)  # fmt: skip
+                            model=args.model)
     encoder = "slide encoder" if args.model == "gigapath" else f"slide encoder ({args.model})"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -230,7 +230,7 @@ def main() -> None:
             log.info(
                 "%d tiles: forward time compiled/eager = %.2f (compile + warm-up %.0f s), max |diff| = %.1e",
                 tiles, compiled["seconds"] / ours[tiles]["seconds"], compiled["warmup_seconds"], diff.max().item(),
-            )  # fmt: skip
+            )
             rows.append(
                 {
                     "case": f"{encoder} compiled, {tiles} tiles",

@@ -68,7 +68,7 @@ def main() -> None:
         size = dict(hidden_size=768, num_layers=12, num_heads=12) if args.full else {}
         text_folder = build_tiny_text_encoder(Path(tmp) / "text", dropout=0.1, **size)
         model = create_model(text_folder, slide_encoder="gigapath" if args.full else "tiny", proj_dim=512,
-                             max_length=128)  # fmt: skip
+                             max_length=128)
     model = model.to(device).train()
     if args.grad_checkpointing:
         model.text.set_grad_checkpointing(True)
@@ -119,13 +119,13 @@ def main() -> None:
     checkpointing = ", grad checkpointing" if args.grad_checkpointing else ""
     log.info("%s, %s towers, batch %d, chunk %d, %d-%d tiles/slide%s: %.2f s/step = %.2f pairs/s, peak %.2f GB",
              label, "full" if args.full else "small", args.batch, args.chunk, args.min_tiles, args.max_tiles,
-             checkpointing, seconds, args.batch / seconds, peak)  # fmt: skip
+             checkpointing, seconds, args.batch / seconds, peak)
     if args.json:
         with open(args.json, "a") as handle:
             handle.write(json.dumps({"bench": "train", "device": label, "case": f"train step, batch {args.batch}, "
                                      f"chunk {args.chunk}, {args.min_tiles}-{args.max_tiles} tiles",
                                      "value": round(args.batch / seconds, 2), "unit": "pairs/s",
-                                     "peak_gb": round(peak, 2)}) + "\n")  # fmt: skip
+                                     "peak_gb": round(peak, 2)}) + "\n")
 
 
 if __name__ == "__main__":

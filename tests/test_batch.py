@@ -42,7 +42,7 @@ class _ListSink:
 
 def _batch(items: list[str], folder: Path, **options: object) -> Batch[str]:
     return Batch(items, key=str, is_done=options.pop("is_done", None), folder=folder, desc="test", progress=False,
-                 **options)  # type: ignore[arg-type]  # fmt: skip
+                 **options)  # type: ignore[arg-type]
 
 
 def test_done_predicate_skips_unless_overwrite_and_none_redoes_all(tmp_path: Path) -> None:
@@ -64,7 +64,7 @@ def test_shards_split_sorted_ids_disjointly_and_name_their_failures(tmp_path: Pa
 def test_duplicate_ids_are_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"share the slide id\(s\) \['a'\]"):
         Batch([tmp_path / "x" / "a.h5", tmp_path / "y" / "a.h5"], key=_ids, is_done=None, folder=tmp_path,
-              desc="test", progress=False)  # fmt: skip
+              desc="test", progress=False)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -74,7 +74,7 @@ def test_run_records_failures_in_the_reports_file_and_a_clean_run_removes_it(tmp
 
     def run() -> object:
         batch = Batch(items, key=_ids, is_done=lambda path: (tmp_path / "out" / f"{path.stem}.txt").exists(),
-                      folder=tmp_path / "out", desc="test", progress=False)  # fmt: skip
+                      folder=tmp_path / "out", desc="test", progress=False)
         return batch.run(_write_or_fail, workers=workers)
 
     report = run()

@@ -101,7 +101,7 @@ def _vlm(*args: str, env: dict[str, str] | None = None, timeout: float = 120) ->
     """The real `vlm` command in a fresh process (hub settings are read at import)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "vlm", *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=REPO)  # fmt: skip
+                          timeout=timeout, cwd=REPO)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def random_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tile features of the real slide from timm's ResNet-10-T with random weights, from the command line."""
     out = tmp_path_factory.mktemp("random") / "features"
     result = _vlm("embed-tiles", str(REAL_SLIDE), "--out", str(out), "--tile-encoder", "timm:resnet10t",
-                  "--random-weights", "--seed", "3", "--no-progress", "--device", "cpu")  # fmt: skip
+                  "--random-weights", "--seed", "3", "--no-progress", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     return out
 

@@ -83,7 +83,7 @@ def test_old_spellings_are_only_hidden_deprecated_aliases() -> None:
         (["zeroshot", "--model", "m", "--task", "t", "--out", "o", "--slides", "s.parquet"], "embeddings",
          "--embeddings"),
     ],
-)  # fmt: skip
+)
 def test_deprecated_spellings_still_parse_and_warn_once(
     argv: list[str], dest: str, new: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -115,7 +115,7 @@ def test_zeroshot_slides_maps_a_folder_to_features_and_a_file_to_embeddings(
         ["zeroshot", "--model", "m", "--task", "t", "--out", "o"],  # neither input
         ["index", "build", "--model", "m", "--out", "o"],
     ],
-)  # fmt: skip
+)
 def test_one_input_per_flag(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """Old and new spelling together (or no input at all) is a usage error, not a silent pick of one."""
     with pytest.raises(SystemExit) as exit_:
@@ -128,6 +128,6 @@ def test_one_input_per_flag(argv: list[str], capsys: pytest.CaptureFixture[str])
 def test_error_messages_name_the_new_flag() -> None:
     """`_record_flags` maps a parameter to the visible flag, never to the hidden old spelling."""
     args = build_parser().parse_args(["probe", "--slides", "s.parquet", "--labels", "a", "--test-labels", "b",
-                                      "--out", "o"])  # fmt: skip
+                                      "--out", "o"])
     assert args._flags["embeddings"] == "--embeddings"
     assert not any(flag in ("--slides", "--slide-embeddings") for flag in args._flags.values())

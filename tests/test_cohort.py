@@ -50,7 +50,7 @@ def _reports(path: Path) -> Path:
                             "Page 1 of 1"],
         f"{B}.{UUIDS[7]}": [DIAGNOSIS_B, "Margins free of tumor"],
         f"{C}.{UUIDS[8]}": ["Kidney, nephrectomy: clear cell renal cell carcinoma"],
-    })  # fmt: skip
+    })
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +72,13 @@ def cohort(tmp_path: Path, tiny_text: Path) -> dict[str, Path]:
 
 def _pairs_args(cohort: dict[str, Path], out: str = "pairs.csv") -> list[str]:
     return ["pairs", "--reports", str(cohort["reports"]), "--features", str(cohort["features"]), "--match", "tcga",
-            "--out", str(cohort["out"] / out), "--text-encoder", str(cohort["text"])]  # fmt: skip
+            "--out", str(cohort["out"] / out), "--text-encoder", str(cohort["text"])]
 
 
 def _pairs(cohort: dict[str, Path], *extra: str, out: str = "pairs.csv") -> tuple[int, Path]:
     target = cohort["out"] / out
     code = main(["pairs", "--reports", str(cohort["reports"]), "--features", str(cohort["features"]), "--match",
-                 "tcga", "--out", str(target), "--text-encoder", str(cohort["text"]), *extra])  # fmt: skip
+                 "tcga", "--out", str(target), "--text-encoder", str(cohort["text"]), *extra])
     return code, target
 
 
@@ -122,18 +122,18 @@ def test_cleaning_audit_lists_every_removed_line_and_keeps_the_diagnosis(tmp_pat
         "Accession #: S11-12345", "Page 1 of 2", "FINAL DIAGNOSIS:", "Lung, left upper lobe: invasive adeno-",
         "carcinoma,   acinar predominant.", "Received fresh on 03/04/2011.", "Printed by: jsmith",
         "*** End of Report ***",
-    ])  # fmt: skip
+    ])
     reports = tmp_path / "reports.csv"
     pd.DataFrame({"case_id": ["P1"], "report": [report]}).to_csv(reports, index=False)
     slides = _features(tmp_path / "features", ["P1_slide1"])
     out = tmp_path / "pairs.csv"
     args = ["pairs", "--reports", str(reports), "--features", str(slides), "--match", "regex:^(?P<case>P\\d+)",
-            "--no-token-count", "--out", str(out)]  # fmt: skip
+            "--no-token-count", "--out", str(out)]
     assert main(args) == 0
     text = load_pairs(out).reports[0]
     assert text.splitlines() == ["SURGICAL PATHOLOGY REPORT", "FINAL DIAGNOSIS:",
                                  "Lung, left upper lobe: invasive adenocarcinoma, acinar predominant.",
-                                 "Received fresh on."]  # fmt: skip
+                                 "Received fresh on."]
     with (tmp_path / "pairs_cleaning_audit.csv").open() as handle:
         audit = list(csv.DictReader(handle))
     removed = {(row["rule"], row["removed"]) for row in audit}
@@ -142,7 +142,7 @@ def test_cleaning_audit_lists_every_removed_line_and_keeps_the_diagnosis(tmp_pat
         ("accession", "Accession #: S11-12345"), ("page_number", "Page 1 of 2"), ("date", "03/04/2011"),
         ("printed_by", "Printed by: jsmith"), ("end_of_report", "*** End of Report ***"),
         ("dehyphenate", "adeno-<line break>carcinoma"),
-    }  # fmt: skip
+    }
     assert all(row["patient_id"] == "P1" for row in audit)
 
     assert main([*args[:-1], str(tmp_path / "raw.csv"), "--no-clean"]) == 0
@@ -195,7 +195,7 @@ def test_pairs_bad_input_gets_one_clear_error(cohort: dict[str, Path], tmp_path:
 
     twice = tmp_path / "twice.csv"
     pd.DataFrame({"patient_filename": [f"{A}.{UUIDS[0]}", f"{A}.{UUIDS[1]}"],
-                  "text": ["Addendum: EGFR exon 19 deletion.", DIAGNOSIS_A]}).to_csv(twice, index=False)  # fmt: skip
+                  "text": ["Addendum: EGFR exon 19 deletion.", DIAGNOSIS_A]}).to_csv(twice, index=False)
     code, error = _code_and_error([*base, "--reports", str(twice), "--out", str(out)], caplog)
     assert code == 2 and "different text" in error and A in error and "--duplicate-reports join" in error
     assert not out.exists()
@@ -240,10 +240,10 @@ def test_pairs_table_rule(cohort: dict[str, Path], tmp_path: Path) -> None:
     pd.DataFrame({"slide_id": ["s1", "s2", "s3"], "patient_id": ["H1", "H1", "H2"]}).to_csv(table, index=False)
     reports = tmp_path / "reports.csv"
     pd.DataFrame({"patient_id": ["H1", "H2"], "text": ["Colon: adenocarcinoma.", "Colon: tubular adenoma."]}).to_csv(
-        reports, index=False)  # fmt: skip
+        reports, index=False)
     out = tmp_path / "pairs.csv"
     args = ["pairs", "--reports", str(reports), "--features", str(_features(tmp_path / "f", ["s1", "s2", "s3", "s4"])),
-            "--match", f"table:{table}", "--no-token-count", "--out", str(out)]  # fmt: skip
+            "--match", f"table:{table}", "--no-token-count", "--out", str(out)]
     assert main(args) == 0
     pairs = load_pairs(out)
     assert list(zip(pairs.slide_ids, pairs.patient_ids, strict=True)) == [("s1", "H1"), ("s2", "H1"), ("s3", "H2")]
@@ -269,7 +269,7 @@ def _maf(path: Path) -> Path:
         ("EGFR", "Intron", f"{B}-01A-11D-A000-08"),
         ("EGFR", "Missense_Mutation", f"{B}-11A-01D-A000-08"),  # a normal aliquot: ignored
         ("TP53", "Missense_Mutation", f"{B}-01A-11D-A000-08"),
-    ])  # fmt: skip
+    ])
 
 
 def test_labels_gene_status_from_a_gdc_maf(pairs_csv: Path, tmp_path: Path) -> None:
@@ -283,7 +283,7 @@ def test_labels_gene_status_from_a_gdc_maf(pairs_csv: Path, tmp_path: Path) -> N
 
     out = tmp_path / "egfr.csv"
     assert main(["labels", "--maf", str(_maf(tmp_path / "luad.maf.gz")), "--gene", "EGFR", "--pairs",
-                 str(pairs_csv), "--out", str(out)]) == 0  # fmt: skip
+                 str(pairs_csv), "--out", str(out)]) == 0
     labels = pd.read_csv(out, dtype=str)
     assert list(labels.columns) == ["slide_id", "patient_id", "EGFR"]
     assert dict(zip(labels["slide_id"], labels["EGFR"], strict=True)) == {
@@ -302,7 +302,7 @@ def test_labels_leave_normal_slides_unlabelled(cohort: dict[str, Path], tmp_path
     assert code == 0
     out = tmp_path / "egfr.csv"
     assert main(["labels", "--maf", str(_maf(tmp_path / "m.maf.gz")), "--gene", "EGFR", "--pairs", str(pairs),
-                 "--out", str(out)]) == 0  # fmt: skip
+                 "--out", str(out)]) == 0
     normal = f"{A}-11A-01-TS1.{UUIDS[3]}"
     assert normal in set(pd.read_csv(pairs)["slide_id"]) and normal not in set(pd.read_csv(out)["slide_id"])
     assert json.loads((tmp_path / "egfr_report.json").read_text())["listed"]["normal_slides_not_labelled"] == [normal]
@@ -314,7 +314,7 @@ def test_labels_tmb_and_case_classes(pairs_csv: Path, tmp_path: Path) -> None:
     maf = _maf(tmp_path / "luad.maf.gz")
     out = tmp_path / "tmb.csv"
     assert main(["labels", "--maf", str(maf), "--capture-mb", "0.2", "--pairs", str(pairs_csv), "--out",
-                 str(out)]) == 0  # A: 3 non-silent / 0.2 Mb = 15 (high); B: 1 / 0.2 = 5 (low)  # fmt: skip
+                 str(out)]) == 0  # A: 3 non-silent / 0.2 Mb = 15 (high); B: 1 / 0.2 = 5 (low)
     labels = pd.read_csv(out).drop_duplicates("patient_id").set_index("patient_id")
     assert labels.loc[A, "TMB"] == "high" and labels.loc[B, "TMB"] == "low"
     assert labels.loc[A, "TMB_per_Mb"] == pytest.approx(15.0) and labels.loc[B, "TMB_per_Mb"] == pytest.approx(5.0)
@@ -324,7 +324,7 @@ def test_labels_tmb_and_case_classes(pairs_csv: Path, tmp_path: Path) -> None:
     with gzip.open(duplicated, "wt") as handle:
         handle.write("\n".join([*lines, lines[6]]) + "\n")
     assert main(["labels", "--maf", str(duplicated), "--capture-mb", "0.2", "--pairs", str(pairs_csv), "--out",
-                 str(tmp_path / "tmb2.csv")]) == 0  # fmt: skip
+                 str(tmp_path / "tmb2.csv")]) == 0
     assert pd.read_csv(tmp_path / "tmb2.csv").set_index("patient_id").loc[A, "TMB_per_Mb"].max() == pytest.approx(15.0)
     tmb_task = load_prompt_task("tmb_high_vs_low")  # the shipped task reads the column and its values
     assert tmb_task.label_column == "TMB" and {tmb_task.label_to_class(v) for v in labels["TMB"]} == {"high", "low"}
@@ -333,25 +333,25 @@ def test_labels_tmb_and_case_classes(pairs_csv: Path, tmp_path: Path) -> None:
     pd.DataFrame({"patient_id": [A, B, C], "cancer_type": ["LUAD", "LUSC", "KIRC"]}).to_csv(cases, index=False)
     out = tmp_path / "subtype.csv"
     assert main(["labels", "--cases", str(cases), "--column", "cancer_type", "--task", "nsclc_subtyping",
-                 "--pairs", str(pairs_csv), "--out", str(out)]) == 0  # fmt: skip
+                 "--pairs", str(pairs_csv), "--out", str(out)]) == 0
     labels = pd.read_csv(out).drop_duplicates("patient_id").set_index("patient_id")
     assert labels["label"].to_dict() == {A: "LUAD", B: "LUSC"}
 
 
 def test_labels_bad_maf_gets_one_clear_error(pairs_csv: Path, tmp_path: Path, caplog) -> None:
     columns = tuple(c for c in __import__("tests.support.peers", fromlist=["x"]).GDC_MAF_COLUMNS
-                    if c != "Tumor_Sample_Barcode")  # fmt: skip
+                    if c != "Tumor_Sample_Barcode")
     no_barcode = write_gdc_maf(tmp_path / "no_barcode.maf.gz", [("EGFR", "Missense_Mutation", f"{A}-01A")], columns)
     out = tmp_path / "labels.csv"
     code, error = _code_and_error(["labels", "--maf", str(no_barcode), "--gene", "EGFR", "--pairs", str(pairs_csv),
-                                   "--out", str(out)], caplog)  # fmt: skip
+                                   "--out", str(out)], caplog)
     assert code == 2 and "Tumor_Sample_Barcode" in error and "no_barcode.maf.gz" in error
     assert not out.exists()
     code, error = _code_and_error(["labels", "--maf", str(_maf(tmp_path / "m.maf.gz")), "--gene", "egfr",
-                                   "--pairs", str(pairs_csv), "--out", str(out)], caplog)  # fmt: skip
+                                   "--pairs", str(pairs_csv), "--out", str(out)], caplog)
     assert code == 2 and "did you mean ['EGFR']" in error
     code, error = _code_and_error(["labels", "--maf", str(tmp_path / "m.maf.gz"), "--capture-mb", "0",
-                                   "--pairs", str(pairs_csv), "--out", str(out)], caplog)  # fmt: skip
+                                   "--pairs", str(pairs_csv), "--out", str(out)], caplog)
     assert code == 2 and "--capture-mb" in error
 
 
@@ -379,7 +379,7 @@ def test_labels_from_a_cbioportal_maf(pairs_csv: Path, tmp_path: Path) -> None:
     """cBioPortal's data_mutations.txt: plain text, `#version 2.4`, sample barcodes without vial (TCGA-..-01)."""
     maf = tmp_path / "data_mutations.txt"
     rows = [("Hugo_Symbol", "Variant_Classification", "Tumor_Sample_Barcode"),
-            ("KRAS", "Missense_Mutation", f"{B}-01"), ("TP53", "Silent", f"{A}-01")]  # fmt: skip
+            ("KRAS", "Missense_Mutation", f"{B}-01"), ("TP53", "Silent", f"{A}-01")]
     maf.write_text("#version 2.4\n" + "".join("\t".join(row) + "\n" for row in rows))
     out = tmp_path / "kras.csv"
     assert main(["labels", "--maf", str(maf), "--gene", "KRAS", "--pairs", str(pairs_csv), "--out", str(out)]) == 0
@@ -410,7 +410,7 @@ def test_pairs_without_the_tokenizer_fail_before_writing_and_say_how_to_skip_cou
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = cohort["out"] / "pairs.csv"
     args = ["pairs", "--reports", str(cohort["reports"]), "--features", str(cohort["features"]), "--match", "tcga",
-            "--text-encoder", "vlm-tests/no-such-tokenizer", "--out", str(out)]  # fmt: skip
+            "--text-encoder", "vlm-tests/no-such-tokenizer", "--out", str(out)]
     code, error = _code_and_error(args, caplog)
     assert code == 1 and "--no-token-count" in error and not out.exists()
 

@@ -76,7 +76,7 @@ def test_new_slide_script_runs_a_slide_through_the_demo_offline(demo_out: Path, 
     out = tmp_path / "mine"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(["bash", str(demo_out / "new_slide.sh"), str(slide), str(out)], capture_output=True,
-                            text=True, env=env, timeout=600)  # fmt: skip
+                            text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "features" / "cmu_small_region.h5").is_file()
     mine = read_slide_embeddings(out / "slides.parquet").set_index("slide_id")["embedding"]
@@ -107,7 +107,7 @@ def test_new_slide_script_takes_names_that_start_with_a_dash(demo_out: Path, tmp
     shutil.copy(Path(__file__).parent / "data" / "cmu_small_region.svs", tmp_path / "-x.svs")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(["bash", str(script), "-x.svs", "-out"], capture_output=True, text=True, env=env,
-                            cwd=tmp_path, timeout=600)  # fmt: skip
+                            cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "-out"
     assert (out / "features" / "-x.h5").is_file()

@@ -20,7 +20,7 @@ PACKAGE = Path(vlm.__file__).parent
 def test_each_kind_is_a_vlm_error_and_the_builtin_a_user_catches() -> None:
     assert vlm.VlmError is VlmError
     for kind, builtin, code in [(InputError, ValueError, 2), (UsageError, ValueError, 2),
-                                (MissingInputError, FileNotFoundError, 2), (RunError, RuntimeError, 1)]:  # fmt: skip
+                                (MissingInputError, FileNotFoundError, 2), (RunError, RuntimeError, 1)]:
         with pytest.raises(builtin):
             raise kind("x")
         assert issubclass(kind, VlmError) and kind.exit_code == code
@@ -46,7 +46,7 @@ def test_the_command_line_shows_flags_and_keeps_a_bugs_traceback(
     table = tmp_path / "labels.csv"
     table.write_text("slide_id,label\na,x\n")
     argv = ["probe", "--slides", str(tmp_path / "none.parquet"), "--labels", str(table), "--test-labels", str(table),
-            "--out", str(tmp_path / "out"), "--n-boot", "0"]  # fmt: skip
+            "--out", str(tmp_path / "out"), "--n-boot", "0"]
     assert main(argv) == 2
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert record.getMessage() == "--n-boot must be >= 1, got 0" and not record.exc_info

@@ -27,7 +27,7 @@ def _slides(path: Path, slide_ids: list[str], seed: int = 0) -> Path:
     """A `vlm embed-slides`-shaped parquet of random 64-d embeddings."""
     rng = np.random.default_rng(seed)
     pd.DataFrame({"slide_id": slide_ids, "embedding": [rng.normal(size=64).tolist() for _ in slide_ids],
-                  "n_tiles": 10, "encoder": "tiny", "pool": "mean"}).to_parquet(path)  # fmt: skip
+                  "n_tiles": 10, "encoder": "tiny", "pool": "mean"}).to_parquet(path)
     return path
 
 
@@ -46,7 +46,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _build(world: dict[str, Path], out: Path | str, *extra: str) -> int:
     return main(["index", "build", "--model", str(world["model"]), "--embeddings", str(world["slides"]), "--out",
-                 str(out), *extra])  # fmt: skip
+                 str(out), *extra])
 
 
 def _copy_index(world: dict[str, Path], tmp_path: Path) -> Path:
@@ -179,7 +179,7 @@ def test_an_empty_query_is_refused(world: dict[str, Path], caplog: pytest.LogCap
 def _vlm(*argv: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "vlm", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=ROOT)  # fmt: skip
+                            text=True, env=env, cwd=ROOT)
 
 
 @pytest.mark.slow
@@ -225,7 +225,7 @@ def test_two_concurrent_embed_slides_into_one_file(tmp_path: Path) -> None:
     write_features(path, TileFeatures(grid=grid, features=rng.standard_normal((16, 32)).astype("f4"), encoder="t"))
     out = tmp_path / "slides.parquet"
     holder = _vlm_python(f"from vlm.io import output_lock\nwith output_lock({str(out)!r}):\n"
-                         "    print('held', flush=True)\n    import time; time.sleep(60)")  # fmt: skip
+                         "    print('held', flush=True)\n    import time; time.sleep(60)")
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         with pytest.raises(BlockingIOError, match="being written by another vlm process"):
@@ -261,7 +261,7 @@ def test_non_finite_slide_embeddings_are_refused_by_id(
     with pytest.raises(ValueError, match=r"s\.parquet: 2 slide\(s\) have NaN or infinite .*\['B', 'D'\]"):
         slides.check_finite(["A", "B", "D"])
     assert main(["index", "build", "--model", str(world["model"]), "--embeddings", str(path), "--out",
-                 str(tmp_path / "index")]) == 2  # fmt: skip
+                 str(tmp_path / "index")]) == 2
     assert "['B', 'D']" in caplog.text and not (tmp_path / "index").exists()
 
 
@@ -271,7 +271,7 @@ def test_a_flipped_byte_in_slide_embeddings_is_refused(tmp_path: Path) -> None:
 
     rng = np.random.default_rng(0)
     rows = [{"slide_id": f"S-{i}", "embedding": rng.normal(size=256).astype(np.float32).tolist(), "n_tiles": 3,
-             "encoder": "tiny", "pool": "mean"} for i in range(8)]  # fmt: skip
+             "encoder": "tiny", "pool": "mean"} for i in range(8)]
     path = tmp_path / "slides.parquet"
     write_slide_embeddings(path, rows, {"pool": "mean"})
     data = bytearray(path.read_bytes())
@@ -285,9 +285,9 @@ def test_a_flipped_byte_in_slide_embeddings_is_refused(tmp_path: Path) -> None:
 def test_retrieval_does_not_import_training() -> None:
     code = ("import sys, vlm.retrieval, vlm.retrieval.evaluate, vlm.commands.retrieval\n"
             "print(sorted(m for m in sys.modules\n"
-            "             if m.startswith(('vlm.training', 'vlm.slide_embeddings'))))")  # fmt: skip
+            "             if m.startswith(('vlm.training', 'vlm.slide_embeddings'))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 

@@ -45,7 +45,7 @@ def _write_pairs(root: Path, embeddings: np.ndarray) -> tuple[Path, Path]:
     pairs, slides = root / "pairs.csv", root / "slides.parquet"
     pd.DataFrame(rows).to_csv(pairs, index=False)
     frame = pd.DataFrame({"slide_id": [r["slide_id"] for r in rows], "embedding": [list(map(float, e)) for e in
-                          embeddings], "n_tiles": 10, "encoder": "tiny", "pool": "mean"})  # fmt: skip
+                          embeddings], "n_tiles": 10, "encoder": "tiny", "pool": "mean"})
     frame.to_parquet(slides)
     return pairs, slides
 
@@ -192,7 +192,7 @@ def test_non_finite_loss_stops_training_and_saves_nothing(tmp_path: Path) -> Non
     shutil.rmtree(out)
     argv = ["train", "--pairs", config.pairs, "--embeddings", str(config.embeddings), "--out", str(out),
             "--text-encoder", config.text_encoder, "--max-length", "8", "--proj-dim", "8", "--epochs", "1",
-            "--batch-size", "4", "--lr", "1e30", "--warmup-steps", "0", "--no-progress"]  # fmt: skip
+            "--batch-size", "4", "--lr", "1e30", "--warmup-steps", "0", "--no-progress"]
     assert cli_main(argv) == 1
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 0  # only the header line
 
@@ -223,7 +223,7 @@ def test_bad_feature_files_are_all_listed_before_training(tmp_path: Path) -> Non
     (features / "s6.h5").write_bytes((features / "s6.h5").read_bytes()[:300])  # a copy cut short
     out = tmp_path / "run"
     config = _config(tmp_path / "data", out, pairs=str(pairs), embeddings=None, features=str(features),
-                     slide_encoder="tiny", batch_size=2)  # fmt: skip
+                     slide_encoder="tiny", batch_size=2)
     expected = r"2 feature file\(s\).*\n  s3: .*'mpp'.*\n  s6: .*not a readable HDF5[^\n]*\n.*`drop_missing`"
     with pytest.raises(ValueError, match=expected):
         train(config)
@@ -244,7 +244,7 @@ def test_nan_tile_features_are_refused_by_slide(tmp_path: Path) -> None:
     with h5py.File(features / "s2.h5", "a") as h5:
         h5["features"][3, 5] = np.nan
     config = _config(tmp_path / "data", tmp_path / "run", pairs=str(pairs), embeddings=None,
-                     features=str(features), slide_encoder="tiny", batch_size=6)  # fmt: skip
+                     features=str(features), slide_encoder="tiny", batch_size=6)
     with pytest.raises(ValueError, match=r"slide 's2' \(.*s2\.h5\): 1 of 6 tiles have NaN/inf features"):
         train(config)
     assert not (tmp_path / "run" / "model").exists()
@@ -322,7 +322,7 @@ def _argv(command: str, root: Path, out: Path) -> list[str]:
         "heatmap": ["heatmap", "--model", absent, "--features", absent, "--query", "q", "--out", str(out)],
         "zeroshot --heatmaps": ["zeroshot", "--model", absent, "--features", str(root), "--classes", "A=a", "B=b",
                                 "--out", str(root / "zs"), "--heatmaps", str(out)],
-    }[command]  # fmt: skip
+    }[command]
 
 
 @pytest.mark.parametrize("command", ["zeroshot", "probe", "heatmap", "zeroshot --heatmaps", "train"])
@@ -334,7 +334,7 @@ def test_output_folder_of_the_users_files_is_refused_up_front(
     if command == "train":
         config = _config(tmp_path / "data", mine)
         argv = ["train", "--pairs", config.pairs, "--embeddings", str(config.embeddings), "--out",
-                str(mine), "--text-encoder", config.text_encoder, "--no-progress"]  # fmt: skip
+                str(mine), "--text-encoder", config.text_encoder, "--no-progress"]
     else:
         argv = _argv(command, tmp_path, mine)
     with caplog.at_level(logging.ERROR):
@@ -376,13 +376,13 @@ def test_probe_and_zeroshot_rerun_into_their_own_folder(tmp_path: Path) -> None:
     ids = [f"s{k}" for k in range(12)]
     slides = tmp_path / "slides.parquet"
     pd.DataFrame({"slide_id": ids, "embedding": list(rng.normal(size=(12, 64)).astype(np.float32)), "n_tiles": 10,
-                  "encoder": "tiny", "pool": "mean"}).to_parquet(slides)  # fmt: skip
+                  "encoder": "tiny", "pool": "mean"}).to_parquet(slides)
     labels = ["a" if k % 2 else "b" for k in range(12)]
     pd.DataFrame({"slide_id": ids[:8], "label": labels[:8]}).to_csv(tmp_path / "train.csv", index=False)
     pd.DataFrame({"slide_id": ids[8:], "label": labels[8:]}).to_csv(tmp_path / "test.csv", index=False)
     probe = ["probe", "--embeddings", str(slides), "--labels", str(tmp_path / "train.csv"), "--test-labels",
              str(tmp_path / "test.csv"), "--out", str(tmp_path / "probe"), "--shots", "all", "--seeds", "1",
-             "--n-boot", "20"]  # fmt: skip
+             "--n-boot", "20"]
     assert cli_main(probe) == 0
     first = (tmp_path / "probe" / "metrics.json").read_text()
     assert cli_main(probe) == 0 and (tmp_path / "probe" / "metrics.json").read_text() == first
@@ -390,7 +390,7 @@ def test_probe_and_zeroshot_rerun_into_their_own_folder(tmp_path: Path) -> None:
     model = tmp_path / "model"
     build_tiny_model(tmp_path / "build").save_pretrained(model)
     zeroshot = ["zeroshot", "--model", str(model), "--embeddings", str(slides), "--classes", "A=a", "B=b", "--out",
-                str(tmp_path / "zs"), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]  # fmt: skip
+                str(tmp_path / "zs"), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     assert cli_main(zeroshot) == 0 and cli_main(zeroshot) == 0
     assert (tmp_path / "zs" / "predictions.csv").is_file()
     assert cli_main([*zeroshot[:-4], str(tmp_path / "probe"), *zeroshot[-3:]]) == 2  # another command's folder
@@ -426,7 +426,7 @@ def test_train_on_a_full_disk_says_so_and_where(tmp_path: Path, caplog: pytest.L
         out = disk / "run"
         argv = ["train", "--pairs", config.pairs, "--embeddings", config.embeddings, "--text-encoder",
                 config.text_encoder, "--max-length", "8", "--proj-dim", "8", "--epochs", "1", "--batch-size", "4",
-                "--out", str(out), "--no-progress"]  # fmt: skip
+                "--out", str(out), "--no-progress"]
         assert cli_main(argv) == 2
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and errors[0].startswith(f"disk full at {out}"), errors
@@ -448,7 +448,7 @@ def test_train_outputs_follow_the_umask(tmp_path: Path, umask: int) -> None:
     files = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
     assert out / "model" / "model.safetensors" in files and out / "last" / "model.safetensors" in files
     wrong = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in files
-             if p.stat().st_mode & 0o777 != 0o666 & ~umask}  # fmt: skip
+             if p.stat().st_mode & 0o777 != 0o666 & ~umask}
     assert not wrong, f"expected {oct(0o666 & ~umask)}"
     folders = [p for p in out.rglob("*") if p.is_dir()]
     assert all(p.stat().st_mode & 0o777 == 0o777 & ~umask for p in folders)
@@ -468,7 +468,7 @@ def test_ctrl_c_during_train_is_one_line_naming_the_checkpoint_and_the_resume(tm
     argv = [sys.executable, "-m", "vlm", "train", "--pairs", config.pairs, "--embeddings",
             config.embeddings, "--text-encoder", config.text_encoder, "--max-length", "8", "--proj-dim", "8",
             "--epochs", "100000", "--batch-size", "4", "--checkpoint-every", "1", "--out", str(out), "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while not (out / CHECKPOINT).is_file() and process.poll() is None and time.monotonic() < deadline:

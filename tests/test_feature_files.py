@@ -85,9 +85,9 @@ def test_clam_feature_file_is_read_with_its_patches_file(tmp_path: Path) -> None
     (tmp_path / "patches").mkdir()
     (tmp_path / "h5_files").mkdir()
     contours = [clam_contour_grid((1000, 3000), (2048, 1024), 256, downsample=2),
-                clam_contour_grid((9001, 3007), (1536, 2048), 256, downsample=2)]  # fmt: skip
+                clam_contour_grid((9001, 3007), (1536, 2048), 256, downsample=2)]
     coords = write_clam_patches(tmp_path / "patches" / "s1.h5", contours, patch_size=256, patch_level=1,
-                                downsample=2.0)  # fmt: skip
+                                downsample=2.0)
     features = np.random.default_rng(2).normal(size=(len(coords), 6)).astype(np.float32)
     write_clam_features(tmp_path / "h5_files" / "s1.h5", coords, features)
     path = tmp_path / "h5_files" / "s1.h5"

@@ -70,7 +70,7 @@ def _heatmap(run: dict, *extra: str, first_query: bool = True) -> int:
     """`vlm heatmap` on the run's model, features and out folder (query QUERIES[0] unless told), plus `extra`."""
     query = ["--query", QUERIES[0]] if first_query else []
     return main(["heatmap", "--model", str(run["model"]), "--features", str(run["features"]), *query,
-                 "--out", str(run["out"]), *extra])  # fmt: skip
+                 "--out", str(run["out"]), *extra])
 
 
 def test_heatmap_cli_writes_png_qupath_geojson_and_csv(frozen_run: dict[str, Path]) -> None:
@@ -245,7 +245,7 @@ def test_stitched_slide_each_class_phrase_is_hotter_on_its_own_half(demo_out: Pa
         texts = prototypes[[classes.index(a), classes.index(b)]]
         for left_id, right_id in itertools.product(held_out[a], held_out[b]):
             left, right = (load_slide_inputs(demo_out / "features" / f"{s}.h5", encoder.config.in_dim)
-                           for s in (left_id, right_id))  # fmt: skip
+                           for s in (left_id, right_id))
             assert left.coords[:, 0].max() < width
             features = np.concatenate([left.features, right.features])
             coords = np.concatenate([left.coords, right.coords + [width, 0]])
@@ -271,7 +271,7 @@ def test_zeroshot_heatmaps_use_each_slides_predicted_class(frozen_run: dict, tmp
     out = tmp_path / "zs"
     code = main(["zeroshot", "--model", str(run["model"]), "--embeddings", str(run["parquet"]), "--classes",
                  "papillary=papillary carcinoma", "solid=solid carcinoma", "--out", str(out), "--no-cache",
-                 "--heatmaps", str(out / "heat"), "--heatmap-features", str(run["features"].parent)])  # fmt: skip
+                 "--heatmaps", str(out / "heat"), "--heatmap-features", str(run["features"].parent)])
     assert code == 0
     predicted = pd.read_csv(out / "predictions.csv").set_index("slide_id")["predicted"]
     slide_id = run["features"].stem
@@ -309,7 +309,7 @@ def test_zeroshot_heatmaps_keep_zero_padded_slide_ids(frozen_run: dict, tmp_path
     predictions = tmp_path / "padded" / "predictions.csv"
     predictions.write_text("slide_id,p_1,p_2,predicted\n0007,0.4,0.6,2\n")
     report = zeroshot_heatmaps(run["model"], predictions, None, ["1=papillary carcinoma", "2=solid carcinoma"],
-                               features, [run["slide"]], tmp_path / "padded" / "heat")  # fmt: skip
+                               features, [run["slide"]], tmp_path / "padded" / "heat")
     assert report.ok and report.done == ["0007"]
     geojson = json.loads((tmp_path / "padded" / "heat" / "0007.geojson").read_text())
     assert geojson["properties"]["queries"][0].startswith("2 vs other classes")
@@ -349,7 +349,7 @@ def _one_driving_region(tmp_path: Path) -> tuple:
     features[driving] = region + 0.05 * rng.normal(size=(int(driving.sum()), 32)).astype(np.float32)
     with torch.no_grad():
         ends = model.encode_slides(torch.from_numpy(np.stack([np.tile(background, (48, 1)), np.tile(region, (48, 1))])),
-                                   torch.from_numpy(np.stack([coords, coords])))  # fmt: skip
+                                   torch.from_numpy(np.stack([coords, coords])))
     target = torch.nn.functional.normalize(ends[1] - ends[0], dim=0)[None]
     return model, encoder, features, coords, driving, target
 
@@ -370,7 +370,7 @@ def test_a_map_in_the_true_order_beats_random_and_a_shuffled_one_does_not(tmp_pa
     assert len(true.deletion_curve) == len(true.insertion_curve) == true.steps
     rng = np.random.default_rng(1)
     passed = [faithfulness(model, encoder, features, coords, rng.permutation(scores), target, seed=s)[0]
-              .better_than_random for s in range(6)]  # fmt: skip
+              .better_than_random for s in range(6)]
     assert sum(passed) <= 1, passed
 
 
@@ -396,7 +396,7 @@ def test_subset_scores_are_the_slides_encoded_alone(tmp_path: Path) -> None:
     batched = subset_scores(model, encoder, features, coords, subsets, target, tokens_per_pass=40)
     with torch.no_grad():
         alone = [(model.encode_slides(torch.from_numpy(features[s])[None], torch.from_numpy(coords[s])[None])
-                  @ target.T)[0, 0].item() for s in subsets]  # fmt: skip
+                  @ target.T)[0, 0].item() for s in subsets]
     np.testing.assert_allclose(batched[:, 0], alone, atol=1e-5)
 
 
@@ -425,7 +425,7 @@ def test_every_map_carries_its_faithfulness_in_json_summary_and_png(frozen_run: 
     (entry,) = record["maps"]
     faith = entry["faithfulness"]
     for key in ("deletion_auc", "insertion_auc", "random_deletion_auc_mean", "random_deletion_auc_std",
-                "random_insertion_auc_mean", "random_insertion_auc_std", "better_than_random"):  # fmt: skip
+                "random_insertion_auc_mean", "random_insertion_auc_std", "better_than_random"):
         assert key in faith, key
     assert isinstance(faith["better_than_random"], bool) and faith["random_orders"] >= 2
     summary = pd.read_csv(run["out"] / "summary.csv")
@@ -454,7 +454,7 @@ def _features_of_another_slide(run: dict, tmp_path: Path, shift: int) -> Path:
     tiles = read_features(run["features"])
     grid = tiles.grid
     moved = TileGrid(grid.coords + [shift, 0], grid.mpp, grid.tile_size, grid.target_mpp, grid.tile_size_level0,
-                     grid.slide_path)  # fmt: skip
+                     grid.slide_path)
     path = tmp_path / "wider" / run["features"].name
     path.parent.mkdir()
     write_features(path, TileFeatures(moved, tiles.features, encoder=tiles.encoder))
@@ -510,7 +510,7 @@ def test_drawing_a_heatmap_leaves_matplotlibs_backend_alone(frozen_run: dict) ->
         matplotlib.rcParams["backend"] = before
     sources = Path(__file__).resolve().parents[1] / "vlm"
     offenders = [str(p) for p in sources.rglob("*.py") if "matplotlib.use(" in p.read_text() or
-                 "import matplotlib.pyplot" in p.read_text()]  # fmt: skip
+                 "import matplotlib.pyplot" in p.read_text()]
     assert not offenders, offenders
 
 

@@ -180,7 +180,7 @@ _HOLDER = textwrap.dedent("""
 
 def _hold(path: Path, kind: str, seconds: float) -> subprocess.Popen[str]:
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path), kind, str(seconds)], stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)  # fmt: skip
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     return holder
 
@@ -216,7 +216,7 @@ def test_claimed_folder_is_marked_reused_by_its_kind_and_refused_by_others(tmp_p
     with claim_output_folder(out, "probe"):  # a re-run reuses its own folder
         pass
     with pytest.raises(FileExistsError, match=r"run: exists and is not a `vlm zeroshot` output folder but one of "
-                       r"`vlm probe` \(it holds metrics\.json\); nothing was written"):  # fmt: skip
+                       r"`vlm probe` \(it holds metrics\.json\); nothing was written"):
         check_output_folder(out, "zeroshot")
 
 
@@ -241,7 +241,7 @@ def test_a_file_or_a_file_on_the_path_is_named(tmp_path: Path) -> None:
     file.write_text("x")
     for path in (file, file / "sub"):
         with pytest.raises(NotADirectoryError, match=r"results\.csv: exists and is a file, not a folder; choose "
-                           "another --heatmaps"):  # fmt: skip
+                           "another --heatmaps"):
             check_output_folder(path, "heatmaps", option="--heatmaps")
     assert file.read_text() == "x"
 

@@ -14,7 +14,7 @@ import vlm
 
 PACKAGE = Path(vlm.__file__).parent
 STAGES = ("vlm.tile", "vlm.tile_features", "vlm.slide_embeddings", "vlm.training", "vlm.zeroshot", "vlm.probe",
-          "vlm.heatmap", "vlm.serve", "vlm.cohort", "vlm.labels")  # fmt: skip
+          "vlm.heatmap", "vlm.serve", "vlm.cohort", "vlm.labels")
 CHAINS_STAGES = ("vlm.commands", "vlm.cli", "vlm.demo")
 
 

@@ -26,7 +26,7 @@ def _cohort(root: Path, separation: float, n_train: int = 12, n_test: int = 6, d
             slide_id = f"{name}-{i:02d}"
             rows.append({"slide_id": slide_id, "embedding": [float(v) for v in separation * prototypes[c]
                                                                + rng.normal(size=dim)],
-                         "n_tiles": 10, "encoder": "tiny", "pool": "mean"})  # fmt: skip
+                         "n_tiles": 10, "encoder": "tiny", "pool": "mean"})
             (train if i < n_train else test).append({"slide_id": slide_id, "label": name})
     root.mkdir(parents=True, exist_ok=True)
     paths = {"slides": root / "slides.parquet", "labels": root / "train.csv", "test": root / "test.csv"}
@@ -40,10 +40,10 @@ def test_probe_learns_separable_classes_and_reports_every_shot(tmp_path: Path) -
     data = _cohort(tmp_path / "data", separation=3.0)
     zeroshot = tmp_path / "zs.json"
     zeroshot.write_text(json.dumps({"n": 18, "metrics": {"balanced_accuracy": {"value": 0.5, "ci_low": 0.3,
-                                                                               "ci_high": 0.7}}}))  # fmt: skip
+                                                                               "ci_high": 0.7}}}))
     assert main(["probe", "--embeddings", str(data["slides"]), "--labels", str(data["labels"]), "--test-labels",
                  str(data["test"]), "--out", str(tmp_path / "probe"), "--shots", "1", "4", "16", "all",
-                 "--seeds", "3", "--n-boot", "200", "--zeroshot", str(zeroshot)]) == 0  # fmt: skip
+                 "--seeds", "3", "--n-boot", "200", "--zeroshot", str(zeroshot)]) == 0
     report = json.loads((tmp_path / "probe" / "metrics.json").read_text())
     by_shot = {str(entry["shots"]): entry for entry in report["shots"]}
     assert by_shot["16"]["skipped"]  # 12 training slides per class: 16-shot cannot be drawn
@@ -75,12 +75,12 @@ def test_probe_is_at_chance_without_signal(tmp_path: Path) -> None:
 def test_probe_does_not_depend_on_label_file_order(tmp_path: Path) -> None:
     data = _cohort(tmp_path / "data", separation=1.0)
     first = run_probe(data["slides"], data["labels"], data["test"], tmp_path / "a", shots=[2, "all"], seeds=2,
-                      n_boot=100)  # fmt: skip
+                      n_boot=100)
     for key in ("labels", "test"):
         frame = pd.read_csv(data[key])
         frame.sample(frac=1, random_state=1).to_csv(data[key], index=False)
     again = run_probe(data["slides"], data["labels"], data["test"], tmp_path / "b", shots=[2, "all"], seeds=2,
-                      n_boot=100)  # fmt: skip
+                      n_boot=100)
     assert again["shots"] == first["shots"]
 
 
@@ -117,7 +117,7 @@ def test_probe_names_a_nan_embedding_and_keeps_ids_as_text(tmp_path: Path) -> No
     assert report["n_train"] == 36 and report["n_test"] == 18
     broken = pd.read_csv(data["test"], dtype=str)["slide_id"].iloc[0]
     frame["embedding"] = [[float("nan")] * len(e) if s == broken else list(e)
-                          for s, e in zip(frame["slide_id"], frame["embedding"], strict=True)]  # fmt: skip
+                          for s, e in zip(frame["slide_id"], frame["embedding"], strict=True)]
     frame.to_parquet(data["slides"])
     with pytest.raises(ValueError, match=f"NaN or infinite.*{broken}"):
         run_probe(data["slides"], data["labels"], data["test"], tmp_path / "nan", shots=["all"], n_boot=20)
@@ -148,7 +148,7 @@ def test_shots_that_no_class_can_fill_are_one_error(tmp_path: Path, caplog: pyte
     data = _cohort(tmp_path / "data", separation=3.0, n_train=1)
     out = tmp_path / "probe"
     argv = ["probe", "--embeddings", str(data["slides"]), "--labels", str(data["labels"]), "--test-labels",
-            str(data["test"]), "--out", str(out), "--shots", "4", "8", "--n-boot", "10"]  # fmt: skip
+            str(data["test"]), "--out", str(out), "--shots", "4", "8", "--n-boot", "10"]
     assert main(argv) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and str(data["labels"]) in errors[0], errors
@@ -168,7 +168,7 @@ def test_probe_case_level_counts_cases(tmp_path: Path, caplog: pytest.LogCapture
         table["patient_id"] = [f"{s[:-3]}-P{int(s[-2:]) // 3}" for s in table["slide_id"]]
         table.to_csv(data[name], index=False)
     argv = ["probe", "--embeddings", str(data["slides"]), "--labels", str(data["labels"]), "--test-labels",
-            str(data["test"]), "--shots", "1", "all", "--seeds", "2", "--n-boot", "50", "--level", "case"]  # fmt: skip
+            str(data["test"]), "--shots", "1", "all", "--seeds", "2", "--n-boot", "50", "--level", "case"]
     assert main([*argv, "--out", str(tmp_path / "probe")]) == 0
     report = json.loads((tmp_path / "probe" / "metrics.json").read_text())
     assert report["level"] == "case" and report["n_test"] == 6 and report["n_test_slides"] == 18

@@ -300,7 +300,7 @@ def _alias_bomb(field: str, levels: int = 9) -> str:
     chain = ["&l0 [" + ", ".join(["lol"] * 10) + "]"]
     chain += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, levels + 1)]
     return GOOD.replace("name: demo\n", f"name: demo\n{field}: [{', '.join(chain)}]\n" if field != "name" else
-                        f"name: [{', '.join(chain)}]\n")  # fmt: skip
+                        f"name: [{', '.join(chain)}]\n")
 
 
 @pytest.mark.parametrize("field", ["name", "description"])
@@ -309,7 +309,7 @@ def test_an_alias_bomb_in_a_free_text_field_is_refused_at_once(tmp_path: Path, f
     limit, so that the bug fails this test instead of hanging the suite."""
     path = _write(tmp_path, _alias_bomb(field), "bomb.yaml")
     done = subprocess.run([sys.executable, "-m", "vlm", "prompts", "check", str(path)], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 1
     assert "bomb.yaml" in done.stdout + done.stderr
     assert "alias *l0 (line " in done.stdout + done.stderr and "repeats a list or mapping" in done.stdout + done.stderr

@@ -51,7 +51,7 @@ def test_rgba_to_rgb_is_the_pil_paste_for_every_colour_and_alpha() -> None:
 
 def _slides(real_slide: Path, slide_05: Path, slide_025: Path) -> list[tuple[Path, float | None]]:
     return [(real_slide, None), (FIXTURES / "small.svs", None), (FIXTURES / "boxes.tiff", 0.25),
-            (slide_05, None), (slide_025, None)]  # fmt: skip
+            (slide_05, None), (slide_025, None)]
 
 
 def test_tifffile_reads_the_pixels_openslide_reads(real_slide: Path, slide_05: Path, slide_025: Path) -> None:
@@ -87,10 +87,10 @@ def test_outside_the_slide_is_white_with_both_readers(slide_025: Path) -> None:
 def test_a_location_between_level_pixels_is_read_by_openslide() -> None:
     """boxes.tiff's level 2 is 4.016x level 0: (100, 100) is no whole level-2 pixel; OpenSlide places it."""
     with Slide(FIXTURES / "boxes.tiff", mpp=0.25) as fast, Slide(FIXTURES / "boxes.tiff", mpp=0.25,
-                                                                reader="openslide") as ref:  # fmt: skip
+                                                                reader="openslide") as ref:
         assert fast.reader == "tifffile"
         np.testing.assert_array_equal(fast.read_region_array((100, 100), 2, (30, 20)),
-                                      ref.read_region_array((100, 100), 2, (30, 20)))  # fmt: skip
+                                      ref.read_region_array((100, 100), 2, (30, 20)))
 
 
 def test_auto_falls_back_to_openslide_and_tifffile_refuses(real_slide: Path) -> None:
@@ -133,7 +133,7 @@ def test_features_do_not_depend_on_the_reader(real_slide: Path, slide_025: Path)
         with open_slide(path) as slide:
             grid = tile_slide(slide).grid
         features = {reader: embed_grid(path, grid, encoder, CPU, batch_size=8, workers=1, reader=reader)
-                    for reader in ("openslide", "tifffile")}  # fmt: skip
+                    for reader in ("openslide", "tifffile")}
         np.testing.assert_array_equal(features["tifffile"], features["openslide"])
 
 

@@ -48,7 +48,7 @@ def _cohort(root: Path) -> dict[str, Path]:
             write_trident_features(features / f"{slide}.h5", coords, rng.standard_normal((len(coords), 32)) + shift, 40)
         reports[f"{case}.{_uuid(300 + index)}"] = [
             f"Lung lobectomy: {WORDS[kind]}", f"Received fresh labeled {case}-01A", "Page 1 of 1"
-        ]  # fmt: skip
+        ]
         cases.append({"patient_id": case, "cancer_type": kind})
         aliquot = f"{case}-01A-11D-A000-08"
         variants.append(("EGFR", "Missense_Mutation" if index % 2 == 0 else "Silent", aliquot))
@@ -73,35 +73,35 @@ def test_reproduce_on_tcga_recipe_runs_offline(tmp_path: Path) -> None:
     out.mkdir()
 
     assert main(["pairs", "--reports", str(files["reports"]), "--features", str(files["features"]), "--match", "tcga",
-                 "--text-encoder", str(text), "--max-length", "64", "--out", str(out / "pairs.csv")]) == 0  # fmt: skip
+                 "--text-encoder", str(text), "--max-length", "64", "--out", str(out / "pairs.csv")]) == 0
     pairs = pd.read_csv(out / "pairs.csv")
     assert set(pairs["patient_id"]) == set(LUAD + LUSC) and not pairs["slide_id"].str.contains("-11A-").any()
     assert not pairs["report"].str.contains("TCGA-").any()  # barcodes cleaned out of the text
 
     assert main(["embed-slides", str(files["features"]), "--out", str(out / "slides.parquet"), "--slide-encoder",
-                 "tiny", "--random-weights", "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+                 "tiny", "--random-weights", "--device", "cpu", "--no-progress"]) == 0
     assert main(["train", "--pairs", str(out / "pairs.csv"), "--embeddings", str(out / "slides.parquet"),
                  "--out", str(out / "align"), "--text-encoder", str(text), "--max-length", "64", "--proj-dim", "8",
-                 "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+                 "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--no-progress"]) == 0
 
     assert main(["labels", "--cases", str(files["cases"]), "--column", "cancer_type", "--task", "nsclc_subtyping",
-                 "--pairs", str(out / "pairs.csv"), "--out", str(out / "subtype.csv")]) == 0  # fmt: skip
+                 "--pairs", str(out / "pairs.csv"), "--out", str(out / "subtype.csv")]) == 0
     assert main(["labels", "--maf", str(files["maf"]), "--gene", "EGFR", "--pairs", str(out / "pairs.csv"),
-                 "--out", str(out / "egfr.csv")]) == 0  # fmt: skip
+                 "--out", str(out / "egfr.csv")]) == 0
 
     for task, labels in (("nsclc_subtyping", "subtype.csv"), ("luad_egfr_mutation", "egfr.csv")):
         run = out / f"zeroshot_{task}"
         assert main(["zeroshot", "--model", str(out / "align" / "model"), "--embeddings", str(out / "slides.parquet"),
                      "--task", task, "--labels", str(out / labels), "--level", "case", "--n-boot", "20",
-                     "--out", str(run), "--no-progress"]) == 0  # fmt: skip
+                     "--out", str(run), "--no-progress"]) == 0
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["n_evaluated"] == len(LUAD + LUSC)  # one prediction per case, not per slide
         predictions = pd.read_csv(run / "predictions.csv")
         assert sorted(predictions["patient_id"]) == sorted(LUAD + LUSC)
         assert math.isfinite(metrics["metrics"]["auroc"]["value"] if "auroc" in metrics["metrics"] else
-                             metrics["metrics"]["balanced_accuracy"]["value"])  # fmt: skip
+                             metrics["metrics"]["balanced_accuracy"]["value"])
 
     assert main(["eval", "retrieval", "--model", str(out / "align" / "model"), "--pairs", str(out / "pairs.csv"),
                  "--embeddings", str(out / "slides.parquet"), "--labels", str(out / "subtype.csv"), "--n-boot", "20",
-                 "--out", str(out / "retrieval.json")]) == 0  # fmt: skip
+                 "--out", str(out / "retrieval.json")]) == 0
     assert json.loads((out / "retrieval.json").read_text())

@@ -39,7 +39,7 @@ def trained_run(base: Path) -> tuple[Path, Path, Path]:
     text = build_tiny_text_encoder(root / "text")
     model = train(TrainConfig(pairs=str(pairs), out=str(root / "run"), embeddings=str(embeddings),
                               text_encoder=str(text), max_length=16, proj_dim=16, epochs=20, batch_size=12,
-                              lr=1e-2, seed=0))  # fmt: skip
+                              lr=1e-2, seed=0))
     return pairs, embeddings, model.model_dir
 
 
@@ -108,7 +108,7 @@ def test_ann_kinds_reach_target_recall(kind: str, tmp_path: Path) -> None:
 def test_auto_kind_thresholds() -> None:
     assert [choose_kind(n) for n in (10, 100_000, 100_001, 4_000_000, 4_000_001)] == [
         "flat", "flat", "ivf", "ivf", "ivfpq"
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.slow
@@ -121,7 +121,7 @@ def test_text_query_retrieves_paired_slides_of_trained_model(run: tuple[Path, Pa
     chance = 5 / len(index)
     assert np.mean(hits) > 3 * chance, f"R@5 {np.mean(hits):.2f} vs chance {chance:.2f}"
     untrained = SlideIndex.build(build_tiny_model(model_dir.parent / "untrained", slide_embed_dim=16, proj_dim=16),
-                                 load_slide_embeddings(slides_file).embeddings, index.keys)  # fmt: skip
+                                 load_slide_embeddings(slides_file).embeddings, index.keys)
     base = untrained.search_text(pairs.reports, k=5)
     base_hits = [pairs.slide_ids[q] in set(group["slide_id"]) for q, group in base.groupby("query")]
     assert np.mean(hits) > np.mean(base_hits)
@@ -244,6 +244,6 @@ def test_evaluate_retrieval_on_trained_model(run: tuple[Path, Path, Path], tmp_p
         assert r10["value"] > 10 / 48
     s2s = metrics["slide_to_slide"]
     assert s2s["n"] == 48 and set(s2s["support"]) == {"carcinoma", "adenocarcinoma", "squamous", "benign",
-                                                     "necrosis", "metastasis", "lobular", "papillary"}  # fmt: skip
+                                                     "necrosis", "metastasis", "lobular", "papillary"}
     assert s2s["Acc@1"]["value"] <= s2s["Acc@5"]["value"]
     assert s2s["Acc@5"]["value"] > 0.5  # slides of one diagnosis share a prototype: well above chance

@@ -22,7 +22,7 @@ def write_slides(path: Path, slide_ids: list[str], seed: int = 0) -> Path:
     pd.DataFrame({
         "slide_id": slide_ids, "embedding": [rng.normal(size=64).tolist() for _ in slide_ids],
         "n_tiles": 100, "encoder": "tiny", "pool": "mean",
-    }).to_parquet(path)  # fmt: skip
+    }).to_parquet(path)
     return path
 
 
@@ -43,7 +43,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "labels": root / "labels.csv", "pairs": root / "reports.csv",
         "slides": write_slides(root / "slides.parquet", slide_ids),
         "new": write_slides(root / "new.parquet", ["NEW-1", "NEW-2"], seed=1),
-    }  # fmt: skip
+    }
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> list[dict[str, object]]:
@@ -55,7 +55,7 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> list[dict[str, o
 def test_build_then_search_by_text_and_slide(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     index = files["root"] / "index"
     assert main(["index", "build", "--model", str(files["model"]), "--embeddings", str(files["slides"]),
-                 "--out", str(index), "--metadata", str(files["meta"])]) == 0  # fmt: skip
+                 "--out", str(index), "--metadata", str(files["meta"])]) == 0
     assert {p.name for p in index.iterdir() if not p.name.startswith(".vlm")} == {
         "index.faiss",
         "metadata.parquet",
@@ -77,10 +77,10 @@ def test_build_then_search_by_text_and_slide(files: dict[str, Path], capsys: pyt
 
 
 def test_add_remove_and_errors(files: dict[str, Path], capsys: pytest.CaptureFixture[str],
-                               caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+                               caplog: pytest.LogCaptureFixture) -> None:
     index = files["root"] / "edited"
     assert main(["index", "build", "--model", str(files["model"]), "--embeddings", str(files["slides"]),
-                 "--out", str(index), "--kind", "hnsw"]) == 0  # fmt: skip
+                 "--out", str(index), "--kind", "hnsw"]) == 0
     assert main(["index", "add", "--index", str(index), "--embeddings", str(files["new"])]) == 0
     assert main(["index", "add", "--index", str(index), "--embeddings", str(files["new"])]) == 2
     assert "already in the index" in caplog.text
@@ -106,9 +106,9 @@ def test_add_remove_and_errors(files: dict[str, Path], capsys: pytest.CaptureFix
 def test_report_index_slide_to_report(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     index = files["root"] / "report-index"
     assert main(["index", "build-reports", "--model", str(files["model"]), "--pairs", str(files["pairs"]),
-                 "--out", str(index)]) == 0  # fmt: skip
+                 "--out", str(index)]) == 0
     hits = run_json(capsys, "search", "--index", str(index), "--slide-id", "TCGA-05", "--embeddings",
-                    str(files["slides"]), "-k", "5")  # fmt: skip
+                    str(files["slides"]), "-k", "5")
     assert len(hits) == 5 and all({"rank", "report_id", "slide_id", "score", "report"} <= set(h) for h in hits)
     assert main(["search", "--index", str(index), "--slide-id", "TCGA-05"]) == 2  # needs --slides
     by_text = run_json(capsys, "search", "--index", str(index), "benign", "-k", "2")
@@ -119,7 +119,7 @@ def test_eval_retrieval(files: dict[str, Path], capsys: pytest.CaptureFixture[st
     out = files["root"] / "metrics.json"
     assert main(["eval", "retrieval", "--model", str(files["model"]), "--pairs", str(files["pairs"]),
                  "--embeddings", str(files["slides"]), "--labels", str(files["labels"]), "--n-boot", "100",
-                 "--out", str(out)]) == 0  # fmt: skip
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "report_to_slide" in printed and "MVAcc@5" in printed
     metrics = json.loads(out.read_text())
@@ -131,13 +131,13 @@ def test_eval_retrieval(files: dict[str, Path], capsys: pytest.CaptureFixture[st
 
 
 def test_metadata_ids_that_look_missing_keep_their_rows(files: dict[str, Path], capsys: pytest.CaptureFixture[str],
-                                                        tmp_path: Path) -> None:  # fmt: skip
+                                                        tmp_path: Path) -> None:
     """Slides named NA, null, None, nan: pandas read their metadata ids as missing, so the build said
     "listed more than once" (one such id silently lost its metadata)."""
     ids = ["NA", "null", "None", "nan", "TCGA-01"]
     slides = write_slides(tmp_path / "slides.parquet", ids, seed=2)
     (tmp_path / "meta.csv").write_text("slide_id,site\n" + "".join(f"{i},site-{i}\n" for i in ids))
     assert main(["index", "build", "--model", str(files["model"]), "--embeddings", str(slides), "--out",
-                 str(tmp_path / "index"), "--metadata", str(tmp_path / "meta.csv")]) == 0  # fmt: skip
+                 str(tmp_path / "index"), "--metadata", str(tmp_path / "meta.csv")]) == 0
     hits = run_json(capsys, "search", "--index", str(tmp_path / "index"), "adenocarcinoma", "-k", "5")
     assert {h["slide_id"]: h["site"] for h in hits} == {i: f"site-{i}" for i in ids}

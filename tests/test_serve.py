@@ -54,7 +54,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, slide_05: Path, slide_025: Pa
     frame = read_slide_embeddings(run["parquet"])
     metadata = frame[["slide_id"]].assign(split=["train", "test"], label=["papillary", "solid"])
     SlideIndex.build(run["model"], np.stack(frame["embedding"]), list(frame["slide_id"]), metadata=metadata,
-                     kind="flat").save(root / "index")  # fmt: skip
+                     kind="flat").save(root / "index")
     (root / "secret.txt").write_text("outside the slide roots")
     (slides / "link.tiff").symlink_to(root / "secret.txt")  # a slide-looking link that leaves the root
     # a first slide root whose entry for an indexed id is a link to a slide outside every root
@@ -75,7 +75,7 @@ def running_server(
     port = free_port() if port is None else port
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen([sys.executable, "-m", "vlm", "serve", *args, "--host", host, "--port", str(port)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://{host}:{port}"
     lines: list[str] = []
     try:
@@ -110,7 +110,7 @@ def server(site: dict) -> Iterator[str]:
     roots = [str(site["root"] / "elsewhere"), str(site["slides"])]
     features = str(site["root"] / "features")
     with running_server(["--index", str(site["index"]), "--slides", *roots, "--features", features,
-                         "--task", str(TASK)]) as base:  # fmt: skip
+                         "--task", str(TASK)]) as base:
         yield base
 
 
@@ -150,7 +150,7 @@ def test_json_api_mirrors_vlm_search_json(server: str, site: dict, capsys: pytes
     [("/?q=", "the search text is empty"), ("/?q=" + "x" * 600, "keep it under 500"),
      ("/?q=a&page_no=zero", "bad request"), ("/?q=a&page_no=-3", "out of range"),
      ("/?similar=nope", "no slide")],
-)  # fmt: skip
+)
 def test_bad_queries_get_a_page_with_a_message(server: str, query: str, message: str) -> None:
     status, kind, body = get(server + query)
     assert status in (400, 404) and kind.startswith("text/html")
@@ -170,7 +170,7 @@ def test_api_errors_are_json(server: str) -> None:
      "/slide/..%2Fsecret.txt", "/thumb/..%2F..%2Fsecret.txt.png", "/dzi/..%2Fsecret.txt.dzi",
      "/dzi/link.dzi", "/thumb/link.png", "/dzi/%2Fetc%2Fpasswd.dzi", "/heat/..%2Fslide_encoder.png?q=x",
      "/dzi/synthetic_05_files/0/0_0.jpeg/../../../../secret.txt", "/static//etc/passwd"],
-)  # fmt: skip
+)
 def test_no_url_reads_outside_the_slide_roots(server: str, path: str) -> None:
     # urllib would normalise dot segments away; a raw request sends the path as written
     host, port = server.removeprefix("http://").split(":")
@@ -265,7 +265,7 @@ class Browser:
             [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,900", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + 60
         while (line := self.process.stderr.readline()) and "DevTools listening on" not in line:
             if time.monotonic() > deadline:
@@ -375,7 +375,7 @@ def test_in_chromium_search_and_slide_pages_render_load_tiles_without_errors(
 def test_demo_index_pages_and_heat(demo_out: Path) -> None:  # noqa: F811
     """On the demo: ranks continue across pages, and a slide page computes its heat with the rebuilt encoder."""
     with running_server(["--index", str(demo_out / "index"), "--slides", str(demo_out / "slides"), "--features",
-                         str(demo_out / "features"), "--task", str(TASK)]) as base:  # fmt: skip
+                         str(demo_out / "features"), "--task", str(TASK)]) as base:
         ranks, ids = [], []
         for page_no in (1, 2):
             html = get(base + f"/?q=papillary+fronds&page_no={page_no}")[2].decode()
@@ -456,7 +456,7 @@ def test_moved_truncated_or_foreign_files_answer_410_and_serving_goes_on(site: d
         (features / f"{a}.h5").write_bytes(b"not an HDF5 file" * 64)
         for path, name in [(f"/thumb/{a}.png", f"{a}.tiff"), (f"/dzi/{a}.dzi", f"{a}.tiff"),
                            (f"/dzi/{b}_files/11/1_1.jpeg", f"{b}.tiff"), (f"/dzi/{b}_files/11/2_1.jpeg", f"{b}.tiff"),
-                           (f"/heat/{a}.png?q=papillary", f"{a}.h5")]:  # fmt: skip
+                           (f"/heat/{a}.png?q=papillary", f"{a}.h5")]:
             status, kind, body = get(base + path)
             assert status == 410, (path, status, body[:300])
             assert name.encode() in body and b"can no longer be read" in body, path

@@ -56,7 +56,7 @@ def checkpoint(tmp_path: Path) -> Path:
 def test_cli_writes_one_row_per_slide_and_resumes(features_dir: Path, checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "slides.parquet"
     argv = ["embed-slides", str(features_dir), "--out", str(out), "--slide-encoder", "tiny", "--checkpoint",
-            str(checkpoint), "--pool", "all-layers", "--device", "cpu", "--no-progress"]  # fmt: skip
+            str(checkpoint), "--pool", "all-layers", "--device", "cpu", "--no-progress"]
     assert main(argv) == 0
     frame = read_slide_embeddings(out)
     assert list(frame.columns) == ["slide_id", "embedding", "n_tiles", "encoder", "pool"]
@@ -85,7 +85,7 @@ def test_a_damaged_output_to_resume_points_to_overwrite(
     """A damaged existing --out said "re-run `vlm embed-slides`", the very command that failed, in a loop."""
     out = tmp_path / "slides.parquet"
     argv = ["embed-slides", str(features_dir), "--out", str(out), "--slide-encoder", "tiny", "--checkpoint",
-            str(checkpoint), "--pool", "mean", "--device", "cpu", "--no-progress"]  # fmt: skip
+            str(checkpoint), "--pool", "mean", "--device", "cpu", "--no-progress"]
     assert main(argv) == 0
     out.write_bytes(out.read_bytes()[:100])
     assert main(argv) == 2
@@ -177,7 +177,7 @@ def _clam_cohort(root: Path, dim: int = 32) -> tuple[Path, Path]:
     (root / "patches").mkdir(parents=True)
     (root / "h5_files").mkdir()
     coords = write_clam_patches(root / "patches" / "s1.h5", [clam_contour_grid((1000, 3000), (6 * 513, 6 * 513), 513)],
-                                patch_size=513)  # fmt: skip
+                                patch_size=513)
     features = np.random.default_rng(3).standard_normal((len(coords), dim)).astype(np.float32)
     write_clam_features(root / "h5_files" / "s1.h5", coords, features)
     return root / "h5_files", root / "patches"
@@ -198,7 +198,7 @@ def test_one_feature_file_gives_one_embedding_through_every_path(tmp_path: Path)
     assert len({tuple(c) for c in slide.coords.tolist()}) == 36  # one cell per tile
 
     report = embed_slides([features / "s1.h5"], tmp_path / "e.parquet", encoder, pool=pool, progress=False,
-                          mpp=0.2495, patches=patches)  # fmt: skip
+                          mpp=0.2495, patches=patches)
     assert report.done == ["s1"]
     embedded = np.stack(read_slide_embeddings(tmp_path / "e.parquet")["embedding"])
     f, c, mask = load_slide_features(features, ["s1"], mpp=0.2495, patches=patches)
@@ -208,7 +208,7 @@ def test_one_feature_file_gives_one_embedding_through_every_path(tmp_path: Path)
     with torch.no_grad():
         trained = encoder(f, c, padding_mask=mask, pool=pool).numpy()
     assert not embed_with_model(features, model, tmp_path / "zs.parquet", device="cpu", progress=False, mpp=0.2495,
-                                patches=patches).failed  # fmt: skip
+                                patches=patches).failed
     table = load_slide_embeddings(tmp_path / "zs.parquet")
     assert table.ids == ["s1"]
     zero_shot = table.embeddings.numpy()
@@ -219,7 +219,7 @@ def test_one_feature_file_gives_one_embedding_through_every_path(tmp_path: Path)
 def test_cli_reads_clam_files_with_patches_and_mpp(tmp_path: Path, checkpoint: Path) -> None:
     features, patches = _clam_cohort(tmp_path / "clam")
     base = ["embed-slides", str(features), "--slide-encoder", "tiny", "--checkpoint", str(checkpoint),
-            "--device", "cpu", "--no-progress"]  # fmt: skip
+            "--device", "cpu", "--no-progress"]
     assert main([*base, "--out", str(tmp_path / "a.parquet")]) == 1  # no geometry: listed with the fix
     with open(tmp_path / "failures.csv") as handle:
         assert "--patches" in next(csv.DictReader(handle))["error"]
@@ -239,7 +239,7 @@ def test_mixed_trident_cohort_embeds_without_mpp_and_a_contradicting_mpp_fails(
     for name, magnification in (("s20", 20), ("s40", 40)):
         coords = trident_grid(4, 12, level0_magnification=magnification)
         write_trident_features(folder / f"{name}.h5", coords, rng.standard_normal((48, 32)).astype(np.float32),
-                               level0_magnification=magnification)  # fmt: skip
+                               level0_magnification=magnification)
         cells = load_slide_inputs(folder / f"{name}.h5").coords
         assert len({tuple(c) for c in cells.tolist()}) == 48
     encoder = create_slide_encoder("tiny")
@@ -269,7 +269,7 @@ def test_cli_train_and_zeroshot_read_clam_features_with_patches_and_mpp(tmp_path
     for index in range(6):
         origin = (int(rng.integers(0, 5000)), int(rng.integers(0, 5000)))
         coords = write_clam_patches(root / "patches" / f"s{index}.h5",
-                                    [clam_contour_grid(origin, (4 * 513, 3 * 513), 513)], patch_size=513)  # fmt: skip
+                                    [clam_contour_grid(origin, (4 * 513, 3 * 513), 513)], patch_size=513)
         features = rng.standard_normal((len(coords), 32)).astype(np.float32)
         write_clam_features(root / "h5_files" / f"s{index}.h5", coords, features)
         rows.append({"slide_id": f"s{index}", "report": f"report number {index}"})
@@ -279,13 +279,13 @@ def test_cli_train_and_zeroshot_read_clam_features_with_patches_and_mpp(tmp_path
     argv = ["train", "--pairs", str(tmp_path / "pairs.csv"), "--features", str(root / "h5_files"), "--out",
             str(tmp_path / "run"), "--slide-encoder", "tiny", "--text-encoder", str(text), "--max-length", "16",
             "--proj-dim", "8", "--epochs", "1", "--batch-size", "3", "--val-fraction", "0.34", "--device", "cpu",
-            "--no-progress", *geometry]  # fmt: skip
+            "--no-progress", *geometry]
     assert main(argv) == 0
     saved = TrainConfig.load(tmp_path / "run" / "train_config.json")
     assert (saved.mpp, saved.patches) == (0.2495, str(root / "patches"))
     out = tmp_path / "zs"
     argv = ["zeroshot", "--model", str(tmp_path / "run" / "model"), "--features", str(root / "h5_files"),
-            "--out", str(out), "--classes", "a=first kind", "b=second kind", "--no-progress", *geometry]  # fmt: skip
+            "--out", str(out), "--classes", "a=first kind", "b=second kind", "--no-progress", *geometry]
     assert main(argv) == 0
     assert read_slide_embeddings(out / "slide_embeddings.parquet")["n_tiles"].tolist() == [12] * 6
 
@@ -328,7 +328,7 @@ def test_a_failing_batch_is_retried_slide_by_slide(
 
     monkeypatch.setattr(slide_embedding, "_embed_batch", out_of_memory_over_100_tiles)
     report = embed_slides(sorted(features_dir.glob("*.h5")), tmp_path / "s.parquet", create_slide_encoder("tiny"),
-                          batch_size=3, progress=False)  # fmt: skip
+                          batch_size=3, progress=False)
     assert sorted(report.done) == ["slide-0", "slide-1"]
     assert report.failed == [("slide-2", "RuntimeError: CUDA out of memory")]
     assert read_slide_embeddings(tmp_path / "s.parquet")["slide_id"].tolist() == ["slide-0", "slide-1"]
@@ -347,7 +347,7 @@ def test_a_nan_embedding_fails_its_slide_and_is_never_written(tmp_path: Path, ba
         h5["features"][...] = np.full(h5["features"].shape, 3e38, dtype=np.float32)
     torch.manual_seed(0)
     report = embed_slides(sorted(folder.glob("*.h5")), tmp_path / "slides.parquet", create_slide_encoder("tiny"),
-                          batch_size=batch_size, progress=False)  # fmt: skip
+                          batch_size=batch_size, progress=False)
     assert sorted(report.done) == ["slide-0", "slide-2"]
     assert [slide for slide, _ in report.failed] == ["slide-1"] and "NaN/inf" in report.failed[0][1]
     frame = read_slide_embeddings(tmp_path / "slides.parquet")
@@ -361,7 +361,7 @@ def test_a_nan_embedding_fails_its_slide_and_is_never_written(tmp_path: Path, ba
 def test_cli_compile_gives_the_eager_embeddings(features_dir: Path, checkpoint: Path, tmp_path: Path) -> None:
     """`--compile` (token-wise layers through torch.compile) writes the eager run's numbers, batched and padded."""
     argv = ["embed-slides", str(features_dir), "--slide-encoder", "tiny", "--checkpoint", str(checkpoint),
-            "--device", "cpu", "--no-progress", "--batch-size", "2"]  # fmt: skip
+            "--device", "cpu", "--no-progress", "--batch-size", "2"]
     assert main([*argv, "--out", str(tmp_path / "eager.parquet")]) == 0
     from torch._dynamo.utils import counters
 
@@ -394,7 +394,7 @@ def test_a_folder_mixing_tile_encoders_is_refused_naming_the_odd_files(
     _recorded_as(features_dir / "slide-1.h5", "timm:resnet50")
     out = tmp_path / "slides.parquet"
     argv = ["embed-slides", str(features_dir), "--out", str(out), "--slide-encoder", "tiny", "--checkpoint",
-            str(checkpoint), "--device", "cpu", "--no-progress"]  # fmt: skip
+            str(checkpoint), "--device", "cpu", "--no-progress"]
     assert main(argv) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "slide-1.h5 ('timm:resnet50')" in errors[0], errors
@@ -438,8 +438,8 @@ def test_the_gigapath_slide_encoder_refuses_features_of_another_tile_encoder(tmp
     mine = _write_slide(folder, "mine", 20, seed=0, dim=1536)
     _recorded_as(mine, "timm:vit_giant_patch14_dinov2.lvd142m")
     with pytest.raises(ValueError, match=r"'gigapath' slide encoder was trained on 'gigapath' tile features, but "
-                       r"mine.h5 record 'timm:vit_giant_patch14_dinov2.lvd142m'"):  # fmt: skip
+                       r"mine.h5 record 'timm:vit_giant_patch14_dinov2.lvd142m'"):
         check_tile_encoders([mine], "gigapath")
     with pytest.raises(ValueError, match="record tile encoder 'gigapath', but the model's slide embeddings were "
-                       "made from 'timm:resnet50'"):  # fmt: skip
+                       "made from 'timm:resnet50'"):
         check_tile_encoders([trident], source={"encoder": "custom", "tile_encoder": "timm:resnet50"})

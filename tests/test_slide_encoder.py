@@ -364,7 +364,7 @@ def test_compiled_token_wise_layers_match_eager_for_any_length_without_recompili
     mask = torch.zeros(2, 300, dtype=torch.bool)
     mask[1, 170:] = True
     cases = [(features, coords, mask, "mean"), (features[:, :250], coords[:, :250], mask[:, :250], "all-layers"),
-             (features[:, :77], coords[:, :77], None, "cls")]  # fmt: skip
+             (features[:, :77], coords[:, :77], None, "cls")]
     with torch.inference_mode():
         eager = [model(f, c, padding_mask=m, pool=pool) for f, c, m, pool in cases]
         model.encoder.compile_token_wise()

@@ -70,7 +70,7 @@ def test_utf8_bom_from_a_spreadsheet_export_is_read(tmp_path: Path, reader: str)
     assert path.read_bytes()[:3] == b"\xef\xbb\xbf"
     result = READERS[reader](path)
     ids = result.slide_ids if reader == "pairs" else list(result.index if reader == "zeroshot-labels" else
-                                                          result["slide_id"])  # fmt: skip
+                                                          result["slide_id"])
     assert ids == ["001", "002"]
 
 
@@ -154,7 +154,7 @@ def test_ids_that_look_like_missing_values_stay_ids(tmp_path: Path, suffix: str,
     """pandas reads "NA", "null", "None", "nan" as missing: one such slide silently lost its metadata and
     several were reported as one id "listed more than once"."""
     rows = [{"slide_id": i, "report": f"report {n}", "label": "LUAD", "patient_id": i} for n, i in
-            enumerate(NA_LIKE_IDS)]  # fmt: skip
+            enumerate(NA_LIKE_IDS)]
     result = READERS[reader](write(tmp_path / f"t{suffix}", rows))
     if reader == "pairs":
         assert result.slide_ids == NA_LIKE_IDS and result.patient_ids == NA_LIKE_IDS

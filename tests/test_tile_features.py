@@ -111,7 +111,7 @@ def test_stream_gives_the_per_slide_features_for_one_slide(slide_05: Path) -> No
     cases = [(0, 64, 16, None), (2, 5, 2, "device"), (3, 4, 1, "workers"), (2, 6, 3, "device")]
     for workers, batch_size, chunk_size, transform_on in cases:  # batches of several chunks, both transform places
         features = embed_grid(slide_05, grid, encoder, CPU, batch_size=batch_size, workers=workers,
-                              chunk_size=chunk_size, transform_on=transform_on)  # fmt: skip
+                              chunk_size=chunk_size, transform_on=transform_on)
         np.testing.assert_allclose(features, reference, atol=1e-4, rtol=0)
 
 
@@ -268,7 +268,7 @@ def test_cuda_stream_matches_the_cpu_stream(slide_05: Path) -> None:
     cuda = embed_grid(slide_05, grid, encoder, torch.device("cuda"), precision="fp32", batch_size=4, workers=2)
     np.testing.assert_allclose(cuda, cpu, atol=1e-3, rtol=0)
     compiled = embed_grid(slide_05, grid, encoder, torch.device("cuda"), precision="fp32", batch_size=3, workers=2,
-                          compile=True)  # fmt: skip
+                          compile=True)
     np.testing.assert_allclose(compiled, cpu, atol=1e-3, rtol=0)  # the padded last batch is cut off again
     tiles = torch.from_numpy(textured_tiles(4, 300))
     device_transform = tensor_transform(encoder.transform)

@@ -163,7 +163,7 @@ def test_a_slide_without_a_pyramid_is_tiled_in_bounded_memory(tmp_path: Path) ->
         "print(mb('VmHWM') - before)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+                            cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
     peak_mb = float(result.stdout.strip().splitlines()[-1])
     assert peak_mb < 150, f"peak {peak_mb:.0f} MB above the process's own"
@@ -180,7 +180,7 @@ def test_the_tissue_mask_read_in_strips_is_the_mask_read_whole(tmp_path: Path, m
 
     slide = tmp_path / "one_level.tiff"
     write_pyramidal_tiff(slide, (2048, 1536), tissue_image(2048, 1536, TISSUE_05), mpp=0.5, n_levels=1,
-                         compression=None)  # fmt: skip
+                         compression=None)
     with open_slide(slide) as opened:
         whole = tile_slide(opened)
         monkeypatch.setattr(tissue, "STRIP_PIXELS", 2048 * 100)  # 8 strips of ~100 level rows

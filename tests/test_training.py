@@ -48,7 +48,7 @@ def config(data: dict[str, Path], out: Path, **overrides: object) -> TrainConfig
     values: dict[str, object] = dict(
         pairs=str(data["pairs"]), out=str(out), embeddings=str(data["embeddings"]),
         text_encoder=str(data["text"]), max_length=16, proj_dim=16, epochs=2, batch_size=12, lr=2e-3,
-    )  # fmt: skip
+    )
     values.update(overrides)
     return TrainConfig(**values)  # type: ignore[arg-type]
 
@@ -62,7 +62,7 @@ def test_cli_train_end_to_end_learns(data: dict[str, Path]) -> None:
     out = data["root"] / "cli-run"
     argv = ["train", "--pairs", str(data["pairs"]), "--embeddings", str(data["embeddings"]), "--out", str(out),
             "--text-encoder", str(data["text"]), "--max-length", "16", "--proj-dim", "16", "--epochs", "12",
-            "--batch-size", "12", "--lr", "2e-3", "--seed", "0"]  # fmt: skip
+            "--batch-size", "12", "--lr", "2e-3", "--seed", "0"]
     assert cli_main(argv) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (out / "model").iterdir()}
     logged = records(out)
@@ -77,7 +77,7 @@ def test_cli_train_end_to_end_learns(data: dict[str, Path]) -> None:
     assert json.loads((out / "train_config.json").read_text())["epochs"] == 12
     assert logged[0] == {"step": 0, "pairs/train": 36, "pairs/val": 12, "pairs/test": 4, "cases/train": 36,
                          "cases/val": 12, "cases/test": 1,  # the 4 test rows share one report text
-                         "truncated_reports": 1, "max_length": 16, "definitions": loop.METRIC_DEFINITIONS}  # fmt: skip
+                         "truncated_reports": 1, "max_length": 16, "definitions": loop.METRIC_DEFINITIONS}
     model = SlideTextModel.from_pretrained(out / "model")  # `model/` is the best epoch's model
     slides = pd.read_parquet(data["embeddings"]).iloc[[0, 4, 8]]
     emb = model.encode_slide_embeddings(torch.tensor(np.stack(slides["embedding"].to_list()), dtype=torch.float32))
@@ -210,7 +210,7 @@ def test_patient_level_splits_never_leak() -> None:
 def test_given_split_that_leaks_a_patient_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "pairs.jsonl"
     rows = [{"slide_id": "a", "report": "x", "patient_id": "p1", "split": "train"},
-            {"slide_id": "b", "report": "y", "patient_id": "p1", "split": "test"}]  # fmt: skip
+            {"slide_id": "b", "report": "y", "patient_id": "p1", "split": "test"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="more than one split.*p1"):
         load_pairs(path)
@@ -266,7 +266,7 @@ def test_full_fine_tuning_with_gradcache(data: dict[str, Path]) -> None:
     pairs, features = write_tiny_features(data["root"], n_slides=8)
     out = data["root"] / "full"
     train(config(data, out, pairs=str(pairs), embeddings=None, features=str(features), slide_encoder="tiny",
-                 batch_size=3, chunk_size=2, epochs=1, val_fraction=0.25, max_tiles=8))  # fmt: skip
+                 batch_size=3, chunk_size=2, epochs=1, val_fraction=0.25, max_tiles=8))
     model = SlideTextModel.from_pretrained(out / "model")
     assert model.slide_encoder is not None and model.config.slide_encoder == "tiny"
     logged = records(out)
@@ -314,9 +314,9 @@ def test_torchrun_two_processes_match_one_process(data: dict[str, Path], tmp_pat
     train(config(data, tmp_path / "single", text_encoder=str(text), epochs=1))
     argv = ["--pairs", str(data["pairs"]), "--embeddings", str(data["embeddings"]),
             "--out", str(tmp_path / "ddp"), "--text-encoder", str(text), "--max-length", "16",
-            "--proj-dim", "16", "--epochs", "1", "--batch-size", "12", "--lr", "2e-3"]  # fmt: skip
+            "--proj-dim", "16", "--epochs", "1", "--batch-size", "12", "--lr", "2e-3"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "vlm", "train", *argv]  # fmt: skip
+               "-m", "vlm", "train", *argv]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )

@@ -53,7 +53,7 @@ def run(root: Path, name: str, pairs: Path, embeddings: Path, **overrides: objec
     values: dict[str, object] = dict(
         pairs=str(pairs), out=str(root / name), embeddings=str(embeddings), text_encoder=str(root / "text"),
         max_length=16, proj_dim=16, epochs=EPOCHS, batch_size=16, lr=5e-3,
-    )  # fmt: skip
+    )
     values.update(overrides)
     train(TrainConfig(**values))  # type: ignore[arg-type]
     return [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
@@ -157,7 +157,7 @@ def test_eval_retrieval_counts_the_case(
     out = cohort["root"] / "eval.json"
     argv = ["eval", "retrieval", "--model", str(cohort["root"] / "cases" / "model"),
             "--pairs", str(cohort["pairs"]), "--embeddings", str(cohort["embeddings"]),
-            "--split", "val", "--n-boot", "50", "--out", str(out)]  # fmt: skip
+            "--split", "val", "--n-boot", "50", "--out", str(out)]
     assert cli_main(argv) == 0
     assert "12 pairs, 12 slides, 4 cases" in capsys.readouterr().out
     metrics = json.loads(out.read_text())
@@ -209,7 +209,7 @@ def test_zeroshot_case_level_is_the_softmax_of_mean_logits(
     pd.read_parquet(cohort["embeddings"]).iloc[: len(slides)].to_parquet(slide_table)
     common = ["zeroshot", "--model", str(cohort["root"] / "cases" / "model"), "--embeddings", str(slide_table),
               "--classes", f"a={GRADES[0]} grade {DIAGNOSES[0]}", f"b={GRADES[5]} grade {DIAGNOSES[1]}",
-              "--labels", str(labels), "--n-boot", "20", "--no-cache"]  # fmt: skip
+              "--labels", str(labels), "--n-boot", "20", "--no-cache"]
     assert cli_main([*common, "--out", str(tmp_path / "slide")]) == 0
     assert cli_main([*common, "--out", str(tmp_path / "case"), "--level", "case"]) == 0
     per_slide = pd.read_csv(tmp_path / "slide" / "predictions.csv").set_index("slide_id")

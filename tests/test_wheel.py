@@ -48,7 +48,7 @@ def _build_wheel(tmp_path: Path) -> Path:
         [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
          "-w", str(tmp_path / "dist")],
         check=True, capture_output=True, text=True,
-    )  # fmt: skip
+    )
     (wheel,) = (tmp_path / "dist").glob("vlm-*.whl")
     return wheel
 
@@ -101,14 +101,14 @@ def test_installed_wheel_runs_a_shipped_task_by_name_outside_the_checkout(tmp_pa
         [bin_dir / "python", "-c", "import vlm.demo.run as d, vlm.resources as r; "
          "print(r.__file__, d.PROMPT_FILE.is_file(), r.REAL_SLIDE.is_file())"],
         cwd=work, env=env, check=True, capture_output=True, text=True,
-    ).stdout.split()  # fmt: skip
+    ).stdout.split()
     assert Path(where[0]).is_relative_to(tmp_path / "env") and where[1:] == ["True", "True"]
 
     run = subprocess.run(
         [bin_dir / "vlm", "zeroshot", "--model", "model", "--embeddings", "slides.parquet", "--task", "nsclc_subtyping",
          "--labels", "labels.csv", "--out", "zs", "--n-boot", "20", "--cache-dir", "cache", "--no-progress"],
         cwd=work, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+    )
     assert run.returncode == 0, run.stderr
     task = json.loads((work / "zs" / "run.json").read_text())["task"]
     assert Path(task).is_relative_to(tmp_path / "env") and Path(task).name == "nsclc_subtyping.yaml"

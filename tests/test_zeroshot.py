@@ -419,7 +419,7 @@ def test_cli_case_level_means_the_slides_logits(
     table.to_csv(labels_csv, index=False)
     assert _zeroshot(model_dir, slides, tmp_path / "slide", "--task", str(NSCLC), "--labels", str(labels_csv)) == 0
     assert _zeroshot(model_dir, slides, tmp_path / "case", "--task", str(NSCLC), "--labels", str(labels_csv),
-                     "--level", "case") == 0  # fmt: skip
+                     "--level", "case") == 0
     per_slide = pd.read_csv(tmp_path / "slide" / "predictions.csv")
     per_case = pd.read_csv(tmp_path / "case" / "predictions.csv")
     assert list(per_case.columns) == ["patient_id", "slide_ids", "LUAD", "LUSC", "predicted", "label"]
@@ -453,7 +453,7 @@ def test_the_result_in_memory_is_what_the_job_writes(model: SlideTextModel, mode
     descriptions = ["the slide shows lung adenocarcinoma", "the slide shows lung squamous cell carcinoma"]
     truth = np.arange(12) % 2
     slides, labels = _write_inputs(tmp_path, _slides_from_text(model, descriptions, truth, 0.05),
-                                   [["LUAD", "LUSC"][t] for t in truth])  # fmt: skip
+                                   [["LUAD", "LUSC"][t] for t in truth])
     common = dict(task=NSCLC, labels=labels, cache_dir=tmp_path / "cache", n_boot=30, seed=1)
     result = classify_zero_shot(model_dir, slides, **common)
     assert isinstance(result, ZeroShotResult) and not (tmp_path / "mem").exists()

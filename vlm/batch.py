@@ -139,7 +139,7 @@ class Batch(Generic[Item]):
         if order is not None:
             self.pending.sort(key=order)
         self._bar = tqdm(total=len(mine), initial=len(self.report.skipped), desc=desc, unit="slide",
-                         disable=not progress)  # fmt: skip
+                         disable=not progress)
 
     def __enter__(self) -> Batch[Item]:
         return self

@@ -74,7 +74,7 @@ def mean_by_case(
             rows.setdefault(str(case), []).append(row)
     if orphans:
         log.warning("%d scored slide(s) are not in the labels table, so have no case, and are left out (e.g. %s)",
-                    len(orphans), orphans[:5])  # fmt: skip
+                    len(orphans), orphans[:5])
     if not rows:
         raise InputError("none of the scored slides is in the labels table: no case to predict")
     cases = list(rows)

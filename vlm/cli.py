@@ -79,7 +79,7 @@ def _record_flags(parser: argparse.ArgumentParser) -> None:
     (`n_boot`) is shown with the flag the user typed (`--n-boot`)."""
     flags = {action.dest: max(action.option_strings, key=len) for action in parser._actions
              if action.option_strings and action.dest not in ("help", "version")
-             and not isinstance(action, DeprecatedSpelling)}  # fmt: skip
+             and not isinstance(action, DeprecatedSpelling)}
     parser.set_defaults(_flags=flags)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -125,10 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _is_library_error(error):
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             log.error("%s: %s (a damaged or foreign input file; -v shows the traceback)", type(error).__name__,
-                      first, exc_info=args.verbose)  # fmt: skip
+                      first, exc_info=args.verbose)
             return 2
         log.error("vlm stopped on an unexpected %s: a bug in vlm, or an input it does not check yet. Please report "
-                  "it with the command and the traceback below.", type(error).__name__)  # fmt: skip
+                  "it with the command and the traceback below.", type(error).__name__)
         raise
 
 

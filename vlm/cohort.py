@@ -69,7 +69,7 @@ def match_rule(spec: str) -> MatchRule:
         column = next((c for c in ("patient_id", "case_id") if c in frame.columns), None)
         if column is None:
             raise InputError(f"{path}: a slide-to-case table needs slide_id and patient_id (or case_id) columns; "
-                             f"found {list(frame.columns)}")  # fmt: skip
+                             f"found {list(frame.columns)}")
         repeated = duplicate_ids(frame["slide_id"].str.strip())
         if repeated:
             raise InputError(f"{path}: slide id(s) listed more than once, e.g. {repeated[:5]}; one case per slide")
@@ -103,7 +103,7 @@ def slide_ids_from(
     """The slide ids of exactly one source: a folder of feature files, of slide files, or a slide-embeddings
     parquet; and the source's name for messages."""
     given = [(name, value) for name, value in (("--features", features), ("--slides", slides),
-                                               ("--embeddings", embeddings)) if value is not None]  # fmt: skip
+                                               ("--embeddings", embeddings)) if value is not None]
     if len(given) != 1:
         raise UsageError("give exactly one of `features` (a folder), `slides` (a folder) or `embeddings` (a parquet)")
     flag, value = given[0]
@@ -127,7 +127,7 @@ def slide_ids_from(
 
 
 def _pick_column(frame: pd.DataFrame, given: str | None, candidates: Sequence[str], what: str, flag: str,
-                 path: Path) -> str:  # fmt: skip
+                 path: Path) -> str:
     if given is not None:
         if given not in frame.columns:
             raise InputError(f"{path}: no column {given!r} ({flag}); found {list(frame.columns)}")
@@ -178,7 +178,7 @@ def read_reports(
         split = frame["split"].iloc[row - 2].strip().lower() if "split" in frame.columns else ""
         if split and splits.setdefault(case, split) != split:
             raise InputError(f"{path}: row {row}: case {case} is in split {splits[case]!r} on an earlier row and "
-                             f"{split!r} here; a case belongs to one split")  # fmt: skip
+                             f"{split!r} here; a case belongs to one split")
     conflicting = sorted(case for case, items in texts.items() if len(set(items)) > 1)
     if conflicting and duplicates == "refuse":
         raise InputError(
@@ -188,7 +188,7 @@ def read_reports(
     reports = {case: "\n".join(dict.fromkeys(items)) for case, items in texts.items()}
     repeated = sorted(case for case, items in texts.items() if len(items) > 1)
     left_out = {"unmatched_report_ids": unmatched, "empty_reports": empty,
-                "cases_with_several_report_rows": repeated, "joined_cases": conflicting}  # fmt: skip
+                "cases_with_several_report_rows": repeated, "joined_cases": conflicting}
     return reports, splits, left_out
 
 
@@ -222,7 +222,7 @@ def build_pairs(
         raise UsageError(f"`slide_types` {unknown or '(none)'}: choose from {', '.join(tcga.SLIDE_TYPES)}")
     rule = match_rule(match)
     case_reports, splits, left_out = read_reports(reports, rule, report_id_column, report_text_column,
-                                                  duplicate_reports)  # fmt: skip
+                                                  duplicate_reports)
 
     audit_rows: list[Any] = []
     emptied: list[str] = []
@@ -279,7 +279,7 @@ def build_pairs(
         "slide_types": list(slide_types),
         "cleaning": None
         if rules is None
-        else {"rules": rules.source, "removed": len(audit_rows), "audit": _audit_path(out).name},  # fmt: skip
+        else {"rules": rules.source, "removed": len(audit_rows), "audit": _audit_path(out).name},
         "counts": {
             "report_cases": len(case_reports) + len(emptied),
             "slides": len(slide_ids),
@@ -308,7 +308,7 @@ def build_pairs(
         },
     }
     frame = pd.DataFrame({"slide_id": [s for s, _ in rows], "patient_id": [c for _, c in rows],
-                          "report": [case_reports[c] for _, c in rows]})  # fmt: skip
+                          "report": [case_reports[c] for _, c in rows]})
     if splits:
         frame["split"] = [splits.get(case, "") for _, case in rows]
     with atomic_path(out) as tmp:
@@ -378,7 +378,7 @@ def summary_table(report: dict[str, Any]) -> str:
     lines.append(f"{'slides per case (cases)':32} {per_case}")
     if report["cleaning"]:
         lines.append(f"{'cleaning: removed lines/spans':32} {report['cleaning']['removed']}  "
-                     f"(audit: {report['cleaning']['audit']})")  # fmt: skip
+                     f"(audit: {report['cleaning']['audit']})")
     tokens = report["tokens"]
     if tokens:
         lines.append(f"{'tokens per report':32} min {tokens['min']}, median {tokens['median']:g}, max {tokens['max']}")

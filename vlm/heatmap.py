@@ -51,10 +51,10 @@ def to_geojson(heat: SlideHeat) -> dict:
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"vlm:{heat.slide_id}:{x},{y}")),  # QuPath reads UUID ids
             "geometry": {"type": "Polygon", "coordinates": [ring]},
             "properties": {"objectType": "tile", "name": f"tile {x},{y}", "measurements": measurements},
-        })  # fmt: skip
+        })
     return {"type": "FeatureCollection", "features": features,
             "properties": {"slide_id": heat.slide_id, "queries": heat.queries,
-                           "slide_scores": [float(s) for s in heat.slide_scores]}}  # fmt: skip
+                           "slide_scores": [float(s) for s in heat.slide_scores]}}
 
 
 def _faithfulness_line(heat: SlideHeat, column: int) -> str:
@@ -65,7 +65,7 @@ def _faithfulness_line(heat: SlideHeat, column: int) -> str:
     verdict = "better than random order" if f.better_than_random else "NO BETTER THAN RANDOM: do not read this map"
     return (f"deletion {f.deletion_auc:.3f} (random {f.random_deletion_auc_mean:.3f}±{f.random_deletion_auc_std:.3f}), "
             f"insertion {f.insertion_auc:.3f} (random {f.random_insertion_auc_mean:.3f}±"
-            f"{f.random_insertion_auc_std:.3f}): {verdict}")  # fmt: skip
+            f"{f.random_insertion_auc_std:.3f}): {verdict}")
 
 
 def _figure_png(heat: SlideHeat, slide_path: Path) -> bytes:
@@ -104,11 +104,11 @@ def _figure_png(heat: SlideHeat, slide_path: Path) -> bytes:
         figure.colorbar(mappable, ax=axis, fraction=0.046, pad=0.02, label=label)
         title = textwrap.fill(f'"{heat.queries[column]}"', 48)
         axis.set_title(f"{heat.slide_id}: {title}\nslide score {heat.slide_scores[column]:.3f} ({heat.method})",
-                       fontsize=9)  # fmt: skip
+                       fontsize=9)
         passed = heat.faithfulness is None or heat.faithfulness[column].better_than_random
         axis.text(0.5, -0.02, textwrap.fill(_faithfulness_line(heat, column), 60), transform=axis.transAxes,
                   ha="center", va="top", fontsize=7, color="black" if passed else "darkred",
-                  fontweight="normal" if passed else "bold")  # fmt: skip
+                  fontweight="normal" if passed else "bold")
         axis.axis("off")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
@@ -121,9 +121,9 @@ def heat_record(heat: SlideHeat) -> dict:
     for column, (query, name) in enumerate(zip(heat.queries, heat.measurement_names, strict=True)):
         measured = heat.faithfulness[column].to_dict() if heat.faithfulness is not None else None
         maps.append({"query": query, "measurement": name, "slide_score": float(heat.slide_scores[column]),
-                     "faithfulness": measured})  # fmt: skip
+                     "faithfulness": measured})
     return {"slide_id": heat.slide_id, "method": heat.method, "n_tiles": len(heat.coords), "rule": RULE,
-            "maps": maps}  # fmt: skip
+            "maps": maps}
 
 
 def summary_rows(heat: SlideHeat) -> list[dict]:
@@ -132,7 +132,7 @@ def summary_rows(heat: SlideHeat) -> list[dict]:
     for entry in heat_record(heat)["maps"]:
         measured = {k: v for k, v in (entry["faithfulness"] or {}).items() if not k.endswith("_curve")}
         rows.append({"slide_id": heat.slide_id, "query": entry["query"], "method": heat.method,
-                     "slide_score": entry["slide_score"], **measured})  # fmt: skip
+                     "slide_score": entry["slide_score"], **measured})
     return rows
 
 
@@ -256,7 +256,7 @@ def run_heatmaps(
         slide_path = slide_file_for(feature_path, slides)
         check_tiles_inside(feature_path, slide_path, read_tile_grid(feature_path).coords)
         heat = slide_heat(model, encoder, feature_path, names, vectors, mpp=mpp, method=method, block=block,
-                          precision=precision)  # fmt: skip
+                          precision=precision)
         write_heatmap(heat, slide_path, out)
         for column, measured in enumerate(heat.faithfulness or []):
             if not measured.better_than_random:
@@ -267,7 +267,7 @@ def run_heatmaps(
 
     # every slide is redone (is_done=None): the outputs do not record the model or queries they were made for
     batch = Batch(list(map(Path, feature_paths)), key=slide_id_from_path, is_done=None, folder=out, desc="heatmaps",
-                  progress=False)  # fmt: skip
+                  progress=False)
     with claim_output_folder(out, "heatmaps"):
         report = batch.run(one)
         if rows:
@@ -340,4 +340,4 @@ def zeroshot_heatmaps(
         per_slide[slide_id] = ([f"{labels[row]}, predicted"], vectors[row : row + 1])
     return run_heatmaps(loaded, [files[s] for s in per_slide], slides, out, per_slide=per_slide,
                         slide_checkpoint=slide_checkpoint, method=method, device=device,
-                        precision=precision)  # fmt: skip
+                        precision=precision)

@@ -32,7 +32,7 @@ class WeightsUnavailable(RunError, OSError):
 def hub_offline() -> bool:
     """True when `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) asks for no network at all."""
     return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in
-               ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))  # fmt: skip
+               ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def hub_reachable(timeout: float = _PROBE_TIMEOUT_S) -> bool:
@@ -50,7 +50,7 @@ def weights_message(what: str, repo: str, *, gated: bool, flag: str, reason: str
     """The one message a user gets when `what`'s weights from `repo` cannot be loaded."""
     if gated:
         access = (f"{repo} is gated: accept its terms at https://huggingface.co/{repo}, then run "
-                  "`huggingface-cli login` (or set HF_TOKEN)")  # fmt: skip
+                  "`huggingface-cli login` (or set HF_TOKEN)")
     else:
         access = f"{repo} is public (not gated): no login is needed, only network access or a local copy"
     return (

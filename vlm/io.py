@@ -193,7 +193,7 @@ def _is_heatmap_folder(names: set[str]) -> bool:
     visible = {name for name in names if not name.startswith(".")} - {"failures.csv"}
     stems = {name[: -len(".geojson")] for name in visible if name.endswith(".geojson")}
     return bool(stems) and all(Path(name).stem in stems and Path(name).suffix in (".png", ".csv") or
-                               name.endswith(".geojson") for name in visible)  # fmt: skip
+                               name.endswith(".geojson") for name in visible)
 
 
 def output_kind(path: str | os.PathLike[str]) -> str | None:
@@ -457,7 +457,7 @@ def slide_id_from_path(path: str | os.PathLike[str]) -> str:
             slide_id = name[: -len(multi)]
     if slide_id in ("", ".", ".."):
         raise InputError(f"{path}: the file name leaves the slide id {slide_id!r} (the name without its extension), "
-                         "which cannot name outputs or links; rename the file")  # fmt: skip
+                         "which cannot name outputs or links; rename the file")
     return slide_id
 
 

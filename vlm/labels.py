@@ -111,7 +111,7 @@ def tumour_mutational_burden(
             continue
         labels[case], burden[case] = calls.pop(), max(tmbs)
     notes.update({"conflicting_aliquots": conflicting, "capture_mb": capture_mb, "threshold_per_mb": threshold,
-                  "counted_variant_classes": list(NON_SILENT)})  # fmt: skip
+                  "counted_variant_classes": list(NON_SILENT)})
     return labels, burden, notes
 
 
@@ -126,7 +126,7 @@ def case_classes(
     id_col = next((c for c in ("patient_id", "case_id") if c in frame.columns), None)
     if id_col is None or column not in frame.columns:
         raise InputError(f"{cases}: a case table needs patient_id (or case_id) and {column!r} columns; found "
-                         f"{list(frame.columns)}")  # fmt: skip
+                         f"{list(frame.columns)}")
     values: dict[str, set[str]] = collections.defaultdict(set)
     for case, value in zip(frame[id_col], frame[column], strict=True):
         if case.strip() and value.strip():
@@ -166,7 +166,7 @@ def build_labels(
     pairs_table = load_pairs(pairs)
     if pairs_table.patient_ids is None:
         raise InputError(f"{pairs}: labels are per case, and this pairs table has no patient_id column (vlm pairs "
-                         "writes it)")  # fmt: skip
+                         "writes it)")
     extra: dict[str, dict[str, float]] = {}
     if maf is not None and gene and capture_mb is None and cases is None:
         labels, notes = gene_status(maf, gene)
@@ -180,7 +180,7 @@ def build_labels(
         source = {"cases": str(cases), "column": column, "task": None if task is None else str(task)}
     else:
         raise UsageError("give one label source: `maf` FILE `gene` SYMBOL, `maf` FILE `capture_mb` MB (TMB), or "
-                         "`cases` TABLE `column` NAME [`task` TASK]")  # fmt: skip
+                         "`cases` TABLE `column` NAME [`task` TASK]")
     rows = []
     unknown: list[str] = []
     normal: list[str] = []
@@ -216,14 +216,14 @@ def build_labels(
             "cases_unknown": unknown_cases,
             "normal_slides_not_labelled": normal,
             **notes,
-        },  # fmt: skip
+        },
     }
     with atomic_path(out) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     with atomic_path(out.with_name(f"{out.stem}_report.json")) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
     log.info("labels: %d slides of %d cases (%d cases unknown) -> %s", len(rows), len(labelled_cases),
-             len(unknown_cases), out)  # fmt: skip
+             len(unknown_cases), out)
     return report
 
 

@@ -59,7 +59,7 @@ def roc_png(
         # Later curves are thinner and dashed, with their own markers, so that a curve lying on another shows.
         axes.plot(fpr, tpr, linewidth=max(3.5 - 1.0 * drawn, 1.0), linestyle=_LINESTYLES[drawn % len(_LINESTYLES)],
                   marker=_MARKERS[drawn % len(_MARKERS)], markersize=max(8 - 1.5 * drawn, 3), alpha=0.85,
-                  label=f"{class_names[index]} (AUC {auc:.3f})")  # fmt: skip
+                  label=f"{class_names[index]} (AUC {auc:.3f})")
     axes.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(-0.02, 1), ylim=(0, 1.03))
     heading = title or ("ROC" if positive is not None else "ROC, one-vs-rest")
     summary = f"n = {len(labels)}"

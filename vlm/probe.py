@@ -119,7 +119,7 @@ def _fit(x: np.ndarray, y: np.ndarray, seed: int, groups: np.ndarray | None = No
         pipeline, {"logisticregression__C": list(C_GRID)}, scoring="balanced_accuracy",
         cv=(StratifiedKFold if groups is None else StratifiedGroupKFold)(folds, shuffle=True, random_state=seed),
         refit=True,
-    )  # fmt: skip
+    )
     search.fit(x, y, groups=groups)
     return search.best_estimator_, float(search.best_params_["logisticregression__C"]), f"{folds}-fold CV"
 
@@ -138,7 +138,7 @@ def _spread(values: list[float | None]) -> dict[str, float | None]:
     if finite.size == 0:
         return {"mean": None, "std": None, "min": None, "max": None}
     return {"mean": float(finite.mean()), "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
-            "min": float(finite.min()), "max": float(finite.max())}  # fmt: skip
+            "min": float(finite.min()), "max": float(finite.max())}
 
 
 def run_probe(
@@ -175,7 +175,7 @@ def run_probe(
     leaked = sorted(set(train_labels.index) & set(test.index))
     if leaked:
         raise InputError(f"{len(leaked)} slide(s) are in both {labels} and {test_labels}, e.g. {leaked[:5]}; "
-                         "a probe must never be tested on its training slides")  # fmt: skip
+                         "a probe must never be tested on its training slides")
     by_case = level == "case"
     if by_case:  # every slide's case, one label per case, no patient on both sides
         train_cases, test_cases = read_slide_cases(labels), read_slide_cases(test_labels)
@@ -184,7 +184,7 @@ def run_probe(
         both = sorted(set(train_cases.reindex(train_labels.index)) & set(test_cases.reindex(test.index)))
         if both:
             raise InputError(f"{len(both)} patient(s) have slides in both {labels} and {test_labels}, e.g. "
-                             f"{both[:5]}; a probe must never be tested on its training cases")  # fmt: skip
+                             f"{both[:5]}; a probe must never be tested on its training cases")
     classes = sorted(train_labels.unique())
     if len(classes) < 2:
         raise InputError(f"{labels}: the probe needs at least two classes, found {classes}")
@@ -194,7 +194,7 @@ def run_probe(
     train_only = sorted(set(classes) - set(test.unique()))
     if train_only:  # e.g. a spreadsheet's "NaN" or a typo: a class the test set cannot score
         log.warning("probe: %s: label(s) %s occur in no slide of %s; they stay classes of the probe",
-                    labels, train_only, test_labels)  # fmt: skip
+                    labels, train_only, test_labels)
     test = test.sort_index()  # one canonical order: outputs do not depend on the files' row order
     train_labels = train_labels.sort_index()
     x_train, x_test = _matrix(embeddings, train_labels, slides), _matrix(embeddings, test, slides)
@@ -253,7 +253,7 @@ def run_probe(
             runs.append({
                 "seed": run_seed, "n_train": int(len(chosen)), "C": c_value, "C_source": c_source,
                 "metrics": {name: {"value": _finite(point[name])} for name in METRICS},
-            })  # fmt: skip
+            })
             probabilities_of[run_seed] = probabilities
             frame = pd.DataFrame(probabilities, columns=[f"p_{name}" for name in classes])
             if by_case:
@@ -271,14 +271,14 @@ def run_probe(
         order = sorted(runs, key=lambda r: (r["metrics"]["balanced_accuracy"]["value"] or 0.0, r["seed"]))
         median = order[(len(order) - 1) // 2]
         evaluation = classification_metrics(y_eval, probabilities_of[median["seed"]], classes, positive=positive,
-                                            n_boot=n_boot, seed=seed)  # fmt: skip
+                                            n_boot=n_boot, seed=seed)
         results.append({
             "shots": shot, "n_runs": len(runs), "runs": runs,
             "metrics": {name: evaluation["metrics"][name] for name in METRICS}, "metrics_seed": median["seed"],
             "spread": {name: _spread([r["metrics"][name]["value"] for r in runs]) for name in METRICS},
-        })  # fmt: skip
+        })
         log.info("probe: %s-shot balanced accuracy %.3f (mean over %d run(s))", shot,
-                 results[-1]["spread"]["balanced_accuracy"]["mean"] or float("nan"), len(runs))  # fmt: skip
+                 results[-1]["spread"]["balanced_accuracy"]["mean"] or float("nan"), len(runs))
     report = {
         "slides": str(slides), "labels": str(labels), "test_labels": str(test_labels), "classes": classes,
         "level": level, "n_train": int(len(y_train)), "n_test": int(len(y_eval)),
@@ -289,7 +289,7 @@ def run_probe(
         "bootstrap": {"n_boot": n_boot, "seed": seed, "method": "percentile, stratified, over test slides"},
         "shots": results,
         "zeroshot": zeroshot_metrics,
-    }  # fmt: skip
+    }
     _write(Path(out), report, rows)
     return report
 
@@ -336,7 +336,7 @@ def probe_png(report: dict[str, Any], metric: str = "balanced_accuracy") -> byte
         values = [run["metrics"][metric]["value"] for run in entry["runs"]]
         axes.scatter([x] * len(values), values, color="C0", alpha=0.5, s=18)
     axes.plot(positions, [np.nan if m is None else m for m in means], color="C0", marker="o",
-              label="linear probe (mean over seeds)")  # fmt: skip
+              label="linear probe (mean over seeds)")
     zs = (report.get("zeroshot") or {}).get("metrics", {}).get(metric)
     if zs and zs.get("value") is not None:
         axes.axhline(zs["value"], color="C3", linestyle="--", label=f"zero-shot ({zs['value']:.3f})")

@@ -63,7 +63,7 @@ def _existing_rows(path: Path, settings: dict) -> list[dict]:
         previous, rows = read_settings_and_rows(path)
     except ValueError as error:  # the reader's own advice ("re-run embed-slides") is this very command
         raise InputError(f"{path}: the output to resume is damaged ({error.__cause__ or error}); pass `overwrite` "
-                         "to recompute every slide, or choose another `out`") from error  # fmt: skip
+                         "to recompute every slide, or choose another `out`") from error
     for key in ("encoder", "pool", "config", "weights_sha256", "tile_encoder"):
         if key == "tile_encoder" and None in (previous.get(key), settings[key]):
             continue  # an output of a vlm that did not record it, or files that record none
@@ -156,7 +156,7 @@ def embed_slides(
     tile_encoder = check_tile_encoders(feature_paths, name)  # one tile encoder, the one `name` was trained on
     settings = {"encoder": name, "pool": pool, "config": asdict(encoder.config), "checkpoint": checkpoint,
                 "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
-                "weights_sha256": weights_digest(encoder), "tile_encoder": tile_encoder}  # fmt: skip
+                "weights_sha256": weights_digest(encoder), "tile_encoder": tile_encoder}
     settings["config"] = json.loads(json.dumps(settings["config"]))  # tuples -> lists, as read back
     target = shard_output(out, shard)
     rows = _Rows(target, settings, [] if overwrite else _existing_rows(target, settings))
@@ -167,7 +167,7 @@ def embed_slides(
         slide = load_slide_inputs(path, config.in_dim, mpp, patches, config.tile_size, config.grid_size)
         if slide.provenance["mpp_source"] != MPP_FROM_FILE:  # say where else the scale came from
             log.info("%s: level-0 %.4g µm/px from %s", slide.slide_id, slide.provenance["mpp"],
-                     slide.provenance["mpp_source"])  # fmt: skip
+                     slide.provenance["mpp_source"])
         return slide
 
     def embed(slides: list[SlideInputs]) -> list[dict]:
@@ -227,4 +227,4 @@ def embed_with_model(
         )
     log.info("embedding %s with the model's slide encoder into %s", features, out)
     return embed_slides(feature_files(features), out, model.slide_encoder, pool=model.config.pool, device=device,
-                        precision=precision, progress=progress, mpp=mpp, patches=patches)  # fmt: skip
+                        precision=precision, progress=progress, mpp=mpp, patches=patches)

@@ -270,7 +270,7 @@ def _score(
 def _evaluate(
     request: _Request, ids: list[str], probabilities: np.ndarray, per_set: Any, n_sets: int,
     allow_missing_slides: bool, n_boot: int, seed: int,
-) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Class index per row and the metrics.json content: pooled metrics with CIs, or MI-Zero's median."""
     from vlm.metrics import classification_metrics
 
@@ -283,15 +283,15 @@ def _evaluate(
             f"(column {column!r}); the classes are {list(task.classes)}"
         )
     pooled = classification_metrics(targets[mask], probabilities[mask], task.classes,
-                                    positive=task.positive_index, n_boot=n_boot, seed=seed)  # fmt: skip
+                                    positive=task.positive_index, n_boot=n_boot, seed=seed)
     metrics = {"level": request.level, "task": task.name, "labels": str(request.labels), "label_column": column,
-               "headline": _headline(n_sets), **label_report}  # fmt: skip
+               "headline": _headline(n_sets), **label_report}
     if not n_sets:
         return targets, {**metrics, **pooled}
     sets = _prompt_set_summary(per_set(), targets, task)  # MI-Zero: each set a classifier, headline their median
     metrics.update({key: pooled[key] for key in ("n", "support", "classes_without_cases", "positive")},
                    metrics=_median_metrics(sets, pooled["metrics"]), prompt_sets=sets,
-                   pooled_ensemble=pooled)  # fmt: skip
+                   pooled_ensemble=pooled)
     return targets, metrics
 
 
@@ -302,7 +302,7 @@ def _headline(n_sets: int) -> str:
 def _predictions(
     task: PromptTask, ids: list[str], members: list[list[str]] | None, probabilities: np.ndarray,
     targets: np.ndarray | None,
-) -> pd.DataFrame:  # fmt: skip
+) -> pd.DataFrame:
     """predictions.csv: one row per slide (or case with its slide_ids), probabilities, predicted[, label]."""
     frame = pd.DataFrame(probabilities, columns=list(task.classes))
     if members is None:
@@ -320,7 +320,7 @@ def _compute(
     model: SlideTextModel, embeddings: str | os.PathLike[str] | SlideEmbeddings, request: _Request, *,
     record: dict[str, Any], allow_missing_slides: bool, cache_dir: str | os.PathLike[str] | None, use_cache: bool,
     n_boot: int, seed: int,
-) -> ZeroShotResult:  # fmt: skip
+) -> ZeroShotResult:
     """Score the checked request; `record` holds the run.json entries the caller knows (model, source, device)."""
     from vlm import __version__
 
@@ -346,9 +346,9 @@ def _compute(
         "n_boot": n_boot, "seed": seed, "logit_scale": float(model.scale().detach()),
         "text_fingerprint": classifier.text_fingerprint,
         "cache": str(cache_dir or default_cache_dir()) if use_cache else None,
-    }  # fmt: skip
+    }
     return ZeroShotResult(task, request.level, ids, probabilities, _predictions(task, ids, members, probabilities,
-                          targets), classifier.prompts_used(), run, targets, metrics, members)  # fmt: skip
+                          targets), classifier.prompts_used(), run, targets, metrics, members)
 
 
 def _load_model(model: str | os.PathLike[str] | SlideTextModel, device: torch.device) -> tuple[SlideTextModel, str]:
@@ -389,7 +389,7 @@ def classify_zero_shot(
     loaded, model_source = _load_model(model, resolved)
     record = {"model": model_source, "slides": _source(embeddings), "device": str(resolved), "precision": precision}
     return _compute(loaded, embeddings, request, record=record, allow_missing_slides=allow_missing_slides,
-                    cache_dir=cache_dir, use_cache=use_cache, n_boot=n_boot, seed=seed)  # fmt: skip
+                    cache_dir=cache_dir, use_cache=use_cache, n_boot=n_boot, seed=seed)
 
 
 def _source(embeddings: Any) -> str:
@@ -411,9 +411,9 @@ def write_zeroshot(result: ZeroShotResult, out: str | os.PathLike[str]) -> None:
         pooled = result.metrics.get("pooled_ensemble", result.metrics)
         files["metrics.json"] = (json.dumps(result.metrics, indent=2) + "\n").encode()
         files["roc.png"] = roc_png(result.targets[mask], result.probabilities[mask], task.classes,
-                                   task.positive_index, title=title)  # fmt: skip
+                                   task.positive_index, title=title)
         files["confusion.png"] = confusion_png(np.array(pooled["confusion_matrix"]["counts"]), task.classes,
-                                               title=title)  # fmt: skip
+                                               title=title)
     files["predictions.csv"] = result.predictions.to_csv(index=False, float_format="%.6g").encode()
     files["prompts_used.json"] = (json.dumps(result.prompts_used, indent=2) + "\n").encode()
     files["run.json"] = (json.dumps(result.run, indent=2) + "\n").encode()
@@ -478,7 +478,7 @@ def run_zeroshot(
             embed(loaded, out / "slide_embeddings.parquet", resolved, precision, progress)
             embeddings = out / "slide_embeddings.parquet"
         result = _compute(loaded, embeddings, request, record=record, allow_missing_slides=allow_missing_slides,
-                          cache_dir=cache_dir, use_cache=use_cache, n_boot=n_boot, seed=seed)  # fmt: skip
+                          cache_dir=cache_dir, use_cache=use_cache, n_boot=n_boot, seed=seed)
         write_zeroshot(result, out)
     log.info("zeroshot: %d slides, %d classes -> %s", result.run["n_slides"], len(result.task.classes), out)
     return result.summary()

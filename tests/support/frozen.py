@@ -41,7 +41,7 @@ def build_frozen_run(tmp_path: Path, slides: list[Path]) -> dict:
     embed_slides(feature_files, parquet, encoder, progress=False, checkpoint=str(checkpoint))
     text = build_tiny_text_encoder(tmp_path / "text")
     config = TrainConfig(pairs="unused.csv", out=str(tmp_path / "run"), embeddings=str(parquet),
-                         text_encoder=str(text), proj_dim=32, max_length=64)  # fmt: skip
+                         text_encoder=str(text), proj_dim=32, max_length=64)
     model_dir = build_model(config, 64, None).save_pretrained(tmp_path / "model")
     return {"model": model_dir, "features": feature_files[0], "slide": slides[0], "parquet": parquet,
-            "checkpoint": checkpoint, "out": tmp_path / "heat", "feature_files": feature_files}  # fmt: skip
+            "checkpoint": checkpoint, "out": tmp_path / "heat", "feature_files": feature_files}

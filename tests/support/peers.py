@@ -153,7 +153,7 @@ MIZERO_POOL = {
     "LUSC": ["squamous cell carcinoma", "lung squamous cell carcinoma", "squamous cell carcinoma of the lung"],
 }
 MIZERO_TEMPLATES = ["CLASSNAME.", "an image of CLASSNAME.", "this is CLASSNAME.", "presence of CLASSNAME.",
-                    "CLASSNAME is shown.", "a photomicrograph of CLASSNAME."]  # fmt: skip
+                    "CLASSNAME is shown.", "a photomicrograph of CLASSNAME."]
 
 
 def write_mizero_file(path: Path, iters: int = 12, seed: int = 0) -> Path:
@@ -226,7 +226,7 @@ def write_gdc_maf(
             "Reference_Allele": "G", "Tumor_Seq_Allele1": "G", "Tumor_Seq_Allele2": "T", "dbSNP_RS": "",
             "dbSNP_Val_Status": "", "Tumor_Sample_Barcode": barcode,
             "Matched_Norm_Sample_Barcode": barcode[:12] + "-10A-01D-A000-08",
-        }  # fmt: skip
+        }
         lines.append("\t".join(values.get(column, "") for column in columns))
     with gzip.open(path, "wt") as handle:
         handle.write("\n".join(lines) + "\n")

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "alignment with a real pretrained text tower, and evaluates zero-shot, search and a supervised "
         "baseline on held-out slides. Writes <out>/summary.md and a script <out>/new_slide.sh that pushes a "
         "slide of your own through the demo's encoders and model.",
-    )  # fmt: skip
+    )
     demo.add_argument("--out", default="demo_out", help="output folder")
     demo.add_argument("--per-class", type=int, default=12, help="synthetic slides per class")
     demo.add_argument("--epochs", type=int, default=40, help="alignment training epochs")

@@ -72,24 +72,24 @@ class DeprecatedSpelling(argparse.Action):
         self.route = route
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:  # fmt: skip
+                 option_string: str | None = None) -> None:
         new = self.route(values)
         flag = max(new.option_strings, key=len)
         shown = values if isinstance(values, str) else " ".join(map(str, values))
         print(f"{parser.prog}: warning: {option_string} {shown} is deprecated and will be removed in the next "
-              f"release; use {flag} {shown}", file=sys.stderr)  # fmt: skip
+              f"release; use {flag} {shown}", file=sys.stderr)
         setattr(namespace, new.dest, values)
 
 
 def add_deprecated(container: Any, old: str, new: argparse.Action,
-                   route: Callable[[Any], argparse.Action] | None = None) -> argparse.Action:  # fmt: skip
+                   route: Callable[[Any], argparse.Action] | None = None) -> argparse.Action:
     """`old` as a deprecated spelling of the action `new` (or of the action `route(value)` returns).
 
     Add it to the same container (a mutually exclusive group keeps both spellings from being given together).
     """
     return container.add_argument(old, dest="_deprecated_" + old.lstrip("-").replace("-", "_"),
                                   action=DeprecatedSpelling, route=route or (lambda _: new), nargs=new.nargs,
-                                  metavar=new.metavar, type=new.type)  # fmt: skip
+                                  metavar=new.metavar, type=new.type)
 
 
 def add_embeddings(parser: Any, help: str, required: bool = True, old: str | None = "--slides") -> argparse.Action:
@@ -141,7 +141,7 @@ def add_random_weights(parser: Any, encoder: str) -> None:
     """`--random-weights` and its `--seed`, for commands that load a pretrained `encoder` ("tile", "slide")."""
     parser.add_argument("--random-weights", action="store_true",
                         help=f"an untrained {encoder} encoder seeded by --seed (smoke tests, the demo; never for "
-                        "results)")  # fmt: skip
+                        "results)")
     add_seed(parser, "seed of --random-weights")
 
 
@@ -159,7 +159,7 @@ def add_shard(parser: Any) -> None:
     parser.add_argument(
         "--shard", default=None,
         help="do part i of n of the slides (0-based 'i/n'); under torchrun RANK/WORLD_SIZE are used",
-    )  # fmt: skip
+    )
 
 
 def add_overwrite(parser: Any, help: str) -> None:
@@ -204,13 +204,13 @@ def add_config_options(parser: argparse.ArgumentParser, config: type) -> dict[st
             if default is not False:
                 raise TypeError(f"{config.__name__}.{field.name}: a boolean flag must default to False")
             actions[field.name] = target.add_argument(*flags, dest=field.name, action="store_true",
-                                                      help=_escape(help_text))  # fmt: skip
+                                                      help=_escape(help_text))
             continue
         if default is not dataclasses.MISSING and default is not None and "(default" not in help_text:
             help_text = f"{help_text} (default: {default})".strip()
         spec.setdefault("type", kind)
         actions[field.name] = target.add_argument(*flags, dest=field.name, default=None, help=_escape(help_text),
-                                                  **spec)  # fmt: skip
+                                                  **spec)
         for old in meta.get("deprecated", ()):
             add_deprecated(target, old, actions[field.name])
     return actions

@@ -28,7 +28,7 @@ _SEARCH_EPILOG = """examples:
   vlm search --index runs/report-index --slide-id TCGA-XX-XXXX --embeddings runs/slides.parquet   # slide -> report
 """
 _KIND_HELP = ("auto (flat up to 100k items, ivf up to 4M, ivfpq above), flat (exact), ivf, hnsw, "
-              "ivfpq")  # fmt: skip
+              "ivfpq")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,24 +40,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder from `vlm train` (<run>/model)")
     parser.add_argument("--out", required=True, help="index folder to write: new, empty (e.g. `.`), or an index "
-                        "to replace with --overwrite")  # fmt: skip
+                        "to replace with --overwrite")
     add_overwrite(parser, "replace an existing index at --out (any other non-empty folder is refused)")
     parser.add_argument("--kind", default="auto", choices=INDEX_KINDS, help=_KIND_HELP)
     parser.add_argument("--target-recall", type=float, default=0.95,
-                        help="Recall@10 vs exact search to tune approximate kinds to")  # fmt: skip
+                        help="Recall@10 vs exact search to tune approximate kinds to")
     add_seed(parser, "seed of training samples and tuning queries")
 
 
 def _register_index(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("index", help="build and edit FAISS indexes of slides or reports",
-                              epilog=_INDEX_EPILOG)  # fmt: skip
+                              epilog=_INDEX_EPILOG)
     actions = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
     build = actions.add_parser(
         "build", help="index slide embeddings (slide search by text or by slide)",
         description="Projects each slide embedding with the model's slide head and writes a FAISS index folder "
         "(index, ids, metadata, manifest) for `vlm search`.",
-    )  # fmt: skip
+    )
     add_embeddings(build, "slide embeddings parquet from `vlm embed-slides`")
     build.add_argument("--metadata", help="CSV / Parquet / JSONL with slide_id and columns to show in results")
     _build_options(build)
@@ -84,12 +84,12 @@ def _register_index(subparsers: argparse._SubParsersAction) -> None:
 
 def _register_search(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("search", help="search an index by report text or by slide id",
-                              epilog=_SEARCH_EPILOG)  # fmt: skip
+                              epilog=_SEARCH_EPILOG)
     p.add_argument("--index", required=True, help="index folder from `vlm index build` / `build-reports`")
     p.add_argument("text", nargs="?", help="query text, e.g. a report phrase (needs the model)")
     p.add_argument("--slide-id", help="query by a slide (in a slide index: no model needed)")
     add_embeddings(p, "slide embeddings parquet holding the --slide-id slide: needed on a report index, and on a "
-                   "slide index for a slide that is not in it", required=False)  # fmt: skip
+                   "slide index for a slide that is not in it", required=False)
     p.add_argument("-k", type=int, default=10, help="results to return")
     p.add_argument("--model", help="model folder (default: the one recorded in the index manifest)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {rank, slide_id, score, …}")
@@ -105,14 +105,14 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         description="Recall@K counts a hit at the level of the case: pairs rows sharing a patient_id, a report "
         "text or a slide_id are one case, so report -> slide finds any slide of the report's case and slide -> "
         "report the case's report. The definitions are written into the output JSON.",
-    )  # fmt: skip
+    )
     r.add_argument("--model", required=True, help="model folder from `vlm train`")
     r.add_argument("--pairs", required=True, help="CSV / Parquet / JSONL with slide_id, report [, patient_id, split]; "
-                   "rows of one patient_id (or report text) are one case")  # fmt: skip
+                   "rows of one patient_id (or report text) are one case")
     add_embeddings(r, "slide embeddings parquet from `vlm embed-slides`")
     r.add_argument("--labels", help="CSV / Parquet / JSONL with slide_id, label for slide -> slide metrics")
     r.add_argument("--split", default="auto", choices=("auto", "train", "val", "test", "all"),
-                   help="pairs to evaluate; auto = test when the pairs have a split column, else all")  # fmt: skip
+                   help="pairs to evaluate; auto = test when the pairs have a split column, else all")
     r.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="cut-offs K")
     add_bootstrap(r)
     add_seed(r, "bootstrap seed")
@@ -124,7 +124,7 @@ def _index_build(args: argparse.Namespace) -> int:
     from vlm.retrieval import build_slide_index
 
     index = build_slide_index(args.model, args.embeddings, args.out, metadata=args.metadata, overwrite=args.overwrite,
-                              kind=args.kind, target_recall=args.target_recall, seed=args.seed)  # fmt: skip
+                              kind=args.kind, target_recall=args.target_recall, seed=args.seed)
     print(_summary(index, args.out))
     return 0
 
@@ -133,7 +133,7 @@ def _index_build_reports(args: argparse.Namespace) -> int:
     from vlm.retrieval import build_report_index
 
     index = build_report_index(args.model, args.pairs, args.out, overwrite=args.overwrite, kind=args.kind,
-                               target_recall=args.target_recall, seed=args.seed)  # fmt: skip
+                               target_recall=args.target_recall, seed=args.seed)
     print(_summary(index, args.out))
     return 0
 
@@ -179,7 +179,7 @@ def _search(args: argparse.Namespace) -> int:
     elif isinstance(index, ReportIndex):
         if args.embeddings is None:
             raise UsageError("a report index is searched by slide through its embedding: add --embeddings "
-                             "slides.parquet")  # fmt: skip
+                             "slides.parquet")
         results = index.search_slide(args.slide_id, load_slide_embeddings(args.embeddings), k=args.k)
     elif args.embeddings is not None:  # a slide outside this slide index, by its embedding in --embeddings
         table = load_slide_embeddings(args.embeddings)
@@ -205,9 +205,9 @@ def _eval_retrieval(args: argparse.Namespace) -> int:
     if args.out:
         check_output_file(args.out)  # before the evaluation, not after
     metrics = evaluate_retrieval(args.model, args.pairs, args.embeddings, args.labels, split=args.split, ks=args.ks,
-                                 n_boot=args.n_boot, seed=args.seed)  # fmt: skip
+                                 n_boot=args.n_boot, seed=args.seed)
     print(f"split {metrics['split']}: {metrics['n_pairs']} pairs, {metrics['n_slides']} slides, "
-          f"{metrics['n_cases']} cases (a hit is any slide / report of the query's case)")  # fmt: skip
+          f"{metrics['n_cases']} cases (a hit is any slide / report of the query's case)")
     for group in ("report_to_slide", "slide_to_report", "slide_to_slide"):
         for name, value in metrics.get(group, {}).items():
             if isinstance(value, dict) and "value" in value:

@@ -78,7 +78,7 @@ def _embed_slides(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard=shard, progress=not args.no_progress, overwrite=args.overwrite,
         mpp=args.mpp, patches=args.patches, precision=args.precision, compile=args.compile,
         checkpoint=None if args.random_weights else args.checkpoint,  # random weights: their hash is recorded
-    )  # fmt: skip
+    )
     return finish_batch(report, shard_output(args.out, shard))
 
 

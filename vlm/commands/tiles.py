@@ -103,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "info", help="print each slide's dimensions, levels, mpp and objective power",
         description="One JSON line per slide (dimensions, pyramid levels, level-0 µm/px, objective power), read "
         "with OpenSlide; check here that a slide records its mpp before tiling it.",
-    )  # fmt: skip
+    )
     _add_slide_inputs(info)
     info.set_defaults(func=_info)
 
@@ -112,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="For each slide: an Otsu tissue mask, a grid of --tile-size px tiles at --target-mpp keeping "
         "tiles with at least --min-tissue tissue, written to <out>/<slide_id>.h5 with a QC thumbnail. "
         "Finished slides are skipped; failures are listed in <out>/failures.csv (exit status 1).",
-    )  # fmt: skip
+    )
     _add_slide_inputs(tile)
     _add_tiling_options(tile)
     _add_batch_options(tile)
@@ -125,7 +125,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "<out>/<slide_id>.h5 with one feature vector per tile and its coordinates. The Prov-GigaPath tile "
         "encoder needs hub access or --checkpoint; --random-weights gives an untrained encoder for offline "
         "smoke tests.",
-    )  # fmt: skip
+    )
     _add_slide_inputs(embed)
     _add_tiling_options(embed)
     _add_batch_options(embed)

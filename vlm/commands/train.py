@@ -28,9 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the pairs sharing a patient_id, report text or slide_id are one case, a batch never holds two slides of "
         "a case, and validation recall counts any slide of the report's case (definitions in metrics.jsonl's "
         "first line).",
-    )  # fmt: skip
+    )
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint, with "
-                   "its saved settings (only --epochs may change)")  # fmt: skip
+                   "its saved settings (only --epochs may change)")
     add_progress(p)
     add_config_options(p, TrainConfig)
     p.set_defaults(func=run)

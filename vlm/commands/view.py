@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "heatmap", help="text -> tile heatmaps of slides (PNG, QuPath GeoJSON, CSV)", epilog=_HEATMAP_EPILOG,
         description="Writes <out>/<slide_id>.png, .geojson, .csv and .json per slide (the .json holds each map's "
         "faithfulness: deletion / insertion against random tile orders) and <out>/summary.csv.",
-    )  # fmt: skip
+    )
     p.add_argument("--model", required=True, help="model folder written by `vlm train` (…/model)")
     p.add_argument("--features", required=True, nargs="+", help="tile-feature .h5 files or folders of them")
     p.add_argument("--slide", nargs="+", default=[], help="slide files or folders (default: the path in the .h5)")
@@ -39,13 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     target.add_argument("--task", help="prompt file: one map per class, the class against the task's other classes")
     p.add_argument("--task-target", choices=("contrast", "class"), default="contrast",
                    help="with --task: each class against the others (what the prediction compares; default) or "
-                   "the class's prompts alone")  # fmt: skip
+                   "the class's prompts alone")
     p.add_argument("--method", choices=("share", "occlusion"), default="share",
                    help="tile attribution: linear shares of the slide score (exact, one pass) or region occlusion "
                    "(blocks of tiles removed and the slide re-encoded); each map's faithfulness is written beside "
-                   "it, so compare them on your data")  # fmt: skip
+                   "it, so compare them on your data")
     p.add_argument("--block", default="auto",
-                   help="occlusion block side in tiles ('auto': about 64 blocks per slide)")  # fmt: skip
+                   help="occlusion block side in tiles ('auto': about 64 blocks per slide)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--slide-checkpoint", help="slide encoder weights (default: the one the model records)")
     p.add_argument("--mpp", type=float, help="level-0 µm/px of the slides, if the feature files lack it")
@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="local web app: text search, similar slides, deep-zoom viewer with heatmaps",
         epilog=_SERVE_EPILOG,
         description="Serves the search page and slide viewer over HTTP on 127.0.0.1 (this machine only).",
-    )  # fmt: skip
+    )
     s.add_argument("--index", required=True, help="slide index folder from `vlm index build`")
     s.add_argument("--model", help="model folder (default: the one recorded in the index manifest)")
     s.add_argument("--slides", nargs="+", default=[], help="folders of slide files (the only files served)")
@@ -68,12 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--host", default="127.0.0.1",
         help="address to bind (127.0.0.1: this machine only); requests naming another host are refused (400)",
-    )  # fmt: skip
+    )
     s.add_argument("--port", type=int, default=8000, help="TCP port, 0–65535 (0: a free one, printed)")
     s.add_argument(
         "--allow-remote", action="store_true",
         help="allow a --host other than localhost: anyone who can reach it sees the slides (no authentication)",
-    )  # fmt: skip
+    )
     s.set_defaults(func=_serve)
 
 
@@ -95,7 +95,7 @@ def _heatmap(args: argparse.Namespace) -> int:
     block = args.block if args.block == "auto" else int(args.block)
     model = SlideTextModel.from_pretrained(args.model, device=resolve_device(args.device))
     options = {"slide_checkpoint": args.slide_checkpoint, "mpp": args.mpp, "method": args.method, "block": block,
-               "device": args.device, "precision": args.precision}  # fmt: skip
+               "device": args.device, "precision": args.precision}
     if args.task:
         from vlm.io import slide_id_from_path
 
@@ -122,7 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("serving on %s: anyone who can reach this address can search and view the slides", args.host)
     if args.host in WILDCARD_HOSTS:
         log.warning("--host %s: only requests addressed to %s are answered (Host header check); give --host the "
-                    "address or name other machines use", args.host, "/".join(LOCAL_HOSTS))  # fmt: skip
+                    "address or name other machines use", args.host, "/".join(LOCAL_HOSTS))
     serve(args.index, model=args.model, slides=args.slides, features=args.features, task=args.task,
-          slide_checkpoint=args.slide_checkpoint, host=args.host, port=args.port)  # fmt: skip
+          slide_checkpoint=args.slide_checkpoint, host=args.host, port=args.port)
     return 0

@@ -39,7 +39,7 @@ def _embedder(args: argparse.Namespace) -> Callable[[Any, Path, Any, str, bool],
         from vlm.slide_embeddings import embed_with_model
 
         report = embed_with_model(args.features, model, target, device=device, precision=precision,
-                                  progress=progress, mpp=args.mpp, patches=args.patches)  # fmt: skip
+                                  progress=progress, mpp=args.mpp, patches=args.patches)
         if report.failed:
             log.error("%d slides failed to embed (listed in %s) and are not scored", len(report.failed), args.out)
 
@@ -78,7 +78,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         report = zeroshot_heatmaps(args.model, Path(args.out) / "predictions.csv", args.task, args.classes, features,
                                    args.heatmap_slides, args.heatmaps, cache_dir=args.cache_dir,
                                    slide_checkpoint=args.slide_checkpoint, target=args.heatmap_target,
-                                   device=args.device)  # fmt: skip
+                                   device=args.device)
         print("heatmaps of the predicted classes:", end=" ")
         status = finish_batch(report, args.heatmaps)
     if "metrics" in result:
@@ -168,9 +168,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--positive", help="with --classes and two classes: the positive class code")
     source = parser.add_mutually_exclusive_group(required=True)
     embeddings = source.add_argument("--embeddings", metavar="PARQUET",
-                                     help="slide embeddings parquet from `vlm embed-slides`")  # fmt: skip
+                                     help="slide embeddings parquet from `vlm embed-slides`")
     features = source.add_argument("--features", metavar="DIR", help="folder of tile-feature .h5 files, embedded "
-                                   "with the model's own slide encoder into OUT/slide_embeddings.parquet")  # fmt: skip
+                                   "with the model's own slide encoder into OUT/slide_embeddings.parquet")
     add_deprecated(source, "--slides", embeddings, route=lambda value: features if Path(value).is_dir() else embeddings)
     add_feature_file_options(parser)
     parser.add_argument(
@@ -191,7 +191,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="slide: one prediction per slide; case: for labels given per case, one prediction per "
         "patient_id of --labels (it needs that column): the softmax of the mean of its slides' logits, metrics "
         "over cases, predictions.csv with each case's slide_ids",
-    )  # fmt: skip
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--cache-dir", help="prompt-embedding cache (default $VLM_CACHE/prompts or ~/.cache/vlm/prompts)"
@@ -208,7 +208,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="slide files or folders for --heatmaps (default: the path in each .h5)")
     parser.add_argument("--heatmap-target", choices=("contrast", "class"), default="contrast",
                         help="--heatmaps map the predicted class against the other classes (default: the quantity "
-                        "the prediction compares) or the class's prompts alone")  # fmt: skip
+                        "the prediction compares) or the class's prompts alone")
     parser.add_argument("--slide-checkpoint", help="slide encoder weights for --heatmaps (default: the recorded one)")
     parser.set_defaults(func=_zeroshot)
 

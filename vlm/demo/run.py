@@ -312,7 +312,7 @@ def _run_demo(settings: DemoSettings) -> DemoResult:
     with _timed(timings, "supervised baseline (linear probe)"):
         result.probe = run_probe(slides_parquet, out / "train_labels.csv", labels_csv, out / "probe",
                                  shots=PROBE_SHOTS, seeds=PROBE_SEEDS, zeroshot=out / "zeroshot" / "metrics.json",
-                                 seed=settings.seed)  # fmt: skip
+                                 seed=settings.seed)
 
     with _timed(timings, "heatmaps of held-out slides (predicted class)"):
         from vlm.heatmap import zeroshot_heatmaps
@@ -323,15 +323,15 @@ def _run_demo(settings: DemoSettings) -> DemoResult:
             few.to_csv(tmp, index=False)
         _check_batch(zeroshot_heatmaps(result.model_dir, out / "heatmaps_predictions.csv", PROMPT_FILE, None,
                                        out / "features", [out / "slides"], out / "heatmaps",
-                                       cache_dir=out / "cache"), "heatmaps")  # fmt: skip
+                                       cache_dir=out / "cache"), "heatmaps")
         result.heatmaps = sorted(str(s) for s in few["slide_id"])
 
     with _timed(timings, "index of held-out slides + text search"):
         held_out_ids = [s.slide_id for s in cohort if s.split == "test"]
         metadata = pd.DataFrame({"slide_id": held_out_ids, "label": [s.label for s in cohort if s.split == "test"],
-                                 "split": "test"})  # fmt: skip
+                                 "split": "test"})
         index = SlideIndex.build(result.model_dir, slides.lookup(held_out_ids).numpy(), held_out_ids,
-                                 metadata=metadata, kind="flat")  # fmt: skip
+                                 metadata=metadata, kind="flat")
         index.save(out / "index")
         result.search = index.search_text(SEARCH_QUERY, k=5)
         result.query_words_seen = query_words_seen
@@ -358,7 +358,7 @@ def _write_outputs(result: DemoResult, cohort: list[CohortSlide]) -> None:
         "query_words_in_training_reports": result.query_words_seen,
         "results": [{"slide_id": h["slide_id"], "score": round(float(h["score"]), 6), "split": h["split"],
                      "label": h["label"]} for _, h in hits.iterrows()],
-    }  # fmt: skip
+    }
     with atomic_path(out / "search.json") as tmp:
         tmp.write_text(json.dumps(search, indent=2) + "\n")
     _write_new_slide_script(out)
@@ -395,13 +395,13 @@ def _search_figure(path: Path, slides_dir: Path, hits: pd.DataFrame, query: str)
         axis.imshow(_thumbnail(slide))
         colour = _CLASS_COLOURS.get(hit["label"], "black")
         axis.set_title(f"#{hit['rank']} {hit['slide_id']}\nclass {hit['label']} · {hit['split']} split\n"
-                       f"score {hit['score']:.3f}", fontsize=9, color=colour)  # fmt: skip
+                       f"score {hit['score']:.3f}", fontsize=9, color=colour)
         for spine in axis.spines.values():  # a frame in the class's colour
             spine.set(edgecolor=colour, linewidth=3, visible=True)
         axis.set_xticks([])
         axis.set_yticks([])
     figure.suptitle(f'query: "{query}" (wording no training report uses), over the held-out slides only',
-                    fontsize=11)  # fmt: skip
+                    fontsize=11)
     figure.tight_layout(rect=(0, 0, 1, 0.88))  # room for the query above the panel titles
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
@@ -421,11 +421,11 @@ def _probe_lines(probe: dict[str, Any]) -> list[str]:
         if entry["n_runs"] > 1:
             spread = entry["spread"]["balanced_accuracy"]
             lines.append(f"| {entry['shots']} | {spread['mean']:.3f} (mean) | {spread['min']:.3f} – "
-                         f"{spread['max']:.3f} (min – max over seeds) | {entry['n_runs']} |")  # fmt: skip
+                         f"{spread['max']:.3f} (min – max over seeds) | {entry['n_runs']} |")
         else:
             metric = entry["metrics"]["balanced_accuracy"]
             lines.append(f"| {entry['shots']} ({entry['runs'][0]['n_train']} slides) | {metric['value']:.3f} | "
-                         f"{metric['ci_low']:.3f} – {metric['ci_high']:.3f} | 1 |")  # fmt: skip
+                         f"{metric['ci_low']:.3f} – {metric['ci_high']:.3f} | 1 |")
     return lines
 
 

@@ -76,7 +76,7 @@ SLIDE_ENCODER_PRESETS: dict[str, SlideEncoderConfig] = {
         in_dim=32, embed_dim=64, depth=2, num_heads=4, mlp_dim=128,
         segment_lengths=(16, 37, 64, 150, 1024), dilated_ratios=(1, 2, 4, 8, 16),
     ),
-}  # fmt: skip
+}
 
 
 class GigaPathSlideEncoder(nn.Module):
@@ -92,7 +92,7 @@ class GigaPathSlideEncoder(nn.Module):
             config.depth, config.drop_path, embed_dim=config.embed_dim, num_heads=config.num_heads,
             mlp_dim=config.mlp_dim, segment_lengths=config.segment_lengths, dilated_ratios=config.dilated_ratios,
             dropout=config.dropout,
-        )  # fmt: skip
+        )
         self.norm = nn.LayerNorm(config.embed_dim, eps=1e-6)
         self._init_weights()
 

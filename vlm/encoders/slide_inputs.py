@@ -120,12 +120,12 @@ def load_slide_inputs(
     tiles = read_features(path, mpp=mpp, patches=patches)
     grid = tiles.grid
     provenance = {"source": str(path), "mpp": grid.mpp, "mpp_source": grid.mpp_source,
-                  "tile_size_level0": grid.tile_size_level0, "tile_encoder": tiles.encoder}  # fmt: skip
+                  "tile_size_level0": grid.tile_size_level0, "tile_encoder": tiles.encoder}
     log.debug("%s: level-0 %.4g µm/px from %s", slide_id, grid.mpp, grid.mpp_source)
     return prepare_slide_inputs(
         tiles.features, grid.coords, grid.mpp, grid.tile_size_level0, slide_id, str(path), in_dim,
         tile_size, grid_size, max_tiles, seed, provenance,
-    )  # fmt: skip
+    )
 
 
 # The tile encoder each slide-encoder preset was trained on, by the names a feature file may record for it
@@ -193,7 +193,7 @@ def check_tile_encoders(
     if unrecorded:
         log.warning("%d feature file(s) record no tile encoder (%s; CLAM or older TRIDENT files): that they come "
                     "from %s is not checked", len(unrecorded), named(unrecorded),
-                    repr(found or tile_encoder) if found or tile_encoder else "the same encoder")  # fmt: skip
+                    repr(found or tile_encoder) if found or tile_encoder else "the same encoder")
     return found
 
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 COLUMNS: tuple[str, ...] = ("slide_id", "embedding", "n_tiles", "encoder", "pool")
 SETTINGS_KEY = b"vlm"
 SCHEMA = pa.schema([("slide_id", pa.string()), ("embedding", pa.list_(pa.float32())), ("n_tiles", pa.int64()),
-                    ("encoder", pa.string()), ("pool", pa.string())])  # fmt: skip
+                    ("encoder", pa.string()), ("pool", pa.string())])
 
 
 def shard_output(out: str | os.PathLike[str], shard: Shard) -> Path:
@@ -144,7 +144,7 @@ def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
     missing = [c for c in ("slide_id", "embedding") if c not in frame.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {missing}; found {list(frame.columns)} "
-                         "(expected the output of `vlm embed-slides`)")  # fmt: skip
+                         "(expected the output of `vlm embed-slides`)")
     if len(frame) == 0:
         raise InputError(f"{path}: no slide embeddings in the file; run `vlm embed-slides` first")
     ids = [str(s) for s in frame["slide_id"]]

@@ -162,7 +162,7 @@ def _read_coords(path: Path, read: Callable[[h5py.File], Any], hint: str = "") -
 
 
 _GRID_ATTRIBUTES = ("mpp", "tile_size_level0", "patch_size_level0", "tile_size", "patch_size", "target_mpp",
-                    "level0_magnification", "target_magnification")  # fmt: skip
+                    "level0_magnification", "target_magnification")
 
 
 def _grid_attributes(h5: h5py.File) -> tuple[dict[str, object | None], str]:

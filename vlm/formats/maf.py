@@ -78,7 +78,7 @@ def read_maf(path: str | os.PathLike[str]) -> pd.DataFrame:
     frame = pd.read_csv(
         path, sep="\t", skiprows=skipped, usecols=wanted, dtype=str, keep_default_na=False,
         compression="gzip" if gzipped else None, encoding="utf-8-sig", low_memory=False,
-    )  # fmt: skip
+    )
     for column in REQUIRED_COLUMNS:
         frame[column] = frame[column].str.strip()
     # GDC MAFs name every tumour aliquot they analysed, including those without a variant that passed

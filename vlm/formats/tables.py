@@ -114,7 +114,7 @@ def _read(path: Path, suffix: str, all_text: bool) -> pd.DataFrame:
         header = pd.read_csv(path, sep=sep, nrows=0, encoding="utf-8-sig")
         text = [c for c in header.columns if all_text or is_id_column(str(c).strip())]
         frame = pd.read_csv(path, sep=sep, dtype=dict.fromkeys(text, str), keep_default_na=not all_text,
-                            encoding="utf-8-sig")  # fmt: skip
+                            encoding="utf-8-sig")
         if text and not all_text:
             as_text = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, usecols=text, encoding="utf-8-sig")
             frame[text] = as_text[text]

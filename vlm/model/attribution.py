@@ -269,7 +269,7 @@ def occlusion_scores(
     if any(len(rest) == 0 for rest in blocks):  # one block holds every tile: nothing would be left
         raise InputError(f"the slide's {len(features)} tiles fall in one occlusion block; give a smaller block")
     scores = subset_scores(model, encoder, features, coords, [everything, *blocks], texts, precision,
-                           tokens_per_pass)  # fmt: skip
+                           tokens_per_pass)
     slide = scores[0]
     return (slide[None] - scores[1:][ids]).astype(np.float32), slide.astype(np.float32)
 
@@ -360,7 +360,7 @@ def faithfulness(
             float(random_ins.mean()), float(random_ins.std(ddof=1)), float(gap), mean, std,
             bool(gap > mean + RANDOM_SPREADS * std), steps, random_orders,
             [float(v) for v in curves[q, 0, :, q]], [float(v) for v in curves[q, 1, :, q]],
-        ))  # fmt: skip
+        ))
     return results
 
 
@@ -412,7 +412,7 @@ def slide_heat(
     tiles = read_features(feature_path, mpp=mpp)  # read once: the encoder inputs and the level-0 tile corners
     grid = tiles.grid
     inputs = prepare_slide_inputs(tiles.features, grid.coords, grid.mpp, grid.tile_size_level0, slide_id,
-                                  str(feature_path), config.in_dim, config.tile_size, config.grid_size)  # fmt: skip
+                                  str(feature_path), config.in_dim, config.tile_size, config.grid_size)
     if method == "share":
         scores, slide = tile_scores(model, encoder, inputs.features, inputs.coords, texts)
     else:
@@ -420,5 +420,5 @@ def slide_heat(
     measured = None
     if faithful:
         measured = faithfulness(model, encoder, inputs.features, inputs.coords, scores, texts, steps, random_orders,
-                                precision=precision)  # fmt: skip
+                                precision=precision)
     return SlideHeat(slide_id, list(queries), grid.coords, grid.tile_size_level0, scores, slide, method, measured)

@@ -84,7 +84,7 @@ def evaluate_retrieval(
     out: dict[str, Any] = {
         "split": split, "n_pairs": len(table), "n_slides": len(slide_ids), "n_cases": int(len(np.unique(cases))),
         "definitions": RECALL_DEFINITIONS,
-    }  # fmt: skip
+    }
     for name, ranks in (("report_to_slide", to_slide), ("slide_to_report", to_report)):
         out[name] = {f"R@{k}": _with_ci((ranks < k).astype(float), **boot) for k in ks}
     hits = np.stack([(r < k).astype(float) for r in (to_slide, to_report) for k in ks], axis=1)  # [R, 2K]
@@ -104,7 +104,7 @@ def _label_metrics(
     keep = [i for i, s in enumerate(slide_ids) if s in label_of]
     if len(keep) < len(slide_ids):
         log.warning("%d of %d evaluated slides have no label in %s and are left out of slide → slide",
-                    len(slide_ids) - len(keep), len(slide_ids), labels_path)  # fmt: skip
+                    len(slide_ids) - len(keep), len(slide_ids), labels_path)
     k_max = max(ks)
     if len(keep) <= k_max:
         raise InputError(f"slide → slide @{k_max} needs more than {k_max} labelled slides, got {len(keep)}")

@@ -169,7 +169,7 @@ class SlideIndex:
         """Project unprojected slide embeddings [N, E] with `model` and index them (see `from_vectors`)."""
         model, folder = resolve_model(model)
         return cls.from_vectors(project_slides(model, embeddings), slide_ids, model, metadata,
-                                model_path=folder, **options)  # fmt: skip
+                                model_path=folder, **options)
 
     @classmethod
     def from_vectors(
@@ -249,7 +249,7 @@ class SlideIndex:
         if not keys:
             raise UsageError("empty collection: the chunks held no vectors (check the ids and embeddings given)")
         log.info("pass 1: checked %d vectors, kept a sample of %d (%.0f s)", len(keys), len(sample),
-                 time.perf_counter() - started)  # fmt: skip
+                 time.perf_counter() - started)
         chosen, params = _choose(kind, len(keys), dim, cls.content)
         index = kinds.create_index(chosen, dim, params)
         order = np.argsort(sample_keys, kind="stable")
@@ -272,10 +272,10 @@ class SlideIndex:
             start += len(block)
             log.debug("added %d of %d %s", start, len(keys), cls.content)
         log.info("pass 2: added %d vectors and found the exact neighbours of %d tuning queries (%.0f s)",
-                 start, len(queries), time.perf_counter() - started)  # fmt: skip
+                 start, len(queries), time.perf_counter() - started)
         exact = kinds.topk_without_self(best_ids, query_ids, recall_k)
         params, recall = kinds.tune_on(index, chosen, params, queries, query_ids, exact, target=target_recall,
-                                       k=recall_k)  # fmt: skip
+                                       k=recall_k)
         return cls._assemble(index, chosen, kind, params, recall, keys, metadata, model, model_path, source, gpu)
 
     @classmethod
@@ -301,7 +301,7 @@ class SlideIndex:
             "kind": chosen, "requested_kind": kind, "params": params, "metric": "inner product of L2-normalised",
             "dim": int(index.d), "count": len(keys), "next_id": len(keys), "recall": recall,
             "source": source or {}, "created": now, "updated": now,
-        }  # fmt: skip
+        }
         table = pd.DataFrame({ID_COLUMN: np.arange(len(keys), dtype=np.int64), cls.key: keys})
         return cls(index, _join_metadata(table, metadata, cls.key), manifest, model=model, gpu=gpu)
 
@@ -395,7 +395,7 @@ class SlideIndex:
             log.warning(
                 "%d of %d stored vectors are removed items that every search skips; rebuild the index "
                 "(`vlm index build`) to reclaim the memory and speed", len(self._deleted), self.index.ntotal,
-            )  # fmt: skip
+            )
         self._skip = kinds.removal_filter(self.index, self.kind, self._deleted)
         self._search_index = kinds.to_gpu(self.index, self.kind) if self._gpu else None
 
@@ -473,7 +473,7 @@ class SlideIndex:
             frames.append(hits)
         table = pd.concat(frames, ignore_index=True)
         return table[[*RESULT_COLUMNS[:2], self.key, "score", *[c for c in table.columns if c not in
-                                                                 (*RESULT_COLUMNS, self.key)]]]  # fmt: skip
+                                                                 (*RESULT_COLUMNS, self.key)]]]
 
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         return self._id_rows.get_indexer(ids)
@@ -537,7 +537,7 @@ def _read_data_files(path: Path, manifest: dict[str, Any]) -> tuple[faiss.Index,
     recorded = manifest.get("files")
     if recorded is None:
         log.warning("%s: an index written before checksums were recorded; damage cannot be detected. Rebuild it "
-                    "(or `vlm index add` / `remove` once) to add them", path)  # fmt: skip
+                    "(or `vlm index add` / `remove` once) to add them", path)
     for name in (INDEX_FILE, METADATA_FILE):
         file = path / name
         if not file.is_file():
@@ -687,11 +687,11 @@ def _keep_smallest(
     place, so a full sample is never copied."""
     if len(rows) + len(new_rows) <= size:
         return (np.concatenate([rows, new_rows]), np.concatenate([draws, new_draws]),
-                np.concatenate([ids, new_ids]))  # fmt: skip
+                np.concatenate([ids, new_ids]))
     if len(rows) < size:  # fill up to `size` first, so the slots to reuse exist
         fill = size - len(rows)
         rows, draws, ids = (np.concatenate([rows, new_rows[:fill]]), np.concatenate([draws, new_draws[:fill]]),
-                            np.concatenate([ids, new_ids[:fill]]))  # fmt: skip
+                            np.concatenate([ids, new_ids[:fill]]))
         new_rows, new_draws, new_ids = new_rows[fill:], new_draws[fill:], new_ids[fill:]
     everything = np.concatenate([draws, new_draws])
     keep = np.argpartition(everything, size - 1)[:size]

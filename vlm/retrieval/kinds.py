@@ -279,10 +279,10 @@ def tune_on(
         log.warning(
             "%s did not reach Recall@%d %.2f (best %.4f at %s=%d); searches will miss more neighbours. "
             "Use --kind flat or ivf for exact vectors", kind, k, target, recall, name, value,
-        )  # fmt: skip
+        )
     log.info("%s: %s=%d gives Recall@%d %.4f vs exact on %d queries", kind, name, value, k, recall, len(queries))
     record = {"exact": False, "target": target, "measured": recall, "k": k, "n_queries": len(queries),
-              "reached": recall >= target, "tuned": name}  # fmt: skip
+              "reached": recall >= target, "tuned": name}
     params = {**params, name: value}
     apply_params(index, kind, params)
     return params, record

@@ -99,7 +99,7 @@ def build_slide_index(
         source = {"slides": str(Path(slides).resolve()), "encoder": embeddings.encoder, "pool": embeddings.pool}
         embeddings.check_finite()
         return SlideIndex.build(model, embeddings.embeddings, embeddings.ids, read_metadata(metadata),
-                                source=source, **options)  # fmt: skip
+                                source=source, **options)
 
     return _build_into(out, overwrite, build)
 
@@ -152,7 +152,7 @@ def build_report_index(
 ) -> ReportIndex:
     """`vlm index build-reports`: index every report of a pairs table, saved to `out` when given."""
     return _build_into(out, overwrite, lambda: ReportIndex.build_reports(
-        model, load_pairs(pairs), source={"pairs": str(Path(pairs).resolve())}, **options))  # fmt: skip
+        model, load_pairs(pairs), source={"pairs": str(Path(pairs).resolve())}, **options))
 
 
 def load_index(path: str | os.PathLike[str], model: ModelArg | None = None, gpu: bool = False) -> SlideIndex:

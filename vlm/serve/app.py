@@ -64,9 +64,9 @@ def create_app(
     from vlm.serve.routes import EXCEPTION_HANDLERS, router
 
     state = load_state(index, model=model, slides=slides, features=features, task=task,
-                       slide_checkpoint=slide_checkpoint)  # fmt: skip
+                       slide_checkpoint=slide_checkpoint)
     app = FastAPI(title="vlm", docs_url=None, redoc_url=None, openapi_url=None,
-                  exception_handlers=EXCEPTION_HANDLERS)  # fmt: skip
+                  exception_handlers=EXCEPTION_HANDLERS)
     app.state.vlm = state
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host))
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
@@ -100,12 +100,12 @@ def serve(
             sock.bind((host, port))
         except OSError as error:
             raise UsageError(f"cannot listen on {host} port {port} ({error.strerror or error}); "
-                             "choose another `port`, or 0 for a free one") from error  # fmt: skip
+                             "choose another `port`, or 0 for a free one") from error
         app = create_app(index, host=host, **options)
         bound = sock.getsockname()[1]
         name = "127.0.0.1" if host in WILDCARD_HOSTS else host  # a wildcard is no address to open (nor answered)
         print(f"vlm serve: open http://{'[' + name + ']' if ':' in name else name}:{bound}/ (Ctrl-C stops)",
-              flush=True)  # fmt: skip
+              flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         sock.close()

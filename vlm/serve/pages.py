@@ -74,7 +74,7 @@ def search_page(state: ServeState, q: str | None, similar: str | None, page_no: 
     table, title = _search(state, q, similar, max(min(available, page_no * PER_PAGE), 1))
     offset = (page_no - 1) * PER_PAGE
     return SearchPage(q=q or "", similar=similar, results=_records(table)[offset:], title=title, page_no=page_no,
-                      more=page_no * PER_PAGE < available, offset=offset)  # fmt: skip
+                      more=page_no * PER_PAGE < available, offset=offset)
 
 
 @dataclass
@@ -108,7 +108,7 @@ def slide_page(state: ServeState, slide_id: str, q: str | None = None) -> SlideP
     state.known(slide_id, state.slides)
     similar = _records(state.index.search_slide(slide_id, k=min(SIMILAR, max(len(state.ids) - 1, 1))))
     page = SlidePage(slide_id=slide_id, q=q or "", meta=_metadata(state, slide_id), similar=similar,
-                     task=state.classifier.task.name if state.classifier is not None else None)  # fmt: skip
+                     task=state.classifier.task.name if state.classifier is not None else None)
     if q:
         try:
             page.q = check_query(q)

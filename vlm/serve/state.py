@@ -210,7 +210,7 @@ class ServeState:
                 config = self.encoder.config
                 with self.reading(slide_id, self.features[slide_id], "tile-feature"):
                     slide = load_slide_inputs(self.features[slide_id], config.in_dim, None, None, config.tile_size,
-                                              config.grid_size)  # fmt: skip
+                                              config.grid_size)
                 with torch.no_grad():
                     self._embeddings[slide_id] = self.encoder(
                         torch.from_numpy(slide.features)[None], torch.from_numpy(slide.coords)[None], pool="mean"
@@ -246,7 +246,7 @@ def load_state(
 
         state.classifier = ZeroShotClassifier.from_prompt_file(loaded.model, task)
     log.info("serving %d slides (%d with slide files, %d with features)", len(keys), len(state.slides),
-             len(state.features))  # fmt: skip
+             len(state.features))
     return state
 
 

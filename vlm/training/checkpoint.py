@@ -85,7 +85,7 @@ def save_checkpoint(
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch,
         "global_step": global_step, "best": best, "config": config, "lr_extend_from": lr_extend_from,
-    }  # fmt: skip
+    }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

@@ -44,7 +44,7 @@ class TrainConfig:
     embeddings: str | None = _setting(
         None, "slide embeddings parquet from `vlm embed-slides` (frozen tower)", "data", exclusive="slide input",
         metavar="PARQUET", deprecated=("--slide-embeddings",),
-    )  # fmt: skip
+    )
     features: str | None = _setting(
         None, "folder of <slide_id>.h5 tile features (fine-tunes the slide encoder)", "data", exclusive="slide input"
     )
@@ -76,7 +76,7 @@ class TrainConfig:
     chunk_size: int | None = _setting(
         None, "GradCache chunk: pairs embedded with gradients at once (default: whole batch when frozen, 4 when "
         "fine-tuning)", "optimisation",
-    )  # fmt: skip
+    )
     lr: float = _setting(1e-4, "peak learning rate (AdamW)", "optimisation")
     weight_decay: float = _setting(0.2, "AdamW weight decay of the weight matrices", "optimisation")
     warmup_steps: int | None = _setting(None, "linear warm-up steps (default: 5% of all steps)", "optimisation")

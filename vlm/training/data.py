@@ -105,12 +105,12 @@ class ReportTokens:
         picked = self.table.select_columns(self.columns)[list(rows)]
         length = max(len(ids) for ids in picked["input_ids"])
         fill = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0,
-                "token_type_ids": getattr(self.tokenizer, "pad_token_type_id", 0)}  # fmt: skip
+                "token_type_ids": getattr(self.tokenizer, "pad_token_type_id", 0)}
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
         out = {}
         for column in self.columns:
             padded = [[fill[column]] * (length - len(r)) + r if left else r + [fill[column]] * (length - len(r))
-                      for r in picked[column]]  # fmt: skip
+                      for r in picked[column]]
             out[column] = torch.tensor(padded, dtype=torch.long, device=device)
         return out
 

@@ -297,7 +297,7 @@ def _plan_batches(config: TrainConfig, pairs: Pairs, world_size: int) -> _Plan:
         log.info(
             "%d training pairs in %d cases: each batch holds at most one slide of a case; %d pairs per epoch "
             "are left over", len(train_rows), n_cases, len(train_rows) - steps_per_epoch * batch_size,
-        )  # fmt: skip
+        )
     return _Plan(case_of, train_rows, val_rows, by_case, batch_size, steps_per_epoch)
 
 
@@ -368,12 +368,12 @@ def _open_run_folder(run: _Run, pairs: Pairs, truncated: int, resume: bool) -> M
         counts = {f"pairs/{split}": len(pairs.indices(split)) for split in SPLITS}
         cases = {f"cases/{split}": len({plan.case_of[i] for i in pairs.indices(split)}) for split in SPLITS}
         metrics.write({"step": 0, **counts, **cases, "truncated_reports": truncated, "max_length": config.max_length,
-                       "definitions": METRIC_DEFINITIONS})  # fmt: skip
+                       "definitions": METRIC_DEFINITIONS})
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     log.info(
         "training %d pairs, %d steps/epoch × %d epochs, batch %d, %s trainable parameters on %s",
         len(plan.train_rows), plan.steps_per_epoch, config.epochs, plan.batch_size, f"{trainable:,}", run.device,
-    )  # fmt: skip
+    )
     if not resume and main:
         run.model.save_pretrained(out / "last")  # the architecture a resumed run rebuilds
     return metrics
@@ -411,7 +411,7 @@ def _train_steps(run: _Run, batches: list[list[int]], metrics: MetricsLog, progr
         started = time.perf_counter()
         try:
             loss = _train_step(run.model, run.inputs, mine, run.loss_fn, run.optimizer, run.scaler, config,
-                               run.device, tile_seed, dist_)  # fmt: skip
+                               run.device, tile_seed, dist_)
         except FloatingPointError as error:
             raise NonFiniteError(
                 f"{run.out}: epoch {run.epoch}, step {run.global_step + 1}: {error}. Training stopped; nothing of "
@@ -461,7 +461,7 @@ def _save_checkpoint(run: _Run, next_epoch: int, next_step: int) -> None:
             run.out / CHECKPOINT, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
             scaler=run.scaler, epoch=next_epoch, step_in_epoch=next_step, global_step=run.global_step,
             best=run.best, config=dataclasses.asdict(run.config), lr_extend_from=run.extend_from,
-        )  # fmt: skip
+        )
 
 
 def _result(run: _Run, metrics: MetricsLog) -> TrainResult:

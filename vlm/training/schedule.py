@@ -82,7 +82,7 @@ def resume_schedule(
         extend_from = (int(state["global_step"]), scheduler.get_last_lr()[0] / lr)
         log.info("extending the run from %d to %d epochs: the learning rate ramps from %.3g over %d steps, "
                  "then follows the cosine of the longer run", planned_epochs, epochs,
-                 scheduler.get_last_lr()[0], warmup)  # fmt: skip
+                 scheduler.get_last_lr()[0], warmup)
     if extend_from is not None:
         scheduler = cosine_with_warmup(optimizer, warmup, total, extend_from=tuple(extend_from))
         scheduler.load_state_dict(state["scheduler"])

@@ -88,7 +88,7 @@ class TiffTileReader:
             if why:
                 raise ReaderUnavailableError(f"{self.path}: the {width} x {height} level is {why}")
             return (page, page.tilewidth, page.tilelength, -(-width // page.tilewidth), page.dataoffsets,
-                    page.databytecounts, page.decode, page.jpegtables)  # fmt: skip
+                    page.databytecounts, page.decode, page.jpegtables)
         raise ReaderUnavailableError(f"{self.path}: no tiled TIFF page holds the {width} x {height} level")
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
