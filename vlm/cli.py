@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from vlm import __version__
 from vlm.commands import cohort, demo, probe, retrieval, slides, tiles, train, view, zeroshot
 from vlm.commands.options import DeprecatedSpelling
-from vlm.errors import VlmError, shown_as_flags, with_flag_names
+from vlm.errors import VlmError, describe, shown_as_flags
 
 log = logging.getLogger("vlm")
 
@@ -107,29 +107,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # FAISS logs at INFO which CPU-specific builds it could not load, on every import: noise, unless -v.
     logging.getLogger("faiss.loader").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    try:
-        with shown_as_flags(args._flags):
+    with shown_as_flags(args._flags):  # parameters read as flags in every message of this command
+        try:
             return int(args.func(args))
-    except VlmError as error:  # raised on purpose: the message says what is wrong and what to do
-        log.error("%s", with_flag_names(str(error), args._flags), exc_info=args.verbose)
-        return error.exit_code
-    except KeyboardInterrupt as error:  # Ctrl-C: one line (what was kept, how to go on), the shell's code 130
-        log.error("%s", str(error) or "interrupted", exc_info=args.verbose)
-        return 130
-    except (OSError, ImportError) as error:
-        # The system's answer about a file, a folder or an installed package (no permission, no space, a missing
-        # extra): not a bug of vlm, and its message names what is wrong (-v shows the traceback).
-        log.error("%s", with_flag_names(str(error), args._flags), exc_info=args.verbose)
-        return 2
-    except Exception as error:
-        if _is_library_error(error):
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            log.error("%s: %s (a damaged or foreign input file; -v shows the traceback)", type(error).__name__,
-                      first, exc_info=args.verbose)
+        except VlmError as error:  # raised on purpose: the message says what is wrong and what to do
+            log.error("%s", describe(error), exc_info=args.verbose)
+            return error.exit_code
+        except KeyboardInterrupt as error:  # Ctrl-C: one line (what was kept, how to go on), the shell's code 130
+            log.error("%s", str(error) or "interrupted", exc_info=args.verbose)
+            return 130
+        except (OSError, ImportError) as error:
+            # The system's answer about a file, a folder or an installed package (no permission, no space, a missing
+            # extra): not a bug of vlm, and its message names what is wrong (-v shows the traceback).
+            log.error("%s", describe(error), exc_info=args.verbose)
             return 2
-        log.error("vlm stopped on an unexpected %s: a bug in vlm, or an input it does not check yet. Please report "
-                  "it with the command and the traceback below.", type(error).__name__)
-        raise
+        except Exception as error:
+            if _is_library_error(error):
+                first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                log.error("%s: %s (a damaged or foreign input file; -v shows the traceback)", type(error).__name__,
+                          first, exc_info=args.verbose)
+                return 2
+            log.error("vlm stopped on an unexpected %s: a bug in vlm, or an input it does not check yet. Please report "
+                      "it with the command and the traceback below.", type(error).__name__)
+            raise
 
 
 # Errors the file-reading libraries raise on damaged or foreign files, by class name so that this module
