@@ -469,7 +469,10 @@ def test_ctrl_c_during_train_is_one_line_naming_the_checkpoint_and_the_resume(tm
             config.embeddings, "--text-encoder", config.text_encoder, "--max-length", "8", "--proj-dim", "8",
             "--epochs", "100000", "--batch-size", "4", "--checkpoint-every", "1", "--out", str(out), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    # As from a terminal: a process started in the background of a non-interactive shell (as CI may run the
+    # suite) inherits SIGINT ignored, and Python then keeps ignoring it (the Unix convention vlm follows).
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / CHECKPOINT).is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
