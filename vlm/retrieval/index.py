@@ -33,6 +33,7 @@ from typing import Any, ClassVar, TypeVar
 import faiss
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from vlm import __version__
@@ -230,21 +231,23 @@ class SlideIndex:
         kinds.check_target(target_recall)
         dim = model.config.proj_dim
         rng = np.random.default_rng(seed)
-        keys: list[str] = []
+        key_blocks: list[pa.Array] = []  # Arrow strings: 10M keys take ~0.2 GB, as Python strings ~0.7 GB
         digests: list[bytes] = []
         sample = np.zeros((0, dim), np.float32)
         sample_keys = np.zeros(0)  # uniform draws; the rows with the smallest ones are a uniform sample
         sample_ids = np.zeros(0, np.int64)
-        started = time.perf_counter()
-        for block, _ in _blocks(chunks(), dim, keys, digests, first_pass=True):
+        started, seen = time.perf_counter(), 0
+        for block, _ in _blocks(chunks(), dim, key_blocks, digests, first_pass=True):
             draws = rng.random(len(block))
             limit = np.sort(sample_keys)[sample_size - 1] if len(sample_keys) >= sample_size else 1.0
             enter = np.flatnonzero(draws < limit)
             if len(enter):
-                ids = np.arange(len(keys) - len(block), len(keys))[enter]
+                ids = np.arange(seen, seen + len(block))[enter]
                 sample, sample_keys, sample_ids = _keep_smallest(
                     sample, sample_keys, sample_ids, block[enter], draws[enter], ids, sample_size
                 )
+            seen += len(block)
+        keys = pd.array(pa.chunked_array(key_blocks, pa.string()), dtype="str")
         _check_new_keys(keys, set(), cls.key)
         if not keys:
             raise UsageError("empty collection: the chunks held no vectors (check the ids and embeddings given)")
@@ -264,7 +267,7 @@ class SlideIndex:
         best = np.full((len(queries), width), -np.inf, np.float32)
         best_ids = np.full((len(queries), width), -1, np.int64)
         start, started = 0, time.perf_counter()
-        for block, _ in _blocks(chunks(), dim, keys, digests, first_pass=False):
+        for block, _ in _blocks(chunks(), dim, key_blocks, digests, first_pass=False):
             ids = np.arange(start, start + len(block), dtype=np.int64)
             index.add_with_ids(block, ids)
             found, nearest = faiss.knn(queries, block, min(width, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
@@ -286,7 +289,7 @@ class SlideIndex:
         kind: str,
         params: dict[str, Any],
         recall: dict[str, Any],
-        keys: list[str],
+        keys: Sequence[str],
         metadata: pd.DataFrame | None,
         model: SlideTextModel,
         model_path: str | None,
@@ -595,11 +598,11 @@ def _check_vectors(vectors: np.ndarray, n: int, dim: int) -> np.ndarray:
     return vectors
 
 
-def _check_new_keys(keys: list[str], existing: set[str], name: str) -> None:
+def _check_new_keys(keys: Sequence[str], existing: set[str], name: str) -> None:
     repeated = duplicate_ids(keys)
     if repeated:
         raise InputError(f"duplicate {name}(s) {repeated[:10]} in the input; keep one row per {name}")
-    present = sorted(set(keys) & existing)
+    present = sorted(set(keys) & existing) if existing else []
     if present:
         raise InputError(
             f"{name}(s) {present[:10]} ({len(present)} in all) are already in the index; remove them first "
@@ -651,31 +654,33 @@ def _choose(kind: str, n: int, dim: int, content: str) -> tuple[str, dict[str, A
 def _blocks(
     chunks: Iterable[tuple[np.ndarray, Sequence[str]]],
     dim: int,
-    keys: list[str],
+    key_blocks: list[pa.Array],
     digests: list[bytes],
     first_pass: bool,
 ) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """Checked (vectors, keys) blocks of one pass of `from_vector_chunks`. The first pass records the keys and a
-    digest of each block; the second refuses a block whose keys or bytes differ (the chunks must be re-readable)."""
+    """Checked (vectors, keys) blocks of one pass of `from_vector_chunks`. The first pass records each block's
+    keys and a digest of its vectors; the second refuses a block whose keys or bytes differ (the chunks must be
+    re-readable)."""
     seen, number = 0, -1
     for number, (vectors, block_keys) in enumerate(chunks):
         block_keys = [str(k) for k in block_keys]
         vectors = _check_vectors(vectors, len(block_keys), dim)
         digest = hashlib.blake2b(vectors, digest_size=16).digest()  # the contiguous array itself, no copy
         if first_pass:
-            keys.extend(block_keys)
+            key_blocks.append(pa.array(block_keys, pa.string()))
             digests.append(digest)
-        elif number >= len(digests) or digest != digests[number] or keys[seen : seen + len(block_keys)] != block_keys:
+        elif number >= len(digests) or digest != digests[number] or key_blocks[number].to_pylist() != block_keys:
             raise UsageError(
                 f"chunk {number} differs between the two passes over the chunks (its keys or vectors changed, or "
                 "there are more chunks); chunks() must yield the same blocks each time it is called"
             )
         seen += len(block_keys)
         yield vectors, block_keys
-    if not first_pass and (seen != len(keys) or number + 1 != len(digests)):
+    if not first_pass and number + 1 != len(digests):
+        first = sum(len(block) for block in key_blocks)
         raise UsageError(
-            f"the second pass over the chunks yielded {seen} vectors, the first {len(keys)}; chunks() must yield "
-            "the same blocks each time it is called"
+            f"the second pass over the chunks yielded {seen} vectors, the first {first}; chunks() must yield the "
+            "same blocks each time it is called"
         )
 
 
