@@ -473,12 +473,15 @@ def test_ctrl_c_during_train_is_one_line_naming_the_checkpoint_and_the_resume(tm
     # suite) inherits SIGINT ignored, and Python then keeps ignoring it (the Unix convention vlm follows).
     process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not (out / CHECKPOINT).is_file() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert (out / CHECKPOINT).is_file(), process.communicate(timeout=5)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    try:  # the child is killed whatever happens: a failed run of this test leaves no training behind
+        deadline = time.monotonic() + 120
+        while not (out / CHECKPOINT).is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (out / CHECKPOINT).is_file(), process.communicate(timeout=5)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     last = stderr.strip().splitlines()[-1]
