@@ -99,15 +99,23 @@ features = embed_grid(SLIDE, grid, encoder, "cpu", batch_size=32, workers=1)
 done(time.perf_counter() - start, len(features), "0.1.0")
 """,
         "lazyslide": """
-import torch, lazyslide as zs
+import torch, timm.data, lazyslide as zs
+from torchvision.transforms import v2
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 model = resnet18()
+# A plain model gets lazyslide's tiles as HWC uint8 arrays: the transform vlm takes from timm's pretrained_cfg
+# (resize by crop_pct, centre crop, ImageNet mean/std), on tensors
+cfg = timm.data.resolve_data_config({}, model=model)
+side = cfg["input_size"][-1]
+transform = v2.Compose([
+    v2.ToImage(), v2.Resize(int(side / cfg["crop_pct"]), v2.InterpolationMode(cfg["interpolation"]), antialias=True),
+    v2.CenterCrop(side), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg["mean"], cfg["std"])])
 start = time.perf_counter()
 wsi = zs.open_wsi(SLIDE)
 zs.pp.find_tissues(wsi)
 zs.pp.tile_tissues(wsi, 256, mpp=0.5)
-zs.tl.feature_extraction(wsi, model=model, model_name="resnet18", device="cpu", batch_size=32, num_workers=1,
-                         pbar=False)
+zs.tl.feature_extraction(wsi, model=model, transform=transform, model_name="resnet18", device="cpu", batch_size=32,
+                         num_workers=1, pbar=False)
 done(time.perf_counter() - start, len(wsi["tiles"]), zs.__version__)
 """,
         "slide2vec": """
