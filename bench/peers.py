@@ -254,7 +254,8 @@ def print_table(results: dict[tuple[str, str], list[dict]], skipped: dict[tuple[
         for tool, (value, rows) in figures.items():
             ratio = "" if base is None else f"{(base / value if UNIT[case] == 's' else value / base):.2f}x"
             peak = max(row["peak_mb"] for row in rows)
-            log.info("| %s | %s (%s) | %.1f %s | %s | %d | %d |", case, tool, rows[0]["version"], value, UNIT[case],
+            shown = f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+            log.info("| %s | %s (%s) | %s %s | %s | %d | %d |", case, tool, rows[0]["version"], shown, UNIT[case],
                      ratio, peak, len(rows))
         for (row_case, tool), why in skipped.items():
             if row_case == case:
