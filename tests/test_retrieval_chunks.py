@@ -127,3 +127,5 @@ def test_chunks_that_change_between_passes_are_refused(model: SlideTextModel) ->
         SlideIndex.from_vector_chunks(passes.__next__, model, kind="flat")
     with pytest.raises(ValueError, match="duplicate slide_id"):
         SlideIndex.from_vector_chunks(lambda: zip(blocks[:2], [keys[0], keys[0]], strict=True), model, kind="flat")
+    with pytest.raises(ValueError, match="empty collection: the chunks held no vectors"):
+        SlideIndex.from_vector_chunks(lambda: iter(()), model, kind="flat")

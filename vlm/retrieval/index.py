@@ -249,7 +249,7 @@ class SlideIndex:
             seen += len(block)
         keys = pd.array(pa.chunked_array(key_blocks, pa.string()), dtype="str")
         _check_new_keys(keys, set(), cls.key)
-        if not keys:
+        if len(keys) == 0:
             raise UsageError("empty collection: the chunks held no vectors (check the ids and embeddings given)")
         log.info("pass 1: checked %d vectors, kept a sample of %d (%.0f s)", len(keys), len(sample),
                  time.perf_counter() - started)
