@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,42 +32,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlm.device import autocast
-from vlm.encoders.tile import TileEncoder, create_tile_encoder
-from vlm.formats.features import read_tile_grid
-from vlm.settings import READERS
-from vlm.tile import tile_slides
-from vlm.tile_features import embed_tiles
-from vlm.wsi.dataset import TileDataset
-from vlm.wsi.slide import open_slide
-from vlm.wsi.synthetic import write_pyramidal_tiff
-from vlm.wsi.tiling import read_plan
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: its tests/support generators
+from tests.support.synthetic import textured_tiles  # noqa: E402
+from vlm.device import autocast  # noqa: E402
+from vlm.encoders.tile import TileEncoder, create_tile_encoder  # noqa: E402
+from vlm.formats.features import read_tile_grid  # noqa: E402
+from vlm.settings import READERS  # noqa: E402
+from vlm.tile import tile_slides  # noqa: E402
+from vlm.tile_features import embed_tiles  # noqa: E402
+from vlm.wsi.dataset import TileDataset  # noqa: E402
+from vlm.wsi.slide import open_slide  # noqa: E402
+from vlm.wsi.synthetic import write_pyramidal_tiff  # noqa: E402
+from vlm.wsi.tiling import read_plan  # noqa: E402
 
 log = logging.getLogger("bench.embed_tiles")
 TILE = 256
 # bf16 dense tensor TFLOP/s by card name (vendor data sheets); used when --peak-tflops is not given
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
-
-
-def textures(count: int = 8, seed: int = 0) -> list[np.ndarray]:
-    """H&E-like 256-px tiles: smooth pink/purple fields, noise and dark nuclei-like dots."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:TILE, 0:TILE] / TILE
-    out = []
-    for _ in range(count):
-        base = np.stack(
-            [
-                200 + 30 * np.sin(6 * xx + rng.uniform(0, 6)),
-                110 + 40 * np.cos(5 * yy + rng.uniform(0, 6)),
-                170 + 25 * np.sin(4 * (xx + yy)),
-            ],
-            axis=-1,
-        ) + rng.normal(0, 10, (TILE, TILE, 3))
-        for _ in range(40):
-            cx, cy = rng.integers(0, TILE, 2)
-            base[(xx * TILE - cx) ** 2 + (yy * TILE - cy) ** 2 < rng.integers(4, 50)] = (80, 40, 120)
-        out.append(np.clip(base, 0, 255).astype(np.uint8))
-    return out
 
 
 def write_slide(path: Path, tissue_tiles: int, seed: int) -> None:
@@ -75,7 +57,7 @@ def write_slide(path: Path, tissue_tiles: int, seed: int) -> None:
     rows = max(1, round(tissue_tiles / cols))
     width, height = (cols + 2) * TILE, (rows + 2) * TILE
     box = (TILE, TILE, (cols + 1) * TILE, (rows + 1) * TILE)
-    patterns = textures(seed=seed)
+    patterns = list(textured_tiles(8, TILE, seed=seed))
 
     def region(downsample: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         out = np.full((h, w, 3), 245, np.uint8)

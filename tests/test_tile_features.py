@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision import transforms
 
 from tests.support.encoders import tiny_gigapath
-from tests.support.synthetic import tissue_image
+from tests.support.synthetic import textured_tiles, tissue_image
 from vlm.encoders.tile import TileEncoder, create_tile_encoder, tensor_transform
 from vlm.formats.features import read_features
 from vlm.tile_features import embed_grid, embed_tiles
@@ -43,28 +43,6 @@ def per_slide_features(slide: Path, encoder: TileEncoder) -> np.ndarray:
         plan = read_plan(opened, grid.tile_size_level0, grid.tile_size)
     dataset = TileDataset(slide, grid.coords, plan, grid.mpp, transform=encoder.transform)
     return encoder(torch.stack([dataset[i][0] for i in range(len(dataset))])).numpy()
-
-
-def textured_tiles(count: int, size: int, seed: int = 0) -> np.ndarray:
-    """H&E-like smooth colour fields with sharp nuclei-like dots: both smooth and high-frequency content."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    tiles = []
-    for _ in range(count):
-        base = np.stack(
-            [
-                200 + 40 * np.sin(6 * xx + rng.uniform(0, 6)),
-                110 + 50 * np.cos(5 * yy),
-                170 + 30 * np.sin(4 * (xx + yy)),
-            ],
-            axis=-1,
-        )
-        base += rng.normal(0, 12, base.shape)
-        for _ in range(30):
-            cx, cy, r = rng.integers(0, size, 2).tolist() + [int(rng.integers(2, 8))]
-            base[(xx * size - cx) ** 2 + (yy * size - cy) ** 2 < r * r] = (70, 40, 120)
-        tiles.append(np.clip(base, 0, 255).astype(np.uint8))
-    return np.stack(tiles)
 
 
 def cosine_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:

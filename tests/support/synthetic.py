@@ -107,6 +107,28 @@ def tissue_image(width: int, height: int, box: tuple[int, int, int, int], seed: 
     return image
 
 
+def textured_tiles(count: int, size: int, seed: int = 0) -> np.ndarray:
+    """H&E-like smooth colour fields with sharp nuclei-like dots: both smooth and high-frequency content."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    tiles = []
+    for _ in range(count):
+        base = np.stack(
+            [
+                200 + 40 * np.sin(6 * xx + rng.uniform(0, 6)),
+                110 + 50 * np.cos(5 * yy),
+                170 + 30 * np.sin(4 * (xx + yy)),
+            ],
+            axis=-1,
+        )
+        base += rng.normal(0, 12, base.shape)
+        for _ in range(30):
+            cx, cy, r = rng.integers(0, size, 2).tolist() + [int(rng.integers(2, 8))]
+            base[(xx * size - cx) ** 2 + (yy * size - cy) ** 2 < r * r] = (70, 40, 120)
+        tiles.append(np.clip(base, 0, 255).astype(np.uint8))
+    return np.stack(tiles)
+
+
 DIAGNOSES = "carcinoma adenocarcinoma squamous benign necrosis metastasis lobular papillary".split()
 GRADES = "high low well poorly moderately clear".split()
 DIM = 16
