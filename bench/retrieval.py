@@ -54,6 +54,11 @@ def latencies(search, queries: np.ndarray, batch: int, repeats: int, points=(50,
     return tuple(float(np.percentile(times, point)) for point in points)
 
 
+def recall_at_10(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean |found top-10 ∩ exact top-10| / 10 over the queries (rows of ids)."""
+    return float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)]))
+
+
 def file_size(index: faiss.Index) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         faiss.write_index(index, f"{tmp}/index.faiss")
@@ -107,7 +112,7 @@ def main() -> None:
         index = SlideIndex.from_vectors(base, keys, model, kind=kind)
         build = time.perf_counter() - start
         _, found = index.search_vectors(queries, 10)
-        recall = float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)]))
+        recall = recall_at_10(found, exact)
         single = latencies(lambda q, index=index: index.search_vectors(q, 10), queries, 1, args.single)
         batch = latencies(lambda q, index=index: index.search_vectors(q, 10), queries, 100, args.batches)
         rows.append({"kind": f"{kind} -> {index.kind}" if kind == "auto" else kind, "params": index.params,
@@ -205,7 +210,7 @@ import json, sys, time
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from bench.retrieval import latencies
+from bench.retrieval import latencies, recall_at_10
 from vlm.retrieval import SlideIndex
 folder, single, batches = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 queries, exact = np.load(folder / "queries.npy"), np.load(folder / "exact.npy")
@@ -213,7 +218,7 @@ start = time.perf_counter()
 index = SlideIndex.load(folder / "index")
 load_s = time.perf_counter() - start
 _, found = index.search_vectors(queries, 10)
-recall = float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)]))
+recall = recall_at_10(found, exact)
 single = latencies(lambda q: index.search_vectors(q, 10), queries, 1, single, (50, 95, 99))
 batch = latencies(lambda q: index.search_vectors(q, 10), queries, 100, batches, (50, 95))
 peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 2**20
