@@ -122,6 +122,10 @@ def test_chunks_that_change_between_passes_are_refused(model: SlideTextModel) ->
 
     with pytest.raises(ValueError, match="chunk 1 differs between the two passes"):
         SlideIndex.from_vector_chunks(drifting, model, kind="flat")  # checked whatever the kind
+    renamed = [keys[0], [f"other-{k}" for k in keys[1]], *keys[2:]]  # same vectors, other ids in chunk 1
+    passes = iter([zip(blocks, keys, strict=True), zip(blocks, renamed, strict=True)])
+    with pytest.raises(ValueError, match="chunk 1 differs between the two passes"):
+        SlideIndex.from_vector_chunks(passes.__next__, model, kind="flat")
     passes = iter([zip(blocks, keys, strict=True), zip(blocks[:2], keys[:2], strict=True)])
     with pytest.raises(ValueError, match="the second pass over the chunks yielded 8000 vectors, the first 12000"):
         SlideIndex.from_vector_chunks(passes.__next__, model, kind="flat")
